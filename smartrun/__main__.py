@@ -1,0 +1,5 @@
+import sys
+
+from smartrun.cli import main
+
+sys.exit(main())

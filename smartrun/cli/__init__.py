@@ -1,0 +1,66 @@
+"""The `localaistack` command: parses arguments, calls the stages, prints. Decides nothing.
+
+Each command group registers itself from its own module (`register(subparsers)`), so the
+stages' owners can add commands without touching each other. Heavy imports stay inside
+the command functions so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from smartrun import __version__
+from smartrun.errors import SmartRunError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from smartrun.cli import (
+        bounds_cmd,
+        estimate_cmd,
+        hardware_cmd,
+        inspect_cmd,
+        probe_cmd,
+        run_cmd,
+        session_cmd,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="localaistack",
+        description="Start vllm serve with flags that fit the machine and the model (smart-run).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"localaistack (smartrun) {__version__}")
+    groups = parser.add_subparsers(dest="group", metavar="{model,hardware,bounds,session,probe}")
+    groups.required = True
+
+    model = groups.add_parser("model", help="run, inspect or estimate a model", allow_abbrev=False)
+    model_cmds = model.add_subparsers(dest="command", metavar="COMMAND")
+    model_cmds.required = True
+    run_cmd.register(model_cmds)
+    inspect_cmd.register(model_cmds)
+    estimate_cmd.register(model_cmds)
+    session_cmd.register_cache(model_cmds)
+
+    hardware_cmd.register(groups)
+    bounds_cmd.register(groups)
+    session_cmd.register(groups)
+    probe_cmd.register(groups)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    try:
+        return int(args.func(args) or 0)
+    except SmartRunError as err:
+        print(f"localaistack: {err.message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("localaistack: interrupted", file=sys.stderr)
+        return 130
