@@ -1,7 +1,53 @@
-"""CLI commands of this group. TODO(owner): register the real commands."""
+"""`localaistack hardware detect|show`: print (and save) the machine's HardwareSnapshot."""
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
-    """Add this module's commands to `subparsers`."""
+    """Add the `hardware` group with `detect` and `show`."""
+    group = subparsers.add_parser(
+        "hardware", help="detect the GPUs or show a saved snapshot", allow_abbrev=False
+    )
+    commands = group.add_subparsers(dest="command", metavar="{detect,show}")
+    commands.required = True
+
+    detect = commands.add_parser(
+        "detect", help="read the GPUs through NVML and print a summary", allow_abbrev=False
+    )
+    detect.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    detect.add_argument("--save", metavar="FILE", help="also write the snapshot to FILE (atomically)")
+    detect.set_defaults(func=detect_command)
+
+    show = commands.add_parser("show", help="print a saved hardware snapshot", allow_abbrev=False)
+    show.add_argument(
+        "snapshot", metavar="SNAPSHOT.json", help="a snapshot file written by `hardware detect --save`"
+    )
+    show.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    show.set_defaults(func=show_command)
+
+
+def detect_command(args: argparse.Namespace) -> int:
+    from smartrun import hardware
+
+    snapshot = hardware.detect()
+    if args.save:
+        hardware.save_snapshot(snapshot, args.save)
+    _print(snapshot, args.json)
+    if args.save and not args.json:
+        print(f"saved to {args.save}")
+    return 0
+
+
+def show_command(args: argparse.Namespace) -> int:
+    from smartrun import hardware
+
+    _print(hardware.load_snapshot(args.snapshot), args.json)
+    return 0
+
+
+def _print(snapshot, as_json: bool) -> None:
+    from smartrun import hardware
+
+    print(snapshot.model_dump_json(indent=2) if as_json else hardware.summary(snapshot))
