@@ -1,25 +1,37 @@
 """Stage 2, inspect: ModelFacts from config.json (nested text_config too) and safetensors headers.
 
 CONTRACT (types below are shared by every later stage; add fields, do not rename).
-TODO(helper-model): resolve_model_dir(), inspect(), facts_from_config().
+
+Nothing here downloads or loads tensors: config.json is read whole, safetensors files only up to
+the end of their JSON header (8-byte little-endian length + header), so header-only fixture files
+(no tensor data after the header) are read exactly like real checkpoints.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
+from smartrun.errors import ModelError
 from smartrun.plan import Frozen
 
 
 class MoEFacts(Frozen):
     num_experts: int  # routed experts
     experts_per_token: int
-    moe_intermediate_size: int
+    moe_intermediate_size: int  # of one routed expert
     num_shared_experts: int = 0
+    # Intermediate size of the whole shared-expert MLP (all shared experts together):
+    # Qwen2-MoE shared_expert_intermediate_size; DeepSeek n_shared_experts * moe_intermediate_size.
     shared_expert_intermediate_size: int | None = None
     first_dense_layers: int = 0  # e.g. DeepSeek first_k_dense_replace
-    moe_layer_freq: int = 1
+    moe_layer_freq: int = 1  # every n-th layer (after the dense ones) is MoE
+    dense_intermediate_size: int | None = None  # MLP size of the non-MoE layers when it differs
+    mlp_only_layers: tuple[int, ...] = ()  # Qwen-MoE layers that are dense
 
 
 class MLAFacts(Frozen):
@@ -31,10 +43,10 @@ class MLAFacts(Frozen):
 
 
 class QuantFacts(Frozen):
-    method: str  # "awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes", "mxfp4", ...
+    method: str  # "awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes", "mxfp4", "modelopt", ...
     weight_bits: int | None = None
     activation_bits: int | None = None  # 8 for w8a8, None when weight-only
-    group_size: int | None = None
+    group_size: int | None = None  # None: per-channel (-1 in GPTQ) or not stated
     raw: dict[str, Any] = {}
 
 
@@ -44,7 +56,7 @@ class ModelFacts(Frozen):
     name: str  # repo id when known, else directory name
     path: str | None = None  # local directory holding config.json
     architecture: str
-    model_type: str
+    model_type: str  # top-level model_type (what vLLM's hf_config.model_type says)
     num_hidden_layers: int
     hidden_size: int
     intermediate_size: int
@@ -55,7 +67,7 @@ class ModelFacts(Frozen):
     max_position_embeddings: int | None = None
     derived_max_model_len: int  # as vLLM derives it (rope factor etc.), the upper bound for --max-model-len
     rope_scaling: dict[str, Any] | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # effective window (None when the config disables it)
     layer_types: tuple[str, ...] | None = None  # per layer: "full_attention" | "sliding_attention"
     torch_dtype: str = "bfloat16"
     tie_word_embeddings: bool = False
@@ -68,18 +80,547 @@ class ModelFacts(Frozen):
     weight_param_count: int | None = None  # from headers, when present
     config: dict[str, Any] = {}  # config.json as read (top level)
     text_config: dict[str, Any] = {}  # effective text config, transformers defaults filled in
+    # Added by the inspect stage (all defaulted):
+    text_model_type: str | None = None  # model_type of the text config, e.g. "gemma3_text"
+    max_len_key: str | None = None  # config key the derived max length started from
+    weight_files: tuple[str, ...] = ()  # safetensors files the weights were counted from
+    dtype_declared: bool = True  # False when config.json names no dtype (torch_dtype is then assumed)
+
+
+# --- transformers defaults ---------------------------------------------------------------------------
+# Keys a config.json may omit take the __init__ defaults of the model type's configuration class.
+# Each entry names its transformers file (src/transformers/models/<dir>/configuration_<dir>.py).
+_COMMON_DEFAULTS: dict[str, Any] = {"tie_word_embeddings": True, "rope_scaling": None}  # PretrainedConfig
+
+_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # llama/configuration_llama.py (LlamaConfig)
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, max_position_embeddings=2048,
+                  tie_word_embeddings=False, rope_theta=10000.0),
+    # mistral/configuration_mistral.py (MistralConfig)
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    sliding_window=4096, tie_word_embeddings=False, rope_theta=10000.0),
+    # mixtral/configuration_mixtral.py (MixtralConfig)
+    "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                    tie_word_embeddings=False, rope_theta=1e6),
+    # qwen2/configuration_qwen2.py (Qwen2Config)
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                  tie_word_embeddings=False, rope_theta=10000.0),
+    # qwen2_moe/configuration_qwen2_moe.py (Qwen2MoeConfig)
+    "qwen2_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
+                      use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                      decoder_sparse_step=1, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, num_experts_per_tok=4, num_experts=60,
+                      mlp_only_layers=[], tie_word_embeddings=False, rope_theta=10000.0),
+    # qwen3/configuration_qwen3.py (Qwen3Config)
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                  tie_word_embeddings=False, rope_theta=10000.0),
+    # qwen3_moe/configuration_qwen3_moe.py (Qwen3MoeConfig)
+    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=32768,
+                      use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                      decoder_sparse_step=1, moe_intermediate_size=768, num_experts_per_tok=8,
+                      num_experts=128, mlp_only_layers=[], tie_word_embeddings=False, rope_theta=10000.0),
+    # gemma/configuration_gemma.py (GemmaConfig)
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
+                  tie_word_embeddings=True, rope_theta=10000.0),
+    # gemma2/configuration_gemma2.py (Gemma2Config)
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   sliding_window=4096, tie_word_embeddings=True, rope_theta=10000.0),
+    # gemma3/configuration_gemma3.py (Gemma3TextConfig)
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                        max_position_embeddings=131072, sliding_window=4096, sliding_window_pattern=6,
+                        rope_scaling=None, tie_word_embeddings=True, rope_theta=1e6,
+                        rope_local_base_freq=10000.0),
+    # phi3/configuration_phi3.py (Phi3Config)
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=None, max_position_embeddings=4096,
+                 sliding_window=None, tie_word_embeddings=False, rope_theta=10000.0),
+    # deepseek_v2/configuration_deepseek_v2.py (DeepseekV2Config)
+    "deepseek_v2": dict(vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+                        moe_intermediate_size=1407, num_hidden_layers=30, num_attention_heads=32,
+                        num_key_value_heads=32, n_shared_experts=None, n_routed_experts=None,
+                        num_experts_per_tok=None, moe_layer_freq=1, first_k_dense_replace=0,
+                        kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                        qk_nope_head_dim=128, max_position_embeddings=2048, tie_word_embeddings=False),
+    # deepseek_v3/configuration_deepseek_v3.py (DeepseekV3Config)
+    "deepseek_v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                        num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+                        num_experts_per_tok=8, moe_layer_freq=1, first_k_dense_replace=3,
+                        kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                        qk_nope_head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+_TYPE_DEFAULTS["qwen2_5_vl_text"] = _TYPE_DEFAULTS["qwen2"]
+
+# Multimodal wrappers whose nested text config may omit model_type (transformers' defaults).
+_NESTED_TEXT_TYPE = {"gemma3": "gemma3_text", "llava": "llama", "mistral3": "mistral",
+                     "llama4": "llama4_text", "qwen2_5_vl": "qwen2_5_vl_text"}
+_NESTED_TEXT_KEYS = ("text_config", "llm_config", "language_config")
+_REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size")
+
+# vLLM's keys for the model's own length limit (model_arch_config_convertor / _get_and_verify_max_len).
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+VLLM_DEFAULT_MAX_LEN = 2048  # vLLM's assumption when none of MAX_LEN_KEYS is present
+
+
+def _text_section(config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The dict holding the language model's fields, and whether it was nested."""
+    for key in _NESTED_TEXT_KEYS:
+        sub = config.get(key)
+        if isinstance(sub, dict):
+            return sub, True
+    return config, False
+
+
+def effective_text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config with transformers' defaults for its model_type filled in."""
+    section, nested = _text_section(config)
+    top_type = str(config.get("model_type", ""))
+    text_type = section.get("model_type") or (_NESTED_TEXT_TYPE.get(top_type, top_type) if nested else top_type)
+    defaults = {**_COMMON_DEFAULTS, **_TYPE_DEFAULTS.get(text_type, {})}
+    merged = {**defaults, **section, "model_type": text_type}
+    if nested:  # wrappers carry dtype / tying at the top level; the text config wins where it has them
+        for key in ("torch_dtype", "dtype", "tie_word_embeddings"):
+            if key not in section and key in config:
+                merged[key] = config[key]
+    return merged
+
+
+def _need(cfg: dict[str, Any], key: str) -> Any:
+    value = cfg.get(key)
+    if value is None:
+        raise ModelError(f"config.json: missing required key '{key}' (model_type {cfg.get('model_type')!r})")
+    return value
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ModelError(f"config.json: '{key}' must be an integer, got {value!r}")
+    return int(value)
+
+
+def rope_type_of(rope_scaling: dict[str, Any] | None) -> str | None:
+    """The rope type, whichever key spells it ('rope_type' in new configs, 'type' in old ones)."""
+    if not rope_scaling:
+        return None
+    return str(rope_scaling.get("rope_type") or rope_scaling.get("type") or "default")
+
+
+def derive_max_model_len(
+    text: dict[str, Any], model_type: str, tokenizer_max_length: int | None = None
+) -> tuple[int, str | None]:
+    """vLLM's derived max_model_len (config/model.py `_get_and_verify_max_len`), and the key it came from.
+
+    1. D = the smallest value among MAX_LEN_KEYS present (not None) in the text config; none -> 2048.
+    2. D = min(D, tokenizer_config.json model_max_length) when that is given.
+    3. RoPE: skipped entirely when "gemma3" is in the model_type (Gemma 3's 128K is already scaled).
+       rope types su / longrope / llama3 leave D as is (their max_position_embeddings is final).
+       Any other type (linear, dynamic, yarn, default/mrope...) multiplies D by rope_scaling["factor"]
+       (1 when absent); for yarn D first becomes rope_scaling["original_max_position_embeddings"].
+    """
+    derived: float = math.inf
+    key_used: str | None = None
+    for key in MAX_LEN_KEYS:
+        value = text.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < derived:
+            derived, key_used = value, key
+    if tokenizer_max_length is not None and tokenizer_max_length < derived:
+        derived, key_used = tokenizer_max_length, "tokenizer model_max_length"
+    if derived == math.inf:
+        derived = VLLM_DEFAULT_MAX_LEN
+    rope = text.get("rope_scaling")
+    rope_type = rope_type_of(rope) if isinstance(rope, dict) else None
+    if rope_type and "gemma3" not in model_type and rope_type not in ("su", "longrope", "llama3"):
+        factor = rope.get("factor", 1.0)
+        if rope_type == "yarn" and rope.get("original_max_position_embeddings") is not None:
+            derived = rope["original_max_position_embeddings"]
+        derived *= factor
+    return int(derived), key_used
+
+
+def _layer_types(text: dict[str, Any], num_layers: int) -> tuple[tuple[str, ...] | None, int | None]:
+    """Per-layer attention kinds and the effective sliding window, following transformers' configs."""
+    window = text.get("sliding_window")
+    kind = text.get("model_type", "")
+    if "use_sliding_window" in text and not text.get("use_sliding_window"):
+        window = None  # Qwen2-family: window listed but switched off
+    declared = text.get("layer_types")
+    if isinstance(declared, list) and len(declared) == num_layers:
+        types = tuple(str(t) for t in declared)
+        return types, (window if "sliding_attention" in types else None)
+    if not window:
+        return None, None
+    if kind in ("gemma2", "cohere2") or (kind == "gemma3_text" and text.get("sliding_window_pattern") is None):
+        pattern = 2 if kind == "gemma2" else 6
+    elif kind == "gemma3_text":
+        pattern = int(text["sliding_window_pattern"])
+    elif "max_window_layers" in text and "use_sliding_window" in text:
+        # Qwen2/Qwen3: layers from max_window_layers on use the window (transformers' Qwen2Config).
+        start = int(text.get("max_window_layers") or 0)
+        return tuple("sliding_attention" if i >= start else "full_attention" for i in range(num_layers)), window
+    else:  # Mistral, Phi-3 ...: one window on every layer
+        return ("sliding_attention",) * num_layers, window
+    # Gemma 2/3: every pattern-th layer (1-based) is full, the rest slide (layer 0 slides).
+    return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)), window
+
+
+def _moe_facts(text: dict[str, Any]) -> MoEFacts | None:
+    """Routed/shared expert facts, whichever family's key names the config uses."""
+    routed = text.get("num_local_experts") or text.get("num_experts") or text.get("n_routed_experts")
+    if not routed:
+        return None
+    per_token = text.get("num_experts_per_tok") or text.get("experts_per_token") or text.get("moe_topk")
+    if not per_token:
+        raise ModelError("config.json: MoE model without 'num_experts_per_tok'")
+    kind = text.get("model_type", "")
+    if kind.startswith("llama4"):  # every interleave_moe_layer_step-th layer is MoE, with one shared expert
+        return MoEFacts(num_experts=int(routed), experts_per_token=int(per_token),
+                        moe_intermediate_size=int(_need(text, "intermediate_size")), num_shared_experts=1,
+                        shared_expert_intermediate_size=int(text["intermediate_size"]),
+                        moe_layer_freq=int(text.get("interleave_moe_layer_step") or 1),
+                        dense_intermediate_size=text.get("intermediate_size_mlp"))
+    expert_size = int(text.get("moe_intermediate_size") or _need(text, "intermediate_size"))
+    n_shared = int(text.get("n_shared_experts") or 0)
+    shared_size = text.get("shared_expert_intermediate_size")
+    if shared_size:
+        n_shared = max(n_shared, 1)
+    elif n_shared:
+        shared_size = n_shared * expert_size
+    dense = text.get("intermediate_size")
+    return MoEFacts(
+        num_experts=int(routed),
+        experts_per_token=int(per_token),
+        moe_intermediate_size=expert_size,
+        num_shared_experts=n_shared,
+        shared_expert_intermediate_size=int(shared_size) if shared_size else None,
+        first_dense_layers=int(text.get("first_k_dense_replace") or 0),
+        moe_layer_freq=int(text.get("moe_layer_freq") or text.get("decoder_sparse_step") or 1),
+        dense_intermediate_size=int(dense) if dense and dense != expert_size else None,
+        mlp_only_layers=tuple(int(i) for i in text.get("mlp_only_layers") or ()),
+    )
+
+
+def _mla_facts(text: dict[str, Any]) -> MLAFacts | None:
+    if not text.get("kv_lora_rank"):
+        return None
+    return MLAFacts(
+        kv_lora_rank=int(text["kv_lora_rank"]),
+        qk_rope_head_dim=int(_need(text, "qk_rope_head_dim")),
+        qk_nope_head_dim=int(_need(text, "qk_nope_head_dim")),
+        v_head_dim=int(_need(text, "v_head_dim")),
+        q_lora_rank=int(text["q_lora_rank"]) if text.get("q_lora_rank") else None,
+    )
+
+
+def quant_facts(qc: dict[str, Any] | None) -> QuantFacts | None:
+    """QuantFacts from a config.json `quantization_config` block (None when the model is not quantized)."""
+    if not isinstance(qc, dict) or not qc:
+        return None
+    method = str(qc.get("quant_method") or qc.get("quant_algo") or "unknown").lower()
+    bits = qc.get("bits", qc.get("w_bit"))
+    group = qc.get("group_size", qc.get("q_group_size"))
+    act_bits = None
+    if method == "compressed-tensors":
+        groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+        first = groups[0] if groups else {}
+        weights = first.get("weights") or {}
+        inputs = first.get("input_activations") or {}
+        bits, group = weights.get("num_bits"), weights.get("group_size")
+        act_bits = inputs.get("num_bits")
+    elif method == "bitsandbytes":
+        bits = 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else bits
+    elif method in ("fp8", "fbgemm_fp8"):
+        bits = 8
+        act_bits = 8 if qc.get("activation_scheme") or method == "fbgemm_fp8" else None
+    elif method == "mxfp4":
+        bits, group = 4, group or 32
+    elif method in ("modelopt", "fp8_modelopt") or "quant_algo" in qc:
+        algo = str(qc.get("quant_algo", "")).upper()
+        method = "modelopt"
+        if "FP8" in algo:
+            bits, act_bits = 8, 8
+        elif "NVFP4" in algo or "FP4" in algo:
+            bits, act_bits, group = 4, 4, group or 16
+    if group is not None and int(group) <= 0:
+        group = None  # GPTQ -1: per-channel
+    return QuantFacts(
+        method=method,
+        weight_bits=int(bits) if bits else None,
+        activation_bits=int(act_bits) if act_bits else None,
+        group_size=int(group) if group else None,
+        raw=qc,
+    )
+
+
+def facts_from_config(
+    config: dict[str, Any],
+    name: str,
+    path: str | None = None,
+    *,
+    tokenizer_max_length: int | None = None,
+    hf_quant_config: dict[str, Any] | None = None,
+) -> ModelFacts:
+    """ModelFacts from a config dict alone (no weights): used by inspect and by the estimator benchmark.
+
+    `tokenizer_max_length` (tokenizer_config.json model_max_length) caps the derived length as in vLLM;
+    `hf_quant_config` (hf_quant_config.json, ModelOpt) names the quantization when config.json does not.
+    """
+    if not isinstance(config, dict):
+        raise ModelError(f"config.json: expected a JSON object, got {type(config).__name__}")
+    text = effective_text_config(config)
+    nested = _text_section(config)[1]
+    model_type = str(config.get("model_type") or text.get("model_type") or "unknown")
+    layers = _int(_need(text, "num_hidden_layers"), "num_hidden_layers")
+    hidden = _int(_need(text, "hidden_size"), "hidden_size")
+    heads = _int(_need(text, "num_attention_heads"), "num_attention_heads")
+    for key in _REQUIRED:
+        _need(text, key)
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or 0
+    if not head_dim or head_dim <= 0:
+        head_dim = hidden // heads
+    text = {**text, "num_key_value_heads": kv_heads, "head_dim": head_dim}
+    layer_types, window = _layer_types(text, layers)
+    derived, key_used = derive_max_model_len(text, model_type, tokenizer_max_length)
+    dtype = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype")
+    qc = config.get("quantization_config") or text.get("quantization_config")
+    if not qc and isinstance(hf_quant_config, dict):
+        qc = {"quant_method": "modelopt", **(hf_quant_config.get("quantization") or {})}
+    archs = config.get("architectures") or text.get("architectures") or [model_type]
+    rope = text.get("rope_scaling")
+    return ModelFacts(
+        name=name,
+        path=path,
+        architecture=str(archs[0]),
+        model_type=model_type,
+        text_model_type=str(text.get("model_type") or model_type),
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=_int(text["intermediate_size"], "intermediate_size"),
+        num_attention_heads=heads,
+        num_kv_heads=_int(kv_heads, "num_key_value_heads"),
+        head_dim=_int(head_dim, "head_dim"),
+        vocab_size=_int(text["vocab_size"], "vocab_size"),
+        max_position_embeddings=text.get("max_position_embeddings"),
+        derived_max_model_len=derived,
+        max_len_key=key_used,
+        rope_scaling=rope if isinstance(rope, dict) else None,
+        sliding_window=int(window) if window else None,
+        layer_types=layer_types,
+        torch_dtype=str(dtype).removeprefix("torch.") if dtype else "bfloat16",
+        dtype_declared=bool(dtype),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings")),
+        moe=_moe_facts(text),
+        mla=_mla_facts(text),
+        quantization=quant_facts(qc),
+        is_multimodal=nested or any(k in config for k in ("vision_config", "audio_config", "vision_tower")),
+        config=config,
+        text_config=text,
+    )
+
+
+# --- locating the model ------------------------------------------------------------------------------
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache dir: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _cached_snapshot(repo_id: str, hub: Path) -> Path | None:
+    """snapshots/<rev> of a cached repo: the revision refs/main names, else the newest snapshot."""
+    repo_dir = hub / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if candidate.is_dir():
+            return candidate
+    if not snapshots.is_dir():
+        return None
+    revisions = [p for p in snapshots.iterdir() if p.is_dir()]
+    return max(revisions, key=lambda p: p.stat().st_mtime) if revisions else None
 
 
 def resolve_model_dir(model: str) -> Path:
     """A local dir, or a HF repo id found in the local HF cache (HF_HUB_CACHE / HF_HOME). Never downloads."""
-    raise NotImplementedError
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    hub = hf_hub_cache()
+    parts = model.split("/")
+    if len(parts) == 2 and all(parts) and not model.startswith((".", "~")):
+        found = _cached_snapshot(model, hub)
+        if found is not None:
+            return found
+    raise ModelError(f"model '{model}' not found: not a directory and not in the Hugging Face cache at {hub}")
+
+
+# --- reading files -----------------------------------------------------------------------------------
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
+               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json as a dict; ModelError naming the file when missing, not JSON or not an object."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: config.json not found in model directory {model_dir}")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+class TensorTotals(Frozen):
+    """What one safetensors header says: stored bytes and element count over all its tensors."""
+
+    bytes: int
+    elements: int
+    tensors: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file; reads 8 + header bytes only (tensor data may be absent)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ModelError(f"corrupt safetensors header in {path}: file is {size} bytes, shorter than 8")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES:
+            raise ModelError(f"corrupt safetensors header in {path}: header length {length} exceeds 100 MiB")
+        if 8 + length > size:
+            raise ModelError(
+                f"corrupt safetensors header in {path}: header length {length} runs past the file end ({size} bytes)"
+            )
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"corrupt safetensors header in {path}: header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"corrupt safetensors header in {path}: header is not a JSON object")
+    return header
+
+
+def tensor_totals(header: dict[str, Any], path: Path) -> TensorTotals:
+    """Sum tensor byte sizes (data_offsets) and element counts (shape) of a safetensors header.
+
+    Element counts are of stored tensors: packed int4 weights (qweight I32) count 8 weights as one.
+    """
+    total_bytes = total_elems = count = 0
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            shape = [int(d) for d in info["shape"]]
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"corrupt safetensors header in {path}: tensor '{tensor}' lacks dtype/shape/data_offsets") from None
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise ModelError(f"corrupt safetensors header in {path}: tensor '{tensor}' has bad data_offsets {info['data_offsets']}")
+        elems = math.prod(shape)
+        width = DTYPE_BYTES.get(dtype)
+        if width is not None and elems * width != end - start:
+            raise ModelError(
+                f"corrupt safetensors header in {path}: tensor '{tensor}' {dtype}{shape} needs {elems * width} bytes, offsets give {end - start}"
+            )
+        total_bytes += end - start
+        total_elems += elems
+        count += 1
+    return TensorTotals(bytes=total_bytes, elements=total_elems, tensors=count)
+
+
+def _weight_facts(model_dir: Path) -> dict[str, Any]:
+    """weight_bytes / source / param count / files from the index or the headers; {} when no weights."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = _read_json(index_path)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map", {}), dict):
+            raise ModelError(f"{index_path}: expected a JSON object with a 'weight_map' object")
+        files = tuple(sorted(set(map(str, index.get("weight_map", {}).values()))))
+        meta = index.get("metadata") or {}
+        total = meta.get("total_size")
+        if isinstance(total, int | float) and total > 0:
+            params = meta.get("total_parameters")
+            return {"weight_bytes": int(total), "weight_bytes_source": "safetensors-index",
+                    "weight_param_count": int(params) if isinstance(params, int) else None, "weight_files": files}
+        shard_paths = [model_dir / f for f in files if (model_dir / f).is_file()]
+        if not shard_paths:
+            raise ModelError(f"{index_path}: no metadata.total_size and none of its shard files are present")
+    else:
+        shard_paths = sorted(model_dir.glob("*.safetensors"))
+        hf_style = [p for p in shard_paths if not p.name.startswith("consolidated")]
+        shard_paths = hf_style or shard_paths  # vLLM prefers the HF shards over Mistral's consolidated file
+    if not shard_paths:
+        return {}
+    totals = [tensor_totals(read_safetensors_header(p), p) for p in shard_paths]
+    return {"weight_bytes": sum(t.bytes for t in totals), "weight_bytes_source": "safetensors-headers",
+            "weight_param_count": sum(t.elements for t in totals),
+            "weight_files": tuple(p.name for p in shard_paths)}
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    """A side file (tokenizer_config.json, hf_quant_config.json): None when absent or unusable."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _model_name(model: str, model_dir: Path) -> str:
+    local = Path(model).expanduser()
+    return model_dir.name if local.is_dir() else model
 
 
 def inspect(model: str) -> ModelFacts:
     """Read the model at `model` (path or cached repo id). ModelError names the file and the problem."""
-    raise NotImplementedError
-
-
-def facts_from_config(config: dict[str, Any], name: str, path: str | None = None) -> ModelFacts:
-    """ModelFacts from a config dict alone (no weights): used by inspect and by the estimator benchmark."""
-    raise NotImplementedError
+    model_dir = resolve_model_dir(model)
+    config = read_config(model_dir)
+    tokenizer = _optional_json(model_dir / "tokenizer_config.json") or {}
+    tok_len = tokenizer.get("model_max_length")
+    tok_len = int(tok_len) if isinstance(tok_len, int) and not isinstance(tok_len, bool) else None
+    try:
+        facts = facts_from_config(
+            config, _model_name(model, model_dir), str(model_dir), tokenizer_max_length=tok_len,
+            hf_quant_config=_optional_json(model_dir / "hf_quant_config.json"),
+        )
+    except ModelError as err:
+        raise ModelError(f"{model_dir / 'config.json'}: {err.message.removeprefix('config.json: ')}") from None
+    weights = _weight_facts(model_dir)
+    return facts.model_copy(update=weights) if weights else facts
