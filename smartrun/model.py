@@ -463,7 +463,7 @@ def resolve_model_dir(model: str) -> Path:
     """A local dir, or a HF repo id found in the local HF cache (HF_HUB_CACHE / HF_HOME). Never downloads."""
     local = Path(model).expanduser()
     if local.is_dir():
-        return local
+        return local.absolute()
     hub = hf_hub_cache()
     parts = model.split("/")
     if len(parts) == 2 and all(parts) and not model.startswith((".", "~")):
