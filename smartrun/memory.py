@@ -1,16 +1,45 @@
 """Stage 3, estimate: what vLLM's startup will do with memory, per GPU rank, version by version.
 
 CONTRACT (types below are shared by rules, validate, launch and the CLI; add fields, do not rename).
-TODO(helper-memory): implement estimate(), largest_fitting_model_len(), GpuSpec.from_name().
+
+The budget follows vLLM's own worker (vllm_facts.md 1.2-1.6):
+    requested = util x total            (total as CUDA reports it, not NVML memory.total)
+    kv        = requested - weights - activation peak - non-torch [- cudagraph estimate, 0.20+]
+    blocks    = kv // bytes_per_block   (min over TP/PP ranks), tokens reported as vLLM prints them.
+Weights are exact when safetensors sizes are known, else counted from the architecture.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
+import re
 from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Any
 
+from smartrun.errors import EstimateError
 from smartrun.hardware import GpuInfo, HardwareSnapshot
 from smartrun.model import ModelFacts
 from smartrun.plan import Frozen
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+# cudaMemGetInfo's total is NVML memory.total minus what the driver keeps for itself.
+# Derived from the reference H100 80GB logs: NVML 81559 MiB vs vLLM "total_memory=79.19GiB"
+# (81090.6 MiB) -> 468.6 MiB. Applied as a constant to every GPU (the reservation is a
+# driver/firmware carve-out, not a fraction of capacity; RTX 3090: 24576 MiB -> 23.54 GiB
+# predicted vs 23.58 printed).
+CUDA_RESERVED_MIB = 81559 - 79.19 * 1024
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+FP8_KV = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
+KV_DTYPES = ("auto", "bfloat16", "float16", *FP8_KV)
+VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE (VocabParallelEmbedding)
 
 
 class GpuSpec(Frozen):
@@ -33,7 +62,25 @@ class GpuSpec(Frozen):
     @classmethod
     def from_name(cls, name: str) -> GpuSpec:
         """From the shipped GPU table (a copy of reference/gpus.json). EstimateError lists close matches."""
-        raise NotImplementedError
+        row = _match_gpu(name)
+        return cls(
+            name=row["nvml_name"],
+            memory_total_mib=int(row["memory_total_mib"]),
+            compute_capability=row.get("compute_capability") or "9.0",
+        )
+
+    @property
+    def cuda_total_bytes(self) -> int:
+        """Total memory as torch/CUDA reports it (what vLLM multiplies by util)."""
+        return int((self.memory_total_mib - CUDA_RESERVED_MIB) * MIB)
+
+    @property
+    def cuda_free_bytes(self) -> int:
+        """Free memory at start as CUDA sees it (all of it when the snapshot says nothing else)."""
+        if self.memory_free_mib is None:
+            return self.cuda_total_bytes
+        used = self.memory_total_mib - self.memory_free_mib
+        return max(0, self.cuda_total_bytes - int(used * MIB))
 
 
 class EngineFlags(Frozen):
@@ -81,6 +128,632 @@ class MemoryEstimate(Frozen):
     largest_max_model_len: int  # largest max_model_len that fits (vLLM's own estimate)
 
 
+# ---------------------------------------------------------------------------------------------
+# Version profiles
+
+
+class Profile(Frozen):
+    """vLLM behaviour that changes the memory budget (vllm_facts.md 1.6, 2.3, 4.3)."""
+
+    name: str
+    default_util: float
+    cudagraph_subtracted: bool  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS default on
+    tokens_group_aware: bool  # "GPU KV cache size" = concurrency x max_model_len for hybrid models
+    has_160gib_tier: bool
+
+
+PROFILES: dict[str, Profile] = {
+    "0.19": Profile(
+        name="0.19", default_util=0.90, cudagraph_subtracted=False, tokens_group_aware=False, has_160gib_tier=False
+    ),
+    "0.33": Profile(
+        name="0.33", default_util=0.92, cudagraph_subtracted=True, tokens_group_aware=True, has_160gib_tier=True
+    ),
+}
+NEWEST_VERSION = "0.33.0"
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    match = re.match(r"\s*v?(\d+)\.(\d+)", version)
+    if not match:
+        raise EstimateError(f"--vllm-version {version!r}: expected a version like 0.19.0")
+    return int(match.group(1)), int(match.group(2))
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vllm's version, if any (never imports vllm itself)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def resolve_version(vllm_version: str | None) -> tuple[str, Profile]:
+    """Explicit version, else the installed vllm, else the newest; and its behaviour profile."""
+    version = vllm_version or installed_vllm_version() or NEWEST_VERSION
+    major, minor = _version_tuple(version)
+    profile = PROFILES["0.19"] if (major, minor) < (0, 20) else PROFILES["0.33"]
+    return version, profile
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU table
+
+
+@lru_cache(maxsize=1)
+def gpu_table() -> tuple[dict[str, Any], ...]:
+    """The shipped GPU rows that have a memory size."""
+    text = resources.files("smartrun.data").joinpath("gpus.json").read_text()
+    return tuple(row for row in json.loads(text) if row.get("memory_total_mib") and row.get("nvml_name"))
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower().replace("nvidia", "").replace("geforce", ""))
+
+
+def _match_gpu(name: str) -> dict[str, Any]:
+    """Exact key/NVML name first, then an unambiguous short form ("H100", "A100-80GB", "RTX 4090")."""
+    rows = gpu_table()
+    wanted = _norm(name)
+    if not wanted:
+        raise EstimateError(f"--gpu {name!r}: empty GPU name")
+    for row in rows:
+        if wanted in (_norm(row["key"]), _norm(row["nvml_name"])):
+            return row
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and t not in ("nvidia", "geforce")]
+    hits = [row for row in rows if all(t in _norm(row["key"]) + "|" + _norm(row["nvml_name"]) for t in tokens)]
+    same_size = len({(row["memory_total_mib"], row["compute_capability"]) for row in hits}) == 1
+    if len(hits) > 1 and (same_size or not any(t.endswith("gb") for t in tokens)):
+        # Same memory either way, or a bare family name ("H100"): the table's first-listed part.
+        return hits[0]
+    if len(hits) > 1:
+        names = ", ".join(row["key"] for row in hits)
+        raise EstimateError(f"--gpu {name!r} is ambiguous: matches {names}")
+    if hits:
+        return hits[0]
+    keys = [row["key"] for row in rows] + [row["nvml_name"] for row in rows]
+    close = difflib.get_close_matches(name, keys, n=4, cutoff=0.4)
+    hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(r['key'] for r in rows)}"
+    raise EstimateError(f"--gpu {name!r}: unknown GPU{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs normalised
+
+
+def _dtype_name(flag: str, model: ModelFacts, cc: str) -> str:
+    """The dtype vLLM will run in: config dtype for auto (fp32 configs are downcast), fp16 below cc 8.0."""
+    name = DTYPE_ALIASES.get(flag.lower(), flag.lower())
+    if name == "auto":
+        name = DTYPE_ALIASES.get(model.torch_dtype, model.torch_dtype or "bfloat16")
+        if name == "float32":
+            name = "bfloat16"
+        if name not in DTYPE_BYTES:
+            name = "bfloat16"
+        if name == "bfloat16" and float(cc) < 8.0:
+            name = "float16"
+    if name not in DTYPE_BYTES:
+        raise EstimateError(f"--dtype {flag!r}: unknown dtype (auto, bfloat16, float16/half, float32/float)")
+    return name
+
+
+def _kv_bytes_per_element(flag: str, dtype: str) -> int:
+    value = flag.lower()
+    if value not in KV_DTYPES:
+        raise EstimateError(f"--kv-cache-dtype {flag!r}: not one the estimator budgets ({', '.join(KV_DTYPES)})")
+    return 1 if value in FP8_KV else DTYPE_BYTES[dtype]
+
+
+def _gpu_list(gpus: Sequence[GpuSpec] | HardwareSnapshot) -> list[GpuSpec]:
+    if isinstance(gpus, HardwareSnapshot):
+        return [GpuSpec.from_gpu(g) for g in gpus.gpus]
+    return list(gpus)
+
+
+def _check_parallel(model: ModelFacts, flags: EngineFlags, gpu_count: int) -> None:
+    tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
+    if tp < 1 or pp < 1:
+        raise EstimateError(f"--tensor-parallel-size {tp} / --pipeline-parallel-size {pp}: must be >= 1")
+    if tp * pp > gpu_count:
+        raise EstimateError(
+            f"World size ({tp * pp}) is larger than the number of available GPUs ({gpu_count}) in this node."
+        )
+    if model.num_attention_heads % tp:
+        raise EstimateError(
+            f"Total number of attention heads ({model.num_attention_heads}) must be divisible by "
+            f"tensor parallel size ({tp})."
+        )
+    kv = model.num_kv_heads
+    if model.mla is None and ((kv >= tp and kv % tp) or (kv < tp and tp % kv)):
+        raise EstimateError(
+            f"--tensor-parallel-size {tp}: the model's {kv} KV heads can neither be split evenly nor replicated"
+        )
+    if pp > model.num_hidden_layers:
+        raise EstimateError(f"--pipeline-parallel-size {pp}: more stages than the {model.num_hidden_layers} layers")
+    util = flags.gpu_memory_utilization
+    if util is not None and not 0 < util <= 1:
+        raise EstimateError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
+
+
+def pp_layer_ranges(num_layers: int, pp: int) -> list[range]:
+    """vLLM's get_pp_indices: equal shares, the remainder given to the stages before the last."""
+    parts = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        parts[-i] += 1
+    ranges, start = [], 0
+    for size in parts:
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def effective_batch_defaults(
+    flags: EngineFlags, total_bytes: int, gpu_name: str, profile: Profile, max_model_len: int
+) -> tuple[int, int]:
+    """max_num_seqs, max_num_batched_tokens as vLLM fills unset ones for `vllm serve` (facts 4.3)."""
+    total_gib = total_bytes / GIB
+    if profile.has_160gib_tier and total_gib >= 160:
+        mnbt, seqs = 16384, 1024
+    elif total_gib >= 70 and "a100" not in gpu_name.lower():
+        mnbt, seqs = 8192, 1024
+    else:
+        mnbt, seqs = 2048, 256
+    if flags.max_num_batched_tokens is None:
+        if flags.enable_chunked_prefill is False:
+            mnbt = max(max_model_len, mnbt)
+        mnbt = min((flags.max_num_seqs or seqs) * max_model_len, mnbt)
+    else:
+        mnbt = flags.max_num_batched_tokens
+    if flags.max_num_seqs is None:
+        seqs = min(seqs, mnbt)
+    else:
+        seqs = flags.max_num_seqs
+    return seqs, mnbt
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, per rank, counted from the architecture
+
+
+class _Shape(Frozen):
+    """One linear layer (per rank): its input and output sizes and whether it is quantizable."""
+
+    n_in: int
+    n_out: int
+    count: int = 1  # how many identical matrices (experts)
+    quantized: bool = True
+    expert: bool = False
+
+
+def _tc(model: ModelFacts) -> dict[str, Any]:
+    return model.text_config or model.config or {}
+
+
+def _is_moe_layer(model: ModelFacts, idx: int) -> bool:
+    moe = model.moe
+    if moe is None:
+        return False
+    only_dense = _tc(model).get("mlp_only_layers") or []
+    if idx in only_dense or idx < moe.first_dense_layers:
+        return False
+    freq = max(1, moe.moe_layer_freq)
+    if "interleave_moe_layer_step" in _tc(model) or "decoder_sparse_step" in _tc(model):
+        return (idx + 1) % freq == 0  # Llama-4 / Qwen-MoE count from 1
+    return idx % freq == 0  # DeepSeek: after first_k_dense_replace, every moe_layer_freq-th
+
+
+def _attention_shapes(model: ModelFacts, tp: int) -> tuple[list[_Shape], int]:
+    """Linear shapes of one attention block per rank, plus its small replicated/bias params."""
+    h, heads = model.hidden_size, model.num_attention_heads
+    tc = _tc(model)
+    extra = 0
+    if model.mla is not None:
+        m = model.mla
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        shapes = []
+        if m.q_lora_rank:
+            shapes += [_Shape(n_in=h, n_out=m.q_lora_rank), _Shape(n_in=m.q_lora_rank, n_out=heads * qk // tp)]
+            extra += m.q_lora_rank
+        else:
+            shapes.append(_Shape(n_in=h, n_out=heads * qk // tp))
+        shapes += [
+            _Shape(n_in=h, n_out=m.kv_lora_rank + m.qk_rope_head_dim),  # kv_a, replicated
+            _Shape(n_in=m.kv_lora_rank, n_out=heads * (m.qk_nope_head_dim + m.v_head_dim) // tp),
+            _Shape(n_in=heads * m.v_head_dim // tp, n_out=h),
+        ]
+        return shapes, extra + m.kv_lora_rank
+    hd = model.head_dim
+    kv_rank = max(1, model.num_kv_heads // tp)
+    q_out, kv_out = heads * hd // tp, kv_rank * hd
+    shapes = [
+        _Shape(n_in=h, n_out=q_out + 2 * kv_out),
+        _Shape(n_in=heads * hd // tp, n_out=h),
+    ]
+    if tc.get("attention_bias") or model.model_type.startswith("qwen2"):
+        extra += q_out + 2 * kv_out
+    if model.model_type.startswith(("qwen3", "gemma3", "olmo2")) or tc.get("use_qk_norm"):
+        extra += 2 * hd
+    return shapes, extra
+
+
+def _mlp_shapes(model: ModelFacts, idx: int, tp: int) -> list[_Shape]:
+    h, tc = model.hidden_size, _tc(model)
+    moe = model.moe
+    if moe is None or not _is_moe_layer(model, idx):
+        inter = tc.get("intermediate_size_mlp") if moe is not None and tc.get("intermediate_size_mlp") else None
+        inter = inter or model.intermediate_size
+        return [_Shape(n_in=h, n_out=2 * inter // tp), _Shape(n_in=inter // tp, n_out=h)]
+    e_inter = moe.moe_intermediate_size
+    shapes = [
+        _Shape(n_in=h, n_out=moe.num_experts, quantized=False),  # router, replicated
+        _Shape(n_in=h, n_out=2 * e_inter // tp, count=moe.num_experts, expert=True),
+        _Shape(n_in=e_inter // tp, n_out=h, count=moe.num_experts, expert=True),
+    ]
+    shared = moe.shared_expert_intermediate_size or moe.num_shared_experts * e_inter
+    if shared:
+        shapes += [_Shape(n_in=h, n_out=2 * shared // tp), _Shape(n_in=shared // tp, n_out=h)]
+        if tc.get("shared_expert_intermediate_size"):  # Qwen-MoE style sigmoid gate on the shared expert
+            shapes.append(_Shape(n_in=h, n_out=1, quantized=False))
+    return shapes
+
+
+class _QuantLayout(Frozen):
+    """How a quantized linear is stored: bits per weight and the scale/zero overhead."""
+
+    weight_bits: float
+    group_size: int | None = None  # None = per output channel
+    scale_bytes: int = 2
+    zero_bits: int = 0
+    per_tensor: bool = False
+    block: tuple[int, int] | None = None
+    experts_only: bool = False
+
+
+def _quant_layout(model: ModelFacts) -> _QuantLayout | None:
+    """Read the quantization config into a storage layout (AWQ/GPTQ int4, FP8, compressed-tensors, MXFP4)."""
+    q = model.quantization
+    if q is None:
+        return None
+    method = q.method.lower()
+    raw = q.raw or {}
+    if method == "mxfp4":
+        return _QuantLayout(weight_bits=4, group_size=32, scale_bytes=1, experts_only=True)
+    if method in ("fp8", "fbgemm_fp8", "modelopt"):
+        block = raw.get("weight_block_size")
+        if block:
+            return _QuantLayout(weight_bits=8, scale_bytes=4, block=(int(block[0]), int(block[1])))
+        return _QuantLayout(weight_bits=8, scale_bytes=4, per_tensor=method == "fp8")
+    if method == "compressed-tensors":
+        bits, group, strategy, symmetric = 8, None, "channel", True
+        for group_cfg in (raw.get("config_groups") or {}).values():
+            weights = group_cfg.get("weights") or {}
+            bits = weights.get("num_bits", bits)
+            group = weights.get("group_size", group)
+            strategy = weights.get("strategy", strategy)
+            symmetric = weights.get("symmetric", symmetric)
+            break
+        zero = 0 if symmetric else 8
+        if strategy == "tensor":
+            return _QuantLayout(weight_bits=bits, scale_bytes=4, per_tensor=True)
+        if strategy == "group" and group:
+            return _QuantLayout(weight_bits=bits, group_size=int(group), scale_bytes=2, zero_bits=zero)
+        return _QuantLayout(weight_bits=bits, scale_bytes=4 if bits == 8 else 2, zero_bits=zero)
+    if method in ("awq", "gptq", "awq_marlin", "gptq_marlin", "marlin"):
+        bits = q.weight_bits or raw.get("bits") or raw.get("w_bit") or 4
+        group = q.group_size or raw.get("group_size") or raw.get("q_group_size") or 128
+        group = None if group == -1 else int(group)
+        return _QuantLayout(weight_bits=bits, group_size=group, scale_bytes=2, zero_bits=bits)
+    if method in ("bitsandbytes",):
+        bits = q.weight_bits or (4 if raw.get("load_in_4bit") else 8)
+        return _QuantLayout(weight_bits=bits, group_size=64, scale_bytes=4)
+    bits = q.weight_bits or 8
+    return _QuantLayout(weight_bits=bits, group_size=q.group_size, scale_bytes=2)
+
+
+def _linear_bytes(shape: _Shape, dtype_bytes: int, layout: _QuantLayout | None) -> int:
+    """Bytes of one (possibly quantized) linear per rank, with its scales and zero points."""
+    n = shape.n_in * shape.n_out
+    if layout is None or not shape.quantized or (layout.experts_only and not shape.expert):
+        return n * dtype_bytes * shape.count
+    size = n * layout.weight_bits / 8
+    if layout.per_tensor:
+        size += layout.scale_bytes
+    elif layout.block:
+        size += math.ceil(shape.n_in / layout.block[1]) * math.ceil(shape.n_out / layout.block[0]) * layout.scale_bytes
+    elif layout.group_size:
+        groups = math.ceil(shape.n_in / layout.group_size) * shape.n_out
+        size += groups * (layout.scale_bytes + layout.zero_bits / 8)
+    else:
+        size += shape.n_out * (layout.scale_bytes + layout.zero_bits / 8)
+    return int(size) * shape.count
+
+
+def _vision_params(model: ModelFacts) -> int:
+    """A ViT tower and its projector, counted from vision_config (0 for text-only models)."""
+    vc = (model.config or {}).get("vision_config")
+    if not isinstance(vc, dict):
+        return 0
+    hv = vc.get("hidden_size") or vc.get("embed_dim") or vc.get("width") or 0
+    if not hv:
+        return 0
+    iv = vc.get("intermediate_size") or 4 * hv
+    layers = vc.get("num_hidden_layers") or vc.get("depth") or vc.get("num_layers") or 0
+    patch = vc.get("patch_size") or 14
+    channels = vc.get("num_channels") or vc.get("in_channels") or 3
+    image = vc.get("image_size") or 0
+    gated = str(vc.get("hidden_act", "")).lower() in ("silu", "swiglu") or vc.get("model_type") == "pixtral"
+    mlp = (3 if gated else 2) * hv * iv
+    per_layer = 4 * hv * hv + mlp + 9 * hv + iv
+    positions = (image // patch) ** 2 * hv if image else 0
+    h_text = model.hidden_size
+    merge = (model.config or {}).get("spatial_merge_size") or vc.get("merge_kernel_size") or 1
+    merge = merge[0] * merge[1] if isinstance(merge, list) else merge * merge
+    projector = hv * merge * h_text + h_text * h_text
+    return layers * per_layer + channels * patch * patch * hv + positions + projector
+
+
+def _rope_cache_params(model: ModelFacts) -> int:
+    """vLLM keeps a cos/sin cache of max_position x rotary_dim per attention type (replicated)."""
+    rot = model.mla.qk_rope_head_dim if model.mla else model.head_dim
+    rot = int(rot * float(_tc(model).get("partial_rotary_factor") or 1.0))
+    max_pos = model.max_position_embeddings or model.derived_max_model_len
+    return max_pos * rot
+
+
+class RankWeights(Frozen):
+    """Weight bytes held by one (TP, PP) rank, and which layers it holds."""
+
+    bytes: int
+    layers: tuple[int, ...]
+    first: bool
+    last: bool
+
+
+def _rank_weight_bytes(model: ModelFacts, dtype_bytes: int, tp: int, layers: range, first: bool, last: bool) -> int:
+    layout = _quant_layout(model)
+    h = model.hidden_size
+    norms_per_layer = 4 if model.model_type.startswith("gemma") else 2
+    total = 0
+    for idx in layers:
+        attn, extra = _attention_shapes(model, tp)
+        total += sum(_linear_bytes(s, dtype_bytes, layout) for s in attn)
+        total += sum(_linear_bytes(s, dtype_bytes, layout) for s in _mlp_shapes(model, idx, tp))
+        total += (extra + norms_per_layer * h) * dtype_bytes
+    vocab_rank = math.ceil(model.vocab_size / VOCAB_PADDING) * VOCAB_PADDING // tp
+    if first:
+        total += vocab_rank * h * dtype_bytes
+        total += _vision_params(model) * dtype_bytes // tp
+    if last:
+        total += h * dtype_bytes
+        if not model.tie_word_embeddings or not first:
+            total += vocab_rank * h * dtype_bytes
+    total += _rope_cache_params(model) * dtype_bytes
+    return total
+
+
+def weights_per_rank(model: ModelFacts, dtype: str, tp: int, pp: int) -> list[RankWeights]:
+    """Weight bytes per PP stage (identical across the TP ranks of a stage).
+
+    Exact safetensors bytes, when known, are split in the proportion the counted layout gives.
+    """
+    dtype_bytes = DTYPE_BYTES[dtype]
+    ranges = pp_layer_ranges(model.num_hidden_layers, pp)
+    counted = [
+        _rank_weight_bytes(model, dtype_bytes, tp, r, i == 0, i == pp - 1) for i, r in enumerate(ranges)
+    ]
+    if model.weight_bytes:
+        whole = _rank_weight_bytes(model, dtype_bytes, 1, range(model.num_hidden_layers), True, True)
+        exact = model.weight_bytes
+        ckpt = DTYPE_BYTES.get(DTYPE_ALIASES.get(model.torch_dtype, model.torch_dtype), dtype_bytes)
+        if model.quantization is None and ckpt != dtype_bytes:
+            exact = exact * dtype_bytes // ckpt
+        rope = _rope_cache_params(model) * dtype_bytes
+        counted = [int((c - rope) * (exact / max(1, whole - rope))) + rope for c in counted]
+    return [
+        RankWeights(bytes=c, layers=tuple(r), first=i == 0, last=i == pp - 1)
+        for i, (c, r) in enumerate(zip(counted, ranges, strict=True))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation, non-torch, CUDA graphs
+
+
+def activation_bytes(model: ModelFacts, dtype: str, tp: int, max_num_seqs: int, mnbt: int, last: bool) -> int:
+    """Peak transient memory of vLLM's profile run.
+
+    Two phases, the larger wins (the forward pass is freed before the sampler runs):
+    - sampler on min(max_num_seqs, mnbt) rows of full-vocab logits: the logits in the model dtype,
+      their fp32 copy, softmax/log-probs and sort buffers (~13.5 bytes per element beyond the
+      dtype copy, fitted on the vLLM 0.19 H100 logs; logits are gathered to the full vocab on
+      every TP rank, so this term does not shrink with TP);
+    - the forward pass over mnbt tokens: a few hidden-size buffers, the MLP intermediate and,
+      for MoE, the fused-MoE workspaces (topk x (2I + I + H) per token).
+    """
+    dtype_bytes = DTYPE_BYTES[dtype]
+    rows = min(max_num_seqs, mnbt)
+    sampler = rows * model.vocab_size * (13.5 + dtype_bytes) if last else 0
+    h = model.hidden_size
+    forward = mnbt * h * dtype_bytes * 4 + mnbt * (2 * model.intermediate_size // tp) * dtype_bytes
+    if model.moe is not None:
+        e_inter = model.moe.moe_intermediate_size // tp
+        forward += mnbt * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
+    # the forward buffers still held when the sampler runs (hidden states of the batch)
+    held = mnbt * h * dtype_bytes
+    moe_ws = 0
+    if model.moe is not None:
+        moe_ws = mnbt * model.moe.experts_per_token * (3 * (model.moe.moe_intermediate_size // tp) + h) * dtype_bytes
+    return int(max(sampler + held + moe_ws, forward))
+
+
+def non_torch_bytes(tp: int, pp: int) -> int:
+    """Non-torch growth during profiling: CUDA context/cuBLAS workspaces (~0.25 GiB on one GPU).
+
+    With TP >= 2 NCCL and the custom all-reduce IPC buffers add about 1.8 GiB, growing a little
+    with the group size (0.19 logs: 2.06-2.11 GiB at tp2, 2.13-2.21 at tp4). With PP only, NCCL
+    is set up before the snapshot, so the growth is smaller (0.07 GiB).
+    """
+    if tp >= 2:
+        return int((2.0 + 0.045 * tp) * GIB)
+    return int((0.25 if pp == 1 else 0.07) * GIB)
+
+
+def cudagraph_bytes(num_layers_rank: int, enforce_eager: bool, optimization_level: int | None) -> int:
+    """CUDA graph pool: a fixed part plus per-layer kernel buffers (0.19 logs: 0.5-1.6 GiB)."""
+    if enforce_eager or optimization_level == 0:
+        return 0
+    return int((0.4 + 0.016 * num_layers_rank) * GIB)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVGroup(Frozen):
+    """A KV-cache group of the hybrid manager: `layers` layers sharing one spec."""
+
+    kind: str  # "full" | "sliding" | "chunked"
+    layers: int  # layers in the group (group size, padding included)
+    window: int | None = None
+
+
+def layer_kinds(model: ModelFacts) -> list[tuple[str, int | None]]:
+    """Per layer: (full|sliding|chunked, window). Llama-4 style chunked local attention too."""
+    tc = _tc(model)
+    n = model.num_hidden_layers
+    if model.layer_types:
+        kinds = []
+        for t in model.layer_types:
+            if "sliding" in t:
+                kinds.append(("sliding", model.sliding_window))
+            elif "chunk" in t:
+                kinds.append(("chunked", tc.get("attention_chunk_size")))
+            else:
+                kinds.append(("full", None))
+        return kinds
+    chunk = tc.get("attention_chunk_size")
+    if chunk:
+        nope = tc.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(n)]
+        return [("chunked", chunk) if nope[i] else ("full", None) for i in range(n)]
+    if model.sliding_window and tc.get("use_sliding_window", True) is not False:
+        return [("sliding", model.sliding_window)] * n
+    return [("full", None)] * n
+
+
+def kv_groups(kinds: list[tuple[str, int | None]]) -> list[KVGroup]:
+    """vLLM's grouping: group size = fewest layers of one type (or the most, when close), pad the rest."""
+    by_type: dict[tuple[str, int | None], int] = {}
+    for kind in kinds:
+        by_type[kind] = by_type.get(kind, 0) + 1
+    if len(by_type) == 1:
+        (kind, window), count = next(iter(by_type.items()))
+        return [KVGroup(kind=kind, layers=count, window=window)]
+    smallest, largest = min(by_type.values()), max(by_type.values())
+    size = largest if largest < smallest * 1.25 else smallest
+    groups = []
+    for (kind, window), count in by_type.items():
+        groups += [KVGroup(kind=kind, layers=size, window=window)] * math.ceil(count / size)
+    return groups
+
+
+def kv_bytes_per_token_layer(model: ModelFacts, kv_elem_bytes: int, tp: int) -> int:
+    """Bytes per token per layer on one GPU: MLA latent (replicated) or K+V of the rank's KV heads."""
+    if model.mla is not None:
+        return (model.mla.kv_lora_rank + model.mla.qk_rope_head_dim) * kv_elem_bytes
+    heads_rank = max(1, model.num_kv_heads // tp)
+    return 2 * heads_rank * model.head_dim * kv_elem_bytes
+
+
+def blocks_per_request(group: KVGroup, max_model_len: int, block_size: int, mnbt: int) -> int:
+    """Blocks one request at max_model_len takes in a group (sliding/chunked capped by window + in flight)."""
+    if group.kind == "full" or not group.window:
+        return math.ceil(max_model_len / block_size)
+    in_flight = 2 * mnbt
+    span = min(group.window - 1 + in_flight, max_model_len)
+    return math.ceil(span / block_size) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+
+
+class _Budget(Frozen):
+    """Everything that does not depend on max_model_len, for the tightest rank."""
+
+    total: int
+    requested: int
+    free: int
+    weights: int
+    activation: int
+    non_torch: int
+    cudagraph: int
+    kv: int
+    bytes_per_block: int
+    num_blocks: int
+    kv_per_token: int
+    groups: tuple[KVGroup, ...]
+
+
+def _budget(
+    model: ModelFacts, gpus: list[GpuSpec], flags: EngineFlags, profile: Profile,
+    dtype: str, kv_elem: int, util: float, seqs: int, mnbt: int, block_size: int,
+) -> _Budget:
+    tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
+    stages = weights_per_rank(model, dtype, tp, pp)
+    kinds = layer_kinds(model)
+    page = kv_bytes_per_token_layer(model, kv_elem, tp)
+    best: _Budget | None = None
+    for stage_idx, stage in enumerate(stages):
+        stage_kinds = [kinds[i] for i in stage.layers]
+        groups = kv_groups(stage_kinds)
+        bytes_per_block = max(g.layers for g in groups) * page * block_size
+        activation = activation_bytes(model, dtype, tp, seqs, mnbt, stage.last)
+        non_torch = non_torch_bytes(tp, pp)
+        graphs = cudagraph_bytes(len(stage.layers), flags.enforce_eager, flags.optimization_level)
+        for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
+            total = gpu.cuda_total_bytes
+            requested = math.ceil(total * util)
+            kv = requested - stage.bytes - activation - non_torch - (graphs if profile.cudagraph_subtracted else 0)
+            blocks = max(0, kv // bytes_per_block)
+            candidate = _Budget(
+                total=total, requested=requested, free=gpu.cuda_free_bytes, weights=stage.bytes,
+                activation=activation, non_torch=non_torch, cudagraph=graphs, kv=kv,
+                bytes_per_block=bytes_per_block, num_blocks=blocks, kv_per_token=page * len(stage.layers),
+                groups=tuple(groups),
+            )
+            if best is None or (candidate.num_blocks, candidate.kv) < (best.num_blocks, best.kv):
+                best = candidate
+    assert best is not None
+    return best
+
+
+def _request_blocks(b: _Budget, max_model_len: int, block_size: int, mnbt: int) -> int:
+    return sum(blocks_per_request(g, max_model_len, block_size, mnbt) for g in b.groups)
+
+
+def _largest_len(b: _Budget, derived: int, block_size: int, mnbt: int) -> int:
+    """Binary search, as vLLM's auto-fit / estimated maximum model length (one null block kept back)."""
+    usable = b.num_blocks - 1
+    if usable <= 0 or _request_blocks(b, 1, block_size, mnbt) > usable:
+        return 0
+    lo, hi = 1, derived
+    if _request_blocks(b, hi, block_size, mnbt) <= usable:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _request_blocks(b, mid, block_size, mnbt) <= usable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _gib(n: float) -> float:
+    return round(n / GIB, 2)
+
+
 def estimate(
     model: ModelFacts,
     gpus: Sequence[GpuSpec] | HardwareSnapshot,
@@ -88,7 +761,87 @@ def estimate(
     vllm_version: str | None = None,
 ) -> MemoryEstimate:
     """Budget one startup. `gpus` are the GPUs the engine will use (first tp*pp of them)."""
-    raise NotImplementedError
+    version, profile = resolve_version(vllm_version)
+    gpu_list = _gpu_list(gpus)
+    if not gpu_list:
+        raise EstimateError("no GPU given: pass --gpu NAME or a hardware snapshot with GPUs")
+    _check_parallel(model, flags, len(gpu_list))
+    used = gpu_list[: flags.tensor_parallel_size * flags.pipeline_parallel_size]
+    dtype = _dtype_name(flags.dtype, model, min(g.compute_capability for g in used))
+    kv_elem = _kv_bytes_per_element(flags.kv_cache_dtype, dtype)
+    util = flags.gpu_memory_utilization if flags.gpu_memory_utilization is not None else profile.default_util
+    block_size = flags.block_size or 16
+    derived = model.derived_max_model_len
+    auto = flags.max_model_len is not None and flags.max_model_len <= 0
+    max_model_len = derived if (flags.max_model_len is None or auto) else flags.max_model_len
+    if max_model_len > derived:
+        raise EstimateError(
+            f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
+            f"({derived}) in model's config.json."
+        )
+    tightest = min(used, key=lambda g: g.cuda_total_bytes)
+    seqs, mnbt = effective_batch_defaults(flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len)
+    b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size)
+    largest = _largest_len(b, derived, block_size, mnbt)
+    if auto and largest > 0:
+        max_model_len = largest
+        seqs, mnbt = effective_batch_defaults(flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len)
+        b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size)
+    per_request = _request_blocks(b, max_model_len, block_size, mnbt)
+    concurrency = b.num_blocks / per_request if per_request else 0.0
+    if len(b.groups) == 1:
+        tokens = b.num_blocks * block_size
+    elif profile.tokens_group_aware:
+        tokens = int(concurrency * max_model_len)
+    else:
+        tokens = b.num_blocks // len(b.groups) * block_size
+    tokens *= 1  # engine-wide: blocks are the min over ranks and every rank holds its layers for all tokens
+    fits, reason = True, None
+    if b.free < b.requested:
+        fits = False
+        reason = (
+            f"Free memory on device ({_gib(b.free)}/{_gib(b.total)} GiB) on startup is less than desired GPU memory "
+            f"utilization ({util}, {_gib(b.requested)} GiB); short by {_gib(b.requested - b.free)} GiB"
+        )
+    elif b.kv <= 0 or b.num_blocks <= 1:
+        fits = False
+        reason = (
+            f"No available memory for the cache blocks: weights {_gib(b.weights)} + activation {_gib(b.activation)}"
+            f" + non-torch {_gib(b.non_torch)} GiB exceed the requested {_gib(b.requested)} GiB"
+            f" by {_gib(-b.kv + b.bytes_per_block)} GiB"
+        )
+    elif per_request > b.num_blocks - 1:
+        fits = False
+        need = per_request * b.bytes_per_block
+        estimated = f" Based on the available memory, the estimated maximum model length is {largest}." if largest else ""
+        reason = (
+            f"To serve at least one request with the model's max seq len ({max_model_len}), "
+            f"({_gib(need)} GiB KV cache is needed, which is larger than the available KV cache memory "
+            f"({_gib(b.kv)} GiB); short by {_gib(need - b.kv)} GiB.{estimated}"
+        )
+    return MemoryEstimate(
+        vllm_version=version,
+        profile=profile.name,
+        total_gib=_gib(b.total),
+        requested_gib=_gib(b.requested),
+        free_gib=_gib(b.free),
+        weights_gib=_gib(b.weights),
+        activation_gib=_gib(b.activation),
+        non_torch_gib=_gib(b.non_torch),
+        cudagraph_gib=_gib(b.cudagraph),
+        kv_cache_gib=_gib(max(0, b.kv)),
+        kv_cache_tokens=int(tokens),
+        kv_bytes_per_token=b.kv_per_token,
+        block_size=block_size,
+        num_gpu_blocks=int(b.num_blocks),
+        max_model_len=max_model_len,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=mnbt,
+        max_concurrency=round(concurrency, 2),
+        fits=fits,
+        reason=reason,
+        largest_max_model_len=largest,
+    )
 
 
 def largest_fitting_model_len(
@@ -98,4 +851,4 @@ def largest_fitting_model_len(
     vllm_version: str | None = None,
 ) -> int:
     """The largest max_model_len that fits (0 if none), as vLLM's auto-fit would find it."""
-    raise NotImplementedError
+    return estimate(model, gpus, flags, vllm_version).largest_max_model_len
