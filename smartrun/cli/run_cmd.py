@@ -1,7 +1,192 @@
-"""CLI commands of this group. TODO(owner): register the real commands."""
+"""CLI: `localaistack model run MODEL [--smart-run ...] [vLLM flags ...] [-- extra vllm args]`.
+
+Parses and prints only; smartrun.pipeline composes the stages and decides.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from smartrun.rules import GOALS
+
 
 def register(subparsers) -> None:
-    """Add this module's commands to `subparsers`."""
+    """Add `model run`."""
+    p = subparsers.add_parser(
+        "run",
+        help="plan and start vllm serve for MODEL (smart-run: inside hard bounds)",
+        description="Plan `vllm serve` flags for MODEL inside hard bounds and start it. vLLM flags typed with "
+        "vLLM's own names are your pins; everything after `--` is passed to vllm untouched.",
+        allow_abbrev=False,
+    )
+    p.add_argument("model", metavar="MODEL", help="local model directory or a Hugging Face repo id in the HF cache")
+    p.add_argument("--smart-run", action="store_true", help="ask the LLM (if configured) and use saved parameters")
+    p.add_argument("--smart-run-debug", action="store_true", help="print source=... reason=..., LLM latency, tokens")
+    p.add_argument("--smart-run-refresh", action="store_true", help="ignore saved parameters for this model")
+    p.add_argument("--smart-run-strict", action="store_true", help="fail (exit 3) instead of falling back")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the vllm serve command; start nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--explain", action="store_true", help="print every bound, decision and rejection with its source")
+    p.add_argument("--hardware", metavar="SNAPSHOT.json", help="plan for the machine this snapshot describes")
+    p.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
+    p.add_argument("--goal", choices=GOALS, default="stable")
+    p.add_argument("--force", action="store_true", help="accept pins outside other sources' bounds")
+    p.add_argument("--tune", action="store_true", help="after a healthy start, tune throughput inside the bounds")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address vllm listens on (default 127.0.0.1: local only; vLLM's own default is all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--vllm-version", metavar="V", help="plan for this vLLM version (default: the installed one)")
+    p.add_argument("--vllm-bin", metavar="PATH", help="the vllm executable (default: from PATH)")
+    p.add_argument("--startup-timeout", type=float, default=900.0, metavar="S")
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N")
+    p.add_argument("--llm-base-url", metavar="URL")
+    p.add_argument("--llm-model", metavar="NAME")
+    p.add_argument("--llm-timeout", type=float, metavar="S")
+    p.add_argument("--session-out", metavar="FILE", help="write the session record here (default: data dir)")
+    p.set_defaults(func=run_command, accepts_extra=True)
+
+
+def split_extra(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(vLLM flags before `--`, args after `--`), from what the top-level parser left unparsed."""
+    if "--" in extra:
+        cut = extra.index("--")
+        return list(extra[:cut]), list(extra[cut + 1:])
+    return list(extra), []
+
+
+def request_from_args(args: argparse.Namespace) -> Any:
+    from smartrun.errors import InputError
+    from smartrun.pipeline import RunRequest
+
+    if args.max_attempts < 1:
+        raise InputError(f"--max-attempts {args.max_attempts}: must be at least 1")
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port {args.port}: not a TCP port")
+    user, extra = split_extra(list(getattr(args, "extra", []) or []))
+    return RunRequest(
+        model=args.model, user_args=tuple(user), extra_args=tuple(extra), smart_run=args.smart_run,
+        debug=args.smart_run_debug, refresh=args.smart_run_refresh, strict=args.smart_run_strict,
+        dry_run=args.dry_run, goal=args.goal, force=args.force, host=args.host, port=args.port,
+        vllm_version=args.vllm_version, vllm_bin=args.vllm_bin, startup_timeout=args.startup_timeout,
+        max_attempts=args.max_attempts, hardware_path=args.hardware, bounds_path=args.bounds, tune=args.tune,
+        llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_timeout=args.llm_timeout,
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from smartrun import pipeline
+
+    request = request_from_args(args)
+    sources = pipeline.live_sources(request)
+    quiet = args.json
+    result = pipeline.run(request, sources, on_event=_printer(quiet), session_out=_path(args.session_out))
+    if args.json:
+        print(json.dumps(result.json_summary(), indent=2, sort_keys=False))
+    else:
+        print_text(result, explain=args.explain, debug=args.smart_run_debug)
+    return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _printer(quiet: bool):
+    seen: set[str] = set()
+
+    def show(kind: str, text: str) -> None:
+        line = f"{kind}: {text}" if kind in ("warning",) else text
+        if line in seen and kind == "warning":
+            return
+        seen.add(line)
+        print(line, file=sys.stderr if quiet or kind == "warning" else sys.stdout, flush=True)
+
+    return show
+
+
+def print_text(result: Any, explain: bool = False, debug: bool = False) -> None:
+    """The human-readable summary: machine, model, bounds, baseline, chosen plan, final argv."""
+    out: list[str] = []
+    if result.hardware is not None:
+        out += ["== hardware", *format_hardware(result.hardware)]
+    if result.facts is not None:
+        out += ["== model", *format_model(result.facts)]
+    if result.bounds is not None:
+        out += ["== effective bounds" + (" (with sources)" if explain else ""),
+                *format_bounds(result.bounds, explain=explain)]
+    if result.baseline is not None:
+        out += ["== baseline (source=static)", "  " + _params(result.baseline.params)]
+    if result.plan is not None:
+        out += [f"== plan (source={result.plan.source})", "  " + _params(result.plan.params)]
+        if explain:
+            out += ["== decisions (provenance)"]
+            out += [f"  {k} = {result.plan.params[k]!r}  <- {v}" for k, v in sorted(result.plan.provenance.items())
+                    if k in result.plan.params]
+            for d in result.record.decisions:
+                out.append(f"  [{d.step}] {d.provenance}" if d.provenance else f"  [{d.step}]")
+    if explain or result.rejected:
+        out += [f"== rejected ({len(result.rejected)})"]
+        out += [f"  {r.get('knob')}={r.get('value')!r}: {r.get('reason')} [{r.get('bound')}; {r.get('source')}]"
+                for r in result.rejected]
+    if result.estimate is not None:
+        e = result.estimate
+        out += ["== estimate", f"  weights {e.weights_gib:.2f} GiB, KV cache {e.kv_cache_gib:.2f} GiB "
+                f"({e.kv_cache_tokens} tokens), max concurrency {e.max_concurrency:.2f}x at "
+                f"{e.max_model_len} tokens, fits={e.fits}" + (f" ({e.reason})" if e.reason else "")]
+    if debug:
+        out += [f"debug: {line}" for line in result.debug_lines] or ["debug: source=static reason=baseline"]
+    if result.argv:
+        out += ["== command", "  " + " ".join(_quote(a) for a in result.argv)]
+    if result.session_path:
+        out += [f"session record: {result.session_path}"]
+    print("\n".join(out))
+
+
+def format_hardware(hw: Any) -> list[str]:
+    from smartrun import hardware
+
+    return ["  " + line for line in hardware.summary(hw).splitlines()]
+
+
+def format_model(facts: Any) -> list[str]:
+    quant = f", {facts.quantization.method} {facts.quantization.weight_bits or ''}bit" if facts.quantization else ""
+    weights = f"{facts.weight_bytes / 2**30:.2f} GiB weights" if facts.weight_bytes else "weights unknown"
+    kinds = [k for k, v in (("MoE", facts.moe), ("MLA", facts.mla), ("multimodal", facts.is_multimodal)) if v]
+    return [f"  {facts.name}: {facts.architecture}, {facts.num_hidden_layers} layers, hidden {facts.hidden_size}, "
+            f"{facts.num_attention_heads} heads / {facts.num_kv_heads} KV heads, {facts.torch_dtype}{quant}",
+            f"  {weights}, derived max_model_len {facts.derived_max_model_len}"
+            + (f" ({', '.join(kinds)})" if kinds else "")]
+
+
+def format_bounds(bounds: Any, explain: bool = False) -> list[str]:
+    """The bounds formatter of `bounds show` when it exists, else one line per knob from Bounds.to_json()."""
+    from smartrun.cli import bounds_cmd
+
+    formatter = getattr(bounds_cmd, "format_bounds", None)
+    if formatter is not None:
+        text = formatter(bounds, explain=explain) if explain else formatter(bounds)
+        lines = text.splitlines() if isinstance(text, str) else list(text)
+        return ["  " + line for line in lines]
+    out = []
+    for knob, b in bounds.to_json().items():
+        if not isinstance(b, dict):
+            continue
+        rng = f"one of {b['choices']}" if "choices" in b else f"{b.get('min')} .. {b.get('max')}"
+        pin = " (pinned)" if b.get("pinned") else ""
+        src = f"  [{', '.join(b.get('sources', []))}]" if explain else ""
+        out.append(f"  {knob:<26} {rng}{pin}{src}")
+    return out
+
+
+def _params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)

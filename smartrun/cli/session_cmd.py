@@ -1,11 +1,127 @@
-"""CLI: `session show|list|replay` and `model smart-run-cache list|rm`. TODO(owner-session)."""
+"""CLI: `session show|list|replay` and `model smart-run-cache list|rm`. Parses and prints only."""
 
 from __future__ import annotations
+
+import argparse
+import json
+import sys
 
 
 def register(subparsers) -> None:
     """Add `session ...` commands."""
+    group = subparsers.add_parser("session", help="show, list or replay recorded smart-run sessions",
+                                  allow_abbrev=False)
+    cmds = group.add_subparsers(dest="command", metavar="COMMAND")
+    cmds.required = True
+
+    show = cmds.add_parser("show", help="print a session record as a readable timeline", allow_abbrev=False)
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--json", action="store_true", help="print the record itself")
+    show.set_defaults(func=show_command)
+
+    lst = cmds.add_parser("list", help="list recent sessions (newest first)", allow_abbrev=False)
+    lst.add_argument("--limit", type=int, default=20, metavar="N")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=list_command)
+
+    rep = cmds.add_parser("replay", help="re-run a session from its record and check every decision",
+                          allow_abbrev=False)
+    rep.add_argument("file", metavar="FILE")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=replay_command)
 
 
 def register_cache(model_subparsers) -> None:
-    """Add `model smart-run-cache ...` commands."""
+    """Add `model smart-run-cache list [MODEL]` and `model smart-run-cache rm MODEL`."""
+    group = model_subparsers.add_parser("smart-run-cache", help="saved smart-run parameters", allow_abbrev=False)
+    cmds = group.add_subparsers(dest="cache_command", metavar="COMMAND")
+    cmds.required = True
+    lst = cmds.add_parser("list", help="list saved parameters", allow_abbrev=False)
+    lst.add_argument("model", nargs="?", metavar="MODEL")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cache_list_command)
+    rm = cmds.add_parser("rm", help="forget the saved parameters of MODEL", allow_abbrev=False)
+    rm.add_argument("model", metavar="MODEL")
+    rm.set_defaults(func=cache_rm_command)
+
+
+def show_command(args: argparse.Namespace) -> int:
+    from smartrun.session import load_record, timeline
+
+    record = load_record(args.file)
+    if args.json:
+        print(json.dumps(record.model_dump(mode="json", by_alias=True), indent=2))
+    else:
+        print("\n".join(timeline(record)))
+    return 0
+
+
+def list_command(args: argparse.Namespace) -> int:
+    from smartrun.session import list_sessions, sessions_dir
+
+    rows = list_sessions(limit=max(1, args.limit))
+    if args.json:
+        print(json.dumps([_list_row(path, rec) for path, rec in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no sessions in {sessions_dir()}")
+        return 0
+    for path, rec in rows:
+        row = _list_row(path, rec)
+        print(f"{row['started_at'] or '?':<26} {row['status'] or '?':<12} {row['source'] or '-':<8} "
+              f"{row['model'] or '?':<32} {path}")
+    return 0
+
+
+def _list_row(path, rec) -> dict:
+    if isinstance(rec, str):
+        return {"path": str(path), "started_at": None, "status": "unreadable", "source": None, "model": None,
+                "error": rec}
+    return {"path": str(path), "started_at": rec.started_at, "status": rec.outcome.get("status"),
+            "source": (rec.final_plan or {}).get("source"), "model": (rec.model or {}).get("name")
+            or rec.request.get("model")}
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    from smartrun.pipeline import replay
+    from smartrun.session import load_record
+
+    record = load_record(args.file)
+    out = replay(record)  # ReplayDivergence (exit 5) names the first differing decision
+    n = len(record.decisions)
+    status = record.outcome.get("status")
+    if args.json:
+        print(json.dumps({"file": args.file, "match": True, "decisions": n, "outcome": record.outcome,
+                          "replayed_outcome": out.replayed.outcome}, indent=2))
+    else:
+        print(f"replay: {args.file}: all {n} decisions match (recorded outcome: {status})")
+    return 0
+
+
+def cache_list_command(args: argparse.Namespace) -> int:
+    from smartrun.session import SavedParams
+
+    cache = SavedParams()
+    entries = cache.entries(args.model)
+    for problem in cache.problems:
+        print(f"localaistack: warning: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([{"path": str(p), **e.model_dump(mode="json")} for p, e in entries], indent=2))
+        return 0
+    if not entries:
+        print("no saved parameters" + (f" for {args.model}" if args.model else ""))
+        return 0
+    for _path, e in entries:
+        params = " ".join(f"{k}={v}" for k, v in sorted(e.params.items()))
+        print(f"{e.key.model}  hw={e.key.hardware_fingerprint}  bounds={e.key.bounds_sha256[:12]}  "
+              f"vllm={e.key.vllm_version or '?'}  goal={e.key.goal}  saved={e.saved_at}\n  {params}")
+    return 0
+
+
+def cache_rm_command(args: argparse.Namespace) -> int:
+    from smartrun.session import SavedParams
+
+    cache = SavedParams()
+    removed = cache.remove(args.model)
+    print(f"removed {len(removed)} saved parameter set(s) for {args.model}")
+    return 0

@@ -1,0 +1,945 @@
+"""The orchestrator: composes the stages for `model run`; decides nothing a stage should decide.
+
+hardware -> model -> pins -> bounds file -> effective bounds -> baseline -> saved parameters ->
+advisor -> validate -> (dry-run stops) -> launch with recovery -> cache -> tune hook -> supervise,
+and a session record written always (also on failure and dry-run).
+
+The outside world comes in through `Sources` (hardware, model facts, bounds file, LLM transport,
+launcher, saved-parameters cache, vLLM discovery, clock). `live_sources` reads the real machine;
+`replay_sources` serves what a session record holds. Recording and replaying are the same `run`,
+so a record cannot drift from what the code does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from smartrun import __version__
+from smartrun.errors import InputError, SmartRunError
+from smartrun.hardware import HardwareSnapshot
+from smartrun.model import ModelFacts
+from smartrun.plan import Change, Frozen, Plan, Proposal
+from smartrun.session import (
+    AdviceRecord,
+    CacheEntry,
+    CacheKey,
+    CacheRecord,
+    Decision,
+    LaunchAttemptRecord,
+    LLMExchangeRecord,
+    SavedParams,
+    SessionRecord,
+    check_replay,
+    default_session_path,
+    redact_argv,
+    redact_env,
+    secret_values,
+    sha256_text,
+    to_jsonable,
+    utc_iso,
+    write_record,
+)
+
+EventSink = Callable[[str, str], None]  # (kind, one line) -> the CLI prints it
+
+
+def _no_events(kind: str, text: str) -> None:
+    return None
+
+
+class RunRequest(Frozen):
+    """What the user asked for; recorded (redacted) so replay can ask the same."""
+
+    model: str
+    user_args: tuple[str, ...] = ()  # vLLM flags typed after MODEL, then "--" passthrough, as typed
+    extra_args: tuple[str, ...] = ()  # everything after "--": passed through untouched
+    smart_run: bool = False
+    debug: bool = False
+    refresh: bool = False
+    strict: bool = False
+    dry_run: bool = False
+    goal: str = "stable"
+    force: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    vllm_version: str | None = None
+    vllm_bin: str | None = None
+    startup_timeout: float = 900.0
+    max_attempts: int = 3
+    hardware_path: str | None = None
+    bounds_path: str | None = None
+    tune: bool = False
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class BoundsInput:
+    """The bounds file as read: path (None for the built-in default), its text and the loaded object."""
+
+    path: str | None
+    text: str
+    loaded: Any
+    builtin: bool = False
+
+    @property
+    def sha256(self) -> str:
+        return sha256_text(self.text)
+
+
+class CacheSource(Protocol):
+    def lookup(self, key: CacheKey) -> CacheEntry | None: ...
+    def store(self, entry: CacheEntry) -> Any: ...
+
+
+@dataclass
+class Sources:
+    """Everything the pipeline takes from the outside world, injectable for tests and replay."""
+
+    hardware: Callable[[], HardwareSnapshot]
+    model: Callable[[str], ModelFacts]
+    bounds: Callable[[], BoundsInput]
+    transport: Any | None  # advisor Transport; None = no LLM configured
+    launcher: Callable[[RunRequest, HardwareSnapshot, str | None], Any]  # -> launch.Launcher
+    cache: CacheSource
+    vllm: Callable[[], tuple[str | None, str | None]]  # (version, binary path)
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
+    monotonic: Callable[[], float] = time.monotonic
+    llm_info: dict[str, Any] = field(default_factory=dict)  # {"configured", "base_url", "model"}; no key
+    secrets: tuple[str, ...] = ()  # values to redact from the record (API keys)
+    supervise: bool = True  # wait on a healthy server (replay: False)
+    replaying: bool = False
+
+
+@dataclass
+class RunResult:
+    """What `run` produced, for the CLI to print. `record` is what was (or would be) written."""
+
+    record: SessionRecord
+    request: RunRequest
+    hardware: HardwareSnapshot | None = None
+    facts: ModelFacts | None = None
+    bounds: Any = None
+    baseline: Plan | None = None
+    plan: Plan | None = None
+    argv: list[str] = field(default_factory=list)
+    estimate: Any = None
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    advice: list[Any] = field(default_factory=list)
+    launch_report: Any = None
+    session_path: Path | None = None
+    debug_lines: list[str] = field(default_factory=list)
+
+    def json_summary(self) -> dict[str, Any]:
+        """The one object `--json` prints (issue 6 shape, plus warnings and session)."""
+        return {
+            "source": self.plan.source if self.plan else None,
+            "params": to_jsonable(self.plan.params) if self.plan else {},
+            "argv": self.argv,
+            "bounds": to_jsonable(self.bounds.to_json()) if self.bounds is not None else {},
+            "rejected": self.rejected,
+            "estimate": to_jsonable(self.estimate) if self.estimate is not None else None,
+            "provenance": dict(self.plan.provenance) if self.plan else {},
+            "warnings": self.warnings,
+            "outcome": self.record.outcome,
+            "session": str(self.session_path) if self.session_path else None,
+        }
+
+
+# ---------------------------------------------------------------------------- recording
+
+
+class Recorder:
+    """Collects decisions, exchanges and attempts into the session record as the pipeline runs."""
+
+    def __init__(self, record: SessionRecord, on_event: EventSink):
+        self.record = record
+        self.on_event = on_event
+
+    def decide(self, step: str, value: Any, provenance: str = "") -> None:
+        self.record.decisions.append(Decision(step=step, value=to_jsonable(value), provenance=provenance))
+
+    def warn(self, text: str) -> None:
+        if text not in self.record.warnings:
+            self.record.warnings.append(text)
+            self.on_event("warning", text)
+
+
+class RecordingTransport:
+    """Wraps the advisor's transport: every call's messages, reply or error, latency and tokens go on record."""
+
+    def __init__(self, inner: Any, recorder: Recorder, monotonic: Callable[[], float]):
+        self.inner = inner
+        self.recorder = recorder
+        self.monotonic = monotonic
+        self.kind = "propose"
+
+    def complete(self, messages: Any, schema: Any = None) -> Any:
+        entry = LLMExchangeRecord(kind=self.kind, messages=to_jsonable(list(messages)),
+                                  schema=to_jsonable(schema) if schema is not None else None)
+        self.recorder.record.llm_exchanges.append(entry)
+        started = self.monotonic()
+        try:
+            reply = self.inner.complete(messages, schema)
+        except Exception as err:
+            entry.error = {"type": f"{type(err).__module__}.{type(err).__qualname__}", "message": str(err)}
+            entry.latency_s = _recorded_latency(err, self.monotonic() - started)
+            raise
+        entry.reply = to_jsonable(reply)
+        entry.latency_s = _recorded_latency(reply, self.monotonic() - started)
+        entry.tokens = _tokens_of(reply)
+        return reply
+
+    def __getattr__(self, name: str) -> Any:  # settings, model name etc. of the inner transport
+        return getattr(self.inner, name)
+
+
+def _recorded_latency(obj: Any, measured: float) -> float:
+    latency = getattr(obj, "latency_s", None)
+    return round(float(latency if isinstance(latency, (int, float)) else measured), 4)
+
+
+def _tokens_of(reply: Any) -> dict[str, int] | None:
+    for name in ("usage", "tokens"):
+        usage = getattr(reply, name, None)
+        if usage is None:
+            continue
+        usage = to_jsonable(usage)
+        if isinstance(usage, dict):
+            return {k: int(v) for k, v in usage.items() if isinstance(v, (int, float))}
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    found = {k: getattr(reply, k) for k in keys if isinstance(getattr(reply, k, None), int)}
+    return found or None
+
+
+class RecordingLauncher:
+    """Wraps the launcher: each start's argv, env changes, classified outcome, log excerpt and duration."""
+
+    def __init__(self, inner: Any, recorder: Recorder, monotonic: Callable[[], float]):
+        self.inner = inner
+        self.recorder = recorder
+        self.monotonic = monotonic
+
+    def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> Any:
+        started = self.monotonic()
+        attempt, server = self.inner.start(plan, argv, env)
+        number = len(self.recorder.record.launch_attempts) + 1
+        raw = to_jsonable(attempt)
+        outcome = _attempt_outcome(attempt)
+        entry = LaunchAttemptRecord(
+            number=number,
+            argv=redact_argv(getattr(attempt, "argv", None) or argv),
+            env=redact_env(dict(getattr(attempt, "env", None) or env or {})),
+            outcome=outcome,
+            healthy=server is not None,
+            log_excerpt=[str(x) for x in (getattr(attempt, "log_tail", None) or getattr(attempt, "log_excerpt", None)
+                                          or [])][-40:],
+            duration_s=_recorded_latency_attr(attempt, "duration_s", self.monotonic() - started),
+            attempt=raw if isinstance(raw, dict) else {"value": raw},
+        )
+        self.recorder.record.launch_attempts.append(entry)
+        self.recorder.decide(f"launch.{number}", {"argv": entry.argv, "env": entry.env, "outcome": outcome},
+                             str(plan.source))
+        return attempt, server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _recorded_latency_attr(obj: Any, name: str, measured: float) -> float:
+    value = getattr(obj, name, None)
+    return round(float(value if isinstance(value, (int, float)) else measured), 3)
+
+
+def _attempt_outcome(attempt: Any) -> str:
+    for name in ("failure_class", "outcome", "failure", "status"):
+        value = getattr(attempt, name, None)
+        if value is None:
+            continue
+        value = getattr(value, "value", value)
+        value = getattr(value, "kind", value)
+        if value:
+            return str(value)
+    return "ready" if getattr(attempt, "healthy", False) or getattr(attempt, "ok", False) else "unknown"
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
+    """An empty record for this request, to be filled by `run`."""
+    return SessionRecord(
+        tool_version=__version__,
+        started_at=utc_iso(sources.clock()),
+        command_line=redact_argv(["localaistack", "model", "run", request.model, *request.user_args,
+                                  *(["--", *request.extra_args] if request.extra_args else [])]),
+        request=_redacted_request(request),
+        llm=dict(sources.llm_info),
+    )
+
+
+def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_events,
+        session_out: Path | None = None, write: bool = True, record: SessionRecord | None = None) -> RunResult:
+    """Run the whole pipeline once; the session record is written at the end whatever happens."""
+    started = sources.clock()
+    record = record if record is not None else new_record(request, sources)
+    recorder = Recorder(record, on_event)
+    result = RunResult(record=record, request=request)
+    path = session_out or default_session_path(started, Path(request.model.rstrip("/")).name or request.model)
+    result.session_path = path if write else None
+    try:
+        _run_stages(request, sources, recorder, result, on_event)
+        if record.outcome.get("status") is None:
+            record.outcome = {"status": "dry-run" if request.dry_run else "ok", "exit_code": 0}
+    except SmartRunError as err:
+        recorder.decide("error", {"type": type(err).__name__, "message": err.message})
+        record.outcome = {"status": "error", "exit_code": err.exit_code, "message": err.message,
+                          "error_type": type(err).__name__}
+        raise
+    except KeyboardInterrupt:
+        record.outcome = {"status": "interrupted", "exit_code": 130}
+        raise
+    finally:
+        record.finished_at = utc_iso(sources.clock())
+        if write:
+            _write(record, path, sources)
+    return result
+
+
+def _write(record: SessionRecord, path: Path, sources: Sources) -> None:
+    try:
+        write_record(record, path, sources.secrets)
+    except InputError as err:  # never hide the run's own outcome behind a failure to write its record
+        print(f"localaistack: warning: session record not written: {err.message}")
+
+
+def _redacted_request(request: RunRequest) -> dict[str, Any]:
+    data = request.model_dump(mode="json")
+    data["user_args"] = redact_argv(request.user_args)
+    data["extra_args"] = redact_argv(request.extra_args)
+    return data
+
+
+def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult,
+                on_event: EventSink) -> None:
+    from smartrun import hardware as hw_mod
+    from smartrun import knobs, rules
+
+    record = rec.record
+    hw = sources.hardware()
+    result.hardware = hw
+    record.hardware = to_jsonable(hw)
+    rec.decide("hardware", hw_mod.fingerprint(hw), hw.source)
+    if request.hardware_path and not request.dry_run and not sources.replaying:
+        rec.warn(f"planning for the machine described by {request.hardware_path}, not the one this runs on")
+
+    facts = sources.model(request.model)
+    result.facts = facts
+    record.model = to_jsonable(facts)
+    rec.decide("model", {"name": facts.name, "architecture": facts.architecture,
+                         "weight_bytes": facts.weight_bytes}, facts.weight_bytes_source or "config")
+
+    user = knobs.parse_user_args(list(request.user_args))
+    passthrough = (*_security_args(request, user.passthrough), *user.passthrough, *request.extra_args)
+    rec.decide("pins", user.pins, "user")
+
+    bounds_in = sources.bounds()
+    record.bounds_file = {"path": bounds_in.path, "text": bounds_in.text, "sha256": bounds_in.sha256,
+                          "builtin": bounds_in.builtin}
+    version, vllm_bin = sources.vllm()
+    record.vllm = {"version": version, "bin": vllm_bin}
+
+    bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, user.pins, request.goal,
+                                    vllm_version=version, force=request.force)
+    result.bounds = bounds
+    record.bounds = to_jsonable(bounds.to_json())
+    for warning in bounds.warnings:
+        rec.warn(warning)
+    rec.decide("bounds", record.bounds, bounds_in.path or "builtin")
+
+    baseline, base_estimate = rules.baseline(bounds, facts, hw, request.goal, vllm_version=version)
+    result.baseline = baseline
+    record.baseline = to_jsonable(baseline)
+    record.baseline_estimate = to_jsonable(base_estimate)
+    rec.decide("baseline", baseline.params, _provenance_line(baseline))
+
+    fit = rules.fit_check(facts, hw, version)
+    plan = baseline
+    key = CacheKey(model=facts.name, hardware_fingerprint=hw_mod.fingerprint(hw), bounds_sha256=bounds_in.sha256,
+                   vllm_version=version, goal=request.goal)
+    if request.smart_run:
+        plan = _from_cache(request, sources, rec, result, bounds, baseline, fit, key)
+        if plan.source != "cache":
+            plan = _advise(request, sources, rec, result, bounds, baseline, base_estimate, fit, hw, facts)
+    result.plan = plan
+    record.final_plan = to_jsonable(plan)
+    rec.decide("plan", {"source": plan.source, "params": plan.params}, _provenance_line(plan))
+
+    model_path = facts.path or request.model
+    argv = knobs.build_argv(model_path, plan.params, tuple(passthrough))
+    result.argv = redact_argv(argv)
+    record.final_argv = result.argv
+    result.estimate = _estimate_for(plan, facts, hw, version)
+    record.estimate = to_jsonable(result.estimate) if result.estimate is not None else None
+    rec.decide("argv", result.argv, plan.source)
+    if request.dry_run:
+        return
+
+    _launch(request, sources, rec, result, bounds, baseline, fit, hw, facts, plan, key, tuple(passthrough),
+            model_path, version, on_event)
+
+
+def _security_args(request: RunRequest, passthrough: tuple[str, ...]) -> tuple[str, ...]:
+    """--host/--port: user-only, passed through. Default host 127.0.0.1 (the guide's templates), not all interfaces."""
+    given = {a.split("=", 1)[0] for a in passthrough}
+    out: list[str] = []
+    if "--host" not in given:
+        out += ["--host", request.host]
+    if "--port" not in given:
+        out += ["--port", str(request.port)]
+    return tuple(out)
+
+
+def _provenance_line(plan: Plan) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in sorted(plan.provenance.items()))
+
+
+def _estimate_for(plan: Plan, facts: ModelFacts, hw: HardwareSnapshot, version: str | None) -> Any:
+    """The estimator's numbers for the chosen plan, on the GPUs the rules would pick."""
+    from smartrun import memory, rules
+
+    flags = rules.flags_from_params(plan.params)
+    n = max(1, flags.tensor_parallel_size * flags.pipeline_parallel_size)
+    gpus = [memory.GpuSpec.from_gpu(g) if not isinstance(g, memory.GpuSpec) else g
+            for g in rules.select_gpus(hw, n)]
+    return memory.estimate(facts, gpus, flags, version)
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def _from_cache(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
+                baseline: Plan, fit: Any, key: CacheKey) -> Plan:
+    """A saved plan for this key, re-validated against today's bounds; the baseline when none is usable."""
+    from smartrun import validate
+
+    record = rec.record
+    record.cache = CacheRecord(key=key.model_dump(), looked_up=not request.refresh)
+    if request.refresh:
+        record.cache.note = "ignored (--smart-run-refresh)"
+        rec.decide("cache", {"looked_up": False}, "--smart-run-refresh")
+        return baseline
+    entry = sources.cache.lookup(key)
+    for problem in getattr(sources.cache, "problems", []) or []:
+        rec.warn(problem)
+    if entry is None:
+        rec.decide("cache", {"hit": False}, "saved-parameters")
+        return baseline
+    record.cache.hit = True
+    record.cache.entry = to_jsonable(entry)
+    changes = tuple(Change(knob=k, value=v, reason=f"saved {entry.saved_at} ({entry.provenance.get(k, entry.source)})")
+                    for k, v in sorted(entry.params.items()) if baseline.params.get(k, _MISSING) != v)
+    verdict = validate.check(bounds, baseline, Proposal(changes=changes, reason="saved parameters",
+                                                        source="cache"), fit_check=fit)
+    rejected = [to_jsonable(r) for r in verdict.rejections]
+    result.rejected.extend(rejected)
+    if not verdict.accepted:
+        record.cache.note = "saved plan no longer inside today's bounds; not used"
+        rec.warn(f"saved parameters for {key.model} rejected by today's bounds: "
+                 + "; ".join(f"{r['knob']}={r['value']!r} ({r['reason']})" for r in rejected))
+        rec.decide("cache", {"hit": True, "accepted": False, "rejected": rejected}, "saved-parameters")
+        return baseline
+    plan = Plan(params=verdict.plan.params, source="cache", provenance={
+        **verdict.plan.provenance, **{c.knob: f"cache: {c.reason}" for c in changes}}, reason="saved parameters")
+    record.cache.note = "saved plan re-validated against today's bounds"
+    rec.decide("cache", {"hit": True, "accepted": True, "params": plan.params}, "saved-parameters")
+    return plan
+
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------------------- advisor
+
+
+def _advise(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
+            baseline: Plan, base_estimate: Any, fit: Any, hw: HardwareSnapshot, facts: ModelFacts) -> Plan:
+    """The LLM's proposal through the validator; the baseline (source=static) when no LLM is configured."""
+    if sources.transport is None:
+        text = ("--smart-run: no LLM configured (set --llm-base-url or SMARTRUN_LLM_BASE_URL); "
+                "using the baseline plan (source=static)")
+        rec.warn(text)
+        rec.record.advice.append(AdviceRecord(kind="propose", source="static", reason="no LLM configured",
+                                              fallback="no LLM configured"))
+        rec.decide("advice", {"source": "static", "reason": "no LLM configured"}, "no-llm")
+        result.debug_lines.append("source=static reason=no LLM configured")
+        return baseline
+    from smartrun import advisor, validate
+
+    transport = RecordingTransport(sources.transport, rec, sources.monotonic)
+    transport.kind = "propose"
+    context = _advice_context(request, bounds, baseline, base_estimate, hw, facts, attempts=())
+
+    def check(proposal: Proposal) -> Any:
+        return validate.check(bounds, baseline, proposal, fit_check=fit)
+
+    advice = advisor.advise(context, transport, check, kind="propose", strict=request.strict)
+    return _take_advice(advice, rec, result, baseline, "propose")
+
+
+def _advice_context(request: RunRequest, bounds: Any, base: Plan, estimate: Any, hw: HardwareSnapshot,
+                    facts: ModelFacts, attempts: tuple[Any, ...] = (), failure: dict | None = None) -> Any:
+    from smartrun import advisor
+
+    return advisor.AdviceContext(hardware=hw, model=facts, bounds=bounds, baseline=base, estimate=estimate,
+                                 goal=request.goal, attempts=tuple(to_jsonable(a) for a in attempts),
+                                 failure=to_jsonable(failure) if failure is not None else None)
+
+
+def _take_advice(advice: Any, rec: Recorder, result: RunResult, base: Plan, kind: str) -> Plan:
+    """Record what the advisor concluded (each proposal, its validation) and return its plan."""
+    from smartrun import advisor
+
+    plan = advice.plan or base
+    steps = [{"proposal": to_jsonable(ex.proposal), "ignored": list(ex.ignored),
+              "rejections": [to_jsonable(r) for r in ex.rejections], "accepted": ex.accepted,
+              "error": ex.error} for ex in advice.exchanges]
+    rejections = [r for step in steps for r in step["rejections"]]
+    result.rejected.extend(rejections)
+    fallback = advice.fallback_reason
+    last = next((step["proposal"] for step in reversed(steps) if step["proposal"] is not None), None)
+    entry = AdviceRecord(kind=kind, source=str(plan.source), reason=str(plan.reason or fallback or ""),
+                         proposal=last, rejections=rejections, accepted=plan.source == "llm",
+                         fallback=fallback, detail={"exchanges": steps, "latency_s": advice.latency_s,
+                                                    "tokens": list(advice.tokens)})
+    rec.record.advice.append(entry)
+    result.advice.append(advice)
+    result.debug_lines.append(advisor.debug_line(advice))
+    if fallback:
+        rec.warn(f"LLM advice not used ({kind}): {fallback}; using the {plan.source} plan")
+    rec.decide(f"advice.{kind}", {"source": plan.source, "params": plan.params, "rejected": rejections,
+                                  "ignored": [i for step in steps for i in step["ignored"]],
+                                  "fallback": fallback}, entry.reason)
+    return plan
+
+
+# ---------------------------------------------------------------------------- launch
+
+
+def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any, baseline: Plan,
+            fit: Any, hw: HardwareSnapshot, facts: ModelFacts, plan: Plan, key: CacheKey,
+            passthrough: tuple[str, ...], model_path: str, version: str | None, on_event: EventSink) -> None:
+    from smartrun import launch, validate
+
+    record = rec.record
+    launcher = RecordingLauncher(sources.launcher(request, hw, version), rec, sources.monotonic)
+
+    def check(proposal: Proposal, base: Plan | None = None) -> Any:
+        return validate.check(bounds, base or plan, proposal, fit_check=fit)
+
+    advisor_recover = None
+    if request.smart_run and sources.transport is not None:
+        advisor_recover = _recover_advisor(request, sources, rec, result, bounds, hw, facts, check)
+
+    report = launch.run_with_recovery(plan, bounds, launcher, check=check, advisor_recover=advisor_recover,
+                                      max_attempts=request.max_attempts, on_event=_launch_events(on_event))
+    result.launch_report = report
+    final = getattr(report, "plan", None) or plan
+    server = getattr(report, "server", None)
+    healthy = bool(getattr(report, "ok", server is not None))
+    result.plan = final
+    record.final_plan = to_jsonable(final)
+    final_argv = getattr(report, "argv", None) or (record.launch_attempts[-1].argv if record.launch_attempts else [])
+    result.argv = redact_argv(final_argv)
+    record.final_argv = result.argv
+    if final.params != plan.params:
+        result.estimate = _estimate_for(final, facts, hw, version)
+        record.estimate = to_jsonable(result.estimate)
+    rec.decide("final", {"healthy": healthy, "source": final.source, "params": final.params},
+               _provenance_line(final))
+    if not healthy:
+        summary = getattr(report, "summary", None) or f"vllm serve did not become healthy in {len(record.launch_attempts)} attempt(s)"
+        raise _launch_error(report, str(summary))
+
+    on_event("ready", "final command: " + " ".join(result.argv))
+    if request.smart_run:
+        _store(sources, rec, key, final, facts, result)
+    if request.tune:
+        record.tuning = _tune_hook(request, sources, rec, result, bounds, final, server, on_event)
+    record.outcome = {"status": "running", "exit_code": 0}
+    if sources.supervise and server is not None:
+        if result.session_path:
+            _write(record, result.session_path, sources)  # a long-running server still leaves its record now
+        try:
+            code = server.wait()
+        except KeyboardInterrupt:
+            server.stop()
+            raise
+        record.outcome = {"status": "stopped", "exit_code": 0, "server_exit": code}
+    elif server is not None and not sources.replaying:
+        server.stop()
+        record.outcome = {"status": "ok", "exit_code": 0}
+    else:
+        record.outcome = {"status": "ok", "exit_code": 0}
+
+
+def _launch_error(report: Any, summary: str) -> SmartRunError:
+    from smartrun.errors import LaunchError
+
+    error = getattr(report, "error", None)
+    return error if isinstance(error, SmartRunError) else LaunchError(summary)
+
+
+def _launch_events(on_event: EventSink) -> Callable[..., None]:
+    def forward(*args: Any) -> None:
+        if len(args) == 2:
+            on_event(str(args[0]), str(args[1]))
+        elif args:
+            on_event("launch", str(args[0]))
+    return forward
+
+
+def _recover_advisor(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
+                     hw: HardwareSnapshot, facts: ModelFacts, check: Callable[..., Any]) -> Callable[..., Any]:
+    """The advisor's `recover` prompt as a callable for run_with_recovery: (plan, attempts) -> Plan | None."""
+    from smartrun import advisor
+
+    transport = RecordingTransport(sources.transport, rec, sources.monotonic)
+    transport.kind = "recover"
+
+    def recover(plan: Plan, attempts: tuple[Any, ...] = (), *_: Any, **__: Any) -> Plan | None:
+        context = _advice_context(request, bounds, plan, None, hw, facts, attempts=tuple(attempts))
+        advice = advisor.advise(context, transport, lambda p: check(p, plan), kind="recover", strict=False)
+        taken = _take_advice(advice, rec, result, plan, "recover")
+        return taken if taken.source == "llm" else None
+
+    return recover
+
+
+def _store(sources: Sources, rec: Recorder, key: CacheKey, plan: Plan, facts: ModelFacts,
+           result: RunResult) -> None:
+    entry = CacheEntry(key=key, model_path=facts.path, params=to_jsonable(plan.params),
+                       provenance=dict(plan.provenance), source=str(plan.source),
+                       saved_at=rec.record.started_at,
+                       session=str(result.session_path) if result.session_path else None)
+    try:
+        sources.cache.store(entry)
+    except SmartRunError as err:
+        rec.warn(f"saved parameters not stored: {err.message}")
+        return
+    rec.record.cache.stored = True
+    rec.decide("cache.store", {"params": entry.params}, "healthy launch")
+
+
+def _tune_hook(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
+               plan: Plan, server: Any, on_event: EventSink) -> dict[str, Any] | None:
+    """--tune: after a healthy launch, hand over to smartrun.tune.tune_after_launch (issue 10) if present."""
+    try:
+        from smartrun import tune  # type: ignore[attr-defined]
+    except ImportError:
+        rec.warn("--tune: the tuning stage is not available in this build; skipped")
+        return None
+    hook = getattr(tune, "tune_after_launch", None)
+    if hook is None:
+        rec.warn("--tune: smartrun.tune has no tune_after_launch(); skipped")
+        return None
+    outcome = hook(request=request, plan=plan, bounds=bounds, server=server, facts=result.facts,
+                   hardware=result.hardware, transport=sources.transport, on_event=on_event)
+    value = to_jsonable(outcome)
+    rec.decide("tune", value, "tune")
+    return value if isinstance(value, dict) else {"result": value}
+
+
+# ---------------------------------------------------------------------------- live sources
+
+
+def live_sources(request: RunRequest, env: dict[str, str] | None = None,
+                 config_path: str | None = None) -> Sources:
+    """The real world: NVML or a snapshot, config.json, the bounds file, the LLM, `vllm serve`, the cache."""
+    import os
+
+    env = dict(os.environ if env is None else env)
+    transport, llm_info, secrets = _live_transport(request, env, config_path)
+    return Sources(
+        hardware=lambda: _live_hardware(request),
+        model=_live_model,
+        bounds=lambda: _live_bounds(request),
+        transport=transport,
+        launcher=_live_launcher,
+        cache=SavedParams(),
+        vllm=lambda: _live_vllm(request),
+        llm_info=llm_info,
+        secrets=tuple(secrets) + tuple(secret_values(request.user_args + request.extra_args, env)),
+    )
+
+
+def _live_hardware(request: RunRequest) -> HardwareSnapshot:
+    from smartrun import hardware
+
+    return hardware.load_snapshot(request.hardware_path) if request.hardware_path else hardware.detect()
+
+
+def _live_model(model: str) -> ModelFacts:
+    from smartrun import model as model_mod
+
+    return model_mod.inspect(model)
+
+
+def _live_bounds(request: RunRequest) -> BoundsInput:
+    """--bounds FILE, else smartrun.toml searched upward from the current directory, else the built-in default."""
+    from smartrun import bounds
+
+    if request.bounds_path:
+        return _bounds_from_path(Path(request.bounds_path))
+    found = bounds.find(Path.cwd())
+    if found is not None:
+        return _bounds_from_path(Path(found))
+    return _builtin_bounds()
+
+
+def _bounds_from_path(path: Path) -> BoundsInput:
+    from smartrun import bounds
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read bounds file ({err.strerror or err})") from err
+    return BoundsInput(path=str(path), text=text, loaded=bounds.load(path))
+
+
+def _builtin_bounds() -> BoundsInput:
+    from smartrun import bounds
+
+    loaded = bounds.builtin()
+    text = _builtin_text(loaded)
+    return BoundsInput(path=None, text=text, loaded=loaded, builtin=True)
+
+
+def _builtin_text(loaded: Any) -> str:
+    for attr in ("text", "source_text"):
+        value = getattr(loaded, attr, None)
+        if isinstance(value, str):
+            return value
+    path = getattr(loaded, "path", None)
+    if path and Path(str(path)).is_file():
+        return Path(str(path)).read_text(encoding="utf-8")
+    return to_jsonable(loaded).__repr__()
+
+
+def _live_transport(request: RunRequest, env: dict[str, str],
+                    config_path: str | None) -> tuple[Any | None, dict[str, Any], list[str]]:
+    if not request.smart_run:
+        return None, {"configured": False}, []
+    from smartrun import advisor
+
+    settings = advisor.resolve_settings(request.llm_base_url, request.llm_model, request.llm_timeout, env,
+                                        config_path)
+    if settings is None:
+        return None, {"configured": False}, []
+    key = getattr(settings, "api_key", None)
+    key_text = key.get_secret_value() if hasattr(key, "get_secret_value") else key
+    info = {"configured": True, "base_url": getattr(settings, "base_url", None),
+            "model": getattr(settings, "model", None)}
+    return advisor.OpenAITransport(settings), info, [key_text] if key_text else []
+
+
+def _live_vllm(request: RunRequest) -> tuple[str | None, str | None]:
+    """--vllm-version wins; else the installed vllm's version when one is found (dry-run works without it)."""
+    from smartrun import launch
+
+    try:
+        found = launch.find_vllm(request.vllm_bin)
+    except SmartRunError:
+        if request.dry_run:
+            return request.vllm_version, request.vllm_bin
+        raise
+    version = request.vllm_version or getattr(found, "version", None)
+    return version, str(getattr(found, "path", None) or getattr(found, "bin", None) or request.vllm_bin)
+
+
+def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | None) -> Any:
+    from smartrun import launch
+
+    return launch.ProcessLauncher(vllm_bin=request.vllm_bin, hardware=hw, host=request.host, port=request.port,
+                                  startup_timeout=request.startup_timeout)
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+class _RecordedLLMError(SmartRunError):
+    """Stands in for an LLM transport error whose class could not be re-created in replay."""
+
+
+class ReplayTransport:
+    """Serves the recorded LLM replies (or errors) in order; asking for more than was recorded diverges."""
+
+    def __init__(self, exchanges: list[LLMExchangeRecord]):
+        self._items: Iterator[LLMExchangeRecord] = iter(list(exchanges))
+
+    def complete(self, messages: Any, schema: Any = None) -> Any:
+        from smartrun import advisor
+        from smartrun.errors import ReplayDivergence
+
+        item = next(self._items, None)
+        if item is None:
+            raise ReplayDivergence("replay diverged: the pipeline asked the LLM more often than the record holds")
+        if item.error is not None:
+            raise _rebuild_error(item.error)
+        return advisor.LLMReply.model_validate(item.reply)
+
+
+def _rebuild_error(error: dict[str, str]) -> Exception:
+    import importlib
+
+    module_name, _, name = error.get("type", "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(error.get("message", ""))
+            except TypeError:
+                pass
+    except (ImportError, AttributeError, ValueError):
+        pass
+    return _RecordedLLMError(error.get("message", "recorded LLM error"))
+
+
+class ReplayServer:
+    """A healthy server in replay: nothing runs, so nothing to wait for or stop."""
+
+    def wait(self) -> int:
+        return 0
+
+    def stop(self) -> None:
+        return None
+
+
+class ReplayLauncher:
+    """Serves the recorded launch attempts in order."""
+
+    def __init__(self, attempts: list[LaunchAttemptRecord]):
+        self._items: Iterator[LaunchAttemptRecord] = iter(list(attempts))
+
+    def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> Any:
+        from smartrun import launch
+        from smartrun.errors import ReplayDivergence
+
+        item = next(self._items, None)
+        if item is None:
+            raise ReplayDivergence("replay diverged: the pipeline launched more often than the record holds")
+        attempt = launch.LaunchAttempt.model_validate(item.attempt)
+        return attempt, (ReplayServer() if item.healthy else None)
+
+
+class RecordedCache:
+    """The saved-parameters lookup as it was at record time; stores go nowhere."""
+
+    def __init__(self, cache: CacheRecord):
+        self.cache = cache
+
+    def lookup(self, key: CacheKey) -> CacheEntry | None:
+        if self.cache.entry is None:
+            return None
+        return CacheEntry.model_validate(self.cache.entry)
+
+    def store(self, entry: CacheEntry) -> None:
+        return None
+
+
+def replay_sources(record: SessionRecord) -> Sources:
+    """Sources that serve exactly what the record holds."""
+    started = datetime.fromisoformat(record.started_at.replace("Z", "+00:00"))
+    return Sources(
+        hardware=lambda: _recorded(HardwareSnapshot, record.hardware, record),
+        model=lambda _model: _recorded(ModelFacts, record.model, record),
+        bounds=lambda: _recorded_bounds(record),
+        transport=ReplayTransport(record.llm_exchanges) if record.llm.get("configured") else None,
+        launcher=lambda *_: ReplayLauncher(record.launch_attempts),
+        cache=RecordedCache(record.cache),
+        vllm=lambda: (record.vllm.get("version"), record.vllm.get("bin")),
+        clock=lambda: started,
+        monotonic=lambda: 0.0,
+        llm_info=dict(record.llm),
+        supervise=False,
+        replaying=True,
+    )
+
+
+def _recorded(cls: type, data: dict[str, Any] | None, record: SessionRecord) -> Any:
+    if data is None:  # the recorded run failed before this stage: fail the same way
+        raise _recorded_failure(record)
+    return cls.model_validate(data)
+
+
+def _recorded_failure(record: SessionRecord) -> SmartRunError:
+    from smartrun import errors
+
+    cls = getattr(errors, str(record.outcome.get("error_type")), SmartRunError)
+    if not (isinstance(cls, type) and issubclass(cls, SmartRunError)):
+        cls = SmartRunError
+    return cls(str(record.outcome.get("message", "recorded failure")))
+
+
+def _recorded_bounds(record: SessionRecord) -> BoundsInput:
+    from smartrun import bounds
+
+    info = record.bounds_file
+    if info is None:
+        raise _recorded_failure(record)
+    if info.get("builtin"):
+        loaded = bounds.builtin()
+        return BoundsInput(path=None, text=info["text"], loaded=loaded, builtin=True)
+    loaded = _load_bounds_text(info["text"], info["path"])
+    return BoundsInput(path=info["path"], text=info["text"], loaded=loaded)
+
+
+def _load_bounds_text(text: str, path: str) -> Any:
+    """Load recorded bounds text under its recorded path name, so provenance (`bounds:<file>:<line>`) matches."""
+    from smartrun import bounds
+
+    loads = getattr(bounds, "loads", None)
+    if loads is not None:
+        return loads(text, path)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="smartrun-replay-") as tmp:
+        copy = Path(tmp) / Path(path).name
+        copy.write_text(text, encoding="utf-8")
+        return bounds.load(copy)
+
+
+@dataclass
+class ReplayResult:
+    record: SessionRecord  # the original
+    replayed: SessionRecord  # what the replay produced
+    divergence: str | None = None
+    result: RunResult | None = None
+    error: SmartRunError | None = None
+
+
+def replay(record: SessionRecord) -> ReplayResult:
+    """Re-run the pipeline from the record's sources and compare every decision; ReplayDivergence on the first miss."""
+    from smartrun.errors import ReplayDivergence
+
+    request = RunRequest.model_validate(record.request)
+    sources = replay_sources(record)
+    replayed = new_record(request, sources)
+    out = ReplayResult(record=record, replayed=replayed)
+    try:
+        out.result = run(request, sources, write=False, record=replayed)
+    except ReplayDivergence:
+        raise
+    except SmartRunError as err:  # a recorded failure replays as the same failure
+        out.error = err
+    check_replay(record.decisions, out.replayed.decisions)
+    if out.error is not None and record.outcome.get("status") != "error":
+        raise ReplayDivergence(f"replay failed where the record succeeded: {out.error.message}")
+    return out

@@ -1,0 +1,517 @@
+"""Stage 8, record: session records, replay comparison and the saved-parameters cache.
+
+A session record says what a smart-run saw, asked, was answered, decided and what happened.
+It is written for every `model run` (also on failure and dry-run) and is the input of
+`session replay`, which re-runs the same pipeline code with recorded sources and compares the
+ordered decisions. The schema is documented in docs/session-record.md; bump SCHEMA_VERSION on
+any incompatible change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from smartrun.errors import InputError, ReplayDivergence
+
+SCHEMA_VERSION = 1
+CACHE_SCHEMA_VERSION = 1
+REDACTED = "***REDACTED***"
+HOME_ENV = "SMARTRUN_HOME"  # tests point this at a tmp dir so they never touch the real home
+
+# Flags whose value is a secret, in any spelling a user might type.
+_SECRET_FLAGS = ("--api-key", "--llm-api-key", "--hf-token", "--token")
+_SECRET_PATTERNS = (  # the part in group "keep" stays, the rest of the match is redacted
+    re.compile(r"(?i)(?P<keep>authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+)?[^\s\"',]+"),
+    re.compile(r"(?i)(?P<keep>bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
+    re.compile(r"(?P<keep>)\bsk-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"(?P<keep>)\bhf_[A-Za-z0-9]{8,}"),
+)
+_SECRET_ENV = re.compile(r"(?i)^[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)[A-Z0-9_]*$")
+
+
+# ---------------------------------------------------------------------------- paths and atomic writes
+
+
+def smartrun_home() -> Path:
+    """Where sessions and the cache live: $SMARTRUN_HOME, else the user's data dir for localaistack."""
+    override = os.environ.get(HOME_ENV)
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("localaistack"))
+
+
+def sessions_dir() -> Path:
+    return smartrun_home() / "sessions"
+
+
+def cache_dir() -> Path:
+    return smartrun_home() / "smart-run-cache"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and os.replace, so no reader sees half a file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write ({err.strerror or err})") from err
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types (tuples become lists, models become dicts) so recorded and replayed values compare."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.loads(json.dumps(value, default=_json_default, sort_keys=True))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------- redaction
+
+
+def redact_argv(argv: Iterable[str]) -> list[str]:
+    """The command line with secret flag values, Authorization headers and key-like tokens replaced."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        arg = str(arg)
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag in _SECRET_FLAGS:
+            if eq:
+                out.append(f"{flag}={REDACTED}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        out.append(redact_text(arg))
+    return out
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace known secret values and anything that looks like a key or an Authorization header."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group("keep") + REDACTED, text)
+    return text
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    """Environment changes with secret-looking variables hidden."""
+    return {k: (REDACTED if _SECRET_ENV.match(k) else redact_text(str(v))) for k, v in env.items()}
+
+
+def secret_values(argv: Iterable[str], env: dict[str, str] | None = None) -> list[str]:
+    """Secret values present in argv (after a secret flag) and in env (SMARTRUN_LLM_API_KEY, OPENAI_API_KEY...)."""
+    found: list[str] = []
+    args = list(argv)
+    for i, arg in enumerate(args):
+        flag, eq, value = str(arg).partition("=")
+        if flag in _SECRET_FLAGS:
+            if eq and value:
+                found.append(value)
+            elif i + 1 < len(args):
+                found.append(str(args[i + 1]))
+    for key, value in (env or {}).items():
+        if _SECRET_ENV.match(key) and value:
+            found.append(value)
+    return [s for s in found if s and s != REDACTED]
+
+
+# ---------------------------------------------------------------------------- the record
+
+
+class RecordModel(BaseModel):
+    """Record parts: plain data, unknown keys refused so a typo in a hand-edited record is caught."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Decision(RecordModel):
+    """One step the pipeline decided; replay compares `step` and `value` (and provenance) in order."""
+
+    step: str
+    value: Any = None
+    provenance: str = ""
+
+
+class LLMExchangeRecord(RecordModel):
+    """One call of the LLM transport: what was sent, what came back (or the error), and how long it took."""
+
+    kind: str = "propose"  # "propose" | "recover" (as the advisor was called)
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    reply: dict[str, Any] | None = None  # the transport's LLMReply, as JSON
+    error: dict[str, str] | None = None  # {"type": class path, "message": ...} when the call raised
+    latency_s: float | None = None
+    tokens: dict[str, int] | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class AdviceRecord(RecordModel):
+    """What the advisor made of its exchanges: parsed proposal, validation result, fallback reason."""
+
+    kind: str = "propose"
+    source: str = "static"
+    reason: str = ""
+    proposal: Any = None
+    rejections: list[Any] = Field(default_factory=list)
+    accepted: bool = False
+    fallback: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class LaunchAttemptRecord(RecordModel):
+    """One `vllm serve` start: argv, env changes, classified outcome, log excerpt, duration."""
+
+    number: int
+    argv: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    outcome: str = ""  # "ready" or a failure class
+    healthy: bool = False
+    log_excerpt: list[str] = Field(default_factory=list)
+    duration_s: float | None = None
+    attempt: dict[str, Any] = Field(default_factory=dict)  # the launcher's LaunchAttempt, as JSON (replayed)
+
+
+class CacheRecord(RecordModel):
+    """The saved-parameters lookup: key, whether it hit, and the entry used (replayed as recorded)."""
+
+    key: dict[str, Any] = Field(default_factory=dict)
+    looked_up: bool = False
+    hit: bool = False
+    entry: dict[str, Any] | None = None
+    note: str | None = None
+    stored: bool = False
+
+
+class SessionRecord(RecordModel):
+    """Everything one `model run` saw, asked, decided and what happened. See docs/session-record.md."""
+
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str
+    started_at: str
+    finished_at: str | None = None
+    command_line: list[str] = Field(default_factory=list)
+    request: dict[str, Any] = Field(default_factory=dict)  # the RunRequest (redacted), the replay input
+    llm: dict[str, Any] = Field(default_factory=dict)  # {"configured", "base_url", "model"}; never a key
+    vllm: dict[str, Any] = Field(default_factory=dict)  # {"version", "bin"}
+    hardware: dict[str, Any] | None = None  # HardwareSnapshot
+    model: dict[str, Any] | None = None  # ModelFacts
+    bounds_file: dict[str, Any] | None = None  # {"path", "text", "sha256", "builtin"}
+    bounds: dict[str, Any] | None = None  # Bounds.to_json() with sources
+    baseline: dict[str, Any] | None = None  # Plan
+    baseline_estimate: dict[str, Any] | None = None
+    cache: CacheRecord = Field(default_factory=CacheRecord)
+    llm_exchanges: list[LLMExchangeRecord] = Field(default_factory=list)
+    advice: list[AdviceRecord] = Field(default_factory=list)
+    launch_attempts: list[LaunchAttemptRecord] = Field(default_factory=list)
+    final_plan: dict[str, Any] | None = None
+    final_argv: list[str] | None = None
+    estimate: dict[str, Any] | None = None
+    tuning: dict[str, Any] | None = None  # filled by the tune stage (issue 10) when --tune ran
+    outcome: dict[str, Any] = Field(default_factory=dict)  # {"status", "exit_code", "message"}
+    warnings: list[str] = Field(default_factory=list)
+    decisions: list[Decision] = Field(default_factory=list)
+
+
+def default_session_path(started_at: datetime, model_name: str) -> Path:
+    """sessions/<UTC timestamp>-<model>.json, the model name made filename-safe."""
+    stamp = started_at.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.strip("/").replace("/", "--"))[:80] or "model"
+    return sessions_dir() / f"{stamp}-{safe}.json"
+
+
+def dump_record(record: SessionRecord, secrets: Iterable[str] = ()) -> str:
+    """The record as JSON text, with every known secret value and key-like token redacted."""
+    text = json.dumps(record.model_dump(mode="json", by_alias=True), indent=2, default=_json_default)
+    return redact_text(text, secrets) + "\n"
+
+
+def write_record(record: SessionRecord, path: Path, secrets: Iterable[str] = ()) -> Path:
+    atomic_write_text(path, dump_record(record, secrets))
+    return path
+
+
+def load_record(path: str | Path) -> SessionRecord:
+    """Read a session record; InputError names the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no such session record") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read session record ({err})") from err
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not JSON (line {err.lineno}: {err.msg})") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a session record is a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InputError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    try:
+        return SessionRecord.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InputError(f"{path}: invalid session record at {where}: {first['msg']}") from err
+
+
+def list_sessions(directory: Path | None = None, limit: int = 20) -> list[tuple[Path, SessionRecord | str]]:
+    """Newest first; an unreadable file comes back with its error text instead of a record."""
+    directory = directory or sessions_dir()
+    if not directory.is_dir():
+        return []
+    files = sorted(directory.glob("*.json"), key=lambda p: p.name, reverse=True)[:limit]
+    out: list[tuple[Path, SessionRecord | str]] = []
+    for path in files:
+        try:
+            out.append((path, load_record(path)))
+        except InputError as err:
+            out.append((path, err.message))
+    return out
+
+
+# ---------------------------------------------------------------------------- replay comparison
+
+
+def first_divergence(recorded: list[Decision], replayed: list[Decision]) -> str | None:
+    """The first decision that differs (step, value or provenance), as one line; None when all match."""
+    for i, (old, new) in enumerate(zip(recorded, replayed, strict=False)):
+        if old.step != new.step:
+            return f"decision {i + 1}: recorded step {old.step!r}, replay reached {new.step!r}"
+        if to_jsonable(old.value) != to_jsonable(new.value):
+            return (
+                f"decision {i + 1} ({old.step}): recorded {_short(old.value)}, replay decided {_short(new.value)}"
+            )
+        if old.provenance != new.provenance:
+            return f"decision {i + 1} ({old.step}): provenance recorded {old.provenance!r}, replay {new.provenance!r}"
+    if len(recorded) != len(replayed):
+        if len(recorded) > len(replayed):
+            missing = recorded[len(replayed)]
+            return f"decision {len(replayed) + 1} ({missing.step}): recorded but replay stopped before it"
+        extra = replayed[len(recorded)]
+        return f"decision {len(recorded) + 1} ({extra.step}): replay went on past the end of the record"
+    return None
+
+
+def check_replay(recorded: list[Decision], replayed: list[Decision]) -> None:
+    """Raise ReplayDivergence naming the first differing decision."""
+    divergence = first_divergence(recorded, replayed)
+    if divergence:
+        raise ReplayDivergence(f"replay diverged at {divergence}")
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(to_jsonable(value), sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------- timeline
+
+
+def timeline(record: SessionRecord) -> list[str]:
+    """`session show`: what happened, in order, one line per event."""
+    req = record.request
+    lines = [
+        f"session  {record.started_at}  smartrun {record.tool_version}  schema {record.schema_version}",
+        f"command  {' '.join(record.command_line)}",
+    ]
+    if record.hardware:
+        gpus = record.hardware.get("gpus") or []
+        names = ", ".join(f"{g.get('index')}:{g.get('name')} {g.get('memory_free_mib')}/"
+                          f"{g.get('memory_total_mib')} MiB free" for g in gpus)
+        lines.append(f"hardware {len(gpus)} GPU(s) from {record.hardware.get('source')}: {names}")
+    if record.model:
+        m = record.model
+        lines.append(f"model    {m.get('name')} ({m.get('architecture')}, {m.get('num_hidden_layers')} layers, "
+                     f"derived max len {m.get('derived_max_model_len')})")
+    if record.bounds_file:
+        lines.append(f"bounds   {record.bounds_file.get('path')} (sha256 {str(record.bounds_file.get('sha256'))[:12]})")
+    lines.append(f"goal     {req.get('goal', 'stable')}  smart-run={req.get('smart_run')}  "
+                 f"llm={'configured' if record.llm.get('configured') else 'none'}  vllm={record.vllm.get('version')}")
+    if record.baseline:
+        lines.append(f"baseline {_params(record.baseline.get('params', {}))}")
+    cache = record.cache
+    if cache.looked_up:
+        lines.append(f"cache    {'hit' if cache.hit else 'miss'}" + (f" ({cache.note})" if cache.note else ""))
+    exchanges = iter(record.llm_exchanges)
+    for advice in record.advice:
+        lines.append(f"advice   [{advice.kind}] source={advice.source} accepted={advice.accepted} "
+                     f"reason={advice.reason or '-'}")
+        for rej in advice.rejections:
+            if isinstance(rej, dict):
+                lines.append(f"  reject {rej.get('knob')}={rej.get('value')!r}: {rej.get('reason')} "
+                             f"[{rej.get('bound')}; {rej.get('source')}]")
+        if advice.fallback:
+            lines.append(f"  fallback: {advice.fallback}")
+    for ex in exchanges:
+        state = f"error {ex.error.get('type')}: {ex.error.get('message')}" if ex.error else "reply"
+        tokens = f" tokens={ex.tokens}" if ex.tokens else ""
+        lines.append(f"llm      [{ex.kind}] {state} latency={_fmt_s(ex.latency_s)}{tokens}")
+    for att in record.launch_attempts:
+        lines.append(f"launch   #{att.number} {att.outcome} after {_fmt_s(att.duration_s)}: {' '.join(att.argv)}")
+        if att.env:
+            lines.append(f"  env    {' '.join(f'{k}={v}' for k, v in att.env.items())}")
+        for line in att.log_excerpt[-4:]:
+            lines.append(f"  log    {line}")
+    if record.final_plan:
+        lines.append(f"final    source={record.final_plan.get('source')} {_params(record.final_plan.get('params', {}))}")
+    if record.final_argv:
+        lines.append(f"argv     {' '.join(record.final_argv)}")
+    for warning in record.warnings:
+        lines.append(f"warning  {warning}")
+    out = record.outcome
+    lines.append(f"outcome  {out.get('status')} (exit {out.get('exit_code')})" +
+                 (f": {out.get('message')}" if out.get("message") else ""))
+    lines.append(f"decisions {len(record.decisions)}:")
+    for i, d in enumerate(record.decisions, 1):
+        lines.append(f"  {i:>2}. {d.step:<22} {_short(d.value, 90)}" + (f"  <- {d.provenance}" if d.provenance else ""))
+    return lines
+
+
+def _params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _fmt_s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}s"
+
+
+# ---------------------------------------------------------------------------- saved-parameters cache
+
+
+class CacheKey(BaseModel):
+    """What a saved plan depends on: the model, the machine, the bounds file and the vLLM version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    hardware_fingerprint: str
+    bounds_sha256: str
+    vllm_version: str | None = None
+    goal: str = "stable"
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:24]
+
+
+class CacheEntry(BaseModel):
+    """A plan that started healthy, saved for next time (re-validated against today's bounds before use)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = CACHE_SCHEMA_VERSION
+    key: CacheKey
+    model_path: str | None = None
+    params: dict[str, Any]
+    provenance: dict[str, str] = Field(default_factory=dict)
+    source: str = "static"  # where the saved plan came from originally
+    saved_at: str
+    session: str | None = None
+
+
+class SavedParams:
+    """The saved-parameters cache: one JSON file per key under cache_dir(); corrupt entries are skipped."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory or cache_dir()
+        self.problems: list[str] = []  # corrupt entries found by the last lookup/list, one line each
+
+    def _path(self, key: CacheKey) -> Path:
+        return self.directory / f"{key.digest()}.json"
+
+    def lookup(self, key: CacheKey) -> CacheEntry | None:
+        path = self._path(key)
+        if not path.exists():
+            return None
+        entry = self._read(path)
+        return entry if entry is not None and entry.key == key else None
+
+    def store(self, entry: CacheEntry) -> Path:
+        path = self._path(entry.key)
+        atomic_write_text(path, json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+        return path
+
+    def entries(self, model: str | None = None) -> list[tuple[Path, CacheEntry]]:
+        self.problems = []
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            entry = self._read(path)
+            if entry is not None and (model is None or _model_matches(entry, model)):
+                found.append((path, entry))
+        return found
+
+    def remove(self, model: str) -> list[Path]:
+        removed = []
+        for path, _entry in self.entries(model):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
+    def _read(self, path: Path) -> CacheEntry | None:
+        try:
+            return CacheEntry.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValidationError, ValueError) as err:
+            detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+            self.problems.append(f"{path}: corrupt smart-run cache entry skipped ({detail})")
+            return None
+
+
+def _model_matches(entry: CacheEntry, model: str) -> bool:
+    candidates = {entry.key.model, entry.model_path or ""}
+    if model in candidates:
+        return True
+    try:
+        resolved = str(Path(model).expanduser().resolve())
+    except OSError:
+        return False
+    return resolved == entry.model_path or Path(model.rstrip("/")).name == entry.key.model
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def utc_iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
