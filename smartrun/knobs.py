@@ -1,16 +1,41 @@
 """The knob catalogue: every vLLM flag smartrun may set, declared once.
 
 Argv building, validation, prompts, bounds files and --explain all read this one table.
-CONTRACT. TODO(helper-bounds): fill CATALOGUE, parse_user_args(), build_argv().
+
+Who may change what:
+- `llm_may_change=True`: the tuning knobs. The rules set them, the LLM may move them inside the bounds.
+- `llm_may_change=False`: passed through from the user only (served model name, quantization, ...).
+- `security=True`: also user only, and flagged because they open the server up or make vLLM read
+  files / import code (host, port, api key, trust-remote-code, chat template, tokenizer, worker and
+  middleware classes, local media path, generation config, download dir, SSL files).
+Any flag not in the catalogue is user only too: it goes to passthrough, untouched, in order.
+
+Argv policy (`build_argv`): numeric, choice and string knobs are always emitted when they have a
+value (explicit beats vLLM's version-dependent defaults); a boolean is emitted as its positive
+flag when True, and as its negative flag when False only if vLLM's default is not False
+(e.g. `--disable-prefix-caching`); `--no-enforce-eager` would be noise and is left out.
+max_model_len -1 (auto-fit) is written as `auto`.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Literal
 
+from smartrun.errors import InputError
 from smartrun.plan import Frozen
 
 KnobType = Literal["int", "float", "bool", "choice", "str"]
+
+DTYPE_SYNONYMS = {"half": "float16", "float": "float32"}
+KV_CACHE_DTYPES = (
+    "auto", "bfloat16", "float16", "fp8", "fp8_ds_mla", "fp8_e4m3", "fp8_e5m2", "fp8_inc",
+    "fp8_per_token_head", "int4_per_token_head", "int8_per_token_head", "nvfp4", "nvfp4_4over6",
+    "nvfp4_ds_mla", "octave_k3v3", "octave_k3v3_compact", "octave_k3v4", "turboquant_3bit_nc",
+    "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4", "ultraquant_4bit",
+)  # fmt: skip
+AUTO_MAX_MODEL_LEN = -1  # `--max-model-len auto` / `-1`: vLLM auto-fits the context
 
 
 class Knob(Frozen):
@@ -26,9 +51,125 @@ class Knob(Frozen):
     llm_may_change: bool = False  # False = user only
     security: bool = False  # host, port, api key, trust-remote-code, anything that runs code
     help: str = ""
+    # Added by the bounds helper:
+    negative_flags: tuple[str, ...] = ()  # booleans: the flags that set False, first is canonical
+    human_int: bool = False  # accepts 32k / 32K / 25.6k like vLLM's human_readable_int
+    special: tuple[Any, ...] = ()  # values outside min/max that vLLM accepts (max_model_len -1 = auto)
+    synonyms: dict[str, str] = {}  # choice spellings vLLM treats as equal ("half" -> "float16")
+    nargs: Literal["one", "+", "append"] = "one"  # "+": --x a b; "append": --x a --x b (value is a tuple)
+
+    def domain_text(self) -> str:
+        """vLLM's domain in words, for messages."""
+        if self.type == "bool":
+            return "true or false"
+        if self.choices is not None:
+            return f"one of {list(self.choices)}"
+        lo = "" if self.min is None else f"{self.min} {'<' if self.min_exclusive else '<='} "
+        hi = "" if self.max is None else f" <= {self.max}"
+        return f"{lo}x{hi}" if lo or hi else self.type
+
+    def in_domain(self, value: Any) -> bool:
+        """Whether vLLM itself accepts this (already typed) value."""
+        if value in self.special:
+            return True
+        if self.choices is not None:
+            return value in self.choices
+        if self.type in ("int", "float"):
+            if self.min is not None and (value < self.min or (self.min_exclusive and value == self.min)):
+                return False
+            return not (self.max is not None and value > self.max)
+        return True
 
 
-CATALOGUE: dict[str, Knob] = {}
+def _k(**kw: Any) -> Knob:
+    return Knob(**kw)
+
+
+_TUNING = [
+    _k(name="max_model_len", flag="--max-model-len", type="int", min=1, special=(AUTO_MAX_MODEL_LEN,),
+       human_int=True, llm_may_change=True,
+       help="context length (prompt + output) per request; auto or -1 lets vLLM fit it"),
+    _k(name="gpu_memory_utilization", flag="--gpu-memory-utilization",
+       aliases=("--device-memory-utilization",), type="float", min=0.0, max=1.0, min_exclusive=True,
+       default=0.92, llm_may_change=True, help="fraction of each GPU's total memory vLLM may use"),
+    _k(name="tensor_parallel_size", flag="--tensor-parallel-size", aliases=("-tp",), type="int", min=1,
+       default=1, llm_may_change=True, help="GPUs that split every layer"),
+    _k(name="pipeline_parallel_size", flag="--pipeline-parallel-size", aliases=("-pp",), type="int", min=1,
+       default=1, llm_may_change=True, help="GPUs that split the layer stack"),
+    _k(name="max_num_seqs", flag="--max-num-seqs", type="int", min=1, llm_may_change=True,
+       help="requests batched at once (vLLM default depends on the GPU)"),
+    _k(name="max_num_batched_tokens", flag="--max-num-batched-tokens", type="int", min=1, human_int=True,
+       llm_may_change=True, help="tokens per scheduler step; sizes the profiling pass and activations"),
+    _k(name="dtype", flag="--dtype", type="choice",
+       choices=("auto", "bfloat16", "float16", "float32"), synonyms=DTYPE_SYNONYMS, default="auto",
+       llm_may_change=True, help="weights and activations dtype; bfloat16 needs compute capability 8.0"),
+    _k(name="kv_cache_dtype", flag="--kv-cache-dtype", type="choice", choices=KV_CACHE_DTYPES,
+       default="auto", llm_may_change=True, help="KV cache storage dtype; fp8 halves KV memory"),
+    _k(name="enforce_eager", flag="--enforce-eager", negative_flags=("--no-enforce-eager",), type="bool",
+       default=False, llm_may_change=True, help="no torch.compile, no CUDA graphs: less memory, slower decode"),
+    _k(name="optimization_level", flag="--optimization-level", aliases=("-O",), type="int", min=0, max=3,
+       default=2, llm_may_change=True, help="0 starts fastest, 2 (default) runs fastest"),
+    _k(name="disable_custom_all_reduce", flag="--disable-custom-all-reduce",
+       negative_flags=("--enable-custom-all-reduce",), type="bool", default=False, llm_may_change=True,
+       help="use NCCL instead of vLLM's all-reduce kernel (tp > 1 without NVLink)"),
+    _k(name="enable_prefix_caching", flag="--enable-prefix-caching",
+       negative_flags=("--disable-prefix-caching", "--no-enable-prefix-caching"), type="bool",
+       llm_may_change=True, help="reuse KV of shared prompt prefixes (vLLM default: on)"),
+    _k(name="enable_chunked_prefill", flag="--enable-chunked-prefill",
+       negative_flags=("--disable-chunked-prefill", "--no-enable-chunked-prefill"), type="bool",
+       llm_may_change=True, help="split long prompts across steps (vLLM default: on)"),
+]
+
+_USER_ONLY = [
+    _k(name="host", flag="--host", type="str", security=True, help="address the server listens on"),
+    _k(name="port", flag="--port", type="int", min=0, max=65535, default=8000, security=True,
+       help="port the server listens on"),
+    _k(name="api_key", flag="--api-key", type="str", nargs="+", security=True, help="keys clients must send"),
+    _k(name="trust_remote_code", flag="--trust-remote-code", negative_flags=("--no-trust-remote-code",),
+       type="bool", default=False, security=True, help="run Python code shipped with the model"),
+    _k(name="served_model_name", flag="--served-model-name", type="str", nargs="+",
+       help="model name(s) in the API"),
+    _k(name="download_dir", flag="--download-dir", type="str", security=True, help="where weights are written"),
+    _k(name="chat_template", flag="--chat-template", type="str", security=True,
+       help="chat template file or text (rendered by the server)"),
+    _k(name="tokenizer", flag="--tokenizer", type="str", security=True,
+       help="tokenizer repo or path (may carry code with trust-remote-code)"),
+    _k(name="tokenizer_mode", flag="--tokenizer-mode", type="str", help="tokenizer implementation"),
+    _k(name="allowed_local_media_path", flag="--allowed-local-media-path", type="str", security=True,
+       help="lets API requests read local files"),
+    _k(name="generation_config", flag="--generation-config", type="str", security=True,
+       help="folder the generation config is read from"),
+    _k(name="worker_cls", flag="--worker-cls", type="str", security=True, help="imports a Python class"),
+    _k(name="worker_extension_cls", flag="--worker-extension-cls", type="str", security=True,
+       help="imports a Python class"),
+    _k(name="middleware", flag="--middleware", type="str", nargs="append", security=True,
+       help="imports ASGI middleware"),
+    _k(name="logits_processors", flag="--logits-processors", type="str", nargs="+", security=True,
+       help="imports logits processor classes"),
+    _k(name="tool_parser_plugin", flag="--tool-parser-plugin", type="str", security=True,
+       help="loads a Python file"),
+    _k(name="ssl_keyfile", flag="--ssl-keyfile", type="str", security=True, help="TLS key file"),
+    _k(name="ssl_certfile", flag="--ssl-certfile", type="str", security=True, help="TLS certificate file"),
+    _k(name="quantization", flag="--quantization", aliases=("-q",), type="str",
+       help="quantization method (default: from the model's config)"),
+]
+
+CATALOGUE: dict[str, Knob] = {k.name: k for k in _TUNING + _USER_ONLY}
+TUNING_KNOBS: tuple[str, ...] = tuple(k.name for k in _TUNING)
+
+
+def _flag_index() -> dict[str, tuple[Knob, bool]]:
+    """Every spelling -> (knob, value for booleans); underscores are normalised to dashes first."""
+    index: dict[str, tuple[Knob, bool]] = {}
+    for knob in CATALOGUE.values():
+        for flag in (knob.flag, *knob.aliases):
+            index[flag] = (knob, True)
+        for flag in knob.negative_flags:
+            index[flag] = (knob, False)
+    return index
+
+
+_FLAGS = _flag_index()
 
 
 class UserArgs(Frozen):
@@ -36,13 +177,162 @@ class UserArgs(Frozen):
 
     pins: dict[str, Any] = {}
     passthrough: tuple[str, ...] = ()
+    pin_flags: dict[str, str] = {}  # knob -> the text the user typed ("--max-model-len 32k"), for messages
+
+
+def knob(name: str) -> Knob:
+    """The catalogue entry; InputError for an unknown name."""
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        raise InputError(f"unknown knob {name!r}") from None
+
+
+def flag_of(name: str) -> str:
+    return knob(name).flag
+
+
+_HUMAN = re.compile(r"^(\d+(?:\.\d+)?)([kmgtKMGT]?)$")
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _human_int(text: str) -> int | None:
+    """vLLM's human_readable_int: k/m/g/t decimal, K/M/G/T binary (no decimals with binary)."""
+    m = _HUMAN.match(text)
+    if not m:
+        return None
+    number, suffix = m.groups()
+    if not suffix:
+        return int(number) if "." not in number else None
+    if suffix.isupper() and "." in number:
+        return None
+    power = "kmgt".index(suffix.lower()) + 1
+    value = float(number) * ((1024 if suffix.isupper() else 1000) ** power)
+    return int(value) if value == int(value) else None
+
+
+def parse_value(k: Knob, text: str, flag: str | None = None) -> Any:
+    """Type one value the way vLLM's parser would; InputError names the flag and the value."""
+    flag = flag or k.flag
+    value: Any = None
+    if k.type == "int":
+        if k.name == "max_model_len" and text.strip().lower() in ("auto", "-1"):
+            return AUTO_MAX_MODEL_LEN
+        value = int(text) if _INT.match(text) else (_human_int(text) if k.human_int else None)
+        if value is None:
+            raise InputError(f"{flag}: {text!r} is not an integer")
+    elif k.type == "float":
+        if not _FLOAT.match(text):
+            raise InputError(f"{flag}: {text!r} is not a number")
+        value = float(text)
+    elif k.type == "choice":
+        value = k.synonyms.get(text, text)
+        if value not in (k.choices or ()):
+            raise InputError(f"{flag}: {text!r} is not {k.domain_text()}")
+    else:
+        value = text
+    if not k.in_domain(value):
+        raise InputError(f"{flag}: {text} is outside vLLM's domain {k.domain_text()}")
+    return value
+
+
+def _split(token: str) -> tuple[str, str | None]:
+    """`--x_y=v` -> ("--x-y", "v"); `-O2` -> ("-O", "2")."""
+    name, eq, value = token.partition("=")
+    if name.startswith("--"):
+        name = "--" + name[2:].replace("_", "-")
+    elif name.startswith("-O") and len(name) > 2 and not eq:
+        return "-O", name[2:]
+    return name, (value if eq else None)
+
+
+def _is_flag(token: str) -> bool:
+    return token.startswith("-") and not _FLOAT.match(token)
 
 
 def parse_user_args(argv: list[str]) -> UserArgs:
-    """vLLM flags in vLLM's own syntax (`--max-model-len 8192`, `--gpu-memory-utilization=0.9`, `--enforce-eager`)."""
-    raise NotImplementedError
+    """vLLM flags in vLLM's own syntax (`--max-model-len 8192`, `--gpu-memory-utilization=0.9`, `--enforce-eager`).
+
+    Known knobs become typed pins (the last occurrence wins, as in vLLM); everything else goes to
+    passthrough with its values, in order. A bad value of a known flag is an InputError naming it.
+    """
+    pins: dict[str, Any] = {}
+    typed: dict[str, str] = {}
+    passthrough: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, inline = _split(token) if token.startswith("-") else (token, None)
+        hit = _FLAGS.get(name)
+        if hit is None:
+            passthrough.append(token)
+            i += 1
+            continue
+        k, positive = hit
+        i += 1
+        if k.type == "bool":
+            if inline is not None:
+                raise InputError(f"{name} takes no value (got {token!r})")
+            pins[k.name], typed[k.name] = positive, name
+            continue
+        if k.nargs == "+" and inline is None:
+            values = []
+            while i < len(argv) and not _is_flag(argv[i]):
+                values.append(argv[i])
+                i += 1
+            if not values:
+                raise InputError(f"{name} needs a value")
+            pins[k.name], typed[k.name] = tuple(values), f"{name} {' '.join(values)}"
+            continue
+        if inline is None:
+            if i >= len(argv):
+                raise InputError(f"{name} needs a value")
+            inline, i = argv[i], i + 1
+        value = parse_value(k, inline, name)
+        if k.nargs == "append":
+            value = (*pins.get(k.name, ()), value)
+        elif k.nargs == "+":
+            value = (value,)
+        pins[k.name], typed[k.name] = value, f"{name} {inline}"
+    return UserArgs(pins=pins, passthrough=tuple(passthrough), pin_flags=typed)
+
+
+def _argv_for(k: Knob, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if k.type == "bool":
+        if value:
+            return [k.flag]
+        return [k.negative_flags[0]] if k.default is not False and k.negative_flags else []
+    if k.name == "max_model_len" and value == AUTO_MAX_MODEL_LEN:
+        return [k.flag, "auto"]
+    if k.nargs == "+":
+        return [k.flag, *map(str, value)]
+    if k.nargs == "append":
+        return [part for v in value for part in (k.flag, str(v))]
+    if isinstance(value, float):
+        return [k.flag, format_float(value)]
+    return [k.flag, str(value)]
+
+
+def format_float(value: float) -> str:
+    """Shortest text that reads back as the same float (0.9, not 0.9000000000000001)."""
+    text = repr(float(value))
+    return text if math.isfinite(value) else str(value)
 
 
 def build_argv(model_path: str, params: dict[str, Any], passthrough: tuple[str, ...] = ()) -> list[str]:
-    """`["vllm", "serve", model_path, ...flags...]` from knob values; booleans as --x / --no-x."""
-    raise NotImplementedError
+    """`["vllm", "serve", model_path, ...]`: catalogue order, canonical flags, then passthrough as typed.
+
+    Booleans: the positive flag when True; the negative flag when False only where vLLM's default
+    is not False. Unknown keys in `params` are an InputError (a plan holds catalogue knobs only).
+    """
+    argv = ["vllm", "serve", model_path]
+    unknown = sorted(set(params) - set(CATALOGUE))
+    if unknown:
+        raise InputError(f"cannot build vllm argv: unknown knob(s) {unknown}")
+    for name, k in CATALOGUE.items():
+        if name in params:
+            argv += _argv_for(k, params[name])
+    return argv + list(passthrough)
