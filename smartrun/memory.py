@@ -22,7 +22,7 @@ from typing import Any
 
 from smartrun.errors import EstimateError
 from smartrun.hardware import GpuInfo, HardwareSnapshot
-from smartrun.model import ModelFacts
+from smartrun.model import ModelFacts, QuantFacts
 from smartrun.plan import Frozen
 
 GIB = 1 << 30
@@ -36,7 +36,13 @@ MIB = 1 << 20
 CUDA_RESERVED_MIB = 81559 - 79.19 * 1024
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPE_ALIASES = {
+    "half": "float16",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+}
 FP8_KV = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
 KV_DTYPES = ("auto", "bfloat16", "float16", *FP8_KV)
 VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE (VocabParallelEmbedding)
@@ -100,6 +106,7 @@ class EngineFlags(Frozen):
     enable_chunked_prefill: bool | None = None
     enable_prefix_caching: bool | None = None
     disable_custom_all_reduce: bool = False
+    quantization: str | None = None  # --quantization (e.g. "fp8" online) when the checkpoint has none
 
 
 class MemoryEstimate(Frozen):
@@ -144,10 +151,18 @@ class Profile(Frozen):
 
 PROFILES: dict[str, Profile] = {
     "0.19": Profile(
-        name="0.19", default_util=0.90, cudagraph_subtracted=False, tokens_group_aware=False, has_160gib_tier=False
+        name="0.19",
+        default_util=0.90,
+        cudagraph_subtracted=False,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
     ),
     "0.33": Profile(
-        name="0.33", default_util=0.92, cudagraph_subtracted=True, tokens_group_aware=True, has_160gib_tier=True
+        name="0.33",
+        default_util=0.92,
+        cudagraph_subtracted=True,
+        tokens_group_aware=True,
+        has_160gib_tier=True,
     ),
 }
 NEWEST_VERSION = "0.33.0"
@@ -203,7 +218,9 @@ def _match_gpu(name: str) -> dict[str, Any]:
         if wanted in (_norm(row["key"]), _norm(row["nvml_name"])):
             return row
     tokens = [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and t not in ("nvidia", "geforce")]
-    hits = [row for row in rows if all(t in _norm(row["key"]) + "|" + _norm(row["nvml_name"]) for t in tokens)]
+    hits = [
+        row for row in rows if all(t in _norm(row["key"]) + "|" + _norm(row["nvml_name"]) for t in tokens)
+    ]
     same_size = len({(row["memory_total_mib"], row["compute_capability"]) for row in hits}) == 1
     if len(hits) > 1 and (same_size or not any(t.endswith("gb") for t in tokens)):
         # Same memory either way, or a bare family name ("H100"): the table's first-listed part.
@@ -215,7 +232,9 @@ def _match_gpu(name: str) -> dict[str, Any]:
         return hits[0]
     keys = [row["key"] for row in rows] + [row["nvml_name"] for row in rows]
     close = difflib.get_close_matches(name, keys, n=4, cutoff=0.4)
-    hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(r['key'] for r in rows)}"
+    hint = (
+        f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(r['key'] for r in rows)}"
+    )
     raise EstimateError(f"--gpu {name!r}: unknown GPU{hint}")
 
 
@@ -242,7 +261,9 @@ def _dtype_name(flag: str, model: ModelFacts, cc: str) -> str:
 def _kv_bytes_per_element(flag: str, dtype: str) -> int:
     value = flag.lower()
     if value not in KV_DTYPES:
-        raise EstimateError(f"--kv-cache-dtype {flag!r}: not one the estimator budgets ({', '.join(KV_DTYPES)})")
+        raise EstimateError(
+            f"--kv-cache-dtype {flag!r}: not one the estimator budgets ({', '.join(KV_DTYPES)})"
+        )
     return 1 if value in FP8_KV else DTYPE_BYTES[dtype]
 
 
@@ -271,7 +292,9 @@ def _check_parallel(model: ModelFacts, flags: EngineFlags, gpu_count: int) -> No
             f"--tensor-parallel-size {tp}: the model's {kv} KV heads can neither be split evenly nor replicated"
         )
     if pp > model.num_hidden_layers:
-        raise EstimateError(f"--pipeline-parallel-size {pp}: more stages than the {model.num_hidden_layers} layers")
+        raise EstimateError(
+            f"--pipeline-parallel-size {pp}: more stages than the {model.num_hidden_layers} layers"
+        )
     util = flags.gpu_memory_utilization
     if util is not None and not 0 < util <= 1:
         raise EstimateError(f"--gpu-memory-utilization {util}: must be in (0, 1]")
@@ -331,6 +354,11 @@ def _tc(model: ModelFacts) -> dict[str, Any]:
     return model.text_config or model.config or {}
 
 
+def _family(model: ModelFacts) -> str:
+    """The text model's model_type (multimodal wrappers nest it in text_config)."""
+    return str(_tc(model).get("model_type") or model.model_type)
+
+
 def _is_moe_layer(model: ModelFacts, idx: int) -> bool:
     moe = model.moe
     if moe is None:
@@ -354,7 +382,10 @@ def _attention_shapes(model: ModelFacts, tp: int) -> tuple[list[_Shape], int]:
         qk = m.qk_nope_head_dim + m.qk_rope_head_dim
         shapes = []
         if m.q_lora_rank:
-            shapes += [_Shape(n_in=h, n_out=m.q_lora_rank), _Shape(n_in=m.q_lora_rank, n_out=heads * qk // tp)]
+            shapes += [
+                _Shape(n_in=h, n_out=m.q_lora_rank),
+                _Shape(n_in=m.q_lora_rank, n_out=heads * qk // tp),
+            ]
             extra += m.q_lora_rank
         else:
             shapes.append(_Shape(n_in=h, n_out=heads * qk // tp))
@@ -371,9 +402,9 @@ def _attention_shapes(model: ModelFacts, tp: int) -> tuple[list[_Shape], int]:
         _Shape(n_in=h, n_out=q_out + 2 * kv_out),
         _Shape(n_in=heads * hd // tp, n_out=h),
     ]
-    if tc.get("attention_bias") or model.model_type.startswith("qwen2"):
+    if tc.get("attention_bias") or _family(model).startswith("qwen2"):
         extra += q_out + 2 * kv_out
-    if model.model_type.startswith(("qwen3", "gemma3", "olmo2")) or tc.get("use_qk_norm"):
+    if _family(model).startswith(("qwen3", "gemma3", "olmo2")) or tc.get("use_qk_norm"):
         extra += 2 * hd
     return shapes, extra
 
@@ -382,7 +413,9 @@ def _mlp_shapes(model: ModelFacts, idx: int, tp: int) -> list[_Shape]:
     h, tc = model.hidden_size, _tc(model)
     moe = model.moe
     if moe is None or not _is_moe_layer(model, idx):
-        inter = tc.get("intermediate_size_mlp") if moe is not None and tc.get("intermediate_size_mlp") else None
+        inter = (
+            tc.get("intermediate_size_mlp") if moe is not None and tc.get("intermediate_size_mlp") else None
+        )
         inter = inter or model.intermediate_size
         return [_Shape(n_in=h, n_out=2 * inter // tp), _Shape(n_in=inter // tp, n_out=h)]
     e_inter = moe.moe_intermediate_size
@@ -461,7 +494,11 @@ def _linear_bytes(shape: _Shape, dtype_bytes: int, layout: _QuantLayout | None) 
     if layout.per_tensor:
         size += layout.scale_bytes
     elif layout.block:
-        size += math.ceil(shape.n_in / layout.block[1]) * math.ceil(shape.n_out / layout.block[0]) * layout.scale_bytes
+        size += (
+            math.ceil(shape.n_in / layout.block[1])
+            * math.ceil(shape.n_out / layout.block[0])
+            * layout.scale_bytes
+        )
     elif layout.group_size:
         groups = math.ceil(shape.n_in / layout.group_size) * shape.n_out
         size += groups * (layout.scale_bytes + layout.zero_bits / 8)
@@ -490,6 +527,8 @@ def _vision_params(model: ModelFacts) -> int:
     h_text = model.hidden_size
     merge = (model.config or {}).get("spatial_merge_size") or vc.get("merge_kernel_size") or 1
     merge = merge[0] * merge[1] if isinstance(merge, list) else merge * merge
+    feature_layers = (model.config or {}).get("vision_feature_layer")
+    merge *= len(feature_layers) if isinstance(feature_layers, list) else 1  # LLaVA-Next concatenates layers
     projector = hv * merge * h_text + h_text * h_text
     return layers * per_layer + channels * patch * patch * hv + positions + projector
 
@@ -511,10 +550,12 @@ class RankWeights(Frozen):
     last: bool
 
 
-def _rank_weight_bytes(model: ModelFacts, dtype_bytes: int, tp: int, layers: range, first: bool, last: bool) -> int:
+def _rank_weight_bytes(
+    model: ModelFacts, dtype_bytes: int, tp: int, layers: range, first: bool, last: bool
+) -> int:
     layout = _quant_layout(model)
     h = model.hidden_size
-    norms_per_layer = 4 if model.model_type.startswith("gemma") else 2
+    norms_per_layer = 4 if _family(model).startswith("gemma") else 2
     total = 0
     for idx in layers:
         attn, extra = _attention_shapes(model, tp)
@@ -584,7 +625,12 @@ def activation_bytes(model: ModelFacts, dtype: str, tp: int, max_num_seqs: int, 
     held = mnbt * h * dtype_bytes
     moe_ws = 0
     if model.moe is not None:
-        moe_ws = mnbt * model.moe.experts_per_token * (3 * (model.moe.moe_intermediate_size // tp) + h) * dtype_bytes
+        moe_ws = (
+            mnbt
+            * model.moe.experts_per_token
+            * (3 * (model.moe.moe_intermediate_size // tp) + h)
+            * dtype_bytes
+        )
     return int(max(sampler + held + moe_ws, forward))
 
 
@@ -697,8 +743,16 @@ class _Budget(Frozen):
 
 
 def _budget(
-    model: ModelFacts, gpus: list[GpuSpec], flags: EngineFlags, profile: Profile,
-    dtype: str, kv_elem: int, util: float, seqs: int, mnbt: int, block_size: int,
+    model: ModelFacts,
+    gpus: list[GpuSpec],
+    flags: EngineFlags,
+    profile: Profile,
+    dtype: str,
+    kv_elem: int,
+    util: float,
+    seqs: int,
+    mnbt: int,
+    block_size: int,
 ) -> _Budget:
     tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
     stages = weights_per_rank(model, dtype, tp, pp)
@@ -715,12 +769,26 @@ def _budget(
         for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)
-            kv = requested - stage.bytes - activation - non_torch - (graphs if profile.cudagraph_subtracted else 0)
+            kv = (
+                requested
+                - stage.bytes
+                - activation
+                - non_torch
+                - (graphs if profile.cudagraph_subtracted else 0)
+            )
             blocks = max(0, kv // bytes_per_block)
             candidate = _Budget(
-                total=total, requested=requested, free=gpu.cuda_free_bytes, weights=stage.bytes,
-                activation=activation, non_torch=non_torch, cudagraph=graphs, kv=kv,
-                bytes_per_block=bytes_per_block, num_blocks=blocks, kv_per_token=page * len(stage.layers),
+                total=total,
+                requested=requested,
+                free=gpu.cuda_free_bytes,
+                weights=stage.bytes,
+                activation=activation,
+                non_torch=non_torch,
+                cudagraph=graphs,
+                kv=kv,
+                bytes_per_block=bytes_per_block,
+                num_blocks=blocks,
+                kv_per_token=page * len(stage.layers),
                 groups=tuple(groups),
             )
             if best is None or (candidate.num_blocks, candidate.kv) < (best.num_blocks, best.kv):
@@ -766,6 +834,10 @@ def estimate(
     if not gpu_list:
         raise EstimateError("no GPU given: pass --gpu NAME or a hardware snapshot with GPUs")
     _check_parallel(model, flags, len(gpu_list))
+    if (
+        flags.quantization and model.quantization is None
+    ):  # online quantization of a full-precision checkpoint
+        model = model.model_copy(update={"quantization": QuantFacts(method=flags.quantization)})
     used = gpu_list[: flags.tensor_parallel_size * flags.pipeline_parallel_size]
     dtype = _dtype_name(flags.dtype, model, min(g.compute_capability for g in used))
     kv_elem = _kv_bytes_per_element(flags.kv_cache_dtype, dtype)
@@ -780,12 +852,16 @@ def estimate(
             f"({derived}) in model's config.json."
         )
     tightest = min(used, key=lambda g: g.cuda_total_bytes)
-    seqs, mnbt = effective_batch_defaults(flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len)
+    seqs, mnbt = effective_batch_defaults(
+        flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
+    )
     b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size)
     largest = _largest_len(b, derived, block_size, mnbt)
     if auto and largest > 0:
         max_model_len = largest
-        seqs, mnbt = effective_batch_defaults(flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len)
+        seqs, mnbt = effective_batch_defaults(
+            flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
+        )
         b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size)
     per_request = _request_blocks(b, max_model_len, block_size, mnbt)
     concurrency = b.num_blocks / per_request if per_request else 0.0
@@ -813,7 +889,11 @@ def estimate(
     elif per_request > b.num_blocks - 1:
         fits = False
         need = per_request * b.bytes_per_block
-        estimated = f" Based on the available memory, the estimated maximum model length is {largest}." if largest else ""
+        estimated = (
+            f" Based on the available memory, the estimated maximum model length is {largest}."
+            if largest
+            else ""
+        )
         reason = (
             f"To serve at least one request with the model's max seq len ({max_model_len}), "
             f"({_gib(need)} GiB KV cache is needed, which is larger than the available KV cache memory "

@@ -1,0 +1,275 @@
+"""How close smartrun's memory estimator comes to what vLLM really did at startup.
+
+Runs smartrun.memory.estimate over every case of fixtures/reference/vllm_startup_logs.jsonl it can
+(a config for the model in fixtures/reference/models.json or extra_configs.json, a known GPU, a
+version) and prints, per case, predicted vs measured weights, KV GiB, KV tokens and max
+concurrency, then a summary per subset. Side by side: the naive formula (params x dtype bytes x
+1.2, the rest is KV), LocalAIStack's fixed max_model_len tiers, and llm-d-planner's published
+errors (fixed reference figures). No model name or case id is special-cased.
+
+    .venv/bin/python benchmarks/estimator_accuracy.py [--cases] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from smartrun.errors import SmartRunError
+from smartrun.memory import GIB, EngineFlags, GpuSpec, estimate, weights_per_rank
+from smartrun.model import ModelFacts, facts_from_config
+
+REPO = Path(__file__).resolve().parent.parent
+REF = REPO / "fixtures" / "reference"
+META_KEYS = {
+    "model_id",
+    "keys_absent_in_source",
+    "total_params",
+    "total_params_source",
+    "safetensors_total_size_bytes",
+    "safetensors_total_size_source",
+    "source",
+    "source_kind",
+    "notes",
+    "moe",
+    "mla",
+    "quantization_config_full",
+}
+# llm-d-planner capacity planner, its own vLLM 0.19.0 H100 sweep (published mean errors).
+LLM_D_PUBLISHED = {
+    "kv_cache_gib_mean_abs_pct": 6.6,
+    "max_concurrency_mean_abs_pct": 15.0,
+    "activation_mean_pct": 195.0,
+}
+
+
+def reference_configs() -> dict[str, dict[str, Any]]:
+    """model id (lower case) -> config dict, from models.json and extra_configs.json."""
+    configs: dict[str, dict[str, Any]] = {}
+    for row in json.loads((REF / "models.json").read_text()):
+        config = {k: v for k, v in row.items() if k not in META_KEYS and v is not None}
+        for part in ("moe", "mla"):
+            config.update(row.get(part) or {})
+        if row.get("quantization_config_full"):
+            config["quantization_config"] = row["quantization_config_full"]
+        if row.get("text_config"):
+            config["text_config"] = row["text_config"]
+        configs[row["model_id"].lower()] = config
+    extra = json.loads((REF / "extra_configs.json").read_text())
+    pending = {k: v for k, v in extra.items() if not k.startswith("_")}
+    while pending:  # bases may be other extra entries
+        for key, entry in list(pending.items()):
+            if "config" in entry:
+                configs[key.lower()] = entry["config"]
+            elif entry["base"].lower() in configs:
+                config = json.loads(json.dumps(configs[entry["base"].lower()]))
+                config.update(entry.get("override", {}))
+                if "quantization_config" in entry:
+                    config["quantization_config"] = entry["quantization_config"]
+                configs[key.lower()] = config
+            else:
+                continue
+            del pending[key]
+    return configs
+
+
+def case_flags(case: dict[str, Any]) -> EngineFlags:
+    util = case.get("gpu_memory_utilization")
+    quant = case.get("quantization")
+    dtype = (case.get("dtype") or "auto").replace("torch.", "")
+    return EngineFlags(
+        tensor_parallel_size=case.get("tensor_parallel_size") or 1,
+        pipeline_parallel_size=case.get("pipeline_parallel_size") or 1,
+        gpu_memory_utilization=util if isinstance(util, (int, float)) else None,
+        max_model_len=case.get("max_model_len"),
+        max_num_seqs=case.get("max_num_seqs"),
+        max_num_batched_tokens=case.get("max_num_batched_tokens"),
+        dtype=dtype,
+        kv_cache_dtype=case.get("kv_cache_dtype") or "auto",
+        enforce_eager=bool(case.get("enforce_eager")),
+        quantization="fp8" if quant == "fp8" else None,
+    )
+
+
+def case_gpus(case: dict[str, Any]) -> list[GpuSpec]:
+    spec = GpuSpec.from_name(case["gpu"])
+    count = max(
+        case.get("gpu_count") or 1,
+        (case.get("tensor_parallel_size") or 1) * (case.get("pipeline_parallel_size") or 1),
+    )
+    return [spec] * count
+
+
+def pct(pred: float, real: float | None) -> float | None:
+    return None if not real else 100.0 * (pred - real) / real
+
+
+def naive(
+    facts: ModelFacts, gpus: list[GpuSpec], flags: EngineFlags, util: float, dtype_bytes: int
+) -> tuple[float, int]:
+    """params x dtype x 1.2 split over the GPUs; what is left of util x NVML total is KV."""
+    params = sum(w.bytes for w in weights_per_rank(facts, "bfloat16", 1, 1)) / 2
+    n = flags.tensor_parallel_size * flags.pipeline_parallel_size
+    per_gpu = params * dtype_bytes * 1.2 / n
+    kv = gpus[0].memory_total_mib * 2**20 * util - per_gpu
+    from smartrun.memory import kv_bytes_per_token_layer
+
+    page = kv_bytes_per_token_layer(
+        facts, 1 if "fp8" in flags.kv_cache_dtype else dtype_bytes, flags.tensor_parallel_size
+    )
+    per_token = page * facts.num_hidden_layers / flags.pipeline_parallel_size
+    return kv / GIB, int(max(0, kv) / per_token)
+
+
+def localaistack_tier(gpu_name: str) -> int:
+    """Our reading of LocalAIStack: memory from the GPU name, fixed max_model_len tiers."""
+    import re
+
+    match = re.search(r"(\d+)\s*GB", gpu_name, re.I)
+    mem = int(match.group(1)) if match else 0
+    return 32768 if mem >= 80 else 16384 if mem >= 40 else 8192 if mem >= 24 else 4096
+
+
+def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[str, Any] | str:
+    model_id = (case.get("model") or "").split(" ")[0].lower()
+    config = configs.get(model_id)
+    if config is None:
+        return "no config for the model"
+    if not case.get("vllm_version") or not str(case["vllm_version"])[:1].isdigit():
+        return "vLLM version not stated as a release"
+    try:
+        facts = facts_from_config(config, case["model"])
+        gpus = case_gpus(case)
+        flags = case_flags(case)
+        est = estimate(facts, gpus, flags, str(case["vllm_version"]))
+    except SmartRunError as err:
+        return f"not estimable: {err.message}"
+    util = flags.gpu_memory_utilization or (0.9 if est.profile == "0.19" else 0.92)
+    dtype_bytes = 4 if "float32" in (case.get("dtype") or "") else 2
+    naive_kv, naive_tokens = naive(facts, gpus, flags, util, dtype_bytes)
+    real_tokens = case.get("kv_cache_tokens")
+    # one request at full length must fit: the measured KV tokens bound the largest max_model_len
+    true_fit = min(facts.derived_max_model_len, real_tokens) if real_tokens else None
+    tier = localaistack_tier(case.get("gpu") or "")
+    return {
+        "id": case["id"],
+        "model": case["model"],
+        "version": str(case["vllm_version"]),
+        "subset": "0.19.0 H100"
+        if str(case["vllm_version"]) == "0.19.0" and "H100" in (case.get("gpu") or "")
+        else "other",
+        "tp": flags.tensor_parallel_size,
+        "pp": flags.pipeline_parallel_size,
+        "w_pred": est.weights_gib,
+        "w_real": case.get("weights_gib"),
+        "act_pred": est.activation_gib,
+        "act_real": case.get("activation_peak_gib"),
+        "kv_pred": est.kv_cache_gib,
+        "kv_real": case.get("kv_cache_gib"),
+        "tok_pred": est.kv_cache_tokens,
+        "tok_real": real_tokens,
+        "conc_pred": est.max_concurrency,
+        "conc_real": case.get("max_concurrency"),
+        "naive_kv": naive_kv,
+        "naive_tok": naive_tokens,
+        "tier_len": tier,
+        "true_fit_len": true_fit,
+        "fits_pred": est.fits,
+        "fits_real": case.get("startup_succeeded"),
+    }
+
+
+def summary(rows: list[dict[str, Any]], pred: str, real: str) -> tuple[str, str, str, int]:
+    errs = [pct(r[pred], r[real]) for r in rows if r.get(real)]
+    errs = [e for e in errs if e is not None]
+    if not errs:
+        return "-", "-", "-", 0
+    med = statistics.median(abs(e) for e in errs)
+    mean = statistics.mean(abs(e) for e in errs)
+    worst_over = max(errs)
+    return f"{med:.2f}%", f"{mean:.2f}%", f"{worst_over:+.2f}%", len(errs)
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args(argv)
+    configs = reference_configs()
+    rows, skipped = [], []
+    for line in (REF / "vllm_startup_logs.jsonl").read_text().splitlines():
+        case = json.loads(line)
+        result = run_case(case, configs)
+        if isinstance(result, str):
+            skipped.append((case["id"], case.get("model"), result))
+        else:
+            rows.append(result)
+    if args.json:
+        print(json.dumps({"rows": rows, "skipped": skipped}, indent=1))
+        return 0
+    if not args.summary_only:
+        head = f"{'id':8} {'model':52} {'tp':>2} {'pp':>2} | {'W pred':>6} {'W real':>6} {'err':>6} | {'KV pred':>7} {'KV real':>7} {'err':>6} | {'tok pred':>9} {'tok real':>9} {'err':>6} | {'conc p':>7} {'conc r':>7} {'err':>6}"
+        print(head)
+        print("-" * len(head))
+        for r in rows:
+            print(
+                f"{r['id']:8} {r['model'][:52]:52} {r['tp']:>2} {r['pp']:>2} | "
+                f"{r['w_pred']:6.2f} {fmt(r['w_real'], '6.2f'):>6} {fmt(pct(r['w_pred'], r['w_real']), '+6.1f'):>6} | "
+                f"{r['kv_pred']:7.2f} {fmt(r['kv_real'], '7.2f'):>7} {fmt(pct(r['kv_pred'], r['kv_real']), '+6.1f'):>6} | "
+                f"{r['tok_pred']:9d} {fmt(r['tok_real'], '9d'):>9} {fmt(pct(r['tok_pred'], r['tok_real']), '+6.1f'):>6} | "
+                f"{r['conc_pred']:7.2f} {fmt(r['conc_real'], '7.2f'):>7} {fmt(pct(r['conc_pred'], r['conc_real']), '+6.1f'):>6}"
+            )
+        print(f"\nskipped {len(skipped)} cases:")
+        for sid, model, why in skipped:
+            print(f"  {sid} {str(model)[:50]}: {why}")
+    print("\nSummary (abs error: median / mean; worst over-prediction; n)")
+    print(f"{'subset':12} {'metric':24} {'smartrun':>36} {'naive x1.2':>36}")
+    for subset in ("0.19.0 H100", "other"):
+        part = [r for r in rows if r["subset"] == subset]
+        for label, pred, real, naive_key in (
+            ("weights GiB", "w_pred", "w_real", None),
+            ("activation GiB", "act_pred", "act_real", None),
+            ("KV cache GiB", "kv_pred", "kv_real", "naive_kv"),
+            ("KV cache tokens", "tok_pred", "tok_real", "naive_tok"),
+            ("max concurrency", "conc_pred", "conc_real", None),
+        ):
+            med, mean, worst, n = summary(part, pred, real)
+            ours = f"{med} / {mean}; {worst}; n={n}"
+            theirs = "-"
+            if naive_key:
+                nmed, nmean, nworst, nn = summary(part, naive_key, real)
+                theirs = f"{nmed} / {nmean}; {nworst}; n={nn}"
+            print(f"{subset:12} {label:24} {ours:>36} {theirs:>36}")
+    print(
+        "\nllm-d-planner (published, its own vLLM 0.19.0 H100 sweep): KV-cache memory "
+        f"{LLM_D_PUBLISHED['kv_cache_gib_mean_abs_pct']}% mean error, max concurrency "
+        f"{LLM_D_PUBLISHED['max_concurrency_mean_abs_pct']}%, activation +{LLM_D_PUBLISHED['activation_mean_pct']:.0f}%"
+    )
+    tiers = [r for r in rows if r["tok_real"]]
+    print("\nLocalAIStack fixed tiers (our reading: memory from the GPU name; >=80GB 32768, >=40GB 16384,")
+    print(">=24GB 8192, else 4096) vs the largest max_model_len the measured KV tokens really hold:")
+    too_big = sum(1 for r in tiers if r["tier_len"] > r["true_fit_len"])
+    wasted = [r["true_fit_len"] / r["tier_len"] for r in tiers if r["tier_len"] <= r["true_fit_len"]]
+    ours_bad = sum(1 for r in tiers if r["tok_pred"] > r["tok_real"] * 1.05)
+    print(
+        f"  cases {len(tiers)}: tier too large (would not start) {too_big}; "
+        f"where it starts, the real fit is a median {statistics.median(wasted) if wasted else 0:.1f}x the tier"
+    )
+    print(
+        f"  smartrun KV tokens over the measured tokens by >5% (a plan that would not start): {ours_bad} cases"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
