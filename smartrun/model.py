@@ -207,8 +207,8 @@ def _need(cfg: dict[str, Any], key: str) -> Any:
 
 
 def _int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise ModelError(f"config.json: '{key}' must be an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value <= 0:
+        raise ModelError(f"config.json: '{key}' must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -226,10 +226,11 @@ def derive_max_model_len(
 
     1. D = the smallest value among MAX_LEN_KEYS present (not None) in the text config; none -> 2048.
     2. D = min(D, tokenizer_config.json model_max_length) when that is given.
-    3. RoPE: skipped entirely when "gemma3" is in the model_type (Gemma 3's 128K is already scaled).
-       rope types su / longrope / llama3 leave D as is (their max_position_embeddings is final).
-       Any other type (linear, dynamic, yarn, default/mrope...) multiplies D by rope_scaling["factor"]
-       (1 when absent); for yarn D first becomes rope_scaling["original_max_position_embeddings"].
+    3. RoPE (rope_scaling, or transformers v5 rope_parameters): skipped entirely when "gemma3" is in the
+       model_type (Gemma 3's 128K is already scaled). Types su / longrope / llama3 leave D as is (their
+       max_position_embeddings is final). Any other type (linear, dynamic, yarn, default/mrope...)
+       multiplies D by its "factor" (1 when absent); for yarn D first becomes its
+       "original_max_position_embeddings" when given. So yarn gives original x factor, not D x factor.
     """
     derived: float = math.inf
     key_used: str | None = None
@@ -241,14 +242,37 @@ def derive_max_model_len(
         derived, key_used = tokenizer_max_length, "tokenizer model_max_length"
     if derived == math.inf:
         derived = VLLM_DEFAULT_MAX_LEN
-    rope = text.get("rope_scaling")
-    rope_type = rope_type_of(rope) if isinstance(rope, dict) else None
-    if rope_type and "gemma3" not in model_type and rope_type not in ("su", "longrope", "llama3"):
-        factor = rope.get("factor", 1.0)
-        if rope_type == "yarn" and rope.get("original_max_position_embeddings") is not None:
-            derived = rope["original_max_position_embeddings"]
+    ropes = _rope_dicts(text)
+    if ropes and "gemma3" not in model_type:
+        factor = 1.0
+        for rope in ropes:  # transformers v5 may give one rope dict per layer type; vLLM uses the last factor
+            rope_type = rope_type_of(rope)
+            if rope_type not in ("su", "longrope", "llama3"):
+                factor = rope.get("factor", factor)
+                if rope_type == "yarn" and rope.get("original_max_position_embeddings") is not None:
+                    derived = rope["original_max_position_embeddings"]
         derived *= factor
     return int(derived), key_used
+
+
+def _rope_dicts(text: dict[str, Any]) -> list[dict[str, Any]]:
+    """rope_scaling, or transformers v5 rope_parameters (flat, or one dict per layer type), as a list."""
+    rope = text.get("rope_scaling") or text.get("rope_parameters")
+    if not isinstance(rope, dict) or not rope:
+        return []
+    if all(isinstance(v, dict) for v in rope.values()):
+        return list(rope.values())
+    return [rope]
+
+
+def _rope_scaling_fact(text: dict[str, Any]) -> dict[str, Any] | None:
+    """The rope scaling to report: rope_scaling, or rope_parameters when they scale (not plain default)."""
+    if isinstance(text.get("rope_scaling"), dict):
+        return text["rope_scaling"]
+    params = text.get("rope_parameters")
+    if isinstance(params, dict) and any(rope_type_of(r) != "default" for r in _rope_dicts(text)):
+        return params
+    return None
 
 
 def _layer_types(text: dict[str, Any], num_layers: int) -> tuple[tuple[str, ...] | None, int | None]:
@@ -380,6 +404,20 @@ def facts_from_config(
     """
     if not isinstance(config, dict):
         raise ModelError(f"config.json: expected a JSON object, got {type(config).__name__}")
+    try:
+        return _facts(config, name, path, tokenizer_max_length, hf_quant_config)
+    except (TypeError, ValueError, KeyError, IndexError) as err:  # odd value types, e.g. a string for a size
+        detail = " ".join(str(err).split())[:200]
+        raise ModelError(f"config.json: unexpected value ({type(err).__name__}: {detail})") from None
+
+
+def _facts(
+    config: dict[str, Any],
+    name: str,
+    path: str | None,
+    tokenizer_max_length: int | None,
+    hf_quant_config: dict[str, Any] | None,
+) -> ModelFacts:
     text = effective_text_config(config)
     nested = _text_section(config)[1]
     model_type = str(config.get("model_type") or text.get("model_type") or "unknown")
@@ -400,7 +438,6 @@ def facts_from_config(
     if not qc and isinstance(hf_quant_config, dict):
         qc = {"quant_method": "modelopt", **(hf_quant_config.get("quantization") or {})}
     archs = config.get("architectures") or text.get("architectures") or [model_type]
-    rope = text.get("rope_scaling")
     return ModelFacts(
         name=name,
         path=path,
@@ -417,7 +454,7 @@ def facts_from_config(
         max_position_embeddings=text.get("max_position_embeddings"),
         derived_max_model_len=derived,
         max_len_key=key_used,
-        rope_scaling=rope if isinstance(rope, dict) else None,
+        rope_scaling=_rope_scaling_fact(text),
         sliding_window=int(window) if window else None,
         layer_types=layer_types,
         torch_dtype=str(dtype).removeprefix("torch.") if dtype else "bfloat16",

@@ -209,6 +209,19 @@ def test_defaults_dtype_key_and_missing_key():
         facts_from_config({"model_type": "mystery", "num_hidden_layers": 2, "num_attention_heads": 2}, "m")
 
 
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [({"num_attention_heads": 0}, "'num_attention_heads' must be a positive integer"),
+     ({"hidden_size": "big"}, "'hidden_size' must be a positive integer"),
+     ({"num_local_experts": "eight", "num_experts_per_tok": 2}, "unexpected value (ValueError")],
+    ids=["zero-heads", "string-size", "string-experts"],
+)
+def test_odd_values_are_model_errors(change, needle):
+    with pytest.raises(ModelError) as err:
+        facts_from_config({**LLAMA_SMALL, **change}, "m")
+    assert err.value.message.startswith("config.json: ") and needle in err.value.message
+
+
 def test_qwen2_sliding_window_on_upper_layers():
     config = {**LLAMA_SMALL, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4096,
               "max_window_layers": 12}
@@ -252,9 +265,15 @@ def test_other_nesting_keys(key):
          "qwen2_vl", 32768),
         ({"max_position_embeddings": 4096, "seq_length": 2048}, "chatglm", 2048),
         ({"hidden_size": 10}, "mystery", 2048),
+        ({"max_position_embeddings": 32768, "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+          "original_max_position_embeddings": 32768, "rope_theta": 1e6}}, "qwen3", 131072),
+        ({"max_position_embeddings": 8192, "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "mystery", 16384),
     ],
     ids=["llama3-as-is", "yarn-from-original", "yarn-deepseek", "linear-x8", "dynamic-x2", "gemma3-skipped",
-         "longrope-as-is", "mrope-no-factor", "smallest-key", "no-key-2048"],
+         "longrope-as-is", "mrope-no-factor", "smallest-key", "no-key-2048", "v5-rope-parameters",
+         "v5-per-layer-type"],
 )
 def test_derived_max_model_len(text, model_type, expected):
     assert derive_max_model_len(text, model_type)[0] == expected
