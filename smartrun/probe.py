@@ -1,0 +1,335 @@
+"""A short, bounded load probe against any OpenAI-compatible /v1/completions endpoint.
+
+Closed loop: `concurrency` clients send requests back to back until the duration or the request
+budget runs out, then the requests in flight finish (each bounded by its own timeout), so a probe
+always stops by itself. Streaming is used to time the first token; a server that refuses the stream
+or vLLM's extras (ignore_eos, stream_options) is retried once in a plainer form for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from smartrun.errors import InputError, SmartRunError
+from smartrun.plan import Frozen
+
+
+class ProbeError(SmartRunError):
+    """The endpoint could not be probed at all (unreachable, no model listed)."""
+
+
+class ProbeSettings(Frozen):
+    """What load to offer: a closed loop of `concurrency` clients, bounded in time and requests."""
+
+    concurrency: int = Field(16, ge=1, le=4096)
+    duration_s: float = Field(10.0, gt=0)
+    prompt_tokens: int = Field(256, ge=1)
+    output_tokens: int = Field(128, ge=1)
+    max_requests: int = Field(1000, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    model: str | None = None
+
+
+# CLI flag for each setting, so a bad value is reported under the name the user typed.
+SETTING_FLAGS = {
+    "concurrency": "--concurrency",
+    "duration_s": "--duration",
+    "prompt_tokens": "--prompt-tokens",
+    "output_tokens": "--output-tokens",
+    "max_requests": "--max-requests",
+    "request_timeout_s": "--request-timeout",
+}
+
+
+def make_settings(flag_prefix: str = "--", **values: Any) -> ProbeSettings:
+    """ProbeSettings from user input; a bad value raises InputError naming its flag (None = default)."""
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        return ProbeSettings(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        flag = SETTING_FLAGS.get(field, field).replace("--", flag_prefix, 1)
+        raise InputError(f"{flag} {given.get(field)!r}: {first['msg'].lower()}") from None
+
+
+class ProbeProgress(Frozen):
+    """A live snapshot while the probe runs (for one updating progress line)."""
+
+    elapsed_s: float
+    done: int
+    errors: int
+    in_flight: int
+    output_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"probe {self.elapsed_s:5.1f}s  done {self.done}  errors {self.errors}  "
+                f"in flight {self.in_flight}  {self.tokens_per_s:,.0f} tok/s")
+
+
+class ProbeResult(Frozen):
+    """What one probe measured. Times in milliseconds; TTFT is None when nothing streamed."""
+
+    url: str
+    model: str
+    settings: ProbeSettings
+    requests: int  # sent (ok + errors)
+    ok: int
+    errors: int
+    error_kinds: dict[str, int] = Field(default_factory=dict)
+    output_tokens: int
+    elapsed_s: float
+    tokens_per_s: float
+    requests_per_s: float
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    streamed: bool = True
+    stopped_by: Literal["duration", "max_requests"] = "duration"
+
+    def summary(self) -> str:
+        fmt = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+        return (f"{self.tokens_per_s:,.1f} tok/s  {self.requests_per_s:,.2f} req/s  "
+                f"TTFT p50/p95 {fmt(self.ttft_p50_ms)}/{fmt(self.ttft_p95_ms)} ms  "
+                f"latency p50/p95 {fmt(self.latency_p50_ms)}/{fmt(self.latency_p95_ms)} ms  "
+                f"ok {self.ok}  errors {self.errors}")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def api_root(url: str) -> str:
+    """'http://h:8000', 'http://h:8000/', 'http://h:8000/v1' -> 'http://h:8000'."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url.strip())
+    except Exception:  # httpx raises several types for junk
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InputError(f"probe URL {url!r}: expected http(s)://HOST[:PORT][/v1]")
+    root = str(parsed.copy_with(query=None, fragment=None)).rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def prompt_text(tokens: int, index: int) -> str:
+    """About `tokens` tokens of text; the leading index keeps prefix caching from flattering the run."""
+    return f"{index} " + " ".join(["hello"] * max(0, tokens - 1))
+
+
+async def first_model(client: Any, root: str) -> str:
+    """The first model id /v1/models lists (what vLLM serves)."""
+    import httpx
+
+    try:
+        reply = await client.get(f"{root}/v1/models")
+        reply.raise_for_status()
+        models = reply.json().get("data") or []
+        return str(models[0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        raise ProbeError(f"{root}/v1/models: no model listed ({type(err).__name__}: {err}); pass --model") from None
+
+
+class _Run:
+    """Mutable state shared by the probe's workers (only inside run_probe_async)."""
+
+    # Request shapes, from richest to plainest; a 400/422 moves every worker to the next one.
+    VARIANTS = (
+        {"stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True},
+        {"stream": True},
+        {"stream": False},
+    )
+
+    def __init__(self, settings: ProbeSettings):
+        self.settings = settings
+        self.variant = 0
+        self.issued = 0
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self.in_flight = 0
+        self.output_tokens = 0
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.streamed_any = False
+        self.stopped_by: Literal["duration", "max_requests"] = "duration"
+
+
+def _text_of(choice: dict[str, Any]) -> str:
+    return str(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+
+
+async def _one_request(client: Any, url: str, model: str, run: _Run, index: int) -> None:
+    """Send one completion; record latency, TTFT and tokens, or the error kind."""
+    import httpx
+
+    s = run.settings
+    while True:
+        variant = run.variant
+        body = {"model": model, "prompt": prompt_text(s.prompt_tokens, index), "max_tokens": s.output_tokens,
+                "temperature": 0.0, **_Run.VARIANTS[variant]}
+        start = time.perf_counter()
+        ttft = None
+        chunk_tokens = 0
+        usage_tokens = None
+        try:
+            async with client.stream("POST", url, json=body, timeout=s.request_timeout_s) as reply:
+                if reply.status_code in (400, 422) and variant + 1 < len(_Run.VARIANTS):
+                    await reply.aread()
+                    run.variant = max(run.variant, variant + 1)
+                    continue  # retry this request in the plainer form
+                if reply.status_code != 200:
+                    await reply.aread()
+                    run.errors[f"HTTP {reply.status_code}"] += 1
+                    return
+                if "text/event-stream" in reply.headers.get("content-type", ""):
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        event = json.loads(data)
+                        if event.get("usage"):
+                            usage_tokens = event["usage"].get("completion_tokens")
+                        for choice in event.get("choices") or []:
+                            if _text_of(choice):
+                                chunk_tokens += 1
+                                if ttft is None:
+                                    ttft = time.perf_counter() - start
+                    run.streamed_any = True
+                else:
+                    payload = json.loads(await reply.aread())
+                    usage_tokens = (payload.get("usage") or {}).get("completion_tokens")
+                    chunk_tokens = 1 if any(_text_of(c) for c in payload.get("choices") or []) else 0
+        except httpx.TimeoutException:
+            run.errors["timeout"] += 1
+            return
+        except (httpx.HTTPError, ValueError) as err:
+            run.errors[type(err).__name__] += 1
+            return
+        latency = time.perf_counter() - start
+        run.ok += 1
+        run.output_tokens += int(usage_tokens if usage_tokens is not None else chunk_tokens)
+        run.latencies.append(latency * 1000.0)
+        if ttft is not None:
+            run.ttfts.append(ttft * 1000.0)
+        return
+
+
+async def _worker(client: Any, url: str, model: str, run: _Run, started: float) -> None:
+    s = run.settings
+    while True:
+        if time.perf_counter() - started >= s.duration_s:
+            return
+        if run.issued >= s.max_requests:
+            run.stopped_by = "max_requests"
+            return
+        index = run.issued
+        run.issued += 1
+        run.in_flight += 1
+        try:
+            await _one_request(client, url, model, run, index)
+        finally:
+            run.in_flight -= 1
+
+
+async def run_probe_async(
+    base_url: str,
+    settings: ProbeSettings,
+    on_progress: Callable[[ProbeProgress], None] | None = None,
+    progress_every_s: float = 0.25,
+) -> ProbeResult:
+    """Probe `base_url` (server root or .../v1) with `settings`; returns when every worker has stopped."""
+    import httpx
+
+    root = api_root(base_url)
+    limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s, trust_env=False) as client:
+        model = settings.model or await first_model(client, root)
+        run = _Run(settings)
+        started = time.perf_counter()
+
+        def progress() -> ProbeProgress:
+            return ProbeProgress(elapsed_s=time.perf_counter() - started, done=run.ok, errors=sum(run.errors.values()),
+                                 in_flight=run.in_flight, output_tokens=run.output_tokens)
+
+        workers = [asyncio.create_task(_worker(client, f"{root}/v1/completions", model, run, started))
+                   for _ in range(settings.concurrency)]
+        hard_stop = settings.duration_s + settings.request_timeout_s + 5.0
+
+        async def watch() -> None:
+            while not all(w.done() for w in workers):
+                await asyncio.wait(workers, timeout=progress_every_s)
+                if on_progress:
+                    on_progress(progress())
+
+        try:
+            await asyncio.wait_for(watch(), hard_stop)
+        except asyncio.TimeoutError:  # a request timeout that did not fire; never hang
+            run.errors["probe deadline"] += run.in_flight
+            for worker in workers:
+                worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        elapsed = time.perf_counter() - started
+    if on_progress:
+        on_progress(progress())
+    errors = sum(run.errors.values())
+    return ProbeResult(
+        url=root, model=model, settings=settings, requests=run.ok + errors, ok=run.ok, errors=errors,
+        error_kinds=dict(run.errors), output_tokens=run.output_tokens, elapsed_s=elapsed,
+        tokens_per_s=run.output_tokens / elapsed, requests_per_s=run.ok / elapsed,
+        ttft_p50_ms=percentile(run.ttfts, 50), ttft_p95_ms=percentile(run.ttfts, 95),
+        latency_p50_ms=percentile(run.latencies, 50), latency_p95_ms=percentile(run.latencies, 95),
+        streamed=run.streamed_any, stopped_by=run.stopped_by,
+    )
+
+
+def run_probe(
+    base_url: str, settings: ProbeSettings, on_progress: Callable[[ProbeProgress], None] | None = None
+) -> ProbeResult:
+    """Blocking form of run_probe_async for the CLI and the tuner."""
+    return asyncio.run(run_probe_async(base_url, settings, on_progress))
+
+
+class ProgressLine:
+    """A progress callback that rewrites one status line on a terminal and stays quiet in a pipe."""
+
+    def __init__(self, stream: Any = None):
+        import sys
+
+        self.out = stream or sys.stderr
+        self.interactive = bool(getattr(self.out, "isatty", lambda: False)())
+        self.shown = False
+
+    def __call__(self, progress: ProbeProgress) -> None:
+        if self.interactive:
+            self.out.write("\r\033[K" + progress.line())
+            self.out.flush()
+            self.shown = True
+
+    def finish(self) -> None:
+        """End the status line so the next output starts on a fresh one."""
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+            self.shown = False

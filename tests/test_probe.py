@@ -1,0 +1,221 @@
+"""The load probe against a scripted OpenAI-compatible server on 127.0.0.1 (real HTTP, real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from smartrun import probe
+from smartrun.cli import main
+from smartrun.errors import InputError
+
+
+class ScriptedServer:
+    """Serves /v1/models and /v1/completions; `behaviour(n, body)` says what the n-th completion does.
+
+    behaviour returns a dict: status (200), first_s (delay before the first chunk), total_s (delay
+    before the end), stream (honour stream=True), tokens (chunks to send), reject_extras (400 when
+    vLLM-only fields are present).
+    """
+
+    def __init__(self, behaviour: Callable[[int, dict], dict]):
+        self.behaviour = behaviour
+        self.bodies: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": "scripted-model", "object": "model"}]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with server.lock:
+                    n = len(server.bodies)
+                    server.bodies.append(body)
+                plan = {"status": 200, "first_s": 0.0, "total_s": 0.0, "stream": True, "tokens": 4,
+                        "reject_extras": False, **server.behaviour(n, body)}
+                if plan["reject_extras"] and ("ignore_eos" in body or "stream_options" in body):
+                    self._send(400, {"error": "unknown field"})
+                    return
+                if plan["status"] != 200:
+                    self._send(plan["status"], {"error": "scripted failure"})
+                    return
+                tokens = plan["tokens"]
+                if not (body.get("stream") and plan["stream"]):
+                    time.sleep(plan["total_s"])
+                    self._send(200, {"choices": [{"text": "x" * tokens, "index": 0}],
+                                     "usage": {"prompt_tokens": 3, "completion_tokens": tokens}})
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+
+                def chunk(text: str) -> None:
+                    data = text.encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+
+                time.sleep(plan["first_s"])
+                for _ in range(tokens):
+                    chunk("data: " + json.dumps({"choices": [{"text": "x", "index": 0}]}) + "\n\n")
+                time.sleep(max(0.0, plan["total_s"] - plan["first_s"]))
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    chunk("data: " + json.dumps({"choices": [], "usage": {"completion_tokens": tokens}}) + "\n\n")
+                chunk("data: [DONE]\n\n")
+                chunk("")
+
+        class Quiet(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that hung up early is expected
+                pass
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    def __enter__(self) -> ScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def settings(**kw) -> probe.ProbeSettings:
+    base = {"concurrency": 1, "duration_s": 30.0, "max_requests": 10, "request_timeout_s": 10.0,
+            "prompt_tokens": 8, "output_tokens": 4}
+    return probe.ProbeSettings(**{**base, **kw})
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [float(v) for v in range(10, 110, 10)]  # 10..100
+    assert probe.percentile(values, 50) == pytest.approx(55.0)
+    assert probe.percentile(values, 95) == pytest.approx(95.5)
+    assert probe.percentile([7.0], 95) == 7.0
+    assert probe.percentile([], 50) is None
+
+
+def test_percentiles_and_ttft_follow_the_scripted_delays():
+    # request k waits 20*k ms before its first token and 20*k + 10 ms in total (one client, in order)
+    script = lambda n, body: {"first_s": 0.02 * n, "total_s": 0.02 * n + 0.01}  # noqa: E731
+    with ScriptedServer(script) as server:
+        result = probe.run_probe(server.url, settings(max_requests=10))
+    assert (result.ok, result.errors, result.requests) == (10, 0, 10)
+    assert result.output_tokens == 40 and result.streamed
+    # sorted latencies are 10, 30, ..., 190 ms plus overhead: p50 = 100 (+overhead), p95 = 181 (+overhead);
+    # the upper limits only rule out a wrong rank (the neighbours are 20 ms away, plus overhead slack)
+    assert 100 <= result.latency_p50_ms < 140
+    assert 181 <= result.latency_p95_ms < 220
+    assert 90 <= result.ttft_p50_ms < result.latency_p50_ms
+    assert 171 <= result.ttft_p95_ms < result.latency_p95_ms
+    assert result.model == "scripted-model"
+
+
+def test_request_budget_bounds_the_probe():
+    with ScriptedServer(lambda n, body: {}) as server:
+        result = probe.run_probe(server.url + "/v1/", settings(concurrency=3, max_requests=7))
+        sent = len(server.bodies)
+    assert result.requests == 7 and sent == 7
+    assert result.stopped_by == "max_requests"
+
+
+def test_duration_bounds_the_probe_and_progress_is_reported():
+    seen: list[probe.ProbeProgress] = []
+    with ScriptedServer(lambda n, body: {"total_s": 0.01}) as server:
+        result = asyncio.run(probe.run_probe_async(
+            server.url, settings(concurrency=2, duration_s=0.3, max_requests=100_000), seen.append, 0.05))
+    assert result.stopped_by == "duration"
+    assert 0 < result.requests < 100_000
+    assert seen and seen[-1].done == result.ok
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+
+
+def test_errors_and_timeouts_are_counted_not_raised():
+    def script(n, body):
+        if n % 3 == 0:
+            return {"status": 500}
+        if n == 4:
+            return {"first_s": 1.0, "total_s": 1.0}  # longer than the request timeout
+        return {}
+
+    with ScriptedServer(script) as server:
+        result = probe.run_probe(server.url, settings(max_requests=9, request_timeout_s=0.3))
+    assert result.error_kinds == {"HTTP 500": 3, "timeout": 1}
+    assert (result.ok, result.errors, result.requests) == (5, 4, 9)
+
+
+def test_falls_back_to_plain_requests_when_extras_or_streaming_are_refused():
+    with ScriptedServer(lambda n, body: {"reject_extras": True}) as server:
+        result = probe.run_probe(server.url, settings(max_requests=4))
+        assert all("ignore_eos" not in b for b in server.bodies[1:])
+    assert (result.ok, result.errors) == (4, 0) and result.streamed
+    assert result.output_tokens == 16  # counted from the chunks when no usage is sent
+
+    with ScriptedServer(lambda n, body: {"stream": False, "tokens": 5}) as server:
+        result = probe.run_probe(server.url, settings(max_requests=3))
+    assert (result.ok, result.output_tokens, result.streamed) == (3, 15, False)
+    assert result.ttft_p50_ms is None and result.latency_p50_ms is not None
+
+
+def test_bad_settings_and_urls_name_the_flag():
+    with pytest.raises(InputError, match="--concurrency 0"):
+        probe.make_settings(concurrency=0)
+    with pytest.raises(InputError, match="ftp://x"):
+        probe.api_root("ftp://x")
+    assert probe.api_root("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"
+
+
+def test_unreachable_server_is_a_one_line_error(capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    capsys.readouterr()
+    code = main(["probe", f"http://127.0.0.1:{port}", "--max-requests", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("localaistack: ") and err.count("\n") == 1
+
+
+def test_cli_prints_json_in_a_real_subprocess():
+    with ScriptedServer(lambda n, body: {}) as server:
+        proc = subprocess.run(
+            [sys.executable, "-m", "smartrun", "probe", server.url, "--max-requests", "5", "--concurrency", "2",
+             "--prompt-tokens", "16", "--output-tokens", "4", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )
+        prompts = [b["prompt"] for b in server.bodies]
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["ok"] == 5 and data["output_tokens"] == 20 and data["settings"]["concurrency"] == 2
+    assert len(set(prompts)) == 5 and all(len(p.split()) == 16 for p in prompts)
+    bad = subprocess.run([sys.executable, "-m", "smartrun", "probe", server.url, "--duration", "-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("localaistack: --duration -1.0")
