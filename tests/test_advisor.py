@@ -1,0 +1,260 @@
+"""The advisor end to end: the real openai client over HTTP to a scripted server on 127.0.0.1.
+
+Every case ends in an accepted in-bounds plan, a fallback to the baseline with its reason, or AdvisorError.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fakes.advisor_inputs import FAKE_KEY, baseline, bounds, check_for, context, reply, transport
+from fakes.llm_server import FakeLLM
+
+from smartrun.advisor import Advice, LLMUnavailable, advise, debug_line, explain_lines
+from smartrun.errors import AdvisorError
+
+GOOD = reply([{"knob": "max_num_seqs", "value": 16, "reason": "throughput goal, memory allows"},
+              {"knob": "gpu_memory_utilization", "value": 0.9, "reason": "a little more KV cache"}])
+
+
+def run(steps, *, strict=False, llm_options=None, **transport_settings) -> tuple[Advice, FakeLLM]:
+    with FakeLLM(steps, **(llm_options or {})) as llm:
+        ctx = context()
+        advice = advise(ctx, transport(llm.base_url, **transport_settings), check_for(ctx.bounds, ctx.baseline),
+                        strict=strict)
+    return advice, llm
+
+
+def assert_in_bounds(advice: Advice) -> None:
+    b = bounds()
+    for name, value in advice.plan.params.items():
+        assert b.knobs[name].contains(value), (name, value)
+    assert set(advice.plan.params) == set(baseline().params)
+
+
+def assert_fallback(advice: Advice, *words: str) -> None:
+    assert advice.plan == baseline()
+    assert advice.fallback_reason
+    for word in words:
+        assert word in advice.fallback_reason, advice.fallback_reason
+
+
+def test_good_reply_becomes_an_llm_plan_with_provenance():
+    advice, llm = run([{"content": GOOD, "usage": {"prompt_tokens": 812, "completion_tokens": 96}}])
+    assert advice.plan.source == "llm"
+    assert advice.plan.params["max_num_seqs"] == 16
+    assert advice.plan.params["gpu_memory_utilization"] == 0.9
+    assert "throughput goal" in advice.plan.provenance["max_num_seqs"]
+    assert advice.fallback_reason is None
+    assert advice.tokens == (812, 96)
+    assert len(llm.chat_requests) == 1
+    assert llm.chat_requests[0]["body"]["response_format"]["type"] == "json_schema"
+    assert_in_bounds(advice)
+    assert debug_line(advice).startswith('source=llm reason="suits the goal" latency=')
+    assert debug_line(advice).endswith("tokens=812/96")
+
+
+@pytest.mark.parametrize("wrap", [
+    "```json\n{}\n```",
+    "Sure! Here is my proposal:\n```\n{}\n```\nLet me know if you need more.",
+    "Given the H100 I suggest {} because memory is plentiful.",
+])
+def test_json_inside_fences_or_prose_is_found(wrap):
+    advice, _ = run([{"content": wrap.replace("{}", GOOD)}])
+    assert advice.plan.source == "llm"
+    assert advice.plan.params["max_num_seqs"] == 16
+
+
+def test_out_of_range_values_are_rejected_three_times_then_the_baseline_is_used():
+    bad = reply([{"knob": "max_model_len", "value": 131072, "reason": "more context"}])
+    advice, llm = run([{"content": bad, "times": 3}])
+    assert_fallback(advice, "3 replies", "max_model_len=131072")
+    assert len(llm.chat_requests) == 3  # first try + max_repairs=2
+    assert all(e.rejections and not e.accepted for e in advice.exchanges)
+    assert debug_line(advice).startswith("source=static")
+
+
+def test_repair_loop_lists_the_broken_bound_and_accepts_the_fix():
+    bad = reply([{"knob": "max_num_seqs", "value": 16, "reason": "throughput"},
+                 {"knob": "gpu_memory_utilization", "value": 0.97, "reason": "more KV"}])
+    advice, llm = run([{"content": bad}, {"content": GOOD}])
+    assert advice.plan.source == "llm"
+    assert advice.plan.params["gpu_memory_utilization"] == 0.9
+    assert [e.accepted for e in advice.exchanges] == [False, True]
+    second = llm.chat_requests[1]["body"]["messages"]
+    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
+    assert "gpu_memory_utilization = 0.97" in second[-1]["content"]
+    assert "0.93" in second[-1]["content"]  # the bound it broke
+    assert any("rejected gpu_memory_utilization=0.97" in line for line in explain_lines(advice))
+
+
+def test_unknown_knob_is_ignored_and_reported_while_the_rest_is_taken():
+    text = reply([{"knob": "turbo_mode", "value": True, "reason": "go fast"},
+                  {"knob": "max_num_seqs", "value": 8, "reason": "throughput"}])
+    advice, _ = run([{"content": text}])
+    assert advice.plan.source == "llm"
+    assert advice.plan.params["max_num_seqs"] == 8
+    assert "turbo_mode" not in advice.plan.params
+    assert any("turbo_mode" in item for item in advice.exchanges[0].ignored)
+
+
+def test_security_knobs_and_shell_text_never_reach_the_plan():
+    hostile = reply([{"knob": "--trust-remote-code", "value": True, "reason": "needed"},
+                     {"knob": "host", "value": "0.0.0.0", "reason": "reachable"},
+                     {"knob": "max_model_len", "value": "4096; rm -rf ~", "reason": "context"}])
+    advice, llm = run([{"content": hostile, "times": 3}])
+    assert_fallback(advice, "max_model_len")
+    first = advice.exchanges[0]
+    assert any("trust-remote-code" in item and "security" in item for item in first.ignored)
+    assert any("host" in item for item in first.ignored)
+    assert [r.knob for r in first.rejections] == ["max_model_len"]
+    assert first.rejections[0].value == "4096; rm -rf ~"
+    assert "host" not in advice.plan.params and "trust_remote_code" not in advice.plan.params
+    repair = llm.chat_requests[1]["body"]["messages"][-1]["content"]
+    assert "not yours to change" in repair and "max_model_len" in repair
+
+
+def test_a_change_to_a_pinned_knob_is_ignored_and_shown():
+    text = reply([{"knob": "tensor_parallel_size", "value": 2, "reason": "split"},
+                  {"knob": "max_num_seqs", "value": 12, "reason": "throughput"}])
+    advice, _ = run([{"content": text}])
+    assert advice.plan.params["tensor_parallel_size"] == 1
+    assert advice.plan.params["max_num_seqs"] == 12
+    assert any("tensor_parallel_size=2: pinned" in item for item in advice.exchanges[0].ignored)
+
+
+def test_a_reply_that_only_touches_pinned_knobs_is_a_failed_attempt():
+    text = reply([{"knob": "-tp", "value": 2, "reason": "split"}])
+    advice, _ = run([{"content": text, "times": 3}])
+    assert_fallback(advice, "nothing in the reply may be changed")
+
+
+def test_empty_reply_falls_back_with_the_reason():
+    advice, _ = run([{"content": "", "times": 3}])
+    assert_fallback(advice, "LLM reply is empty")
+
+
+def test_null_content_counts_as_empty():
+    advice, _ = run([{"content": None}, {"content": GOOD}])
+    assert advice.exchanges[0].error == "LLM reply is empty"
+    assert advice.plan.source == "llm"
+
+
+def test_truncated_json_falls_back_with_the_reason():
+    cut = GOOD[: len(GOOD) // 2]
+    advice, _ = run([{"content": cut, "finish_reason": "length", "times": 3}])
+    assert_fallback(advice, "cut off")
+
+
+def test_429_then_success_is_retried_inside_one_exchange():
+    advice, llm = run([{"status": 429, "error": "slow down"}, {"content": GOOD}])
+    assert advice.plan.source == "llm"
+    assert len(llm.chat_requests) == 2
+    assert len(advice.exchanges) == 1
+
+
+def test_500_until_give_up_is_bounded_and_falls_back():
+    advice, llm = run([{"status": 500, "times": 10}], max_attempts=3)
+    assert_fallback(advice, "failed 3 time(s)", "HTTP 500")
+    assert len(llm.chat_requests) == 3
+    assert advice.exchanges[0].reply is None
+
+
+def test_total_time_bound_stops_retries_before_the_attempt_count():
+    with FakeLLM([{"status": 503, "times": 50}]) as llm:
+        tr = transport(llm.base_url, max_attempts=50, max_total_s=0.3)
+        tr.backoff_s = tr.backoff_max_s = 0.1
+        with pytest.raises(LLMUnavailable, match="HTTP 503"):
+            tr.complete([{"role": "user", "content": "hi"}], {})
+    assert 1 < len(llm.chat_requests) < 50
+
+
+def test_reply_slower_than_the_timeout_falls_back():
+    advice, _ = run([{"content": GOOD, "delay_s": 5}], timeout_s=0.3, max_attempts=1)
+    assert_fallback(advice, "timed out")
+
+
+def test_non_json_content_type_is_not_a_completion():
+    advice, _ = run([{"body": "<html><body>Bad gateway</body></html>", "content_type": "text/html"}])
+    assert_fallback(advice, "did not send a chat completion")
+
+
+def test_refused_key_is_reported_plainly_not_retried_and_not_echoed():
+    echo = f"Incorrect API key provided: {FAKE_KEY}"
+    advice, llm = run([{"status": 401, "error": echo, "times": 5}])
+    assert_fallback(advice, "refused the API key (401)")
+    assert len(llm.chat_requests) == 1
+    assert FAKE_KEY not in advice.model_dump_json()
+
+
+def test_other_client_errors_show_the_server_message_without_the_key():
+    advice, llm = run([{"status": 400, "error": f"bad request for key {FAKE_KEY}"}])
+    assert_fallback(advice, "HTTP 400", "***")
+    assert FAKE_KEY not in advice.fallback_reason
+    assert len(llm.chat_requests) == 1
+
+
+def test_strict_mode_raises_exit_code_3():
+    with pytest.raises(AdvisorError) as caught:
+        run([{"content": "I cannot help with that.", "times": 3}], strict=True)
+    assert caught.value.exit_code == 3
+    assert "--smart-run-strict" in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+def test_strict_mode_raises_on_transport_failure_too():
+    with pytest.raises(AdvisorError, match="failed 2 time"):
+        run([{"status": 502, "times": 5}], strict=True, max_attempts=2)
+
+
+def test_server_without_json_schema_gets_plain_text_for_the_rest_of_the_session():
+    bad = reply([{"knob": "max_num_seqs", "value": 1000, "reason": "max"}])
+    advice, llm = run([{"content": bad}, {"content": GOOD}], llm_options={"structured": False})
+    assert advice.plan.source == "llm"
+    formats = ["response_format" in r["body"] for r in llm.chat_requests]
+    assert formats == [True, False, False]  # refused once, then never sent again
+    assert [e.reply.structured for e in advice.exchanges] == [False, False]
+
+
+def test_server_ignoring_json_schema_is_remembered_as_plain_text():
+    prose = "Sure. " + GOOD
+    with FakeLLM([{"content": prose}, {"content": GOOD}]) as llm:
+        tr = transport(llm.base_url)
+        first = tr.complete([{"role": "user", "content": "a"}], {"type": "object"})
+        tr.complete([{"role": "user", "content": "b"}], {"type": "object"})
+    assert first.structured is False
+    assert ["response_format" in r["body"] for r in llm.chat_requests] == [True, False]
+
+
+def test_model_is_discovered_from_the_server_when_not_configured():
+    with FakeLLM([{"content": GOOD}], model="local-qwen") as llm:
+        ctx = context()
+        advice = advise(ctx, transport(llm.base_url, model="", api_key=None), check_for(ctx.bounds, ctx.baseline))
+    assert advice.plan.source == "llm"
+    assert llm.chat_requests[0]["body"]["model"] == "local-qwen"
+    assert llm.chat_requests[0]["headers"]["authorization"] == "Bearer sk-no-key-needed"
+
+
+def test_the_key_is_sent_as_a_header_but_never_in_prompts_or_records():
+    advice, llm = run([{"content": reply([{"knob": "max_num_seqs", "value": 99}])}, {"content": GOOD}])
+    assert llm.chat_requests[0]["headers"]["authorization"] == f"Bearer {FAKE_KEY}"
+    bodies = json.dumps([r["body"] for r in llm.requests])
+    assert FAKE_KEY not in bodies
+    assert FAKE_KEY not in advice.model_dump_json()
+    assert "max_model_len" in bodies and "bounds:smartrun.toml:3" in bodies
+
+
+def test_recover_prompt_carries_the_failure_and_the_log_excerpt():
+    failure = {"class": "kv_cache_too_small", "evidence": "estimated maximum model length is 6144",
+               "estimated_max_model_len": 6144,
+               "log_excerpt": "ValueError: To serve at least one request with the models's max seq len (8192)"}
+    fix = reply([{"knob": "max_model_len", "value": 6144, "reason": "vLLM says 6144 fits"}], "fit the KV cache")
+    with FakeLLM([{"content": fix}]) as llm:
+        ctx = context(failure=failure, attempts=({"params": {"max_model_len": 8192}, "failure": "kv_cache_too_small"},))
+        advice = advise(ctx, transport(llm.base_url), check_for(ctx.bounds, ctx.baseline), kind="recover")
+    assert advice.plan.params["max_model_len"] == 6144
+    assert advice.exchanges[0].kind == "recover"
+    system, user = (m["content"] for m in llm.chat_requests[0]["body"]["messages"])
+    assert "The last launch failed" in system
+    assert "kv_cache_too_small" in user and "max seq len (8192)" in user and "6144" in user
