@@ -77,7 +77,7 @@ class ModelFacts(Frozen):
     is_multimodal: bool = False
     weight_bytes: int | None = None  # exact, from safetensors headers or index
     weight_bytes_source: str | None = None  # "safetensors-headers" | "safetensors-index" | None
-    weight_param_count: int | None = None  # from headers, when present
+    weight_param_count: int | None = None  # from headers: stored elements (packed int4 qweight counts 8 as 1)
     config: dict[str, Any] = {}  # config.json as read (top level)
     text_config: dict[str, Any] = {}  # effective text config, transformers defaults filled in
     # Added by the inspect stage (all defaulted):
