@@ -218,9 +218,11 @@ def _match_gpu(name: str) -> dict[str, Any]:
         if wanted in (_norm(row["key"]), _norm(row["nvml_name"])):
             return row
     tokens = [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t and t not in ("nvidia", "geforce")]
-    hits = [
-        row for row in rows if all(t in _norm(row["key"]) + "|" + _norm(row["nvml_name"]) for t in tokens)
-    ]
+
+    def words(row: dict[str, Any]) -> set[str]:
+        return set(re.split(r"[^a-z0-9]+", f"{row['key']} {row['nvml_name']}".lower()))
+
+    hits = [row for row in rows if set(tokens) <= words(row)]
     same_size = len({(row["memory_total_mib"], row["compute_capability"]) for row in hits}) == 1
     if len(hits) > 1 and (same_size or not any(t.endswith("gb") for t in tokens)):
         # Same memory either way, or a bare family name ("H100"): the table's first-listed part.
@@ -538,7 +540,17 @@ def _rope_cache_params(model: ModelFacts) -> int:
     rot = model.mla.qk_rope_head_dim if model.mla else model.head_dim
     rot = int(rot * float(_tc(model).get("partial_rotary_factor") or 1.0))
     max_pos = model.max_position_embeddings or model.derived_max_model_len
-    return max_pos * rot
+    scaling = model.rope_scaling or _tc(model).get("rope_scaling") or {}
+    kind = str(scaling.get("rope_type") or scaling.get("type") or "")
+    factor = float(scaling.get("factor") or 1.0)
+    if kind in ("linear", "dynamic"):  # the cache covers max_position x factor positions
+        cached = int(max_pos * factor)
+    elif kind in ("yarn", "deepseek_yarn"):
+        cached = int((scaling.get("original_max_position_embeddings") or max_pos) * factor)
+    else:
+        cached = max_pos
+    local = max_pos if _tc(model).get("rope_local_base_freq") else 0  # a second, unscaled cache (Gemma-3)
+    return (cached + local) * rot
 
 
 class RankWeights(Frozen):

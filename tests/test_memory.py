@@ -1,0 +1,352 @@
+"""The memory estimator: each budget term by hand from vLLM's formulas, properties, reference startups."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smartrun.cli import main as cli_main
+from smartrun.errors import EstimateError
+from smartrun.memory import (
+    GIB,
+    MIB,
+    EngineFlags,
+    GpuSpec,
+    estimate,
+    kv_bytes_per_token_layer,
+    kv_groups,
+    largest_fitting_model_len,
+    layer_kinds,
+    pp_layer_ranges,
+    resolve_version,
+    weights_per_rank,
+)
+from smartrun.model import facts_from_config
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "fixtures"
+
+_spec = importlib.util.spec_from_file_location(
+    "estimator_accuracy", REPO / "benchmarks" / "estimator_accuracy.py"
+)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+CONFIGS = bench.reference_configs()
+H100 = GpuSpec.from_name("H100")
+
+
+def facts(model_id: str):
+    return facts_from_config(CONFIGS[model_id.lower()], model_id)
+
+
+LLAMA8 = facts("meta-llama/Llama-3.1-8B-Instruct")
+QWEN7 = facts("Qwen/Qwen2.5-7B-Instruct")
+DSV2 = facts("deepseek-ai/DeepSeek-V2-Lite-Chat")
+GEMMA3 = facts("google/gemma-3-12b-it")
+AT_095 = EngineFlags(gpu_memory_utilization=0.95, max_model_len=8192)
+
+
+# ---- budget terms, worked by hand -------------------------------------------------------------
+
+
+def test_cuda_total_is_nvml_total_minus_driver_reservation():
+    # H100 80GB: NVML 81559 MiB, vLLM prints total_memory=79.19GiB
+    assert round(H100.cuda_total_bytes / GIB, 2) == 79.19
+    est = estimate(LLAMA8, [H100], AT_095, "0.19.0")
+    assert est.total_gib == 79.19
+    assert est.requested_gib == round(math.ceil(H100.cuda_total_bytes * 0.95) / GIB, 2) == 75.23
+
+
+def test_kv_bytes_per_token_gqa_mla_fp8_and_replication():
+    assert kv_bytes_per_token_layer(LLAMA8, 2, 1) * 32 == 2 * 8 * 128 * 2 * 32 == 131072
+    assert kv_bytes_per_token_layer(LLAMA8, 2, 2) * 32 == 65536
+    assert (
+        kv_bytes_per_token_layer(LLAMA8, 2, 16) == 2 * 1 * 128 * 2
+    )  # 8 KV heads on 16 ranks: one replicated
+    assert kv_bytes_per_token_layer(LLAMA8, 1, 1) == 2 * 8 * 128  # fp8 halves
+    assert kv_bytes_per_token_layer(DSV2, 2, 1) == (512 + 64) * 2 == kv_bytes_per_token_layer(DSV2, 2, 4)
+    assert estimate(LLAMA8, [H100], AT_095, "0.19.0").kv_bytes_per_token == 131072
+
+
+def test_weights_counted_from_the_architecture_match_published_parameter_counts():
+    rope = 131072 * 128 * 2  # vLLM's cos/sin cache: max_position x rotary_dim in bf16
+    assert weights_per_rank(LLAMA8, "bfloat16", 1, 1)[0].bytes == 2 * 8030261248 + rope
+    assert weights_per_rank(QWEN7, "bfloat16", 1, 1)[0].bytes == 2 * 7615616512 + 32768 * 128 * 2
+    assert weights_per_rank(DSV2, "bfloat16", 1, 1)[0].bytes == pytest.approx(2 * 15706484224, rel=0.002)
+
+
+def test_weights_split_by_tp_and_pp_with_vocab_sharded_and_norms_replicated():
+    whole = weights_per_rank(LLAMA8, "bfloat16", 1, 1)[0].bytes
+    tp2 = weights_per_rank(LLAMA8, "bfloat16", 2, 1)[0].bytes
+    rope = 131072 * 128 * 2
+    norms = (32 * 2 + 1) * 4096 * 2
+    assert tp2 - rope == (whole - rope - norms) // 2 + norms
+    first, last = weights_per_rank(LLAMA8, "bfloat16", 1, 2)
+    embed = 128256 * 4096 * 2
+    assert (
+        first.bytes - rope
+        == 16 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336) * 2 + 16 * 2 * 4096 * 2 + embed
+    )
+    assert last.bytes == first.bytes + 4096 * 2  # + final norm; lm_head the size of the embedding
+
+
+def test_pp_layer_ranges_follow_vllm():
+    assert [len(r) for r in pp_layer_ranges(32, 3)] == [11, 11, 10]
+    assert [len(r) for r in pp_layer_ranges(32, 4)] == [8, 8, 8, 8]
+
+
+def test_quantized_layouts():
+    w8a8 = facts("RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w8a8")
+    w4 = facts("RedHatAI/Meta-Llama-3.1-8B-Instruct-quantized.w4a16")
+    bf16 = weights_per_rank(LLAMA8, "bfloat16", 1, 1)[0].bytes
+    embeds = 2 * 128256 * 4096 * 2
+    linear = bf16 - embeds  # roughly: norms and rope are tiny
+    assert weights_per_rank(w8a8, "bfloat16", 1, 1)[0].bytes == pytest.approx(embeds + linear / 2, rel=0.01)
+    int4 = weights_per_rank(w4, "float16", 1, 1)[0].bytes
+    # 4 bits + (fp16 scale + 4-bit zero) per 128 weights = 4.16 bits per weight
+    assert int4 == pytest.approx(embeds + linear / 2 * 4.125 / 8, rel=0.01)
+
+
+def test_activation_grows_with_batched_tokens_and_vocab():
+    small = estimate(LLAMA8, [H100], AT_095.model_copy(update={"max_num_batched_tokens": 2048}), "0.19.0")
+    big = estimate(LLAMA8, [H100], AT_095.model_copy(update={"max_num_batched_tokens": 16384}), "0.19.0")
+    assert small.activation_gib < big.activation_gib
+    assert small.kv_cache_tokens > big.kv_cache_tokens
+
+
+def test_non_torch_jumps_at_tp2_and_cudagraph_is_zero_when_eager():
+    one = estimate(LLAMA8, [H100] * 2, AT_095, "0.19.0")
+    two = estimate(LLAMA8, [H100] * 2, AT_095.model_copy(update={"tensor_parallel_size": 2}), "0.19.0")
+    assert one.non_torch_gib == 0.25 and 2.0 < two.non_torch_gib < 2.3
+    eager = estimate(LLAMA8, [H100], AT_095.model_copy(update={"enforce_eager": True}), "0.33.0")
+    graphs = estimate(LLAMA8, [H100], AT_095, "0.33.0")
+    assert eager.cudagraph_gib == 0 < graphs.cudagraph_gib
+    assert eager.kv_cache_gib == pytest.approx(graphs.kv_cache_gib + graphs.cudagraph_gib, abs=0.011)
+    # 0.19 does not take the graph estimate from the KV budget
+    assert estimate(
+        LLAMA8, [H100], AT_095.model_copy(update={"enforce_eager": True}), "0.19.0"
+    ).kv_cache_tokens == (estimate(LLAMA8, [H100], AT_095, "0.19.0").kv_cache_tokens)
+
+
+def test_hybrid_groups_for_gemma3():
+    kinds = layer_kinds(GEMMA3)
+    assert kinds.count(("full", None)) == 8 and len(kinds) == 48
+    groups = kv_groups(kinds)
+    assert len(groups) == 6 and {g.layers for g in groups} == {8}
+
+
+def test_version_profiles_and_defaults():
+    assert resolve_version("0.19.0")[1].name == "0.19"
+    assert resolve_version("0.33.0")[1].name == "0.33"
+    old = estimate(LLAMA8, [H100], EngineFlags(max_model_len=8192), "0.19.0")
+    new = estimate(LLAMA8, [H100], EngineFlags(max_model_len=8192), "0.33.0")
+    assert old.requested_gib == round(math.ceil(H100.cuda_total_bytes * 0.90) / GIB, 2)
+    assert new.requested_gib == round(math.ceil(H100.cuda_total_bytes * 0.92) / GIB, 2)
+    assert (old.max_num_seqs, old.max_num_batched_tokens) == (1024, 8192)
+    a100 = estimate(LLAMA8, [GpuSpec.from_name("A100-80GB")], EngineFlags(max_model_len=8192), "0.19.0")
+    assert (a100.max_num_seqs, a100.max_num_batched_tokens) == (256, 2048)
+    assert old.max_model_len == LLAMA8.derived_max_model_len or old.max_model_len == 8192
+
+
+def test_free_memory_check_fails_with_shortfall():
+    busy = GpuSpec(name=H100.name, memory_total_mib=81559, memory_free_mib=81559 - 20 * 1024)
+    est = estimate(LLAMA8, [busy], AT_095, "0.19.0")
+    assert (
+        not est.fits and "less than desired GPU memory utilization" in est.reason and "short by" in est.reason
+    )
+
+
+def test_too_long_max_model_len_and_auto_fit():
+    rtx = GpuSpec.from_name("RTX 4090")
+    est = estimate(LLAMA8, [rtx], EngineFlags(max_model_len=131072), "0.33.0")
+    assert not est.fits
+    assert f"estimated maximum model length is {est.largest_max_model_len}" in est.reason
+    auto = estimate(LLAMA8, [rtx], EngineFlags(max_model_len=-1), "0.33.0")
+    assert auto.fits and auto.max_model_len == est.largest_max_model_len > 8192
+    assert (
+        largest_fitting_model_len(LLAMA8, [rtx], EngineFlags(max_model_len=-1), "0.33.0")
+        == auto.max_model_len
+    )
+    tight = estimate(LLAMA8, [rtx], EngineFlags(max_model_len=auto.max_model_len + 64), "0.33.0")
+    assert not tight.fits
+
+
+def test_weights_that_do_not_fit_say_by_how_much():
+    est = estimate(facts("Qwen/Qwen2.5-72B-Instruct"), [H100], EngineFlags(max_model_len=8192), "0.19.0")
+    assert not est.fits and "No available memory for the cache blocks" in est.reason and "GiB" in est.reason
+
+
+# ---- reference startups (vLLM 0.19.0, H100 80GB) -----------------------------------------------
+
+REFERENCE = {
+    json.loads(line)["id"]: json.loads(line)
+    for line in (FIXTURES / "reference" / "vllm_startup_logs.jsonl").read_text().splitlines()
+}
+
+
+@pytest.mark.parametrize(
+    "case_id", ["vsl-042", "vsl-041", "vsl-049", "vsl-052", "vsl-026", "vsl-033", "vsl-055", "vsl-079"]
+)
+def test_reference_startups_within_tolerance(case_id):
+    row = bench.run_case(REFERENCE[case_id], CONFIGS)
+    assert isinstance(row, dict), row
+    assert row["w_pred"] == pytest.approx(row["w_real"], rel=0.02)
+    assert row["tok_pred"] == pytest.approx(row["tok_real"], rel=0.03)
+    assert row["tok_pred"] <= row["tok_real"] * 1.05
+    assert row["conc_pred"] == pytest.approx(row["conc_real"], rel=0.03)
+
+
+# ---- properties ------------------------------------------------------------------------------
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MODELS = [LLAMA8, QWEN7, DSV2, GEMMA3]
+
+
+@FAST
+@given(
+    st.sampled_from(MODELS),
+    st.floats(0.5, 0.94),
+    st.floats(0.001, 0.05),
+    st.sampled_from(["0.19.0", "0.33.0"]),
+)
+def test_more_utilization_never_fewer_tokens(model, util, extra, version):
+    low = estimate(model, [H100], EngineFlags(gpu_memory_utilization=util, max_model_len=4096), version)
+    high = estimate(
+        model, [H100], EngineFlags(gpu_memory_utilization=util + extra, max_model_len=4096), version
+    )
+    assert high.kv_cache_tokens >= low.kv_cache_tokens
+
+
+@FAST
+@given(st.sampled_from(MODELS), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2]))
+def test_larger_tp_never_more_weight_per_rank(model, tp, pp):
+    if model.num_attention_heads % (2 * tp):
+        return
+    small = max(w.bytes for w in weights_per_rank(model, "bfloat16", tp, pp))
+    large = max(w.bytes for w in weights_per_rank(model, "bfloat16", 2 * tp, pp))
+    assert large <= small
+
+
+@FAST
+@given(st.sampled_from([LLAMA8, QWEN7, DSV2]), st.floats(0.6, 0.95))
+def test_fp8_kv_about_doubles_tokens(model, util):
+    flags = EngineFlags(gpu_memory_utilization=util, max_model_len=4096)
+    plain = estimate(model, [H100], flags, "0.19.0")
+    fp8 = estimate(model, [H100], flags.model_copy(update={"kv_cache_dtype": "fp8"}), "0.19.0")
+    assert fp8.kv_cache_tokens == pytest.approx(2 * plain.kv_cache_tokens, rel=0.001)
+
+
+@FAST
+@given(st.sampled_from(MODELS), st.floats(0.6, 0.95), st.sampled_from(["0.19.0", "0.33.0"]))
+def test_enforce_eager_never_lowers_kv(model, util, version):
+    flags = EngineFlags(gpu_memory_utilization=util, max_model_len=4096)
+    eager = estimate(model, [H100], flags.model_copy(update={"enforce_eager": True}), version)
+    assert eager.kv_cache_tokens >= estimate(model, [H100], flags, version).kv_cache_tokens
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "gpus", "words"),
+    [
+        (EngineFlags(tensor_parallel_size=3), 4, "must be divisible by tensor parallel size (3)"),
+        (EngineFlags(gpu_memory_utilization=1.2), 1, "must be in (0, 1]"),
+        (EngineFlags(gpu_memory_utilization=0), 1, "must be in (0, 1]"),
+        (EngineFlags(tensor_parallel_size=4), 2, "World size (4) is larger"),
+        (EngineFlags(dtype="int3"), 1, "--dtype 'int3'"),
+        (EngineFlags(kv_cache_dtype="fp3"), 1, "--kv-cache-dtype 'fp3'"),
+        (EngineFlags(max_model_len=10**7), 1, "greater than the derived max_model_len"),
+    ],
+)
+def test_bad_flags_raise_one_line(flags, gpus, words):
+    with pytest.raises(EstimateError) as err:
+        estimate(LLAMA8, [H100] * gpus, flags, "0.19.0")
+    assert words in err.value.message and "\n" not in err.value.message
+
+
+def test_kv_head_mismatch_raises():
+    odd = LLAMA8.model_copy(update={"num_kv_heads": 6, "num_attention_heads": 36})
+    with pytest.raises(EstimateError, match="KV heads"):
+        estimate(odd, [H100] * 4, EngineFlags(tensor_parallel_size=4), "0.19.0")
+
+
+def test_unknown_gpu_lists_close_matches():
+    with pytest.raises(EstimateError, match=r"close matches: .*A10"):
+        GpuSpec.from_name("H10")
+    assert GpuSpec.from_name("h100 80gb").memory_total_mib == 81559
+    assert GpuSpec.from_name("RTX 4090").name == "NVIDIA GeForce RTX 4090"
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+LLAMA_DIR = str(FIXTURES / "models" / "llama-3.1-8b-instruct")
+
+
+def test_cli_json_has_exactly_the_estimate_fields(capsys):
+    from smartrun.memory import MemoryEstimate
+
+    rc = cli_main(
+        [
+            "model",
+            "estimate",
+            LLAMA_DIR,
+            "--gpu",
+            "H100",
+            "--max-model-len",
+            "8192",
+            "--vllm-version",
+            "0.19",
+            "--gpu-memory-utilization",
+            "0.95",
+            "--json",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and set(out) == set(MemoryEstimate.model_fields)
+    assert out["kv_cache_tokens"] == pytest.approx(476000, rel=0.01)
+
+
+def test_cli_table_and_hardware_snapshot(capsys):
+    rc = cli_main(
+        [
+            "model",
+            "estimate",
+            LLAMA_DIR,
+            "--hardware",
+            str(FIXTURES / "hardware" / "1x-h100-80gb.json"),
+            "--max-model-len",
+            "auto",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "KV cache tokens" in out and "largest max_model_len" in out and "fits" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--gpu", "H10"],
+        ["--gpu", "H100", "--gpus", "4", "--tensor-parallel-size", "3"],
+        ["--gpu", "H100", "--gpu-memory-utilization", "1.5"],
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(capsys, args):
+    rc = cli_main(["model", "estimate", LLAMA_DIR, *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("localaistack: ") and err.count("\n") == 1
+
+
+def test_snapshot_busy_gpu_fails_startup_check():
+    from smartrun.hardware import load_snapshot
+
+    snap = load_snapshot(FIXTURES / "hardware" / "1x-h100-80gb-20gib-busy.json")
+    est = estimate(LLAMA8, snap, EngineFlags(gpu_memory_utilization=0.95, max_model_len=8192), "0.19.0")
+    assert not est.fits and est.free_gib < est.requested_gib
+    assert est.free_gib == pytest.approx((snap.gpus[0].memory_free_mib - 0) * MIB / GIB - 0.46, abs=0.1)
