@@ -178,9 +178,30 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
         "naive_tok": naive_tokens,
         "tier_len": tier,
         "true_fit_len": true_fit,
+        "log_disagreements": log_cross_check(case),
         "fits_pred": est.fits,
         "fits_real": case.get("startup_succeeded"),
     }
+
+
+def log_cross_check(case: dict[str, Any]) -> int:
+    """Figures where smartrun.vllm_log.parse_startup reads the log lines differently from the JSONL fields."""
+    from smartrun.vllm_log import parse_startup
+
+    parsed = parse_startup(case.get("log_lines") or [])
+    pairs = (
+        ("weights_gib", "weights_gib"),
+        ("available_kv_cache_gib", "kv_cache_gib"),
+        ("kv_cache_tokens", "kv_cache_tokens"),
+        ("max_concurrency", "max_concurrency"),
+    )
+    return sum(
+        1
+        for ours, theirs in pairs
+        if getattr(parsed, ours) is not None
+        and case.get(theirs) is not None
+        and getattr(parsed, ours) != case[theirs]
+    )
 
 
 def summary(rows: list[dict[str, Any]], pred: str, real: str) -> tuple[str, str, str, int]:
@@ -254,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         "\nllm-d-planner (published, its own vLLM 0.19.0 H100 sweep): KV-cache memory "
         f"{LLM_D_PUBLISHED['kv_cache_gib_mean_abs_pct']}% mean error, max concurrency "
         f"{LLM_D_PUBLISHED['max_concurrency_mean_abs_pct']}%, activation +{LLM_D_PUBLISHED['activation_mean_pct']:.0f}%"
+    )
+    print(
+        f"\nlog cross-check (smartrun.vllm_log.parse_startup on log_lines vs the JSONL fields): "
+        f"{sum(r['log_disagreements'] for r in rows)} figures disagree over {len(rows)} cases"
     )
     tiers = [r for r in rows if r["tok_real"]]
     print("\nLocalAIStack fixed tiers (our reading: memory from the GPU name; >=80GB 32768, >=40GB 16384,")
