@@ -356,13 +356,16 @@ class _Reply(BaseModel):
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.S)
 
 
-def _json_objects(text: str) -> list[Any]:
-    """Every JSON value the text holds: the whole text, fenced blocks, then objects embedded in prose."""
-    found: list[Any] = []
-    candidates = [text, *(m.group(1) for m in _FENCE.finditer(text))]
-    for candidate in candidates:
+_THINK = re.compile(r"<think>.*?(</think>|$)", re.S | re.I)
+
+
+def _json_objects(text: str) -> list[tuple[int, Any]]:
+    """(position, value) of every JSON value in the text: the whole text, fenced blocks, objects in prose."""
+    found: list[tuple[int, Any]] = []
+    candidates = [(0, text), *((m.start(), m.group(1)) for m in _FENCE.finditer(text))]
+    for position, candidate in candidates:
         try:
-            found.append(json.loads(candidate))
+            found.append((position, json.loads(candidate)))
         except ValueError:
             continue
     decoder = json.JSONDecoder()
@@ -371,7 +374,7 @@ def _json_objects(text: str) -> list[Any]:
             value, _ = decoder.raw_decode(text, match.start())
         except ValueError:
             continue
-        found.append(value)
+        found.append((match.start(), value))
     return found
 
 
@@ -381,14 +384,15 @@ def parse_reply(text: str) -> Proposal:
         raise ReplyParseError("LLM reply is empty")
     if len(text) > MAX_REPLY_CHARS:
         raise ReplyParseError(f"LLM reply is too long ({len(text)} characters)")
-    objects = [o for o in _json_objects(text) if isinstance(o, dict)]
+    objects = [(pos, o) for pos, o in _json_objects(_THINK.sub("", text)) if isinstance(o, dict)]
     if not objects:
         shown = " ".join(text.split())[:60]
         hint = "truncated JSON" if "{" in text else "no JSON object"
         raise ReplyParseError(f"LLM reply holds no complete JSON object ({hint}): {shown!r}")
-    shaped = [o for o in objects if "changes" in o] or objects
+    shaped = [(pos, o) for pos, o in objects if "changes" in o]
+    chosen = max(shaped, key=lambda item: item[0])[1] if shaped else objects[0][1]  # the final answer
     try:
-        reply = _Reply.model_validate(shaped[0])
+        reply = _Reply.model_validate(chosen)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -521,6 +525,7 @@ def _templates() -> Any:
     )
     env.filters["json"] = _json_block
     env.filters["show"] = _show
+    env.filters["compact"] = lambda value: json.dumps(value, separators=(",", ":"))
     return env
 
 
@@ -720,7 +725,10 @@ def advise(
                     _repair_message(exchange)]
     latency, tokens = _totals(exchanges)
     asked = sum(1 for e in exchanges if e.reply is not None)
-    reason = f"LLM advice not used after {asked} repl{'y' if asked == 1 else 'ies'}: {failure}"
+    if exchanges and exchanges[-1].reply is None:  # the transport gave up
+        reason = f"LLM not used: {failure}"
+    else:
+        reason = f"LLM advice not used after {asked} repl{'y' if asked == 1 else 'ies'}: {failure}"
     if strict:
         raise AdvisorError(f"--smart-run-strict: {reason}")
     return Advice(plan=context.baseline, exchanges=tuple(exchanges), fallback_reason=reason,

@@ -156,7 +156,7 @@ def test_429_then_success_is_retried_inside_one_exchange():
 
 def test_500_until_give_up_is_bounded_and_falls_back():
     advice, llm = run([{"status": 500, "times": 10}], max_attempts=3)
-    assert_fallback(advice, "failed 3 time(s)", "HTTP 500")
+    assert_fallback(advice, "LLM not used: ", "failed 3 time(s)", "HTTP 500")
     assert len(llm.chat_requests) == 3
     assert advice.exchanges[0].reply is None
 

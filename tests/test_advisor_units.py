@@ -43,6 +43,8 @@ GOOD = reply([{"knob": "max_num_seqs", "value": 16, "reason": "throughput"}], "o
     f"```\n{GOOD}\n```",
     f"Here you go:\n\n{GOOD}\n\nHope this helps!",
     f'Thinking... {{"note": "draft"}} final answer: {GOOD}',
+    f'<think>maybe {{"changes": [{{"knob": "max_num_seqs", "value": 999}}]}}</think>\n{GOOD}',
+    f'Draft: {{"changes": []}}\nFinal:\n```json\n{GOOD}\n```',
 ])
 def test_parse_reply_finds_the_proposal(text):
     proposal = parse_reply(text)
