@@ -172,7 +172,20 @@ class Transport(Protocol):
 
 
 class _Transient(Exception):
-    """A failure worth retrying (connection, timeout, 408/409/429/5xx)."""
+    """A failure worth retrying (connection, timeout, 408/409/429/5xx), with the server's Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(response: Any) -> float | None:
+    """Seconds from a numeric Retry-After header (an HTTP date is ignored: backoff applies)."""
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 _STATUS_WORDS = {
@@ -234,7 +247,7 @@ class OpenAITransport:
         started = time.monotonic()
         retrying = Retrying(
             stop=stop_after_attempt(self.settings.max_attempts) | stop_by_time(self.settings.max_total_s),
-            wait=wait_random_exponential(multiplier=self.backoff_s, max=self.backoff_max_s),
+            wait=self._wait(wait_random_exponential(multiplier=self.backoff_s, max=self.backoff_max_s)),
             retry=retry_if_exception_type(_Transient),
             sleep=self._sleep,
         )
@@ -247,6 +260,15 @@ class OpenAITransport:
                 f"LLM endpoint {self.settings.base_url} failed {tries} time(s) in "
                 f"{time.monotonic() - started:.1f}s; last error: {last}"
             ) from None
+
+    def _wait(self, backoff: Callable[[Any], float]) -> Callable[[Any], float]:
+        """Backoff with jitter, or the server's Retry-After when longer; never above backoff_max_s."""
+
+        def wait(state: Any) -> float:
+            asked = getattr(state.outcome.exception(), "retry_after_s", None) or 0.0
+            return min(max(backoff(state), asked), self.backoff_max_s)
+
+        return wait
 
     def _attempt(self, messages: list[dict], schema: dict, started: float) -> LLMReply:
         """One request (plus a plain-text re-send when the server refuses response_format)."""
@@ -315,7 +337,7 @@ class OpenAITransport:
             status = err.status_code
             message = self._scrub(getattr(err, "message", "") or str(err))
             if status in (408, 409, 429) or status >= 500:
-                raise _Transient(f"HTTP {status}: {message}") from None
+                raise _Transient(f"HTTP {status}: {message}", _retry_after(err.response)) from None
             if status in (400, 422) and re.search(r"response_format|json_schema|structured", message, re.I):
                 raise _Unstructured() from None
             if status in _STATUS_WORDS:

@@ -154,6 +154,17 @@ def test_429_then_success_is_retried_inside_one_exchange():
     assert len(advice.exchanges) == 1
 
 
+def test_retry_after_is_honoured_up_to_the_backoff_cap():
+    waits: list[float] = []
+    with FakeLLM([{"status": 429, "headers": {"Retry-After": "0.4"}},
+                  {"status": 503, "headers": {"Retry-After": "3600"}}, {"content": GOOD}]) as llm:
+        tr = transport(llm.base_url)
+        tr._sleep = waits.append  # record the waits instead of sleeping them
+        tr.backoff_max_s = 1.0
+        assert tr.complete([{"role": "user", "content": "hi"}], {}).content == GOOD
+    assert waits == [0.4, 1.0]
+
+
 def test_500_until_give_up_is_bounded_and_falls_back():
     advice, llm = run([{"status": 500, "times": 10}], max_attempts=3)
     assert_fallback(advice, "LLM not used: ", "failed 3 time(s)", "HTTP 500")
