@@ -88,3 +88,565 @@ class Bounds(Frozen):
     def to_json(self) -> dict[str, Any]:
         """{knob: {"min","max"} | {"choices"}, plus "pinned" when pinned and "sources"}."""
         return {name: bound.to_json() for name, bound in self.knobs.items()}
+
+
+# --- the rule engine ------------------------------------------------------------------------------
+# (imports below the contract types so that validate can import KnobBound/Bounds cheaply)
+
+import itertools  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from smartrun import bounds as bounds_mod  # noqa: E402
+from smartrun.errors import EstimateError, InfeasibleError, InputError, PinConflictError  # noqa: E402
+from smartrun.hardware import GpuInfo, HardwareSnapshot  # noqa: E402
+from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, Knob  # noqa: E402
+from smartrun.memory import EngineFlags, GpuSpec, MemoryEstimate  # noqa: E402
+from smartrun.model import ModelFacts  # noqa: E402
+from smartrun.plan import Plan  # noqa: E402
+
+EstimateFn = Callable[[ModelFacts, Sequence[GpuSpec], EngineFlags, "str | None"], MemoryEstimate]
+
+# The guide's templates (vllm-run-params-guide.md sections 2 and 3.4), by goal.
+TEMPLATES: dict[str, dict[str, Any]] = {
+    "stable": {"max_model_len": 4096, "gpu_memory_utilization": 0.88, "tensor_parallel_size": 1, "max_num_seqs": 4},
+    "latency": {"max_model_len": 4096, "gpu_memory_utilization": 0.88, "tensor_parallel_size": 1, "max_num_seqs": 2},
+    "long-context": {"max_model_len": 8192, "gpu_memory_utilization": 0.90, "tensor_parallel_size": 1,
+                     "max_num_seqs": 2},
+    "throughput": {"max_model_len": 4096, "gpu_memory_utilization": 0.90, "tensor_parallel_size": 2,
+                   "max_num_seqs": 8},
+}
+COMMON_TEMPLATE: dict[str, Any] = {"pipeline_parallel_size": 1, "kv_cache_dtype": "auto", "enforce_eager": False,
+                                   "optimization_level": 2, "disable_custom_all_reduce": False}
+BUSY_MARGIN = 0.02  # utilization kept back when other processes hold GPU memory
+BUSY_USED_MIB = 1024  # "other processes hold memory": listed processes, or more than this used
+MIN_CC = {"awq": (7, 5), "fp8": (7, 5), "gptq": (6, 0)}  # vLLM's minimum capability per quantization method
+
+
+def _default_estimate() -> EstimateFn:
+    from smartrun.memory import estimate
+
+    return estimate
+
+
+@dataclass
+class _Acc:
+    """One knob's bound while it is being narrowed, with the source of each side."""
+
+    knob: Knob
+    min: Any = None
+    max: Any = None
+    choices: list[Any] | None = None
+    min_src: str | None = None
+    max_src: str | None = None
+    choice_srcs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pinned: bool = False
+    recovery_min: Any = None
+    recovery_choices: tuple[Any, ...] = ()
+    recovery_source: str | None = None
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None and value not in self.choices:
+            return False
+        if self.min is not None and value < self.min:
+            return False
+        return not (self.max is not None and value > self.max)
+
+    def describe(self) -> str:
+        return _bound_of(self).describe()
+
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(s for s in (*self.choice_srcs, self.min_src, self.max_src) if s))
+
+    def _fail(self, source: str, wanted: str, against: list[str | None], note: str) -> None:
+        others = ", ".join(dict.fromkeys(s for s in against if s)) or "vllm"
+        why = f" ({note})" if note else ""
+        raise InfeasibleError(f"{self.knob.name}: {source} requires {wanted}{why}, but {others} allows "
+                              f"{self.describe()}; no value satisfies both")
+
+    def narrow(self, source: str, note: str = "", *, lo: Any = None, hi: Any = None,
+               choices: Sequence[Any] | None = None) -> None:
+        if note:
+            self.notes.append(f"{source}: {note}")
+        if choices is not None:
+            kept = [c for c in (choices if self.choices is None else self.choices) if c in choices]
+            kept = [c for c in kept if self.contains(c)] if self.choices is None else kept
+            if not kept:
+                self._fail(source, f"one of {list(choices)}", [*self.choice_srcs, self.min_src, self.max_src], note)
+            if self.choices is None or kept != self.choices:
+                self.choice_srcs.append(source)
+            self.choices = kept
+        if lo is not None and (self.min is None or lo > self.min):
+            if (self.max is not None and lo > self.max) or (self.choices and all(c < lo for c in self.choices)):
+                self._fail(source, f">= {lo}", [self.max_src, *self.choice_srcs], note)
+            self.min, self.min_src = lo, source
+        if hi is not None and (self.max is None or hi < self.max):
+            if (self.min is not None and hi < self.min) or (self.choices and all(c > hi for c in self.choices)):
+                self._fail(source, f"<= {hi}", [self.min_src, *self.choice_srcs], note)
+            self.max, self.max_src = hi, source
+        if self.choices is not None and self.knob.type in ("int", "float"):
+            self.choices = [c for c in self.choices if self.contains(c)]
+
+    def culprit(self, value: Any) -> str:
+        """The source whose limit excludes `value`."""
+        if self.choices is not None and value not in self.choices:
+            return ", ".join(self.choice_srcs) or "vllm"
+        if self.min is not None and value < self.min:
+            return self.min_src or "vllm"
+        return self.max_src or "vllm"
+
+    def pin(self, value: Any) -> None:
+        self.pinned = True
+        self.choices, self.min, self.max = [value], None, None
+        self.choice_srcs, self.min_src, self.max_src = ["pin"], None, None
+
+
+def _bound_of(acc: _Acc) -> KnobBound:
+    k = acc.knob
+    numeric = k.type in ("int", "float")
+    choices = tuple(acc.choices) if acc.choices is not None else None
+    lo, hi = acc.min, acc.max
+    if acc.pinned and numeric:
+        choices, lo, hi = None, acc.choices[0], acc.choices[0]
+    return KnobBound(
+        knob=k.name, min=None if choices is not None else lo, max=None if choices is not None else hi,
+        choices=choices, pinned=acc.pinned, llm_may_change=k.llm_may_change and not acc.pinned,
+        sources=tuple(acc.sources()), notes=tuple(acc.notes),
+        recovery_min=acc.recovery_min if acc.recovery_min is not None and (lo is None or acc.recovery_min < lo)
+        else None,
+        recovery_choices=tuple(c for c in acc.recovery_choices if choices is None or c not in choices),
+        recovery_source=acc.recovery_source,
+    )
+
+
+def _domain(k: Knob) -> _Acc:
+    acc = _Acc(knob=k)
+    if k.type == "bool":
+        acc.choices, acc.choice_srcs = [False, True], ["vllm"]
+    elif k.choices is not None:
+        acc.choices, acc.choice_srcs = list(k.choices), ["vllm"]
+    else:
+        if k.min is not None and not k.min_exclusive:
+            acc.min, acc.min_src = k.min, "vllm"
+        if k.max is not None:
+            acc.max, acc.max_src = k.max, "vllm"
+    return acc
+
+
+def _apply_limit(acc: _Acc, limit: bounds_mod.Limit, extra_note: str = "") -> None:
+    why = " ".join(x for x in (limit.why or "", extra_note) if x)
+    numeric = acc.knob.type in ("int", "float")
+    if limit.has_fixed:
+        if numeric:
+            acc.narrow(limit.source("fixed"), why, lo=limit.fixed, hi=limit.fixed)
+        else:
+            acc.narrow(limit.source("fixed"), why, choices=[limit.fixed])
+        return
+    if limit.choices is not None:
+        acc.narrow(limit.source("choices"), why, choices=list(limit.choices))
+        why = ""
+    if limit.min is not None:
+        acc.narrow(limit.source("min"), why, lo=limit.min)
+        why = ""
+    if limit.max is not None:
+        acc.narrow(limit.source("max"), why, hi=limit.max)
+    if limit.oom_floor is not None:
+        acc.recovery_min, acc.recovery_source = limit.oom_floor, limit.source("oom_floor")
+    if limit.last_resort:
+        acc.recovery_choices, acc.recovery_source = limit.last_resort, limit.source("last_resort")
+
+
+def select_gpus(hardware: HardwareSnapshot, count: int) -> list[GpuInfo]:
+    """The `count` GPUs to run on, in index order: an NVLink-connected set when one exists, then the
+    set with the most free memory (its tightest GPU first, then in total). One place, so that the
+    bounds, the estimate and launch's CUDA_VISIBLE_DEVICES agree."""
+    gpus = sorted(hardware.gpus, key=lambda g: g.index)
+    if count < 1:
+        raise InputError(f"cannot select {count} GPUs")
+    if count > len(gpus):
+        raise InfeasibleError(f"{count} GPUs needed; the machine has {len(gpus)}")
+
+    def score(combo: tuple[GpuInfo, ...]) -> tuple:
+        linked = all(hardware.nvlinked(a.index, b.index) for a, b in itertools.combinations(combo, 2))
+        frees = [g.memory_free_mib for g in combo]
+        return (linked, min(frees), sum(frees), [-g.index for g in combo])
+
+    return list(max(itertools.combinations(gpus, count), key=score))
+
+
+def _all_linked(hardware: HardwareSnapshot, gpus: Sequence[GpuInfo]) -> bool:
+    return all(hardware.nvlinked(a.index, b.index) for a, b in itertools.combinations(gpus, 2))
+
+
+def _specs(gpus: Sequence[GpuInfo]) -> list[GpuSpec]:
+    return [GpuSpec.from_gpu(g) for g in gpus]
+
+
+def _gpu_words(gpus: Sequence[GpuInfo]) -> str:
+    names = sorted({g.name for g in gpus})
+    return f"{len(gpus)}x {' / '.join(names)}" if len(gpus) > 1 else f"the {names[0]}"
+
+
+def _min_cc(gpus: Sequence[GpuInfo]) -> tuple[int, int]:
+    return min(g.cc for g in gpus)
+
+
+def _tp_divides(facts: ModelFacts, tp: int) -> bool:
+    """vLLM: heads divisible by tp; KV heads split evenly or replicated (MLA has no KV heads to split)."""
+    if facts.num_attention_heads % tp:
+        return False
+    kv = facts.num_kv_heads
+    return facts.mla is not None or not ((kv >= tp and kv % tp) or (kv < tp and tp % kv))
+
+
+def _hardware_rules(accs: dict[str, _Acc], facts: ModelFacts, hw: HardwareSnapshot, warnings: list[str]) -> None:
+    n = len(hw.gpus)
+    cc = _min_cc(hw.gpus)
+    accs["tensor_parallel_size"].narrow("hardware", f"{n} usable GPU(s)", choices=list(range(1, n + 1)))
+    divisors = [t for t in range(1, n + 1) if _tp_divides(facts, t)]
+    accs["tensor_parallel_size"].narrow(
+        "model", f"must divide {facts.num_attention_heads} attention heads ({facts.num_kv_heads} KV heads)",
+        choices=divisors)
+    accs["pipeline_parallel_size"].narrow("hardware", f"{n} usable GPU(s)", hi=n)
+    if cc < (8, 0):
+        accs["dtype"].narrow("hardware", f"bfloat16 needs compute capability >= 8.0; this GPU has {cc[0]}.{cc[1]}",
+                             choices=[c for c in accs["dtype"].choices or [] if c != "bfloat16"])
+        accs["dtype"].recovery_choices = tuple(c for c in accs["dtype"].recovery_choices if c != "bfloat16")
+    kv = accs["kv_cache_dtype"]
+    if kv.choices and (cc < (8, 9) or cc < (10, 0)):
+        keep = [c for c in kv.choices if not (c.startswith("fp8") and cc < (8, 9))
+                and not (c.startswith("nvfp4") and cc < (10, 0))]
+        if keep != kv.choices:
+            kv.narrow("hardware", f"fp8 KV cache needs compute capability >= 8.9 and nvfp4 >= 10.0; "
+                                  f"this GPU has {cc[0]}.{cc[1]}", choices=keep)
+    if facts.quantization and facts.quantization.method in MIN_CC and cc < MIN_CC[facts.quantization.method]:
+        need = MIN_CC[facts.quantization.method]
+        raise InfeasibleError(f"{facts.name} is {facts.quantization.method}-quantized, which vLLM runs on compute "
+                              f"capability >= {need[0]}.{need[1]}; {_gpu_words(hw.gpus)} has {cc[0]}.{cc[1]}")
+    if n > 1 and not _all_linked(hw, hw.gpus) and max(accs["tensor_parallel_size"].choices or [1]) > 1:
+        warnings.append("hardware: no NVLink between some GPUs; tensor parallelism runs over PCIe, so the "
+                        "baseline disables vLLM's custom all-reduce")
+
+
+def _util_cap(acc: _Acc, hw: HardwareSnapshot, count: int) -> None:
+    """vLLM refuses to start unless util x total is free: cap util by the free share, less a margin when busy."""
+    gpus = select_gpus(hw, count)
+    tight = min(gpus, key=lambda g: g.memory_free_mib / g.memory_total_mib)
+    busy = any(g.processes or g.memory_used_mib > BUSY_USED_MIB for g in gpus)
+    share = tight.memory_free_mib / tight.memory_total_mib - (BUSY_MARGIN if busy else 0.0)
+    cap = int(share * 100) / 100
+    held = f"; other processes hold {tight.memory_used_mib / 1024:.1f} GiB, margin {BUSY_MARGIN}" if busy else ""
+    acc.narrow("hardware", f"GPU {tight.index} has {tight.memory_free_mib / 1024:.1f} of "
+                           f"{tight.memory_total_mib / 1024:.1f} GiB free{held}; vLLM needs util x total free",
+               hi=cap)
+
+
+def _pin(acc: _Acc, value: Any, typed: str, force: bool, warnings: list[str]) -> None:
+    k = acc.knob
+    if not k.in_domain(value):
+        raise InputError(f"{typed}: outside vLLM's domain {k.domain_text()}")
+    if k.name == "max_model_len" and value == AUTO_MAX_MODEL_LEN:
+        acc.notes.append("pin: auto, vLLM fits the context to memory at startup")
+        acc.pin(value)
+        return
+    if not acc.contains(value):
+        culprit = acc.culprit(value)
+        message = f"pin {typed} conflicts with {culprit}: {k.name} must be {acc.describe()}"
+        if not force:
+            raise PinConflictError(f"{message} (pass --force to let the pin win)")
+        warnings.append(f"{message}; --force: the pin wins")
+        acc.notes.append(f"pin: forced over {culprit} ({acc.describe()})")
+    acc.notes.append(f"pin: {typed}")
+    acc.pin(value)
+
+
+def choose_dtype(bound: KnobBound | _Acc | None, facts: ModelFacts, gpus: Sequence[GpuInfo]) -> tuple[str, str]:
+    """bfloat16 when the GPU has cc >= 8.0 and the model is bf16, else float16; (value, why)."""
+    model_dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(facts.torch_dtype,
+                                                                                 facts.torch_dtype)
+    cc = _min_cc(gpus)
+    if cc >= (8, 0) and model_dtype == "bfloat16":
+        want, why = "bfloat16", "hardware/model: bf16 model on compute capability >= 8.0"
+    elif cc < (8, 0):
+        want, why = "float16", f"hardware: compute capability {cc[0]}.{cc[1]} has no bfloat16"
+    else:
+        want, why = "float16", f"model: weights are {model_dtype}"
+    choices = (bound.choices if bound is not None else None) or [want]
+    if want not in choices:
+        other = next((c for c in choices if c in ("bfloat16", "float16")), choices[0])
+        return other, f"{why}, but the bounds allow {list(choices)}"
+    return want, why
+
+
+def _estimate_flags(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
+                    ) -> EngineFlags:
+    """The most generous plan inside the bounds so far: the top utilization and tp, fewest sequences."""
+    def top(name: str) -> Any:
+        acc = accs[name]
+        return acc.choices[-1] if acc.choices else acc.max
+
+    def low(name: str) -> Any:
+        acc = accs[name]
+        return acc.choices[0] if acc.choices else acc.min
+
+    dtype = pins.get("dtype") or choose_dtype(accs["dtype"], facts, hw.gpus)[0]
+    kv = pins.get("kv_cache_dtype") or ("auto" if "auto" in (accs["kv_cache_dtype"].choices or ["auto"])
+                                         else accs["kv_cache_dtype"].choices[0])
+    return EngineFlags(
+        tensor_parallel_size=top("tensor_parallel_size"), pipeline_parallel_size=low("pipeline_parallel_size") or 1,
+        gpu_memory_utilization=top("gpu_memory_utilization"), max_num_seqs=low("max_num_seqs"),
+        max_num_batched_tokens=pins.get("max_num_batched_tokens"), dtype=dtype, kv_cache_dtype=kv,
+        enforce_eager=bool(pins.get("enforce_eager", False)), optimization_level=pins.get("optimization_level"),
+        quantization=pins.get("quantization"),
+    )
+
+
+def _shortfall(facts: ModelFacts, gpus: Sequence[GpuInfo], flags: EngineFlags, est: MemoryEstimate) -> str:
+    """What does not fit and by how much, in one line."""
+    where = f"at tp {flags.tensor_parallel_size}"
+    if est.weights_gib > est.requested_gib:
+        return (f"{facts.name} needs {est.weights_gib:.1f} GiB of weights per GPU {where}; "
+                f"{_gpu_words(gpus)} offers {est.requested_gib:.1f} GiB at utilization "
+                f"{flags.gpu_memory_utilization}")
+    return f"{facts.name} does not fit on {_gpu_words(gpus)} {where}, utilization " \
+           f"{flags.gpu_memory_utilization}: {est.reason or 'no KV cache left'}"
+
+
+def _estimate_rule(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
+                   vllm_version: str | None, estimate_fn: EstimateFn) -> None:
+    acc = accs["max_model_len"]
+    flags = _estimate_flags(accs, pins, facts, hw)
+    gpus = select_gpus(hw, flags.tensor_parallel_size * flags.pipeline_parallel_size)
+    est = estimate_fn(facts, _specs(gpus), flags, vllm_version)
+    largest = est.largest_max_model_len
+    floor = acc.min or 1
+    if largest < floor:
+        if largest <= 0:
+            at_min = estimate_fn(facts, _specs(gpus), flags.model_copy(update={"max_model_len": floor}),
+                                 vllm_version)
+            raise InfeasibleError(_shortfall(facts, gpus, flags, at_min))
+        raise InfeasibleError(
+            f"{facts.name} on {_gpu_words(gpus)}: the largest max_model_len that fits at tp "
+            f"{flags.tensor_parallel_size}, utilization {flags.gpu_memory_utilization} is {largest}, below the "
+            f"minimum {acc.min} from {acc.min_src}")
+    acc.narrow("estimate", f"largest max_model_len that fits at tp {flags.tensor_parallel_size}, utilization "
+                           f"{flags.gpu_memory_utilization} is {largest}", hi=largest)
+
+
+def effective_bounds(
+    facts: ModelFacts,
+    hardware: HardwareSnapshot,
+    bounds_file: bounds_mod.BoundsFile | None,
+    pins: dict[str, Any] | None,
+    goal: str = "stable",
+    vllm_version: str | None = None,
+    force: bool = False,
+    *,
+    pin_flags: dict[str, str] | None = None,
+    estimate_fn: EstimateFn | None = None,
+) -> Bounds:
+    """vLLM's domain ∩ bounds file (global, model, GPU, goal) ∩ hardware ∩ model ∩ estimate ∩ pins.
+
+    `pins` are typed values by knob (knobs.parse_user_args(...).pins); `pin_flags` how they were typed.
+    """
+    if goal not in GOALS:
+        raise InputError(f"--goal {goal!r}: expected one of {', '.join(GOALS)}")
+    if not hardware.gpus:
+        raise InfeasibleError("the hardware snapshot has no GPU")
+    pins = dict(pins or {})
+    unknown = sorted(set(pins) - set(CATALOGUE))
+    if unknown:
+        raise InputError(f"unknown pinned knob(s) {unknown}")
+    file = bounds_file if bounds_file is not None else bounds_mod.builtin()
+    warnings: list[str] = []
+    accs = {name: _domain(CATALOGUE[name]) for name in TUNING_KNOBS}
+    model_names = (facts.name, facts.path and facts.path.rstrip("/").rsplit("/", 1)[-1], facts.path)
+    for name, limit in bounds_mod.layered(file, model_names, tuple(g.name for g in hardware.gpus)).items():
+        accs.setdefault(name, _domain(CATALOGUE[name]))
+        _apply_limit(accs[name], limit)
+    for name, limit in file.goals.get(goal, {}).items():
+        accs.setdefault(name, _domain(CATALOGUE[name]))
+        _apply_limit(accs[name], limit, f"(goal {goal})")
+    _hardware_rules(accs, facts, hardware, warnings)
+    accs["max_model_len"].narrow("model", f"the model's derived maximum is {facts.derived_max_model_len}",
+                                 hi=facts.derived_max_model_len)
+    typed = {name: (pin_flags or {}).get(name, f"{CATALOGUE[name].flag} {value}") for name, value in pins.items()}
+    for name, value in pins.items():
+        accs.setdefault(name, _domain(CATALOGUE[name]))
+        if name not in ("max_model_len", "gpu_memory_utilization"):
+            _pin(accs[name], value, typed[name], force, warnings)
+    tp_top = max(accs["tensor_parallel_size"].choices or [1])
+    pp_low = min(accs["pipeline_parallel_size"].choices or [accs["pipeline_parallel_size"].min or 1])
+    _util_cap(accs["gpu_memory_utilization"], hardware, min(tp_top * pp_low, len(hardware.gpus)))
+    if "gpu_memory_utilization" in pins:
+        _pin(accs["gpu_memory_utilization"], pins["gpu_memory_utilization"], typed["gpu_memory_utilization"],
+             force, warnings)
+    if pins.get("max_model_len") != AUTO_MAX_MODEL_LEN:
+        _estimate_rule(accs, pins, facts, hardware, vllm_version, estimate_fn or _default_estimate())
+    if "max_model_len" in pins:
+        _pin(accs["max_model_len"], pins["max_model_len"], typed["max_model_len"], force, warnings)
+    return Bounds(knobs={name: _bound_of(acc) for name, acc in accs.items()}, goal=goal,
+                  warnings=tuple(warnings), gpu_count=len(hardware.gpus), bounds_file=file.path)
+
+
+# --- baseline ------------------------------------------------------------------------------------
+
+
+def _nearest(bound: KnobBound | None, value: Any) -> Any:
+    """The in-bound value nearest to `value` (ties go to the smaller, safer one)."""
+    if bound is None or bound.contains(value):
+        return value
+    if bound.choices is not None:
+        numeric = [c for c in bound.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        if numeric and isinstance(value, (int, float)):
+            return min(numeric, key=lambda c: (abs(c - value), c))
+        return bound.choices[0]
+    if bound.min is not None and value < bound.min:
+        return bound.min
+    return bound.max
+
+
+def _place(bounds: Bounds, name: str, value: Any, why: str, params: dict, prov: dict) -> None:
+    bound = bounds.knobs.get(name)
+    if bound is not None and bound.pinned:
+        params[name] = bound.choices[0] if bound.choices else bound.min
+        prov[name] = "pin"
+        return
+    placed = _nearest(bound, value)
+    params[name] = placed
+    prov[name] = why if placed == value else (
+        f"{why}; {value} moved to {placed} to lie inside {bound.describe()} ({', '.join(bound.sources)})")
+
+
+def _round_len(value: int, floor: int) -> int:
+    """Round a fitted context down to a multiple of 256 (but not below the bound's floor)."""
+    return max(floor, value // 256 * 256) if value >= 256 else value
+
+
+def flags_from_params(params: dict[str, Any]) -> EngineFlags:
+    """The estimator's view of a plan's knob values (None and unknown-to-the-estimator knobs dropped)."""
+    fields = EngineFlags.model_fields
+    return EngineFlags(**{k: v for k, v in params.items() if k in fields and v is not None})
+
+
+def _fit_at(bounds: Bounds, facts: ModelFacts, hw: HardwareSnapshot, params: dict, prov: dict,
+            vllm_version: str | None, estimate_fn: EstimateFn) -> tuple[MemoryEstimate | None, str]:
+    """Try the plan as is, then a shorter context, then the top utilization. Mutates params/prov on success."""
+    gpus = select_gpus(hw, params["tensor_parallel_size"] * params["pipeline_parallel_size"])
+    specs = _specs(gpus)
+    mml_bound, util_bound = bounds.knobs["max_model_len"], bounds.knobs["gpu_memory_utilization"]
+    utils = [params["gpu_memory_utilization"]]
+    if not util_bound.pinned and util_bound.max is not None and util_bound.max > utils[0]:
+        utils.append(util_bound.max)
+    last = ""
+    for util in utils:
+        trial = {**params, "gpu_memory_utilization": util}
+        try:
+            est = estimate_fn(facts, specs, flags_from_params(trial), vllm_version)
+        except EstimateError as err:
+            return None, err.message
+        if not est.fits and not mml_bound.pinned and est.largest_max_model_len >= (mml_bound.min or 1):
+            fitted = _round_len(min(trial["max_model_len"], est.largest_max_model_len), mml_bound.min or 1)
+            trial["max_model_len"] = fitted
+            est = estimate_fn(facts, specs, flags_from_params(trial), vllm_version)
+            if est.fits:
+                prov["max_model_len"] = f"estimate: largest max_model_len that fits is " \
+                                        f"{est.largest_max_model_len}; {fitted} ({prov['max_model_len']})"
+        if est.fits:
+            if util != params["gpu_memory_utilization"]:
+                prov["gpu_memory_utilization"] = f"estimate: raised to the bound's top {util} so the plan fits " \
+                                                 f"({', '.join(util_bound.sources)})"
+            params.update(trial)
+            return est, ""
+        last = _shortfall(facts, gpus, flags_from_params(trial), est)
+    return None, last
+
+
+def baseline(
+    bounds: Bounds,
+    facts: ModelFacts,
+    hardware: HardwareSnapshot,
+    goal: str | None = None,
+    vllm_version: str | None = None,
+    *,
+    estimate_fn: EstimateFn | None = None,
+) -> tuple[Plan, MemoryEstimate]:
+    """The guide's template for the goal, moved inside the bounds and fitted with the estimator."""
+    goal = goal or bounds.goal
+    estimate_fn = estimate_fn or _default_estimate()
+    template = {**COMMON_TEMPLATE, **TEMPLATES[goal]}
+    params: dict[str, Any] = {}
+    prov: dict[str, str] = {}
+    for name, value in template.items():
+        _place(bounds, name, value, f"goal:{goal} template", params, prov)
+    dtype, why = choose_dtype(bounds.knobs.get("dtype"), facts, hardware.gpus)
+    _place(bounds, "dtype", dtype, why, params, prov)
+    for name, bound in bounds.knobs.items():  # every other pin (user-only knobs too) goes into the plan
+        if bound.pinned and name not in params:
+            params[name], prov[name] = (bound.choices[0] if bound.choices else bound.min), "pin"
+    tp_bound = bounds.knobs["tensor_parallel_size"]
+    choices = sorted(tp_bound.choices or [params["tensor_parallel_size"]])
+    start = params["tensor_parallel_size"]
+    candidates = [start] if tp_bound.pinned else [start, *[t for t in choices if t > start]]
+    failures: list[str] = []
+    for tp in candidates:
+        if tp * params["pipeline_parallel_size"] > len(hardware.gpus):
+            continue
+        trial, trial_prov = {**params, "tensor_parallel_size": tp}, dict(prov)
+        if tp != start:
+            trial_prov["tensor_parallel_size"] = f"estimate: the smallest tensor parallel size that fits is {tp}"
+        _custom_all_reduce(bounds, hardware, trial, trial_prov)
+        est, why_not = _fit_at(bounds, facts, hardware, trial, trial_prov, vllm_version, estimate_fn)
+        if est is not None:
+            return Plan(params=trial, source="static", provenance=trial_prov, reason=f"goal {goal} baseline"), est
+        failures.append(why_not)
+    raise InfeasibleError(failures[-1] if failures else f"no tensor parallel size fits {facts.name}")
+
+
+def _custom_all_reduce(bounds: Bounds, hw: HardwareSnapshot, params: dict, prov: dict) -> None:
+    bound = bounds.knobs.get("disable_custom_all_reduce")
+    if bound is not None and bound.pinned:
+        return
+    tp = params["tensor_parallel_size"]
+    gpus = select_gpus(hw, tp * params["pipeline_parallel_size"])
+    if tp > 1 and not _all_linked(hw, gpus) and (bound is None or bound.contains(True)):
+        params["disable_custom_all_reduce"] = True
+        prov["disable_custom_all_reduce"] = f"hardware: no NVLink between GPUs {', '.join(str(g.index) for g in gpus)}"
+
+
+def fit_check(facts: ModelFacts, hardware: HardwareSnapshot, vllm_version: str | None = None, *,
+              estimate_fn: EstimateFn | None = None) -> Callable[[dict[str, Any]], str | None]:
+    """For the validator: why a full params dict will not start (None when the estimator says it fits)."""
+    estimate_fn = estimate_fn or _default_estimate()
+
+    def check(params: dict[str, Any]) -> str | None:
+        flags = flags_from_params(params)
+        count = flags.tensor_parallel_size * flags.pipeline_parallel_size
+        if count > len(hardware.gpus):
+            return f"tp x pp = {count} GPUs; the machine has {len(hardware.gpus)}"
+        gpus = select_gpus(hardware, count)
+        try:
+            est = estimate_fn(facts, _specs(gpus), flags, vllm_version)
+        except EstimateError as err:
+            return err.message
+        return None if est.fits else _shortfall(facts, gpus, flags, est)
+
+    return check
+
+
+def format_bounds(bounds: Bounds, notes: bool = True) -> list[str]:
+    """Every bound with its sources (and why), one knob per line: for `bounds show` and --explain."""
+    lines = [f"goal {bounds.goal}; bounds file {bounds.bounds_file or 'builtin'}"]
+    width = max((len(n) for n in bounds.knobs), default=10)
+    for name, bound in bounds.knobs.items():
+        extra = ""
+        if bound.recovery_min is not None or bound.recovery_choices:
+            room = bound.recovery_min if bound.recovery_min is not None else list(bound.recovery_choices)
+            extra = f"  [recovery may use {room}: {bound.recovery_source}]"
+        who = "" if bound.llm_may_change else "  (user only)"
+        lines.append(f"{name:<{width}}  {bound.describe():<32}  {', '.join(bound.sources)}{who}{extra}")
+        if notes:
+            lines += [f"{'':<{width}}    - {note}" for note in bound.notes]
+    lines += [f"warning: {w}" for w in bounds.warnings]
+    return lines
