@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from smartrun.errors import AdvisorError, InputError
+from smartrun.errors import AdvisorError, InputError, SmartRunError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.knobs import CATALOGUE
 from smartrun.memory import MemoryEstimate
@@ -687,7 +687,12 @@ def _one_exchange(kind: AdviceKind, messages: list[dict], transport: Transport, 
         error = "nothing in the reply may be changed by the LLM"
         return LLMExchange(kind=kind, messages=sent, reply=reply, error=error, proposal=usable,
                            ignored=ignored), None
-    verdict = check(usable)
+    try:
+        verdict = check(usable)
+    except SmartRunError as err:  # e.g. the estimator cannot budget the proposed combination
+        error = f"proposal could not be checked: {err.message}"
+        return LLMExchange(kind=kind, messages=sent, reply=reply, error=error, proposal=usable,
+                           ignored=ignored), None
     exchange = LLMExchange(kind=kind, messages=sent, reply=reply, proposal=usable, ignored=ignored,
                            rejections=verdict.rejections, accepted=verdict.accepted)
     if not verdict.accepted or verdict.plan is None:

@@ -12,7 +12,7 @@ from fakes.advisor_inputs import FAKE_KEY, baseline, bounds, check_for, context,
 from fakes.llm_server import FakeLLM
 
 from smartrun.advisor import Advice, LLMUnavailable, advise, debug_line, explain_lines
-from smartrun.errors import AdvisorError
+from smartrun.errors import AdvisorError, EstimateError
 
 GOOD = reply([{"knob": "max_num_seqs", "value": 16, "reason": "throughput goal, memory allows"},
               {"knob": "gpu_memory_utilization", "value": 0.9, "reason": "a little more KV cache"}])
@@ -87,6 +87,22 @@ def test_repair_loop_lists_the_broken_bound_and_accepts_the_fix():
     assert "gpu_memory_utilization = 0.97" in second[-1]["content"]
     assert "0.93" in second[-1]["content"]  # the bound it broke
     assert any("rejected gpu_memory_utilization=0.97" in line for line in explain_lines(advice))
+
+
+def test_a_proposal_the_checker_cannot_budget_is_a_failed_attempt_not_a_crash():
+    calls = []
+
+    def picky_check(proposal):
+        calls.append(proposal)
+        if len(calls) == 1:
+            raise EstimateError("max_num_seqs=7: the estimator cannot budget this")
+        return check_for(bounds(), baseline())(proposal)
+
+    with FakeLLM([{"content": reply([{"knob": "max_num_seqs", "value": 7}])}, {"content": GOOD}]) as llm:
+        advice = advise(context(), transport(llm.base_url), picky_check)
+    assert advice.exchanges[0].error == ("proposal could not be checked: "
+                                         "max_num_seqs=7: the estimator cannot budget this")
+    assert advice.plan.source == "llm" and advice.plan.params["max_num_seqs"] == 16
 
 
 def test_unknown_knob_is_ignored_and_reported_while_the_rest_is_taken():
