@@ -139,13 +139,16 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
     config = configs.get(model_id)
     if config is None:
         return "no config for the model"
-    if not case.get("vllm_version") or not str(case["vllm_version"])[:1].isdigit():
-        return "vLLM version not stated as a release"
+    if not case.get("gpu"):
+        return "GPU not named"
+    stated = str(case.get("vllm_version") or "")
+    # Older or unstated versions are budgeted with the oldest profile (0.19); they land in "other".
+    version = stated.split()[0] if stated[:1].isdigit() else "0.19.0"
     try:
         facts = facts_from_config(config, case["model"])
         gpus = case_gpus(case)
         flags = case_flags(case)
-        est = estimate(facts, gpus, flags, str(case["vllm_version"]))
+        est = estimate(facts, gpus, flags, version)
     except SmartRunError as err:
         return f"not estimable: {err.message}"
     util = flags.gpu_memory_utilization or (0.9 if est.profile == "0.19" else 0.92)
@@ -158,10 +161,8 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
     return {
         "id": case["id"],
         "model": case["model"],
-        "version": str(case["vllm_version"]),
-        "subset": "0.19.0 H100"
-        if str(case["vllm_version"]) == "0.19.0" and "H100" in (case.get("gpu") or "")
-        else "other",
+        "version": stated or "not stated",
+        "subset": "0.19.0 H100" if stated == "0.19.0" and "H100" in (case.get("gpu") or "") else "other",
         "tp": flags.tensor_parallel_size,
         "pp": flags.pipeline_parallel_size,
         "w_pred": est.weights_gib,
@@ -172,6 +173,10 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
         "kv_real": case.get("kv_cache_gib"),
         "tok_pred": est.kv_cache_tokens,
         "tok_real": real_tokens,
+        "cg_pred": est.cudagraph_gib,
+        "cg_real": (case.get("extra_printed") or {}).get("cuda_graph_gib"),
+        "blocks_pred": est.num_gpu_blocks,
+        "blocks_real": case.get("num_gpu_blocks"),
         "conc_pred": est.max_concurrency,
         "conc_real": case.get("max_concurrency"),
         "naive_kv": naive_kv,
@@ -263,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             ("KV cache GiB", "kv_pred", "kv_real", "naive_kv"),
             ("KV cache tokens", "tok_pred", "tok_real", "naive_tok"),
             ("max concurrency", "conc_pred", "conc_real", None),
+            ("GPU blocks", "blocks_pred", "blocks_real", None),
+            ("CUDA graph GiB (0.19 actual)", "cg_pred", "cg_real", None),
         ):
             med, mean, worst, n = summary(part, pred, real)
             ours = f"{med} / {mean}; {worst}; n={n}"

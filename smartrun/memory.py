@@ -157,6 +157,13 @@ PROFILES: dict[str, Profile] = {
         tokens_group_aware=False,
         has_160gib_tier=False,
     ),
+    "0.20": Profile(
+        name="0.20",
+        default_util=0.92,
+        cudagraph_subtracted=True,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+    ),
     "0.33": Profile(
         name="0.33",
         default_util=0.92,
@@ -189,7 +196,12 @@ def resolve_version(vllm_version: str | None) -> tuple[str, Profile]:
     """Explicit version, else the installed vllm, else the newest; and its behaviour profile."""
     version = vllm_version or installed_vllm_version() or NEWEST_VERSION
     major, minor = _version_tuple(version)
-    profile = PROFILES["0.19"] if (major, minor) < (0, 20) else PROFILES["0.33"]
+    if (major, minor) < (0, 20):
+        profile = PROFILES["0.19"]
+    elif (major, minor) < (0, 28):  # graph estimate on and util 0.92 from 0.20; the 160 GiB tier from 0.28
+        profile = PROFILES["0.20"]
+    else:
+        profile = PROFILES["0.33"]
     return version, profile
 
 
@@ -658,11 +670,22 @@ def non_torch_bytes(tp: int, pp: int) -> int:
     return int((0.25 if pp == 1 else 0.07) * GIB)
 
 
-def cudagraph_bytes(num_layers_rank: int, enforce_eager: bool, optimization_level: int | None) -> int:
-    """CUDA graph pool: a fixed part plus per-layer kernel buffers (0.19 logs: 0.5-1.6 GiB)."""
+def cudagraph_bytes(
+    model: ModelFacts, num_layers_rank: int, tp: int, enforce_eager: bool, optimization_level: int | None
+) -> int:
+    """CUDA graph pool: a fixed part plus, per layer, buffers of the captured batches.
+
+    The per-layer part grows with the hidden size (sub-linearly: the largest capture is 512
+    tokens, so kernel workspaces dominate) and shrinks with TP (sharded intermediates); MoE
+    layers add routing/workspace buffers per routed expert. Fitted on the "Graph capturing
+    finished ... took X GiB" lines of the 0.19 H100 logs (0.51-1.85 GiB, within ~0.15 GiB).
+    """
     if enforce_eager or optimization_level == 0:
         return 0
-    return int((0.4 + 0.016 * num_layers_rank) * GIB)
+    per_layer = 0.016 * (0.5 + 0.5 / tp) * math.sqrt(model.hidden_size / 4096)
+    if model.moe is not None:
+        per_layer += 0.005 * model.moe.experts_per_token
+    return int((0.35 + num_layers_rank * per_layer) * GIB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,7 +800,7 @@ def _budget(
         bytes_per_block = max(g.layers for g in groups) * page * block_size
         activation = activation_bytes(model, dtype, tp, seqs, mnbt, stage.last)
         non_torch = non_torch_bytes(tp, pp)
-        graphs = cudagraph_bytes(len(stage.layers), flags.enforce_eager, flags.optimization_level)
+        graphs = cudagraph_bytes(model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level)
         for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)

@@ -350,3 +350,9 @@ def test_snapshot_busy_gpu_fails_startup_check():
     est = estimate(LLAMA8, snap, EngineFlags(gpu_memory_utilization=0.95, max_model_len=8192), "0.19.0")
     assert not est.fits and est.free_gib < est.requested_gib
     assert est.free_gib == pytest.approx((snap.gpus[0].memory_free_mib - 0) * MIB / GIB - 0.46, abs=0.1)
+
+
+def test_profile_between_0_20_and_0_27():
+    _version, profile = resolve_version("0.25.0")
+    assert profile.name == "0.20" and profile.default_util == 0.92 and profile.cudagraph_subtracted
+    assert not profile.has_160gib_tier
