@@ -455,10 +455,18 @@ def _off_limits(name: str, bounds: Bounds) -> str | None:
     if bound is None:
         return "unknown knob" if knob is None else "not among the tunable knobs"
     if bound.pinned:
-        return f"pinned by the user ({_allowed(bound)})"
+        return f"pinned by the user to {_show(bound.choices[0] if bound.choices else bound.min)}"
     if not bound.llm_may_change:
         return f"not open to the LLM ({', '.join(bound.sources) or 'bounds'})"
+    if _single_value(bound):
+        return f"fixed by {', '.join(bound.sources) or 'the bounds'} ({_allowed(bound)})"
     return None
+
+
+def _single_value(bound: KnobBound) -> bool:
+    if bound.choices is not None:
+        return len(bound.choices) == 1
+    return bound.min is not None and bound.min == bound.max
 
 
 def screen(proposal: Proposal, bounds: Bounds) -> tuple[Proposal, tuple[str, ...]]:
@@ -783,7 +791,7 @@ def explain_lines(advice: Advice) -> list[str]:
         lines.append(f"LLM {ex.kind} #{number}: {status}" + (f" [{taken}]" if taken else "")
                      + (f": {ex.error}" if ex.error else ""))
         lines.extend(f"  ignored {item}" for item in ex.ignored)
-        lines.extend(f"  rejected {r.knob}={_show(r.value)}: {r.reason} (allowed {r.bound}; {r.source})"
-                     for r in ex.rejections)
+        lines.extend(f"  rejected {r.knob}={_show(r.value)}: {r.reason}"
+                     + ("" if r.bound in r.reason else f" (allowed {r.bound}; {r.source})") for r in ex.rejections)
     lines.append(debug_line(advice))
     return lines
