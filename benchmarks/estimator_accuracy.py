@@ -77,6 +77,29 @@ def reference_configs() -> dict[str, dict[str, Any]]:
     return configs
 
 
+V0_WORDING = (
+    "non_torch_memory takes",
+    "reserved for KV Cache is",
+    "CPU blocks:",
+    "# CUDA blocks:",
+    "Memory profiling results:",
+    "Loading model weights took",
+    "can be stored in KV cache",
+)
+
+
+def inferred_version(case: dict[str, Any]) -> str:
+    """For a case whose version is not stated: the printed version, else V0 (0.6) when the log has
+    V0's wording, else 0.19 (the V1 profile). These cases land in the "other" subset."""
+    from smartrun.vllm_log import parse_startup
+
+    lines = case.get("log_lines") or []
+    printed = parse_startup(lines).version
+    if printed and printed[:1].isdigit():
+        return printed
+    return "0.6.0" if any(w in line for line in lines for w in V0_WORDING) else "0.19.0"
+
+
 def case_flags(case: dict[str, Any]) -> EngineFlags:
     util = case.get("gpu_memory_utilization")
     quant = case.get("quantization")
@@ -142,8 +165,7 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
     if not case.get("gpu"):
         return "GPU not named"
     stated = str(case.get("vllm_version") or "")
-    # Older or unstated versions are budgeted with the oldest profile (0.19); they land in "other".
-    version = stated.split()[0] if stated[:1].isdigit() else "0.19.0"
+    version = stated.split()[0] if stated[:1].isdigit() else inferred_version(case)
     try:
         facts = facts_from_config(config, case["model"])
         gpus = case_gpus(case)
@@ -161,7 +183,7 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
     return {
         "id": case["id"],
         "model": case["model"],
-        "version": stated or "not stated",
+        "version": stated or f"not stated ({version} assumed)",
         "subset": "0.19.0 H100" if stated == "0.19.0" and "H100" in (case.get("gpu") or "") else "other",
         "tp": flags.tensor_parallel_size,
         "pp": flags.pipeline_parallel_size,

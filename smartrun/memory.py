@@ -147,9 +147,20 @@ class Profile(Frozen):
     cudagraph_subtracted: bool  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS default on
     tokens_group_aware: bool  # "GPU KV cache size" = concurrency x max_model_len for hybrid models
     has_160gib_tier: bool
+    v0_engine: bool = False  # V0: no free-memory check, NCCL outside the profile, chunked prefill off <= 32K
+    sampler_extra_bytes: float = 13.5  # sampler buffers per logit element beyond the dtype copy
 
 
 PROFILES: dict[str, Profile] = {
+    "0.6": Profile(
+        name="0.6",
+        default_util=0.90,
+        cudagraph_subtracted=False,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+        v0_engine=True,
+        sampler_extra_bytes=4.0,  # V0 profiles with the logits in fp32 only
+    ),
     "0.19": Profile(
         name="0.19",
         default_util=0.90,
@@ -196,7 +207,9 @@ def resolve_version(vllm_version: str | None) -> tuple[str, Profile]:
     """Explicit version, else the installed vllm, else the newest; and its behaviour profile."""
     version = vllm_version or installed_vllm_version() or NEWEST_VERSION
     major, minor = _version_tuple(version)
-    if (major, minor) < (0, 20):
+    if (major, minor) < (0, 8):  # the V0 engine was the default before 0.8
+        profile = PROFILES["0.6"]
+    elif (major, minor) < (0, 20):
         profile = PROFILES["0.19"]
     elif (major, minor) < (0, 28):  # graph estimate on and util 0.92 from 0.20; the 160 GiB tier from 0.28
         profile = PROFILES["0.20"]
@@ -331,6 +344,14 @@ def effective_batch_defaults(
 ) -> tuple[int, int]:
     """max_num_seqs, max_num_batched_tokens as vLLM fills unset ones for `vllm serve` (facts 4.3)."""
     total_gib = total_bytes / GIB
+    if profile.v0_engine:  # V0: 256 seqs; chunked prefill only above 32K, else one prompt per step
+        seqs = 256
+        chunked = flags.enable_chunked_prefill
+        chunked = max_model_len > 32768 if chunked is None else chunked
+        mnbt = 2048 if chunked else max(max_model_len, 2048)
+        if flags.max_num_batched_tokens is not None:
+            mnbt = flags.max_num_batched_tokens
+        return (flags.max_num_seqs or seqs), mnbt
     if profile.has_160gib_tier and total_gib >= 160:
         mnbt, seqs = 16384, 1024
     elif total_gib >= 70 and "a100" not in gpu_name.lower():
@@ -626,45 +647,49 @@ def weights_per_rank(model: ModelFacts, dtype: str, tp: int, pp: int) -> list[Ra
 # Activation, non-torch, CUDA graphs
 
 
-def activation_bytes(model: ModelFacts, dtype: str, tp: int, max_num_seqs: int, mnbt: int, last: bool) -> int:
+def activation_bytes(
+    model: ModelFacts,
+    dtype: str,
+    tp: int,
+    max_num_seqs: int,
+    mnbt: int,
+    last: bool,
+    sampler_extra: float = 13.5,
+) -> int:
     """Peak transient memory of vLLM's profile run.
 
     Two phases, the larger wins (the forward pass is freed before the sampler runs):
     - sampler on min(max_num_seqs, mnbt) rows of full-vocab logits: the logits in the model dtype,
       their fp32 copy, softmax/log-probs and sort buffers (~13.5 bytes per element beyond the
       dtype copy, fitted on the vLLM 0.19 H100 logs; logits are gathered to the full vocab on
-      every TP rank, so this term does not shrink with TP);
-    - the forward pass over mnbt tokens: a few hidden-size buffers, the MLP intermediate and,
+      every TP rank, so this term does not shrink with TP); the batch's hidden states and the
+      MoE workspaces are still held;
+    - the forward pass over mnbt tokens: the MLP's gate/up output (2I) and activated output (I)
+      alive together, about four hidden-size buffers (residual, norm, attention in/out) and,
       for MoE, the fused-MoE workspaces (topk x (2I + I + H) per token).
     """
     dtype_bytes = DTYPE_BYTES[dtype]
-    rows = min(max_num_seqs, mnbt)
-    sampler = rows * model.vocab_size * (13.5 + dtype_bytes) if last else 0
     h = model.hidden_size
-    forward = mnbt * h * dtype_bytes * 4 + mnbt * (2 * model.intermediate_size // tp) * dtype_bytes
-    if model.moe is not None:
-        e_inter = model.moe.moe_intermediate_size // tp
-        forward += mnbt * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
-    # the forward buffers still held when the sampler runs (hidden states of the batch)
-    held = mnbt * h * dtype_bytes
+    rows = min(max_num_seqs, mnbt)
     moe_ws = 0
     if model.moe is not None:
-        moe_ws = (
-            mnbt
-            * model.moe.experts_per_token
-            * (3 * (model.moe.moe_intermediate_size // tp) + h)
-            * dtype_bytes
-        )
+        e_inter = model.moe.moe_intermediate_size // tp
+        moe_ws = mnbt * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
+    sampler = rows * model.vocab_size * (sampler_extra + dtype_bytes) if last else 0
+    held = mnbt * h * dtype_bytes
+    forward = mnbt * (3 * model.intermediate_size // tp + 4 * h) * dtype_bytes + moe_ws
     return int(max(sampler + held + moe_ws, forward))
 
 
-def non_torch_bytes(tp: int, pp: int) -> int:
+def non_torch_bytes(tp: int, pp: int, v0_engine: bool = False) -> int:
     """Non-torch growth during profiling: CUDA context/cuBLAS workspaces (~0.25 GiB on one GPU).
 
     With TP >= 2 NCCL and the custom all-reduce IPC buffers add about 1.8 GiB, growing a little
     with the group size (0.19 logs: 2.06-2.11 GiB at tp2, 2.13-2.21 at tp4). With PP only, NCCL
     is set up before the snapshot, so the growth is smaller (0.07 GiB).
     """
+    if v0_engine:  # V0 set NCCL up outside the profiled window
+        return int(0.25 * GIB)
     if tp >= 2:
         return int((2.0 + 0.045 * tp) * GIB)
     return int((0.25 if pp == 1 else 0.07) * GIB)
@@ -798,8 +823,8 @@ def _budget(
         stage_kinds = [kinds[i] for i in stage.layers]
         groups = kv_groups(stage_kinds)
         bytes_per_block = max(g.layers for g in groups) * page * block_size
-        activation = activation_bytes(model, dtype, tp, seqs, mnbt, stage.last)
-        non_torch = non_torch_bytes(tp, pp)
+        activation = activation_bytes(model, dtype, tp, seqs, mnbt, stage.last, profile.sampler_extra_bytes)
+        non_torch = non_torch_bytes(tp, pp, profile.v0_engine)
         graphs = cudagraph_bytes(model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level)
         for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
             total = gpu.cuda_total_bytes
@@ -908,7 +933,7 @@ def estimate(
         tokens = b.num_blocks // len(b.groups) * block_size
     tokens *= 1  # engine-wide: blocks are the min over ranks and every rank holds its layers for all tokens
     fits, reason = True, None
-    if b.free < b.requested:
+    if b.free < b.requested and not profile.v0_engine:  # V0 had no startup free-memory check
         fits = False
         reason = (
             f"Free memory on device ({_gib(b.free)}/{_gib(b.total)} GiB) on startup is less than desired GPU memory "
