@@ -257,7 +257,7 @@ class OpenAITransport:
             last = err.last_attempt.exception()
             tries = err.last_attempt.attempt_number
             raise LLMUnavailable(
-                f"LLM endpoint {self.settings.base_url} failed {tries} time(s) in "
+                f"LLM endpoint {shown_url(self.settings.base_url)} failed {tries} time(s) in "
                 f"{time.monotonic() - started:.1f}s; last error: {last}"
             ) from None
 
@@ -275,7 +275,10 @@ class OpenAITransport:
         remaining = self.settings.max_total_s - (time.monotonic() - started)
         timeout = max(0.1, min(self.settings.timeout_s, remaining))
         if not self._model:
-            self._model = self._call(lambda: self._discover_model(timeout))
+            try:
+                self._model = self._call(lambda: self._discover_model(timeout))
+            except LLMUnavailable as err:
+                raise LLMUnavailable(f"no --llm-model given and the server did not list one: {err.message}") from None
         if self.structured:
             try:
                 return self._call(lambda: self._create(messages, schema, timeout))
@@ -287,7 +290,7 @@ class OpenAITransport:
         models = self.client().models.list(timeout=timeout)
         ids = [m.id for m in getattr(models, "data", None) or [] if getattr(m, "id", None)]
         if not ids:
-            raise LLMUnavailable(f"LLM endpoint {self.settings.base_url} lists no models; pass --llm-model")
+            raise LLMUnavailable(f"LLM endpoint {shown_url(self.settings.base_url)} lists no models")
         return ids[0]
 
     def _create(self, messages: list[dict], schema: dict | None, timeout: float) -> LLMReply:
@@ -306,7 +309,7 @@ class OpenAITransport:
         if isinstance(completion, str) or not choices:
             shown = completion[:60] if isinstance(completion, str) else "no choices"
             raise LLMUnavailable(
-                f"LLM endpoint {self.settings.base_url} did not send a chat completion ({shown!r})"
+                f"LLM endpoint {shown_url(self.settings.base_url)} did not send a chat completion ({shown!r})"
             )
         content = choices[0].message.content or ""
         structured = schema is not None
@@ -332,7 +335,7 @@ class OpenAITransport:
             return request()
         except openai.APIConnectionError as err:  # includes APITimeoutError
             what = "timed out" if isinstance(err, openai.APITimeoutError) else "connection failed"
-            raise _Transient(f"{what} ({self.settings.base_url})") from None
+            raise _Transient(f"{what} ({shown_url(self.settings.base_url)})") from None
         except openai.APIStatusError as err:
             status = err.status_code
             message = self._scrub(getattr(err, "message", "") or str(err))
@@ -349,6 +352,11 @@ class OpenAITransport:
 
 class _Unstructured(Exception):
     """The server refused the JSON-schema response_format."""
+
+
+def shown_url(url: str) -> str:
+    """The URL without user:password@, for messages and records."""
+    return re.sub(r"//[^/@]*@", "//", url)
 
 
 def _is_json(text: str) -> bool:

@@ -285,3 +285,24 @@ def test_recover_prompt_carries_the_failure_and_the_log_excerpt():
     system, user = (m["content"] for m in llm.chat_requests[0]["body"]["messages"])
     assert "The last launch failed" in system
     assert "kv_cache_too_small" in user and "max seq len (8192)" in user and "6144" in user
+
+
+def test_no_model_configured_and_none_listed_is_said_plainly():
+    with FakeLLM([{"content": GOOD}], model="") as llm:
+        ctx = context()
+        advice = advise(ctx, transport(llm.base_url, model=""), check_for(ctx.bounds, ctx.baseline))
+    assert_fallback(advice, "no --llm-model given and the server did not list one")
+    assert llm.chat_requests == []
+
+
+def test_nothing_listening_is_retried_then_falls_back():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = context()
+    advice = advise(ctx, transport(f"http://user:secret@127.0.0.1:{port}/v1", max_attempts=2),
+                    check_for(ctx.bounds, ctx.baseline))
+    assert_fallback(advice, "failed 2 time(s)", "connection failed")
+    assert "secret" not in advice.fallback_reason
