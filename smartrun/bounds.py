@@ -149,12 +149,17 @@ def line_index(text: str) -> dict[str, int]:
 
 
 def _line(index: dict[str, int], path: str) -> int:
-    """The line of `path`, else of its nearest enclosing table/key, else 0."""
+    """The line of `path`, else of the first key inside it, else of its nearest enclosing table, else 1."""
+    if path in index:
+        return index[path]
+    inside = [line for key, line in index.items() if key.startswith(path + ".")]
+    if inside:
+        return min(inside)
     while path:
         if path in index:
             return index[path]
         path = path.rpartition(".")[0]
-    return 0
+    return 1
 
 
 # --- checking ------------------------------------------------------------------------------------
@@ -190,8 +195,8 @@ def _canonical(k: Knob, value: Any) -> Any:
 
 def _check_value(k: Knob, value: Any, where: str, what: str, out: _Problems) -> bool:
     if not _typed_ok(k, value):
-        out.add(where, f"{k.name}.{what}: {value!r} is not {'an integer' if k.type == 'int' else 'a ' + k.type}"
-                       f" (expected {k.type})")
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(k.type, "a string")
+        out.add(where, f"{k.name}.{what}: {value!r} is not {kind}")
         return False
     if not k.in_domain(_canonical(k, value)):
         out.add(where, f"{k.name}.{what}: {value!r} is outside vLLM's domain {k.domain_text()}")

@@ -283,6 +283,11 @@ def _specs(gpus: Sequence[GpuInfo]) -> list[GpuSpec]:
     return [GpuSpec.from_gpu(g) for g in gpus]
 
 
+def describe_gpus(gpus: Sequence[GpuInfo]) -> str:
+    """"2x NVIDIA A100-SXM4-80GB" / "the NVIDIA L4", for messages."""
+    return _gpu_words(gpus)
+
+
 def _gpu_words(gpus: Sequence[GpuInfo]) -> str:
     names = sorted({g.name for g in gpus})
     return f"{len(gpus)}x {' / '.join(names)}" if len(gpus) > 1 else f"the {names[0]}"
@@ -599,9 +604,14 @@ def baseline(
         _custom_all_reduce(bounds, hardware, trial, trial_prov)
         est, why_not = _fit_at(bounds, facts, hardware, trial, trial_prov, vllm_version, estimate_fn)
         if est is not None:
+            trial = {name: trial[name] for name in sorted(trial, key=_catalogue_order)}
             return Plan(params=trial, source="static", provenance=trial_prov, reason=f"goal {goal} baseline"), est
         failures.append(why_not)
     raise InfeasibleError(failures[-1] if failures else f"no tensor parallel size fits {facts.name}")
+
+
+def _catalogue_order(name: str) -> int:
+    return list(CATALOGUE).index(name) if name in CATALOGUE else len(CATALOGUE)
 
 
 def _custom_all_reduce(bounds: Bounds, hw: HardwareSnapshot, params: dict, prov: dict) -> None:
@@ -644,7 +654,7 @@ def format_bounds(bounds: Bounds, notes: bool = True) -> list[str]:
         if bound.recovery_min is not None or bound.recovery_choices:
             room = bound.recovery_min if bound.recovery_min is not None else list(bound.recovery_choices)
             extra = f"  [recovery may use {room}: {bound.recovery_source}]"
-        who = "" if bound.llm_may_change else "  (user only)"
+        who = "" if bound.llm_may_change or bound.pinned else "  (user only)"
         lines.append(f"{name:<{width}}  {bound.describe():<32}  {', '.join(bound.sources)}{who}{extra}")
         if notes:
             lines += [f"{'':<{width}}    - {note}" for note in bound.notes]

@@ -1,7 +1,85 @@
-"""CLI commands of this group. TODO(owner): register the real commands."""
+"""`localaistack bounds check|show`: check a bounds file; print the effective bounds with their sources."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 
 def register(subparsers) -> None:
-    """Add this module's commands to `subparsers`."""
+    """Add the `bounds` group with `check` and `show`."""
+    from smartrun.rules import GOALS
+
+    group = subparsers.add_parser("bounds", help="check a bounds file or show effective bounds", allow_abbrev=False)
+    commands = group.add_subparsers(dest="command", metavar="{check,show}")
+    commands.required = True
+
+    check = commands.add_parser(
+        "check", help="report every problem in a bounds file, with its line", allow_abbrev=False,
+        description="Check FILE (default: smartrun.toml from the current directory upward, else the built-in "
+                    "default). Prints FILE:LINE: problem for each problem and exits 2 if there is any.")
+    check.add_argument("file", metavar="FILE", nargs="?", help="bounds file (TOML)")
+    check.set_defaults(func=check_command)
+
+    show = commands.add_parser(
+        "show", help="print the effective bounds for MODEL on a machine, with the source of every limit",
+        allow_abbrev=False,
+        description="vLLM flags after MODEL (e.g. --max-model-len 8192) are your pins.")
+    show.add_argument("model", metavar="MODEL", help="model directory or cached Hugging Face repo id")
+    show.add_argument("--hardware", metavar="SNAPSHOT.json", help="machine snapshot (default: detect with NVML)")
+    show.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
+    show.add_argument("--goal", choices=GOALS, default="stable")
+    show.add_argument("--force", action="store_true", help="let pins win over other sources' bounds")
+    show.add_argument("--vllm-version", metavar="V", help="estimate for this vLLM version")
+    show.add_argument("--baseline", action="store_true", help="also print the baseline plan and its argv")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=show_command, accepts_extra=True)
+
+
+def check_command(args: argparse.Namespace) -> int:
+    from smartrun import bounds
+
+    if args.file:
+        path, shown = args.file, args.file
+    else:
+        found = bounds.find()
+        path, shown = (found, str(found)) if found else (bounds.BUILTIN_PATH, f"builtin ({bounds.BUILTIN_PATH})")
+    found_problems = bounds.problems(path)
+    for line, message in found_problems:
+        print(f"{path}:{line}: {message}")
+    if found_problems:
+        print(f"localaistack: {len(found_problems)} problem(s) in {shown}")
+        return 2
+    loaded = bounds.load(path) if args.file or path != bounds.BUILTIN_PATH else bounds.builtin()
+    print(f"OK {shown}: {loaded.summary()}")
+    return 0
+
+
+def show_command(args: argparse.Namespace) -> int:
+    from smartrun import bounds, hardware, knobs, model, rules
+
+    extra = [a for a in (getattr(args, "extra", None) or []) if a != "--"]
+    user = knobs.parse_user_args(extra)
+    facts = model.inspect(args.model)
+    machine = hardware.load_snapshot(args.hardware) if args.hardware else hardware.detect()
+    file = bounds.resolve(args.bounds)
+    effective = rules.effective_bounds(facts, machine, file, user.pins, args.goal, args.vllm_version, args.force,
+                                       pin_flags=user.pin_flags)
+    plan = estimate = None
+    if args.baseline or args.json:
+        plan, estimate = rules.baseline(effective, facts, machine, args.goal, args.vllm_version)
+    if args.json:
+        out = {"model": facts.name, "goal": args.goal, "bounds_file": file.path, "bounds": effective.to_json(),
+               "warnings": list(effective.warnings), "params": plan.params, "provenance": plan.provenance,
+               "argv": knobs.build_argv(facts.path or args.model, plan.params, user.passthrough),
+               "estimate": estimate.model_dump()}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{facts.name} on {rules.describe_gpus(machine.gpus)} ({args.hardware or 'detected'})")
+    print("\n".join(rules.format_bounds(effective)))
+    if plan is not None:
+        print("baseline:")
+        for name, value in plan.params.items():
+            print(f"  {name} = {value}    <- {plan.provenance.get(name, '')}")
+        print("argv: " + " ".join(knobs.build_argv(facts.path or args.model, plan.params, user.passthrough)))
+    return 0
