@@ -269,6 +269,10 @@ def _match_gpu(name: str) -> dict[str, Any]:
 # Inputs normalised
 
 
+def _cc_key(cc: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in cc.split(".") if part.isdigit())
+
+
 def _dtype_name(flag: str, model: ModelFacts, cc: str) -> str:
     """The dtype vLLM will run in: config dtype for auto (fp32 configs are downcast), fp16 below cc 8.0."""
     name = DTYPE_ALIASES.get(flag.lower(), flag.lower())
@@ -282,6 +286,11 @@ def _dtype_name(flag: str, model: ModelFacts, cc: str) -> str:
             name = "float16"
     if name not in DTYPE_BYTES:
         raise EstimateError(f"--dtype {flag!r}: unknown dtype (auto, bfloat16, float16/half, float32/float)")
+    if name == "bfloat16" and float(cc) < 8.0:
+        raise EstimateError(
+            f"Bfloat16 is only supported on GPUs with compute capability of at least 8.0. Your GPU has compute "
+            f"capability {cc}. You can use float16 instead by explicitly setting the `dtype` flag, e.g. --dtype=half."
+        )
     return name
 
 
@@ -899,7 +908,7 @@ def estimate(
     ):  # online quantization of a full-precision checkpoint
         model = model.model_copy(update={"quantization": QuantFacts(method=flags.quantization)})
     used = gpu_list[: flags.tensor_parallel_size * flags.pipeline_parallel_size]
-    dtype = _dtype_name(flags.dtype, model, min(g.compute_capability for g in used))
+    dtype = _dtype_name(flags.dtype, model, min((g.compute_capability for g in used), key=_cc_key))
     kv_elem = _kv_bytes_per_element(flags.kv_cache_dtype, dtype)
     util = flags.gpu_memory_utilization if flags.gpu_memory_utilization is not None else profile.default_util
     block_size = flags.block_size or 16
@@ -943,8 +952,15 @@ def estimate(
         fits = False
         reason = (
             f"No available memory for the cache blocks: weights {_gib(b.weights)} + activation {_gib(b.activation)}"
-            f" + non-torch {_gib(b.non_torch)} GiB exceed the requested {_gib(b.requested)} GiB"
-            f" by {_gib(-b.kv + b.bytes_per_block)} GiB"
+            f" + non-torch {_gib(b.non_torch)}"
+            + (f" + CUDA graphs {_gib(b.cudagraph)}" if profile.cudagraph_subtracted else "")
+            + f" GiB exceed the requested {_gib(b.requested)} GiB by {_gib(2 * b.bytes_per_block - b.kv)} GiB"
+        )
+    elif auto and largest == 0:
+        fits = False
+        reason = (
+            "Cannot auto-fit max_model_len: not enough GPU memory available to serve even a single token; "
+            f"KV cache {_gib(b.kv)} GiB, one block needs {_gib(2 * b.bytes_per_block)} GiB with the null block"
         )
     elif per_request > b.num_blocks - 1:
         fits = False

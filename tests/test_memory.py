@@ -356,3 +356,21 @@ def test_profile_between_0_20_and_0_27():
     _version, profile = resolve_version("0.25.0")
     assert profile.name == "0.20" and profile.default_util == 0.92 and profile.cudagraph_subtracted
     assert not profile.has_160gib_tier
+
+
+def test_explicit_bf16_below_cc8_is_refused_and_auto_falls_back_to_fp16():
+    t4 = GpuSpec.from_name("T4")
+    with pytest.raises(EstimateError, match="Bfloat16 is only supported"):
+        estimate(QWEN7, [t4], EngineFlags(dtype="bfloat16", max_model_len=1024), "0.19.0")
+    est = estimate(
+        QWEN7.model_copy(update={"torch_dtype": "bfloat16"}), [t4], EngineFlags(max_model_len=1024), "0.19.0"
+    )
+    assert est.weights_gib > 0  # ran in float16
+
+
+@pytest.mark.parametrize("case_id", ["vsl-001", "vsl-002"])
+def test_v0_reference_startups_kv_within_tolerance(case_id):
+    """V0 (~0.6.4, RTX 3090): one prompt of max_model_len per profile step, no chunked prefill."""
+    case = {**REFERENCE[case_id], "vllm_version": "0.6.4"}
+    row = bench.run_case(case, CONFIGS)
+    assert row["kv_pred"] == pytest.approx(row["kv_real"], rel=0.06)
