@@ -135,6 +135,8 @@ class RunResult:
     advice: list[Any] = field(default_factory=list)
     launch_report: Any = None
     session_path: Path | None = None
+    cache_key: CacheKey | None = None
+    secrets: tuple[str, ...] = ()  # values the CLI must not print either (API keys)
     debug_lines: list[str] = field(default_factory=list)
 
     def json_summary(self) -> dict[str, Any]:
@@ -235,8 +237,8 @@ class RecordingLauncher:
         outcome = _attempt_outcome(attempt)
         entry = LaunchAttemptRecord(
             number=number,
-            argv=redact_argv(getattr(attempt, "argv", None) or argv),
-            env=redact_env(dict(getattr(attempt, "env", None) or env or {})),
+            argv=redact_argv(argv),  # what the code asked for, so replay compares its own decision
+            env=redact_env(dict(env or {})),
             outcome=outcome,
             healthy=server is not None,
             log_excerpt=[str(x) for x in (getattr(attempt, "log_tail", None) or getattr(attempt, "log_excerpt", None)
@@ -291,7 +293,7 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
     started = sources.clock()
     record = record if record is not None else new_record(request, sources)
     recorder = Recorder(record, on_event)
-    result = RunResult(record=record, request=request)
+    result = RunResult(record=record, request=request, secrets=sources.secrets)
     path = session_out or default_session_path(started, Path(request.model.rstrip("/")).name or request.model)
     result.session_path = path if write else None
     try:
@@ -374,6 +376,7 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     plan = baseline
     key = CacheKey(model=facts.name, hardware_fingerprint=hw_mod.fingerprint(hw), bounds_sha256=bounds_in.sha256,
                    vllm_version=version, goal=request.goal)
+    result.cache_key = key
     if request.smart_run:
         plan = _from_cache(request, sources, rec, result, bounds, baseline, fit, key)
         if plan.source != "cache":
@@ -706,31 +709,22 @@ def _live_bounds(request: RunRequest) -> BoundsInput:
 
 def _bounds_from_path(path: Path) -> BoundsInput:
     from smartrun import bounds
+    from smartrun.errors import BoundsError
 
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"{path}: cannot read bounds file ({err.strerror or err})") from err
-    return BoundsInput(path=str(path), text=text, loaded=bounds.load(path))
+    except FileNotFoundError as err:
+        raise BoundsError(f"{path}: bounds file not found") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise BoundsError(f"{path}: cannot read bounds file ({err})") from err
+    return BoundsInput(path=str(path), text=text, loaded=bounds.load_text(text, str(path)))
 
 
 def _builtin_bounds() -> BoundsInput:
     from smartrun import bounds
 
-    loaded = bounds.builtin()
-    text = _builtin_text(loaded)
-    return BoundsInput(path=None, text=text, loaded=loaded, builtin=True)
-
-
-def _builtin_text(loaded: Any) -> str:
-    for attr in ("text", "source_text"):
-        value = getattr(loaded, attr, None)
-        if isinstance(value, str):
-            return value
-    path = getattr(loaded, "path", None)
-    if path and Path(str(path)).is_file():
-        return Path(str(path)).read_text(encoding="utf-8")
-    return to_jsonable(loaded).__repr__()
+    text = bounds.BUILTIN_PATH.read_text(encoding="utf-8")
+    return BoundsInput(path=None, text=text, loaded=bounds.load_text(text, bounds.BUILTIN_NAME), builtin=True)
 
 
 def _live_transport(request: RunRequest, env: dict[str, str],
@@ -751,12 +745,14 @@ def _live_transport(request: RunRequest, env: dict[str, str],
 
 
 def _live_vllm(request: RunRequest) -> tuple[str | None, str | None]:
-    """--vllm-version wins; else the installed vllm's version when one is found (dry-run works without it)."""
-    from smartrun import launch
-
+    """--vllm-version wins; else the installed vllm's version. A dry run plans without vllm installed."""
+    if request.dry_run and request.vllm_version:
+        return request.vllm_version, request.vllm_bin
     try:
+        from smartrun import launch
+
         found = launch.find_vllm(request.vllm_bin)
-    except SmartRunError:
+    except (SmartRunError, ImportError):
         if request.dry_run:
             return request.vllm_version, request.vllm_bin
         raise
@@ -889,31 +885,15 @@ def _recorded_failure(record: SessionRecord) -> SmartRunError:
 
 
 def _recorded_bounds(record: SessionRecord) -> BoundsInput:
+    """The recorded file text, loaded under its recorded name so `bounds:<file>:<line>` provenance matches."""
     from smartrun import bounds
 
     info = record.bounds_file
     if info is None:
         raise _recorded_failure(record)
-    if info.get("builtin"):
-        loaded = bounds.builtin()
-        return BoundsInput(path=None, text=info["text"], loaded=loaded, builtin=True)
-    loaded = _load_bounds_text(info["text"], info["path"])
-    return BoundsInput(path=info["path"], text=info["text"], loaded=loaded)
-
-
-def _load_bounds_text(text: str, path: str) -> Any:
-    """Load recorded bounds text under its recorded path name, so provenance (`bounds:<file>:<line>`) matches."""
-    from smartrun import bounds
-
-    loads = getattr(bounds, "loads", None)
-    if loads is not None:
-        return loads(text, path)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="smartrun-replay-") as tmp:
-        copy = Path(tmp) / Path(path).name
-        copy.write_text(text, encoding="utf-8")
-        return bounds.load(copy)
+    name = bounds.BUILTIN_NAME if info.get("builtin") else info["path"]
+    return BoundsInput(path=info.get("path"), text=info["text"], loaded=bounds.load_text(info["text"], name),
+                       builtin=bool(info.get("builtin")))
 
 
 @dataclass

@@ -79,15 +79,16 @@ def request_from_args(args: argparse.Namespace) -> Any:
 
 def run_command(args: argparse.Namespace) -> int:
     from smartrun import pipeline
+    from smartrun.session import redact_text
 
     request = request_from_args(args)
     sources = pipeline.live_sources(request)
     quiet = args.json
     result = pipeline.run(request, sources, on_event=_printer(quiet), session_out=_path(args.session_out))
     if args.json:
-        print(json.dumps(result.json_summary(), indent=2, sort_keys=False))
+        print(redact_text(json.dumps(result.json_summary(), indent=2), result.secrets))
     else:
-        print_text(result, explain=args.explain, debug=args.smart_run_debug)
+        print(redact_text(render_text(result, explain=args.explain, debug=args.smart_run_debug), result.secrets))
     return 0
 
 
@@ -108,7 +109,7 @@ def _printer(quiet: bool):
     return show
 
 
-def print_text(result: Any, explain: bool = False, debug: bool = False) -> None:
+def render_text(result: Any, explain: bool = False, debug: bool = False) -> str:
     """The human-readable summary: machine, model, bounds, baseline, chosen plan, final argv."""
     out: list[str] = []
     if result.hardware is not None:
@@ -143,7 +144,7 @@ def print_text(result: Any, explain: bool = False, debug: bool = False) -> None:
         out += ["== command", "  " + " ".join(_quote(a) for a in result.argv)]
     if result.session_path:
         out += [f"session record: {result.session_path}"]
-    print("\n".join(out))
+    return "\n".join(out)
 
 
 def format_hardware(hw: Any) -> list[str]:
@@ -163,23 +164,10 @@ def format_model(facts: Any) -> list[str]:
 
 
 def format_bounds(bounds: Any, explain: bool = False) -> list[str]:
-    """The bounds formatter of `bounds show` when it exists, else one line per knob from Bounds.to_json()."""
-    from smartrun.cli import bounds_cmd
+    """The rules' own formatter (the one `bounds show` uses); sources always, notes with --explain."""
+    from smartrun import rules
 
-    formatter = getattr(bounds_cmd, "format_bounds", None)
-    if formatter is not None:
-        text = formatter(bounds, explain=explain) if explain else formatter(bounds)
-        lines = text.splitlines() if isinstance(text, str) else list(text)
-        return ["  " + line for line in lines]
-    out = []
-    for knob, b in bounds.to_json().items():
-        if not isinstance(b, dict):
-            continue
-        rng = f"one of {b['choices']}" if "choices" in b else f"{b.get('min')} .. {b.get('max')}"
-        pin = " (pinned)" if b.get("pinned") else ""
-        src = f"  [{', '.join(b.get('sources', []))}]" if explain else ""
-        out.append(f"  {knob:<26} {rng}{pin}{src}")
-    return out
+    return ["  " + line for line in rules.format_bounds(bounds, notes=explain)]
 
 
 def _params(params: dict[str, Any]) -> str:

@@ -1,0 +1,139 @@
+"""The pipeline in-process: records, replay (clean and diverging), saved parameters, LLM fallback.
+
+Real parts throughout: fixture model dirs and snapshots, the built-in bounds, the scripted
+OpenAI-compatible server on a free port through the real openai client.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FIXTURES
+from fakes.llm_server import FakeLLM
+
+from smartrun import pipeline
+from smartrun.errors import AdvisorError, ReplayDivergence
+from smartrun.session import CacheEntry, SavedParams, load_record
+
+MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
+H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
+FAKE_KEY = "sk-smartrunPIPE-5e1d7c3b9a"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _request(**kw) -> pipeline.RunRequest:
+    base = {"model": MODEL, "hardware_path": H100, "dry_run": True, "smart_run": True, "vllm_version": "0.33.0"}
+    return pipeline.RunRequest(**{**base, **kw})
+
+
+def _sources(request, base_url=None, key=FAKE_KEY):
+    env = {"SMARTRUN_LLM_API_KEY": key} if base_url else {}
+    if base_url:
+        request = request.model_copy(update={"llm_base_url": base_url, "llm_model": "fake-model",
+                                             "llm_timeout": 5.0})
+    return request, pipeline.live_sources(request, env=env, config_path="/nonexistent/config.toml")
+
+
+def _reply(changes, reason="fits the goal") -> dict:
+    return {"content": json.dumps({"changes": changes, "reason": reason})}
+
+
+def _run(tmp_path, name, request, sources):
+    out = tmp_path / f"{name}.json"
+    result = pipeline.run(request, sources, session_out=out)
+    return result, load_record(out)
+
+
+def test_llm_proposal_recorded_and_replayed_clean(tmp_path):
+    step = _reply([{"knob": "max_num_seqs", "value": 6, "reason": "a few more parallel requests"}])
+    with FakeLLM([step]) as llm:
+        request, sources = _sources(_request(), llm.base_url)
+        result, record = _run(tmp_path, "llm", request, sources)
+    assert result.plan.source == "llm" and result.plan.params["max_num_seqs"] == 6
+    assert len(record.llm_exchanges) == 1 and record.llm_exchanges[0].reply["content"]
+    assert record.llm_exchanges[0].tokens and record.llm_exchanges[0].latency_s is not None
+    assert FAKE_KEY not in json.dumps(record.model_dump(mode="json"))
+    out = pipeline.replay(record)
+    assert out.divergence is None and out.replayed.final_plan == record.final_plan
+
+
+def test_edited_reply_makes_replay_diverge(tmp_path):
+    step = _reply([{"knob": "max_num_seqs", "value": 6, "reason": "more"}])
+    with FakeLLM([step]) as llm:
+        request, sources = _sources(_request(), llm.base_url)
+        _result, record = _run(tmp_path, "edit", request, sources)
+    content = json.loads(record.llm_exchanges[0].reply["content"])
+    content["changes"][0]["value"] = 5
+    record.llm_exchanges[0].reply["content"] = json.dumps(content)
+    with pytest.raises(ReplayDivergence) as err:
+        pipeline.replay(record)
+    assert err.value.exit_code == 5 and "advice" in err.value.message
+
+
+def test_unreachable_llm_falls_back_to_static_and_replays(tmp_path):
+    request, sources = _sources(_request(llm_timeout=1.0), "http://127.0.0.1:9/v1")
+    sources.transport.backoff_s = 0.01  # keep the bounded retries quick
+    result, record = _run(tmp_path, "down", request, sources)
+    assert result.plan.source == "static"
+    assert record.advice[0].fallback and record.llm_exchanges and record.llm_exchanges[0].error
+    pipeline.replay(record)
+
+
+def test_strict_mode_failure_is_recorded_and_replays(tmp_path):
+    bad = {"content": "I think you should raise the memory a lot."}
+    with FakeLLM([bad, bad, bad]) as llm:
+        request, sources = _sources(_request(strict=True), llm.base_url)
+        out = tmp_path / "strict.json"
+        with pytest.raises(AdvisorError):
+            pipeline.run(request, sources, session_out=out)
+    record = load_record(out)
+    assert record.outcome["status"] == "error" and record.outcome["exit_code"] == 3
+    assert record.decisions[-1].step == "error"
+    pipeline.replay(record)
+
+
+def test_cache_hit_miss_refresh_and_corrupt(tmp_path):
+    request, sources = _sources(_request())
+    first, record = _run(tmp_path, "miss", request, sources)
+    assert record.cache.looked_up and not record.cache.hit and first.plan.source == "static"
+    key = first.cache_key
+    saved = {**first.plan.params, "max_num_seqs": 3}
+    SavedParams().store(CacheEntry(key=key, params=saved, saved_at="2026-01-01T00:00:00Z"))
+
+    hit, record = _run(tmp_path, "hit", request, pipeline.live_sources(request, env={}))
+    assert hit.plan.source == "cache" and hit.plan.params["max_num_seqs"] == 3 and record.cache.hit
+    pipeline.replay(record)
+
+    refresh = request.model_copy(update={"refresh": True})
+    fresh, record = _run(tmp_path, "refresh", refresh, pipeline.live_sources(refresh, env={}))
+    assert fresh.plan.source == "static" and not record.cache.looked_up
+
+    out_of_bounds = {**first.plan.params, "gpu_memory_utilization": 0.99}
+    SavedParams().store(CacheEntry(key=key, params=out_of_bounds, saved_at="2026-01-01T00:00:00Z"))
+    stale, record = _run(tmp_path, "stale", request, pipeline.live_sources(request, env={}))
+    assert stale.plan.source == "static" and record.cache.hit and "no longer inside" in record.cache.note
+    assert any("gpu_memory_utilization" in w for w in record.warnings)
+
+    path = SavedParams()._path(key)
+    path.write_text("{broken")
+    broken, record = _run(tmp_path, "corrupt", request, pipeline.live_sources(request, env={}))
+    assert broken.plan.source == "static" and not record.cache.hit
+    assert any("corrupt smart-run cache entry" in w for w in record.warnings)
+
+
+def test_replay_of_a_record_with_other_hardware_diverges(tmp_path):
+    request, sources = _sources(_request())
+    _result, record = _run(tmp_path, "hw", request, sources)
+    other = json.loads((FIXTURES / "hardware" / "1x-a100-40gb.json").read_text())
+    record.hardware = other
+    with pytest.raises(ReplayDivergence) as err:
+        pipeline.replay(record)
+    assert "decision 1 (hardware)" in err.value.message

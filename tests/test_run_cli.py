@@ -1,0 +1,120 @@
+"""`localaistack model run` through the real CLI: dry-run text and JSON, fallback, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import FIXTURES, REPO
+
+from smartrun.cli import main
+from smartrun.session import load_record
+
+MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
+H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
+FOUR_H100 = str(FIXTURES / "hardware" / "4x-h100-80gb-nvlink.json")
+NO_LLM_ENV = ("SMARTRUN_LLM_BASE_URL", "SMARTRUN_LLM_MODEL", "OPENAI_BASE_URL", "SMARTRUN_LLM_API_KEY",
+              "OPENAI_API_KEY")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No real home, no LLM from the environment, no user config, cwd without a smartrun.toml."""
+    monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in NO_LLM_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_dry_run_text_shows_every_stage(capsys, tmp_path):
+    out_file = tmp_path / "s.json"
+    code = main(["model", "run", MODEL, "--dry-run", "--hardware", H100, "--max-model-len", "8192",
+                 "--session-out", str(out_file)])
+    out = capsys.readouterr().out
+    assert code == 0
+    for part in ("== hardware", "NVIDIA H100 80GB HBM3", "== model", "Qwen2ForCausalLM", "== effective bounds",
+                 "== baseline (source=static)", "== plan (source=static)", "== command", "vllm serve"):
+        assert part in out, part
+    assert "--max-model-len 8192" in out and "--host 127.0.0.1 --port 8000" in out
+    record = load_record(out_file)
+    assert record.outcome["status"] == "dry-run" and record.final_plan["params"]["max_model_len"] == 8192
+    assert [d.step for d in record.decisions][:4] == ["hardware", "model", "pins", "bounds"]
+
+
+def test_dry_run_json_is_one_object_of_the_documented_shape(capsys):
+    code = main(["model", "run", MODEL, "--dry-run", "--json", "--hardware", H100, "--", "--seed", "7"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"source", "params", "argv", "bounds", "rejected", "estimate"} <= set(data)
+    assert data["source"] == "static" and data["rejected"] == []
+    assert data["argv"][:3] == ["vllm", "serve", MODEL] and data["argv"][-2:] == ["--seed", "7"]
+    mml = data["bounds"]["max_model_len"]
+    assert "sources" in mml and ("max" in mml or "choices" in mml)
+    assert data["params"]["max_model_len"] == data["estimate"]["max_model_len"]
+    assert data["session"] and load_record(data["session"]).outcome["status"] == "dry-run"
+
+
+def test_smart_run_without_llm_says_so_once_and_uses_the_baseline(capsys):
+    code = main(["model", "run", MODEL, "--smart-run", "--smart-run-debug", "--dry-run", "--hardware", H100])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("no LLM configured") == 1
+    assert "== plan (source=static)" in captured.out
+    assert "source=static reason=no LLM configured" in captured.out
+
+
+def test_explain_prints_sources_and_provenance(capsys):
+    code = main(["model", "run", MODEL, "--dry-run", "--explain", "--hardware", FOUR_H100, "--goal", "throughput"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "== decisions (provenance)" in out and "== rejected (0)" in out
+    assert "pin" in out or "vllm" in out
+
+
+def test_api_key_is_redacted_from_record_and_output(capsys, tmp_path):
+    secret = "sk-smartrunFAKE-0c4f2d9e8a7b"
+    out_file = tmp_path / "s.json"
+    code = main(["model", "run", MODEL, "--dry-run", "--hardware", H100, "--api-key", secret,
+                 "--session-out", str(out_file)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert secret not in out_file.read_text()
+    assert secret not in captured.out
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smartrun", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["model", "run", "/nonexistent/model-dir", "--dry-run", "--hardware", H100], "/nonexistent/model-dir"),
+        (["model", "run", MODEL, "--dry-run", "--hardware", "BADSNAP"], "bad-snapshot.json"),
+        (["model", "run", MODEL, "--dry-run", "--hardware", H100, "--max-model-len", "lots"], "--max-model-len"),
+        (["model", "run", MODEL, "--dry-run", "--hardware", H100, "--bounds", "missing.toml"], "missing.toml"),
+        (["session", "replay", "nope.json"], "nope.json"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_no_traceback_no_half_file(tmp_path, args, words):
+    bad = tmp_path / "bad-snapshot.json"
+    bad.write_text('{"schema_version": 1, "gpus": [')
+    args = [str(bad) if a == "BADSNAP" else a for a in args]
+    env_home = tmp_path / "home"
+    proc = subprocess.run([sys.executable, "-m", "smartrun", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60,
+                          env={"SMARTRUN_HOME": str(env_home), "PATH": "/usr/bin:/bin",
+                               "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("localaistack: ") and words in lines[0]
+    assert "Traceback" not in proc.stderr
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    for record in (env_home / "sessions").glob("*.json") if (env_home / "sessions").is_dir() else []:
+        assert load_record(record).outcome["exit_code"] == 2  # a complete record of the failed run
