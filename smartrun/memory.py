@@ -3,10 +3,20 @@
 CONTRACT (types below are shared by rules, validate, launch and the CLI; add fields, do not rename).
 
 The budget follows vLLM's own worker (vllm_facts.md 1.2-1.6):
-    requested = util x total            (total as CUDA reports it, not NVML memory.total)
-    kv        = requested - weights - activation peak - non-torch [- cudagraph estimate, 0.20+]
-    blocks    = kv // bytes_per_block   (min over TP/PP ranks), tokens reported as vLLM prints them.
-Weights are exact when safetensors sizes are known, else counted from the architecture.
+    total     = NVML memory.total - CUDA_RESERVED_MIB (what cudaMemGetInfo/torch report)
+    requested = ceil(util x total); start fails if free-at-start < requested (V1 only)
+    kv        = requested - weights - activation peak - non-torch [- CUDA graph estimate, 0.20+]
+    blocks    = kv // bytes_per_block (largest KV group x page), min over TP/PP ranks
+    tokens    = blocks x block_size, or the hybrid manager's group-aware figure.
+Weights are exact when safetensors sizes are known (split across ranks in the proportion the
+counted layout gives), else counted from the architecture: dense/MoE/MLA layers, biases,
+vision towers, vocab padded to 64 and sharded, norms replicated, quantized layouts with their
+scales, plus vLLM's RoPE cos/sin cache. Activation, non-torch and CUDA-graph terms are physical
+formulas whose few coefficients were fitted on the vLLM 0.19 H100 reference logs
+(benchmarks/estimator_accuracy.py reports the error).
+
+Profiles: "0.6" (V0 engine, < 0.8), "0.19" (V1, 0.8-0.19), "0.20" (graph estimate subtracted,
+util 0.92, 0.20-0.27), "0.33" (0.28+: 160 GiB tier, group-aware token count).
 """
 
 from __future__ import annotations

@@ -374,3 +374,21 @@ def test_v0_reference_startups_kv_within_tolerance(case_id):
     case = {**REFERENCE[case_id], "vllm_version": "0.6.4"}
     row = bench.run_case(case, CONFIGS)
     assert row["kv_pred"] == pytest.approx(row["kv_real"], rel=0.06)
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(p.name for p in (FIXTURES / "models").iterdir() if (p / "config.json").exists()),
+)
+def test_counted_weights_match_safetensors_sizes(name):
+    """Parameters counted from config.json alone agree with the checkpoint's own byte count."""
+    from smartrun.memory import _rope_cache_params
+    from smartrun.model import inspect
+
+    model = inspect(str(FIXTURES / "models" / name))
+    if not model.weight_bytes:
+        pytest.skip("fixture has no safetensors sizes")
+    dtype = "float16" if model.torch_dtype == "float16" else "bfloat16"
+    counted = weights_per_rank(model.model_copy(update={"weight_bytes": None}), dtype, 1, 1)[0].bytes
+    counted -= _rope_cache_params(model) * 2
+    assert counted == pytest.approx(model.weight_bytes, rel=0.005)
