@@ -74,6 +74,7 @@ class RunRequest(Frozen):
     hardware_path: str | None = None
     bounds_path: str | None = None
     tune: bool = False
+    tune_options: dict[str, Any] = {}  # TuneSettings fields from the --tune-*/--probe-* flags
     llm_base_url: str | None = None
     llm_model: str | None = None
     llm_timeout: float | None = None
@@ -113,6 +114,7 @@ class Sources:
     monotonic: Callable[[], float] = time.monotonic
     llm_info: dict[str, Any] = field(default_factory=dict)  # {"configured", "base_url", "model"}; no key
     secrets: tuple[str, ...] = ()  # values to redact from the record (API keys)
+    tune: Callable[..., Any] | None = None  # the --tune stage; None = smartrun.tune.tune_after_launch
     supervise: bool = True  # wait on a healthy server (replay: False)
     replaying: bool = False
 
@@ -571,11 +573,14 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
         summary = getattr(report, "summary", None) or f"vllm serve did not become healthy in {len(record.launch_attempts)} attempt(s)"
         raise _launch_error(report, str(summary))
 
+    if request.tune:
+        record.tuning, final, server = _tune_stage(request, sources, rec, result, bounds, final, server, launcher,
+                                                   check, on_event)
+        if record.launch_attempts:
+            result.argv = record.final_argv = record.launch_attempts[-1].argv
     on_event("ready", "final command: " + " ".join(result.argv))
     if request.smart_run:
         _store(sources, rec, key, final, facts, result)
-    if request.tune:
-        record.tuning = _tune_hook(request, sources, rec, result, bounds, final, server, on_event)
     record.outcome = {"status": "running", "exit_code": 0}
     if sources.supervise and server is not None:
         if result.session_path:
@@ -586,10 +591,9 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
             server.stop()
             raise
         record.outcome = {"status": "stopped", "exit_code": 0, "server_exit": code}
-    elif server is not None and not sources.replaying:
-        server.stop()
-        record.outcome = {"status": "ok", "exit_code": 0}
     else:
+        if server is not None and not sources.replaying:
+            server.stop()
         record.outcome = {"status": "ok", "exit_code": 0}
 
 
@@ -641,23 +645,31 @@ def _store(sources: Sources, rec: Recorder, key: CacheKey, plan: Plan, facts: Mo
     rec.decide("cache.store", {"params": entry.params}, "healthy launch")
 
 
-def _tune_hook(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
-               plan: Plan, server: Any, on_event: EventSink) -> dict[str, Any] | None:
-    """--tune: after a healthy launch, hand over to smartrun.tune.tune_after_launch (issue 10) if present."""
-    try:
-        from smartrun import tune  # type: ignore[attr-defined]
-    except ImportError:
-        rec.warn("--tune: the tuning stage is not available in this build; skipped")
-        return None
-    hook = getattr(tune, "tune_after_launch", None)
+def _tune_stage(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any, plan: Plan,
+                server: Any, launcher: Any, check: Callable[..., Any],
+                on_event: EventSink) -> tuple[dict[str, Any] | None, Plan, Any]:
+    """--tune after a healthy launch: hand over to the tune stage (issue 10); keep what it chose."""
+    hook = sources.tune
     if hook is None:
-        rec.warn("--tune: smartrun.tune has no tune_after_launch(); skipped")
-        return None
-    outcome = hook(request=request, plan=plan, bounds=bounds, server=server, facts=result.facts,
-                   hardware=result.hardware, transport=sources.transport, on_event=on_event)
-    value = to_jsonable(outcome)
-    rec.decide("tune", value, "tune")
-    return value if isinstance(value, dict) else {"result": value}
+        from smartrun import tune
+
+        hook = tune.tune_after_launch
+    outcome = hook(request=request, plan=plan, bounds=bounds, server=server, launcher=launcher, check=check,
+                   facts=result.facts, hardware=result.hardware, transport=sources.transport, on_event=on_event,
+                   record=rec.record)
+    report = getattr(outcome, "report", None)
+    value = to_jsonable(report if report is not None else outcome)
+    value = value if isinstance(value, dict) else {"result": value}
+    chosen = getattr(report, "chosen", None)
+    if isinstance(chosen, Plan):
+        plan = chosen
+        server = getattr(outcome, "server", server)
+    elif isinstance(value.get("chosen"), dict):  # replayed: the recorded report
+        plan = Plan.model_validate(value["chosen"])
+    rec.decide("tune", {"chosen": plan.params, "source": plan.source}, str(value.get("stopped_because", "tune")))
+    result.plan = plan
+    rec.record.final_plan = to_jsonable(plan)
+    return value, plan, server
 
 
 # ---------------------------------------------------------------------------- live sources
@@ -864,6 +876,7 @@ def replay_sources(record: SessionRecord) -> Sources:
         clock=lambda: started,
         monotonic=lambda: 0.0,
         llm_info=dict(record.llm),
+        tune=lambda **_: record.tuning or {},
         supervise=False,
         replaying=True,
     )

@@ -71,7 +71,7 @@ def test_explain_prints_sources_and_provenance(capsys):
     code = main(["model", "run", MODEL, "--dry-run", "--explain", "--hardware", FOUR_H100, "--goal", "throughput"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "== decisions (provenance)" in out and "== rejected (0)" in out
+    assert "== decisions (in order; what replay compares)" in out and "== rejected (0)" in out
     assert "pin" in out or "vllm" in out
 
 

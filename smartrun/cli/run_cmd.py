@@ -35,7 +35,6 @@ def register(subparsers) -> None:
     p.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
     p.add_argument("--goal", choices=GOALS, default="stable")
     p.add_argument("--force", action="store_true", help="accept pins outside other sources' bounds")
-    p.add_argument("--tune", action="store_true", help="after a healthy start, tune throughput inside the bounds")
     p.add_argument("--host", default="127.0.0.1",
                    help="address vllm listens on (default 127.0.0.1: local only; vLLM's own default is all interfaces)")
     p.add_argument("--port", type=int, default=8000)
@@ -47,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--llm-model", metavar="NAME")
     p.add_argument("--llm-timeout", type=float, metavar="S")
     p.add_argument("--session-out", metavar="FILE", help="write the session record here (default: data dir)")
+    from smartrun import tune
+
+    tune.add_arguments(p)  # --tune and its --tune-*/--probe-* options, owned by the tune stage
     p.set_defaults(func=run_command, accepts_extra=True)
 
 
@@ -67,12 +69,18 @@ def request_from_args(args: argparse.Namespace) -> Any:
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: not a TCP port")
     user, extra = split_extra(list(getattr(args, "extra", []) or []))
+    tune_options: dict[str, Any] = {}
+    if args.tune:
+        from smartrun import tune
+
+        tune_options = tune.settings_from_args(args).model_dump(mode="json")
     return RunRequest(
         model=args.model, user_args=tuple(user), extra_args=tuple(extra), smart_run=args.smart_run,
         debug=args.smart_run_debug, refresh=args.smart_run_refresh, strict=args.smart_run_strict,
         dry_run=args.dry_run, goal=args.goal, force=args.force, host=args.host, port=args.port,
         vllm_version=args.vllm_version, vllm_bin=args.vllm_bin, startup_timeout=args.startup_timeout,
         max_attempts=args.max_attempts, hardware_path=args.hardware, bounds_path=args.bounds, tune=args.tune,
+        tune_options=tune_options,
         llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_timeout=args.llm_timeout,
     )
 
@@ -124,11 +132,14 @@ def render_text(result: Any, explain: bool = False, debug: bool = False) -> str:
     if result.plan is not None:
         out += [f"== plan (source={result.plan.source})", "  " + _params(result.plan.params)]
         if explain:
-            out += ["== decisions (provenance)"]
+            out += ["== provenance (per knob)"]
             out += [f"  {k} = {result.plan.params[k]!r}  <- {v}" for k, v in sorted(result.plan.provenance.items())
                     if k in result.plan.params]
-            for d in result.record.decisions:
-                out.append(f"  [{d.step}] {d.provenance}" if d.provenance else f"  [{d.step}]")
+            out += ["== decisions (in order; what replay compares)"]
+            out += [f"  {i:>2}. {d.step:<16} {_short(d.value)}" + (f"  <- {d.provenance}" if d.provenance and
+                                                                    d.step not in ("baseline", "plan") else "")
+                    for i, d in enumerate(result.record.decisions, 1)]
+            out += _advice_lines(result)
     if explain or result.rejected:
         out += [f"== rejected ({len(result.rejected)})"]
         out += [f"  {r.get('knob')}={r.get('value')!r}: {r.get('reason')} [{r.get('bound')}; {r.get('source')}]"
@@ -168,6 +179,22 @@ def format_bounds(bounds: Any, explain: bool = False) -> list[str]:
     from smartrun import rules
 
     return ["  " + line for line in rules.format_bounds(bounds, notes=explain)]
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _advice_lines(result: Any) -> list[str]:
+    if not result.advice:
+        return []
+    from smartrun import advisor
+
+    out = ["== LLM exchanges"]
+    for advice in result.advice:
+        out += ["  " + line for line in advisor.explain_lines(advice)]
+    return out
 
 
 def _params(params: dict[str, Any]) -> str:
