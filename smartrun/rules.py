@@ -140,6 +140,7 @@ class _Acc:
     min_src: str | None = None
     max_src: str | None = None
     choice_srcs: list[str] = field(default_factory=list)
+    choice_sets: dict[str, list[Any]] = field(default_factory=dict)  # what each choice source allowed
     notes: list[str] = field(default_factory=list)
     pinned: bool = False
     recovery_min: Any = None
@@ -176,6 +177,7 @@ class _Acc:
                 self._fail(source, f"one of {list(choices)}", [*self.choice_srcs, self.min_src, self.max_src], note)
             if self.choices is None or kept != self.choices:
                 self.choice_srcs.append(source)
+                self.choice_sets[source] = list(choices)
             self.choices = kept
         if lo is not None and (self.min is None or lo > self.min):
             if (self.max is not None and lo > self.max) or (self.choices and all(c < lo for c in self.choices)):
@@ -191,7 +193,8 @@ class _Acc:
     def culprit(self, value: Any) -> str:
         """The source whose limit excludes `value`."""
         if self.choices is not None and value not in self.choices:
-            return ", ".join(self.choice_srcs) or "vllm"
+            excluding = [s for s in self.choice_srcs if value not in self.choice_sets.get(s, [value])]
+            return ", ".join(excluding or self.choice_srcs) or "vllm"
         if self.min is not None and value < self.min:
             return self.min_src or "vllm"
         return self.max_src or "vllm"

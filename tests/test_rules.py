@@ -1,0 +1,346 @@
+"""The rule engine: effective bounds with sources, pins, infeasibility, GPU choice, baseline and fit check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smartrun import bounds as bounds_mod
+from smartrun import hardware, model, rules
+from smartrun.errors import InfeasibleError, InputError, PinConflictError
+from smartrun.hardware import GpuInfo, GpuProcess, HardwareSnapshot
+from smartrun.knobs import build_argv, parse_user_args
+from smartrun.memory import MemoryEstimate
+from smartrun.model import ModelFacts
+from smartrun.plan import Change, Proposal
+from smartrun.validate import check
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def _facts(**kw) -> ModelFacts:
+    base = dict(name="Org/Test-7B", path="/models/test-7b", architecture="LlamaForCausalLM", model_type="llama",
+                num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                num_kv_heads=8, head_dim=128, vocab_size=32000, derived_max_model_len=32768, torch_dtype="bfloat16")
+    return ModelFacts(**{**base, **kw})
+
+
+def _gpu(i: int, total_gib: float = 80, used_gib: float = 0.5, cc: str = "9.0", name="NVIDIA H100 80GB HBM3",
+         procs=()) -> GpuInfo:
+    total, used = int(total_gib * 1024), int(used_gib * 1024)
+    return GpuInfo(index=i, uuid=f"GPU-{i}", name=name, memory_total_mib=total, memory_free_mib=total - used,
+                   memory_used_mib=used, compute_capability=cc, processes=procs)
+
+
+def _machine(*gpus: GpuInfo, links=()) -> HardwareSnapshot:
+    return HardwareSnapshot(source="test", cpu_count=8, ram_mib=65536, gpus=gpus, nvlink_pairs=links)
+
+
+def _stub(weights_gib: float = 14.0, tokens_per_gib: int = 8192):
+    """A stand-in estimator: weights split by tp, 1 GiB overhead, the rest is KV at a fixed token density."""
+    calls = []
+
+    def estimate(facts, gpus, flags, version=None):
+        calls.append(flags)
+        total = min(g.memory_total_mib for g in gpus) / 1024
+        util = flags.gpu_memory_utilization or 0.92
+        weights = weights_gib / flags.tensor_parallel_size
+        kv = util * total - weights - 1.0
+        largest = max(0, min(int(kv * tokens_per_gib), facts.derived_max_model_len)) if kv > 0 else 0
+        mml = flags.max_model_len or facts.derived_max_model_len
+        fits = kv > 0 and mml <= largest
+        return MemoryEstimate(
+            vllm_version="0.33.0", profile="stub", total_gib=total, requested_gib=round(util * total, 2),
+            free_gib=total, weights_gib=round(weights, 2), activation_gib=0.5, non_torch_gib=0.5, cudagraph_gib=0,
+            kv_cache_gib=max(kv, 0), kv_cache_tokens=max(0, int(kv * tokens_per_gib)), kv_bytes_per_token=1,
+            block_size=16, num_gpu_blocks=1, max_model_len=mml, max_num_seqs=flags.max_num_seqs or 256,
+            max_num_batched_tokens=2048, max_concurrency=1.0, fits=fits,
+            reason=None if fits else f"short by {(mml - largest) / tokens_per_gib:.2f} GiB", largest_max_model_len=largest)
+
+    estimate.calls = calls
+    return estimate
+
+
+def _file(tmp_path: Path, text: str) -> bounds_mod.BoundsFile:
+    path = tmp_path / "smartrun.toml"
+    path.write_text("version = 1\n" + text)
+    return bounds_mod.load(path)
+
+
+def _eff(facts=None, machine=None, file=None, pins=None, goal="stable", force=False, est=None):
+    return rules.effective_bounds(facts or _facts(), machine or _machine(_gpu(0)), file, pins or {}, goal,
+                                  force=force, estimate_fn=est or _stub())
+
+
+# --- effective bounds ----------------------------------------------------------------------------
+
+
+def test_domain_file_hardware_model_and_estimate_each_leave_their_source():
+    b = _eff(machine=_machine(_gpu(0), _gpu(1), _gpu(2), links=((0, 1), (0, 2), (1, 2))),
+             est=_stub(weights_gib=60, tokens_per_gib=200))
+    util = b.knobs["gpu_memory_utilization"]
+    assert (util.min, util.max, util.sources) == (0.85, 0.93, ("bounds:builtin:8", "bounds:builtin:9"))
+    assert util.recovery_min == 0.82
+    assert b.knobs["tensor_parallel_size"].choices == (1, 2)  # 3 GPUs, but 3 does not divide 32 heads
+    assert "model" in b.knobs["tensor_parallel_size"].sources
+    mml = b.knobs["max_model_len"]
+    assert mml.min == 2048 and mml.max < 32768 and "estimate" in mml.sources
+    assert any(n.startswith("estimate: largest max_model_len that fits at tp 2") for n in mml.notes)
+    assert b.knobs["optimization_level"].max == 2 and b.knobs["enforce_eager"].choices == (False, True)
+    assert b.gpu_count == 3 and b.bounds_file == "builtin"
+
+
+def test_model_derived_maximum_bounds_the_context():
+    b = _eff(facts=_facts(derived_max_model_len=8192))
+    assert b.knobs["max_model_len"].max == 8192 and "model" in b.knobs["max_model_len"].sources
+
+
+def test_kv_heads_rule_for_tensor_parallel():
+    # 32 heads, 2 KV heads: tp 4 replicates KV heads (4 % 2 == 0), allowed; 3 GPUs: tp 3 does not divide
+    b = _eff(facts=_facts(num_kv_heads=2), machine=_machine(*(_gpu(i) for i in range(4))))
+    assert b.knobs["tensor_parallel_size"].choices == (1, 2, 4)
+    b = _eff(facts=_facts(num_attention_heads=12, num_kv_heads=12), machine=_machine(*(_gpu(i) for i in range(8))))
+    assert b.knobs["tensor_parallel_size"].choices == (1, 2, 3, 4, 6)
+
+
+def test_no_bfloat16_or_fp8_kv_below_their_compute_capability():
+    b = _eff(machine=_machine(_gpu(0, 16, cc="7.5", name="Tesla T4")), est=_stub(weights_gib=4))
+    assert b.knobs["dtype"].choices == ("float16",) and "hardware" in b.knobs["dtype"].sources
+    assert b.knobs["kv_cache_dtype"].choices == ("auto",)
+    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0, 16, cc="7.5", name="Tesla T4")),
+                             estimate_fn=_stub(weights_gib=4))
+    assert plan.params["dtype"] == "float16" and plan.provenance["dtype"].startswith("hardware: compute capability 7.5")
+
+
+def test_busy_gpu_caps_utilization_with_a_margin(tmp_path):
+    busy = _gpu(0, 80, used_gib=20, procs=(GpuProcess(pid=7, used_memory_mib=20480),))
+    file = _file(tmp_path, "[knobs.gpu_memory_utilization]\nmin = 0.5\nmax = 0.95\n")
+    b = _eff(machine=_machine(busy), file=file)
+    util = b.knobs["gpu_memory_utilization"]
+    assert util.max == 0.73 and "hardware" in util.sources  # 60/80 free, less the 0.02 margin
+    with pytest.raises(InfeasibleError) as err:  # the builtin's 0.85 floor cannot be met
+        _eff(machine=_machine(busy))
+    assert "hardware requires <= 0.73" in err.value.message and "bounds:builtin:8" in err.value.message
+
+
+def test_overrides_replace_and_goals_narrow(tmp_path):
+    file = _file(tmp_path, (
+        "[knobs.max_model_len]\nmax = 8192\n"
+        "[[models]]\nmatch = 'test-*'\nknobs.max_model_len = { max = 16384 }\n"
+        "[[gpus]]\nmatch = '*H100*'\nknobs.gpu_memory_utilization = { max = 0.9 }\n"
+        "[goals.latency.knobs.max_num_seqs]\nmin = 2\nmax = 4\n"
+    ))
+    b = _eff(file=file, goal="latency")
+    assert b.knobs["max_model_len"].max == 16384
+    assert b.knobs["max_model_len"].sources[-1] == f"bounds:{tmp_path / 'smartrun.toml'}:6"
+    assert b.knobs["gpu_memory_utilization"].max == 0.9
+    assert (b.knobs["max_num_seqs"].min, b.knobs["max_num_seqs"].max) == (2, 4)
+    other = _eff(facts=_facts(name="Other/Model", path="/m/other"), file=file, goal="stable")
+    assert other.knobs["max_model_len"].max == 8192 and other.knobs["max_num_seqs"].min == 1
+
+
+def test_empty_intersection_names_both_sources(tmp_path):
+    file = _file(tmp_path, "[knobs.dtype]\nfixed = 'bfloat16'\n")
+    with pytest.raises(InfeasibleError) as err:
+        _eff(machine=_machine(_gpu(0, 16, cc="7.0", name="Tesla V100-SXM2-16GB")), file=file)
+    message = err.value.message
+    assert "dtype: hardware requires one of" in message and f"{tmp_path / 'smartrun.toml'}:3" in message
+
+
+def test_pins_inside_bounds_become_single_values_the_llm_cannot_move():
+    user = parse_user_args(["--max-model-len", "8k", "--max-num-seqs", "6", "--port", "9000", "--enforce-eager"])
+    b = rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, "stable", pin_flags=user.pin_flags,
+                               estimate_fn=_stub())
+    mml = b.knobs["max_model_len"]
+    assert (mml.min, mml.max, mml.pinned, mml.llm_may_change, mml.sources) == (8000, 8000, True, False, ("pin",))
+    assert (b.knobs["port"].min, b.knobs["port"].max) == (9000, 9000) and b.knobs["port"].pinned
+    assert b.knobs["enforce_eager"].choices == (True,)
+    assert b.to_json()["max_model_len"] == {"min": 8000, "max": 8000, "pinned": True, "llm_may_change": False,
+                                            "sources": ["pin"]}
+    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    assert plan.params["max_model_len"] == 8000 and plan.params["port"] == 9000 and plan.provenance["port"] == "pin"
+
+
+@pytest.mark.parametrize(
+    ("argv", "culprit"),
+    [
+        (["--max-num-seqs", "512"], "bounds:builtin:19"),
+        (["--gpu-memory-utilization", "0.97"], "bounds:builtin:9"),
+        (["-tp", "2"], "hardware"),
+        (["--max-model-len", "65536"], "model"),
+        (["--dtype", "float32"], "bounds:builtin:28"),
+    ],
+)
+def test_a_pin_outside_another_bound_is_refused_naming_both_unless_forced(argv, culprit):
+    user = parse_user_args(argv)
+    with pytest.raises(PinConflictError) as err:
+        rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, pin_flags=user.pin_flags,
+                               estimate_fn=_stub())
+    assert err.value.message.startswith(f"pin {' '.join(argv)} conflicts with {culprit}")
+    if culprit == "hardware":
+        return
+    b = rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, force=True, pin_flags=user.pin_flags,
+                               estimate_fn=_stub())
+    name = next(iter(user.pins))
+    assert b.knobs[name].pinned and any("--force" in w for w in b.warnings)
+
+
+def test_a_pinned_context_that_does_not_fit_names_the_estimate():
+    with pytest.raises(PinConflictError, match="conflicts with estimate"):
+        _eff(pins={"max_model_len": 32768}, est=_stub(weights_gib=60, tokens_per_gib=1000))
+
+
+def test_auto_context_pin_skips_the_estimate_bound():
+    b = _eff(pins={"max_model_len": -1})
+    assert b.knobs["max_model_len"].pinned and b.knobs["max_model_len"].min == -1
+
+
+def test_bad_goal_and_unknown_pin_are_input_errors():
+    with pytest.raises(InputError, match="--goal"):
+        _eff(goal="fastest")
+    with pytest.raises(InputError, match="bogus"):
+        _eff(pins={"bogus": 1})
+
+
+def test_quantization_below_its_compute_capability_is_infeasible():
+    awq = _facts(quantization=model.QuantFacts(method="awq", weight_bits=4))
+    with pytest.raises(InfeasibleError, match=r"awq-quantized.*>= 7\.5.*7\.0"):
+        _eff(facts=awq, machine=_machine(_gpu(0, 16, cc="7.0", name="Tesla V100-SXM2-16GB")))
+
+
+# --- GPU selection -------------------------------------------------------------------------------
+
+
+def test_select_gpus_prefers_nvlink_then_free_memory():
+    m = _machine(_gpu(0, used_gib=10), _gpu(1, used_gib=5), _gpu(2, used_gib=1), _gpu(3), links=((0, 1),))
+    assert [g.index for g in rules.select_gpus(m, 1)] == [3]
+    assert [g.index for g in rules.select_gpus(m, 2)] == [0, 1]  # the linked pair over the freer PCIe pair
+    assert [g.index for g in rules.select_gpus(_machine(*m.gpus), 2)] == [2, 3]
+    with pytest.raises(InfeasibleError, match="5 GPUs needed; the machine has 4"):
+        rules.select_gpus(m, 5)
+
+
+# --- baseline ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("goal", "expected"),
+    [
+        ("stable", {"max_model_len": 4096, "gpu_memory_utilization": 0.88, "tensor_parallel_size": 1, "max_num_seqs": 4}),
+        ("long-context", {"max_model_len": 8192, "gpu_memory_utilization": 0.9, "max_num_seqs": 2}),
+        ("throughput", {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.9, "max_num_seqs": 8,
+                        "dtype": "bfloat16"}),
+        ("latency", {"max_num_seqs": 2, "max_model_len": 4096}),
+    ],
+)
+def test_baseline_follows_the_guide_template_for_the_goal(goal, expected):
+    m = _machine(_gpu(0), _gpu(1), links=((0, 1),))
+    b = _eff(machine=m, goal=goal)
+    plan, est = rules.baseline(b, _facts(), m, goal, estimate_fn=_stub())
+    assert {k: plan.params[k] for k in expected} == expected
+    assert plan.source == "static" and est.fits
+    assert plan.provenance["max_num_seqs"] == f"goal:{goal} template"
+    assert all(b.knobs[k].contains(v) for k, v in plan.params.items() if k in b.knobs)
+
+
+def test_baseline_moves_template_values_into_the_bounds_and_says_so(tmp_path):
+    file = _file(tmp_path, "[knobs.max_num_seqs]\nmin = 16\nmax = 32\n[knobs.gpu_memory_utilization]\nmax = 0.8\n")
+    plan, _ = rules.baseline(_eff(file=file), _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    assert plan.params["max_num_seqs"] == 16 and plan.params["gpu_memory_utilization"] == 0.8
+    assert "4 moved to 16 to lie inside 16 <= x <= 32" in plan.provenance["max_num_seqs"]
+
+
+def test_baseline_grows_tp_when_one_gpu_is_too_small_and_disables_custom_all_reduce_without_nvlink():
+    m = _machine(_gpu(0), _gpu(1))
+    est = _stub(weights_gib=100)
+    plan, fitted = rules.baseline(_eff(machine=m, est=est), _facts(), m, estimate_fn=est)
+    assert plan.params["tensor_parallel_size"] == 2 and fitted.fits
+    assert plan.provenance["tensor_parallel_size"] == "estimate: the smallest tensor parallel size that fits is 2"
+    assert plan.params["disable_custom_all_reduce"] is True
+    assert plan.provenance["disable_custom_all_reduce"] == "hardware: no NVLink between GPUs 0, 1"
+    assert any("no NVLink" in w for w in _eff(machine=m, est=est).warnings)
+
+
+def test_baseline_lowers_the_context_to_what_fits():
+    est = _stub(weights_gib=70, tokens_per_gib=1000)  # 0.88*80 - 71 < 0: needs the top util; ~3400 tokens there
+    plan, fitted = rules.baseline(_eff(est=est), _facts(), _machine(_gpu(0)), estimate_fn=est)
+    assert plan.params["gpu_memory_utilization"] == 0.93 and 2048 <= plan.params["max_model_len"] < 4096
+    assert fitted.fits and plan.params["max_model_len"] <= fitted.largest_max_model_len
+    assert "estimate" in plan.provenance["max_model_len"]
+
+
+def test_nothing_fits_says_what_and_by_how_much():
+    with pytest.raises(InfeasibleError) as err:
+        _eff(est=_stub(weights_gib=140))
+    assert err.value.message == (
+        "Org/Test-7B needs 140.0 GiB of weights per GPU at tp 1; the NVIDIA H100 80GB HBM3 offers 74.4 GiB at "
+        "utilization 0.93")
+
+
+def test_fit_check_feeds_the_validator():
+    m = _machine(_gpu(0))
+    est = _stub(weights_gib=60, tokens_per_gib=1000)
+    b = _eff(est=est, machine=m)
+    plan, _ = rules.baseline(b, _facts(), m, estimate_fn=est)
+    fits = rules.fit_check(_facts(), m, estimate_fn=est)
+    assert fits(plan.params) is None
+    too_long = Proposal(changes=(Change(knob="max_model_len", value=b.knobs["max_model_len"].max),
+                                 Change(knob="gpu_memory_utilization", value=0.85)))
+    verdict = check(b, plan, too_long, fits)
+    assert not verdict.accepted and verdict.rejections[0].source == "estimate"
+    assert fits({**plan.params, "tensor_parallel_size": 2}).startswith("tp x pp = 2 GPUs")
+
+
+def test_format_bounds_lists_every_knob_with_sources():
+    lines = rules.format_bounds(_eff())
+    assert lines[0] == "goal stable; bounds file builtin"
+    assert any(line.startswith("gpu_memory_utilization") and "bounds:builtin:8" in line for line in lines)
+
+
+# --- every fixture machine x every fixture model x every goal (real estimator) ------------------
+
+MACHINES = sorted(p.stem for p in (FIX / "hardware").glob("*.json"))
+MODELS = sorted(p.name for p in (FIX / "models").iterdir() if (p / "config.json").is_file())
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return ({m: hardware.load_snapshot(FIX / "hardware" / f"{m}.json") for m in MACHINES},
+            {m: model.inspect(str(FIX / "models" / m)) for m in MODELS})
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_every_fixture_model_and_goal_gets_a_starting_baseline_or_a_clear_error(machine, loaded):
+    machines, models = loaded
+    assert len(MACHINES) >= 10 and len(MODELS) >= 8
+    hw = machines[machine]
+    outcomes = []
+    for name, facts in models.items():
+        for goal in rules.GOALS:
+            try:
+                b = rules.effective_bounds(facts, hw, None, {}, goal)
+                plan, est = rules.baseline(b, facts, hw, goal)
+            except InfeasibleError as err:
+                message = err.message
+                assert "\n" not in message and any(c.isdigit() for c in message)
+                assert facts.name in message or "gpu_memory_utilization" in message or "max_model_len" in message
+                outcomes.append("infeasible")
+                continue
+            assert est.fits and rules.fit_check(facts, hw)(plan.params) is None
+            for knob, value in plan.params.items():
+                assert b.knobs[knob].contains(value), (machine, name, goal, knob, value)
+            assert set(plan.provenance) == set(plan.params)
+            assert build_argv(facts.path, plan.params)[:3] == ["vllm", "serve", facts.path]
+            outcomes.append("ok")
+    if machine != "1x-h100-80gb-20gib-busy":
+        assert "ok" in outcomes
+
+
+def test_72b_on_one_l4_names_the_shortfall(loaded):
+    machines, models = loaded
+    facts = models["qwen2.5-72b-instruct"]
+    with pytest.raises(InfeasibleError) as err:
+        rules.effective_bounds(facts, machines["1x-l4"], None, {}, "stable")
+    assert err.value.message.startswith(f"{facts.name} needs ") and "GiB of weights per GPU at tp 1; the NVIDIA L4 " \
+                                                                 "offers " in err.value.message
