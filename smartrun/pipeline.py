@@ -80,6 +80,25 @@ class RunRequest(Frozen):
     llm_timeout: float | None = None
 
 
+    def command_line(self) -> list[str]:
+        """The `model run` command this request stands for (options that differ from their defaults)."""
+        defaults = RunRequest(model=self.model)
+        flags = {"smart_run": "--smart-run", "debug": "--smart-run-debug", "refresh": "--smart-run-refresh",
+                 "strict": "--smart-run-strict", "dry_run": "--dry-run", "force": "--force", "tune": "--tune",
+                 "goal": "--goal", "host": "--host", "port": "--port", "vllm_version": "--vllm-version",
+                 "vllm_bin": "--vllm-bin", "startup_timeout": "--startup-timeout", "max_attempts": "--max-attempts",
+                 "hardware_path": "--hardware", "bounds_path": "--bounds", "llm_base_url": "--llm-base-url",
+                 "llm_model": "--llm-model", "llm_timeout": "--llm-timeout"}
+        out = ["localaistack", "model", "run", self.model]
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if value == getattr(defaults, name):
+                continue
+            out += [flag] if value is True else [flag, str(value)]
+        out += list(self.user_args)
+        return out + (["--", *self.extra_args] if self.extra_args else [])
+
+
 @dataclass(frozen=True)
 class BoundsInput:
     """The bounds file as read: path (None for the built-in default), its text and the loaded object."""
@@ -282,8 +301,7 @@ def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
     return SessionRecord(
         tool_version=__version__,
         started_at=utc_iso(sources.clock()),
-        command_line=redact_argv(["localaistack", "model", "run", request.model, *request.user_args,
-                                  *(["--", *request.extra_args] if request.extra_args else [])]),
+        command_line=redact_argv(request.command_line()),
         request=_redacted_request(request),
         llm=dict(sources.llm_info),
     )

@@ -365,7 +365,8 @@ def timeline(record: SessionRecord) -> list[str]:
         lines.append(f"model    {m.get('name')} ({m.get('architecture')}, {m.get('num_hidden_layers')} layers, "
                      f"derived max len {m.get('derived_max_model_len')})")
     if record.bounds_file:
-        lines.append(f"bounds   {record.bounds_file.get('path')} (sha256 {str(record.bounds_file.get('sha256'))[:12]})")
+        lines.append(f"bounds   {record.bounds_file.get('path') or 'builtin'} "
+                     f"(sha256 {str(record.bounds_file.get('sha256'))[:12]})")
     lines.append(f"goal     {req.get('goal', 'stable')}  smart-run={req.get('smart_run')}  "
                  f"llm={'configured' if record.llm.get('configured') else 'none'}  vllm={record.vllm.get('version')}")
     if record.baseline:
@@ -379,8 +380,7 @@ def timeline(record: SessionRecord) -> list[str]:
                      f"reason={advice.reason or '-'}")
         for rej in advice.rejections:
             if isinstance(rej, dict):
-                lines.append(f"  reject {rej.get('knob')}={rej.get('value')!r}: {rej.get('reason')} "
-                             f"[{rej.get('bound')}; {rej.get('source')}]")
+                lines.append(f"  reject {rej.get('knob')}={rej.get('value')!r}: {rej.get('reason')}")
         if advice.fallback:
             lines.append(f"  fallback: {advice.fallback}")
     for ex in exchanges:
@@ -404,7 +404,8 @@ def timeline(record: SessionRecord) -> list[str]:
                  (f": {out.get('message')}" if out.get("message") else ""))
     lines.append(f"decisions {len(record.decisions)}:")
     for i, d in enumerate(record.decisions, 1):
-        lines.append(f"  {i:>2}. {d.step:<22} {_short(d.value, 90)}" + (f"  <- {d.provenance}" if d.provenance else ""))
+        why = d.provenance if len(d.provenance) <= 80 else d.provenance[:77] + "..."
+        lines.append(f"  {i:>2}. {d.step:<16} {_short(d.value, 90)}" + (f"  <- {why}" if why else ""))
     return lines
 
 
