@@ -383,6 +383,7 @@ def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
     server.socket.close()
     server.socket = sock
     server.daemon_threads = True
+    server.request_queue_size = 1024  # like uvicorn's backlog: a burst of clients must not wait for SYN retries
     server.server_activate()  # listen(): from here on connections are accepted
     print(f"(APIServer pid={os.getpid()}) INFO Starting vLLM server on http://{host}:{port}", flush=True)
     print(f"(APIServer pid={os.getpid()}) INFO Application startup complete.", flush=True)
