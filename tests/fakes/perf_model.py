@@ -220,3 +220,64 @@ def exhaustive_best(
         if best[1] is None or e.tokens_per_s > best[1].tokens_per_s:
             best = (params, e)
     return best
+
+
+# ---------------------------------------------------------------------------- in-process simulation
+# For the benchmark and the quick tests: the same numbers the stand-in would produce, without processes.
+
+
+@dataclass
+class SimServer:
+    """A 'running server' in the simulation: just the configuration it runs."""
+
+    params: dict[str, Any]
+    base_url: str = "sim://"
+    stopped: bool = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class Simulation:
+    """restart(plan) and probe(server) over a profile, counting restarts (for the benchmark's table)."""
+
+    def __init__(self, prof: Profile | str, prompt_tokens: int, output_tokens: int, concurrency: int):
+        self.prof = profile(prof) if isinstance(prof, str) else prof
+        self.workload = (prompt_tokens, output_tokens, concurrency)
+        self.restarts = 0
+        self.failed_starts = 0
+        self.running: SimServer | None = None
+
+    def start(self, params: dict[str, Any]) -> tuple[bool, Any]:
+        if self.running is not None:
+            self.running.stop()
+            self.running = None
+        self.restarts += 1
+        error = startup_error(params, self.prof)
+        if error:
+            self.failed_starts += 1
+            return False, error
+        self.running = SimServer(dict(params))
+        return True, self.running
+
+    def restart(self, plan: Any) -> tuple[bool, Any]:
+        return self.start(plan.params)
+
+    def expected(self, params: dict[str, Any]) -> Expected:
+        return expected(params, self.prof, *self.workload)
+
+    def probe(self, server: SimServer) -> Any:
+        """A ProbeResult as smartrun.probe would measure it over a 10 s closed loop (real units)."""
+        from smartrun.probe import ProbeResult, ProbeSettings
+
+        prompt, output, concurrency = self.workload
+        e = self.expected(server.params)
+        elapsed = 10.0
+        requests = max(1, round(e.tokens_per_s * elapsed / output))
+        settings = ProbeSettings(concurrency=concurrency, prompt_tokens=prompt, output_tokens=output,
+                                 duration_s=elapsed)
+        return ProbeResult(
+            url=server.base_url, model="sim", settings=settings, requests=requests, ok=requests, errors=0,
+            output_tokens=requests * output, elapsed_s=elapsed, tokens_per_s=e.tokens_per_s,
+            requests_per_s=requests / elapsed, latency_p50_ms=e.p50_ms, latency_p95_ms=e.p95_ms, streamed=False,
+        )

@@ -1,0 +1,358 @@
+"""The tuning loop: against the real `vllm` stand-in subprocess (its hidden perf model), and in-process on the model.
+
+Each stand-in test starts real processes on free 127.0.0.1 ports, probes them over HTTP and stops them
+all (checked in the process table). The in-process tests run the same loop on perf_model.Simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from smartrun import tune, validate
+from smartrun.errors import InputError, LaunchError
+from smartrun.plan import Change, Plan, Proposal
+from smartrun.probe import ProbeSettings
+from smartrun.rules import Bounds, KnobBound
+
+FAKES = Path(__file__).resolve().parent / "fakes"
+sys.path.insert(0, str(FAKES))
+import perf_model as pm  # noqa: E402
+
+TUNED = ("max_num_seqs", "tensor_parallel_size", "gpu_memory_utilization")
+
+
+def bounds(seqs=(1, 32), tp=(1, 1), util=(0.85, 0.93), pinned: dict | None = None) -> Bounds:
+    src = ("bounds:test.toml:3",)
+    knobs = {
+        "max_num_seqs": KnobBound(knob="max_num_seqs", min=seqs[0], max=seqs[1], sources=src),
+        "tensor_parallel_size": KnobBound(knob="tensor_parallel_size", min=tp[0], max=tp[1], sources=("hardware",)),
+        "gpu_memory_utilization": KnobBound(knob="gpu_memory_utilization", min=util[0], max=util[1], sources=src),
+    }
+    for name, value in (pinned or {}).items():
+        knobs[name] = KnobBound(knob=name, min=value, max=value, pinned=True, llm_may_change=False, sources=("pin",))
+    return Bounds(knobs=knobs, goal="throughput", gpu_count=tp[1])
+
+
+def check_for(b: Bounds):
+    return lambda proposal, base: validate.check(b, base, proposal)
+
+
+def space(b: Bounds) -> dict[str, tuple]:
+    def values(k: KnobBound, step):
+        n = round((k.max - k.min) / step)
+        return tuple(round(k.min + i * step, 2) if isinstance(step, float) else k.min + i * step for i in range(n + 1))
+
+    return {"max_num_seqs": values(b.knobs["max_num_seqs"], 1),
+            "tensor_parallel_size": values(b.knobs["tensor_parallel_size"], 1),
+            "gpu_memory_utilization": values(b.knobs["gpu_memory_utilization"], 0.01)}
+
+
+STABLE = {"max_num_seqs": 4, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.88}
+
+
+# ---------------------------------------------------------------------------- the real stand-in
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class StandInServer:
+    def __init__(self, proc: subprocess.Popen, base_url: str, params: dict):
+        self.proc, self.base_url, self.params = proc, base_url, params
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class StandIn:
+    """Starts tests/fakes/fake_vllm.py as `vllm serve` on a free port; restart(plan) as the pipeline would."""
+
+    def __init__(self, tmp_path: Path, perf: str, gpus: int = 1):
+        self.env = {**os.environ, "FAKE_VLLM_PERF": perf,
+                    "FAKE_VLLM_SCENARIO": json.dumps({"gpus": gpus, "delays": {"import_s": 0, "load_s": 0,
+                                                                                "profile_s": 0, "capture_s": 0}})}
+        self.log = tmp_path / "standin.log"
+        self.pids: list[int] = []
+        self.started: list[dict] = []
+        self.current: StandInServer | None = None
+
+    def start(self, params: dict) -> tuple[bool, object]:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+        port = free_port()
+        argv = [sys.executable, str(FAKES / "fake_vllm.py"), "serve", "test-model", "--port", str(port),
+                "--max-model-len", "4096", *[a for k in TUNED for a in (f"--{k.replace('_', '-')}", str(params[k]))]]
+        with self.log.open("a") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.pids.append(proc.pid)
+        self.started.append({k: params[k] for k in TUNED})
+        server = StandInServer(proc, f"http://127.0.0.1:{port}", dict(params))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False, f"exited with {proc.returncode}"
+            try:
+                if httpx.get(f"{server.base_url}/health", timeout=1).status_code == 200:
+                    self.current = server
+                    return True, server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+        server.stop()
+        return False, "not ready in 20 s"
+
+    def restart(self, plan: Plan) -> tuple[bool, object]:
+        return self.start(plan.params)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+
+    def alive(self) -> list[int]:
+        alive = []
+        for pid in self.pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+            if state != "Z":
+                alive.append(pid)
+        return alive
+
+
+@pytest.fixture
+def standin(tmp_path):
+    made: list[StandIn] = []
+
+    def make(perf: str, gpus: int = 1) -> StandIn:
+        s = StandIn(tmp_path, perf, gpus)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+        assert s.alive() == [], "stand-in processes left behind"
+
+
+def probe_settings(concurrency: int, prompt: int, output: int) -> ProbeSettings:
+    return ProbeSettings(concurrency=concurrency, prompt_tokens=prompt, output_tokens=output, duration_s=0.8,
+                         max_requests=2000, request_timeout_s=20)
+
+
+def tune_standin(s: StandIn, b: Bounds, start: dict, settings: tune.TuneSettings):
+    ok, server = s.start(start)
+    assert ok, server
+    lines: list[str] = []
+    outcome = tune.run_tuning(Plan(params=start), b, server, s.restart, settings, check=check_for(b), say=lines.append)
+    return outcome, lines
+
+
+def test_reaches_within_10_percent_of_the_best_in_5_rounds_on_the_standin(standin):
+    perf = "multi_gpu,time_scale=0.1"
+    s = standin(perf, gpus=2)
+    b = bounds(seqs=(1, 32), tp=(1, 2))
+    workload = (32, 64, 16)
+    settings = tune.TuneSettings(rounds=5, probe=probe_settings(16, 32, 64))
+    outcome, lines = tune_standin(s, b, STABLE, settings)
+    report = outcome.report
+    assert len(report.rounds) - 1 <= 5
+    _, best_e = pm.exhaustive_best(space(b), pm.profile(perf), *workload)
+    chosen = pm.expected(report.chosen.params, pm.profile(perf), *workload)
+    assert chosen.tokens_per_s >= 0.9 * best_e.tokens_per_s, report.table()
+    assert report.chosen.params["tensor_parallel_size"] == 2  # found the second GPU
+    # every configuration tried stayed inside the bounds, and the server left running is the chosen one
+    assert all(b.knobs[k].contains(p[k]) for p in s.started for k in TUNED)
+    assert outcome.server is s.current and s.current.params == report.chosen.params
+    assert httpx.get(outcome.server.base_url + "/health").status_code == 200
+    assert report.chosen.source == "tune" and report.rounds[report.chosen_round].kept
+    assert any("round 0 baseline" in line for line in lines) and "chosen: round" in report.table()
+
+
+def test_respects_the_slo_on_the_standin(standin):
+    # a saturated GPU: more sequences add a little throughput but widen the latency tail
+    perf = "compute_bound,time_scale=0.01,batch_k=3,spread_per_seq=0.03,spread0=0.0"
+    workload = (32, 128, 32)
+    prof = pm.profile(perf)
+    b = bounds(seqs=(1, 32), util=(0.88, 0.88))
+    slo_real = 28_500.0  # p95 of 8..16 sequences is 27.1-27.9 s, of 32 sequences 32.5 s (the fastest)
+    free_best, _ = pm.exhaustive_best(space(b), prof, *workload)
+    slo_best, slo_e = pm.exhaustive_best(space(b), prof, *workload, slo_p95_ms=slo_real)
+    assert free_best["max_num_seqs"] == 32 and 8 <= slo_best["max_num_seqs"] < 32
+    s = standin(perf)
+    settings = tune.TuneSettings(rounds=5, slo_p95_ms=slo_real * prof.time_scale,
+                                 probe=probe_settings(32, 32, 128))
+    outcome, _ = tune_standin(s, b, {**STABLE, "gpu_memory_utilization": 0.88}, settings)
+    report = outcome.report
+    chosen = report.rounds[report.chosen_round]
+    assert report.slo_met and chosen.meets_slo and chosen.p95_ms <= settings.slo_p95_ms
+    truth = pm.expected(report.chosen.params, prof, *workload)
+    assert truth.p95_ms <= slo_real * 1.05, report.table()
+    assert truth.tokens_per_s >= 0.9 * slo_e.tokens_per_s, report.table()
+    # a faster round that broke the SLO was measured and not kept
+    assert any(r.result and not r.meets_slo and not r.kept and r.tokens_per_s > chosen.tokens_per_s
+               for r in report.rounds), report.table()
+
+
+def test_a_round_that_fails_to_start_falls_back_to_the_best_known_configuration(standin):
+    # above util 0.90 with 16 sequences the graphs no longer fit: the stand-in exits with a CUDA OOM
+    perf = "compute_bound,time_scale=0.02,reserve_gib=6.0,graph_per_seq_gib=0.1"
+    prof = pm.profile(perf)
+    assert pm.startup_error({"max_num_seqs": 16, "gpu_memory_utilization": 0.90}, prof) is None
+    assert "CUDA out of memory" in pm.startup_error({"max_num_seqs": 16, "gpu_memory_utilization": 0.92}, prof)
+    s = standin(perf)
+    b = bounds(seqs=(1, 16), util=(0.85, 0.95))
+    start = {"max_num_seqs": 16, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.90}
+    settings = tune.TuneSettings(rounds=3, probe=probe_settings(8, 16, 32))
+    outcome, lines = tune_standin(s, b, start, settings)
+    report = outcome.report
+    failed = [r for r in report.rounds if not r.started]
+    assert [r.changes for r in failed] == [{"gpu_memory_utilization": 0.92}, {"gpu_memory_utilization": 0.91}]
+    assert all("did not start" in r.failure for r in failed), report.table()
+    # after each failed start the best known configuration was started again, and is what runs now
+    assert report.chosen.params == start and report.chosen_round == 0
+    for r in failed:
+        failed_at = s.started.index({k: r.params[k] for k in TUNED})
+        assert s.started[failed_at + 1] == start
+    assert outcome.server is s.current and outcome.server.proc.poll() is None
+    assert httpx.get(outcome.server.base_url + "/health").status_code == 200
+    assert "CUDA out of memory" in s.log.read_text()
+    assert any("back to the best known configuration" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------- in-process (perf model)
+
+
+def simulated(perf: str, b: Bounds, start: dict, settings: tune.TuneSettings, **kw):
+    sim = pm.Simulation(perf, settings.probe.prompt_tokens, settings.probe.output_tokens, settings.probe.concurrency)
+    ok, server = sim.start(start)
+    assert ok
+    outcome = tune.run_tuning(Plan(params=start), b, server, sim.restart, settings, check=check_for(b),
+                              probe=sim.probe, say=lambda line: None, **kw)
+    return outcome, sim
+
+
+@pytest.mark.parametrize("perf,gpus", [("kv_bound", 1), ("compute_bound", 1), ("multi_gpu", 2)])
+def test_every_profile_within_10_percent_in_5_rounds(perf, gpus):
+    b = bounds(seqs=(1, 64), tp=(1, gpus))
+    settings = tune.TuneSettings(rounds=5, probe=ProbeSettings(concurrency=64, prompt_tokens=512, output_tokens=128))
+    outcome, sim = simulated(perf, b, STABLE, settings)
+    _, best_e = pm.exhaustive_best(space(b), perf, 512, 128, 64)
+    assert sim.expected(outcome.report.chosen.params).tokens_per_s >= 0.9 * best_e.tokens_per_s
+    assert len(outcome.report.rounds) <= 6
+
+
+def test_pins_and_bounds_are_never_left():
+    b = bounds(seqs=(2, 24), tp=(1, 2), util=(0.85, 0.9), pinned={"tensor_parallel_size": 1})
+    settings = tune.TuneSettings(rounds=8, probe=ProbeSettings(concurrency=64, prompt_tokens=512, output_tokens=128))
+    outcome, _ = simulated("multi_gpu", b, STABLE, settings)
+    for r in outcome.report.rounds:
+        assert r.params["tensor_parallel_size"] == 1
+        assert all(b.knobs[k].contains(r.params[k]) for k in TUNED)
+    assert outcome.report.stopped_because == "no step left that could gain"
+
+
+def test_llm_steps_go_through_the_validator_and_rejections_are_rounds():
+    replies = iter([
+        Proposal(changes=(Change(knob="max_num_seqs", value=500, reason="much more"),), reason="big", source="llm"),
+        Proposal(changes=(Change(knob="max_num_seqs", value=16, reason="double twice"),), reason="ok", source="llm"),
+    ])
+    seen: list[tune.TuneState] = []
+
+    def propose(state):
+        seen.append(state)
+        return next(replies, None)
+
+    b = bounds(seqs=(1, 32))
+    settings = tune.TuneSettings(rounds=4, probe=ProbeSettings(concurrency=32, prompt_tokens=512, output_tokens=128))
+    outcome, sim = simulated("compute_bound", b, STABLE, settings, propose=propose)
+    rounds = outcome.report.rounds
+    assert rounds[1].failure.startswith("rejected: max_num_seqs=500 is outside")
+    assert not rounds[1].started and sim.restarts == 2  # the rejected value never reached a server
+    assert rounds[2].source == "llm" and rounds[2].kept and outcome.report.chosen.params["max_num_seqs"] == 16
+    assert outcome.report.stopped_because == "no step left that could gain"
+    assert len(seen[1].rounds) == 2 and seen[2].best_round == 2  # the proposer sees the history
+
+
+def test_llm_proposer_renders_measurements_and_falls_back_to_rules():
+    from smartrun.advisor import LLMReply
+
+    class Scripted:
+        def __init__(self, texts):
+            self.texts, self.messages = list(texts), []
+
+        def complete(self, messages, schema):
+            self.messages.append(messages)
+            return LLMReply(content=self.texts.pop(0), latency_s=0.01)
+
+    b = bounds(seqs=(1, 32))
+    transport = Scripted([
+        '{"changes": [{"knob": "max_num_seqs", "value": 8, "reason": "more batch"}], "reason": "step"}',
+        "sorry, no JSON today",
+        '{"changes": [], "reason": "done"}',
+    ])
+    exchanges: list[dict] = []
+    propose = tune.llm_proposer(transport, on_exchange=exchanges.append)
+    settings = tune.TuneSettings(rounds=5, slo_p95_ms=60000,
+                                 probe=ProbeSettings(concurrency=32, prompt_tokens=512, output_tokens=128))
+    outcome, _ = simulated("compute_bound", b, STABLE, settings, propose=propose)
+    rounds = outcome.report.rounds
+    assert [r.source for r in rounds] == ["baseline", "llm", "rules"]
+    assert rounds[2].changes == {"max_num_seqs": 16} and "LLM:" in rounds[2].step
+    user = transport.messages[1][1]["content"]
+    assert '"tokens_per_s"' in user and "60000" in user and '"max_num_seqs"' in user
+    assert "error" in exchanges[1] and outcome.report.stopped_because == "no step left that could gain"
+
+
+def test_best_plan_that_cannot_restart_is_a_launch_error():
+    b = bounds(seqs=(1, 32))
+    settings = tune.TuneSettings(rounds=2, probe=ProbeSettings(concurrency=32, prompt_tokens=512, output_tokens=128))
+    sim = pm.Simulation("compute_bound", 512, 128, 32)
+    _, server = sim.start(STABLE)
+    calls = []
+
+    def restart(plan):
+        calls.append(plan.params["max_num_seqs"])
+        return False, "CUDA error: device lost"
+
+    with pytest.raises(LaunchError, match="best known configuration did not restart"):
+        tune.run_tuning(Plan(params=STABLE), b, server, restart, settings, check=check_for(b), probe=sim.probe,
+                        say=lambda line: None)
+    assert calls == [8, 4, 4]
+
+
+def test_cli_options_make_settings_and_name_bad_flags():
+    import argparse
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--tune", action="store_true")  # run_cmd already has it: add_arguments skips it
+    tune.add_arguments(parser)
+    args = parser.parse_args(["--tune", "--tune-rounds", "5", "--slo-p95-ms", "900", "--probe-concurrency", "8",
+                              "--probe-duration", "3"])
+    settings = tune.settings_from_args(args)
+    assert (settings.rounds, settings.slo_p95_ms, settings.probe.concurrency, settings.probe.duration_s) == (5, 900, 8, 3)
+    with pytest.raises(InputError, match="--probe-concurrency 0"):
+        tune.settings_from_args(parser.parse_args(["--probe-concurrency", "0"]))
+    with pytest.raises(InputError, match="--tune-rounds 0"):
+        tune.settings_from_args(parser.parse_args(["--tune-rounds", "0"]))
