@@ -84,6 +84,7 @@ class TuningReport(Frozen):
     stopped_because: str
     fell_back: bool = False  # the server was restarted on the chosen plan at the end
     settings: TuneSettings
+    llm_exchanges: tuple[dict[str, Any], ...] = ()  # tune prompts and replies, when an LLM proposed the steps
 
     @property
     def baseline_tokens_per_s(self) -> float | None:
@@ -607,7 +608,7 @@ def make_restart(launcher: Any, bounds: Bounds, server: Any, *, check: Callable[
 def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, restart: Restart | None = None,
                       launcher: Any = None, check: Check | None = None, settings: TuneSettings | None = None,
                       transport: Any = None, facts: Any = None, on_event: Callable[[str, str], None] | None = None,
-                      **_: Any) -> TuningOutcome | dict[str, Any]:
+                      probe: ProbeFn | None = None, **_: Any) -> TuningOutcome | dict[str, Any]:
     """The pipeline's --tune hook: tune the healthy `server`, return the outcome (report + running server).
 
     Needs `restart` (or a `launcher` to build one with make_restart); settings come from `settings`, else
@@ -620,10 +621,16 @@ def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, 
     if settings is None:
         options = getattr(request, "tune_options", None) or {}
         settings = TuneSettings(**options) if options else TuneSettings()
-    restart = restart or make_restart(launcher, bounds, server)
+    restart = restart or make_restart(launcher, bounds, server, on_event=lambda *args: emit("launch", str(args[-1])))
     propose: Proposer | None = None
+    exchanges: list[dict[str, Any]] = []
     if transport is not None and getattr(request, "smart_run", False):
         model = {"name": getattr(facts, "name", None), "architecture": getattr(facts, "architecture", None)}
-        propose = llm_proposer(transport, goal=getattr(request, "goal", "throughput"), facts=model)
-    return run_tuning(plan, bounds, server, restart, settings, check=check, propose=propose,
-                      say=lambda line: emit("tune", line))
+        propose = llm_proposer(transport, goal=getattr(request, "goal", "throughput"), facts=model,
+                               on_exchange=exchanges.append)
+    outcome = run_tuning(plan, bounds, server, restart, settings, check=check, probe=probe, propose=propose,
+                         say=lambda line: emit("tune", line))
+    if exchanges:
+        report = outcome.report.model_copy(update={"llm_exchanges": tuple(exchanges)})
+        outcome = TuningOutcome(report=report, server=outcome.server)
+    return outcome

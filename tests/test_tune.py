@@ -356,3 +356,35 @@ def test_cli_options_make_settings_and_name_bad_flags():
         tune.settings_from_args(parser.parse_args(["--probe-concurrency", "0"]))
     with pytest.raises(InputError, match="--tune-rounds 0"):
         tune.settings_from_args(parser.parse_args(["--tune-rounds", "0"]))
+
+
+def test_pipeline_hook_reads_the_request_options_and_records_llm_exchanges():
+    from types import SimpleNamespace
+
+    from smartrun.advisor import LLMReply
+    from smartrun.session import to_jsonable
+
+    class OneStep:
+        def complete(self, messages, schema):
+            return LLMReply(content='{"changes": [{"knob": "max_num_seqs", "value": 8, "reason": "r"}], "reason": "x"}',
+                            latency_s=0.01)
+
+    options = tune.TuneSettings(rounds=1, probe=ProbeSettings(concurrency=32, prompt_tokens=512, output_tokens=128))
+    request = SimpleNamespace(tune_options=options.model_dump(mode="json"), smart_run=True, goal="throughput")
+    sim = pm.Simulation("compute_bound", 512, 128, 32)
+    _, server = sim.start(STABLE)
+    events: list[tuple[str, str]] = []
+    b = bounds()
+    outcome = tune.tune_after_launch(request=request, plan=Plan(params=STABLE), bounds=b, server=server,
+                                     restart=sim.restart, check=check_for(b), probe=sim.probe, transport=OneStep(),
+                                     on_event=lambda kind, text: events.append((kind, text)), record=None)
+    report = outcome.report
+    assert report.settings == options and len(report.rounds) == 2 and report.rounds[1].source == "llm"
+    assert outcome.server is sim.running and outcome.server.params["max_num_seqs"] == 8
+    assert len(report.llm_exchanges) == 1 and "tokens_per_s" in report.llm_exchanges[0]["messages"][1]["content"]
+    recorded = to_jsonable(report)
+    assert recorded["chosen"]["params"]["max_num_seqs"] == 8 and recorded["rounds"][1]["result"]["tokens_per_s"] > 0
+    assert any(kind == "tune" and text.startswith("tune: chosen: round 1") for kind, text in events)
+    skipped = tune.tune_after_launch(request=request, plan=Plan(params=STABLE), bounds=b, server=server,
+                                     on_event=lambda kind, text: events.append((kind, text)))
+    assert skipped == {"skipped": "no restart callable"} and events[-1][0] == "warning"
