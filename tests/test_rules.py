@@ -344,3 +344,55 @@ def test_72b_on_one_l4_names_the_shortfall(loaded):
         rules.effective_bounds(facts, machines["1x-l4"], None, {}, "stable")
     assert err.value.message.startswith(f"{facts.name} needs ") and "GiB of weights per GPU at tp 1; the NVIDIA L4 " \
                                                                  "offers " in err.value.message
+
+
+def test_a_bounds_file_can_forbid_a_security_flag(tmp_path):
+    file = _file(tmp_path, "[knobs.trust_remote_code]\nfixed = false\n[knobs.host]\nchoices = ['127.0.0.1']\n")
+    b = _eff(file=file)
+    assert b.knobs["trust_remote_code"].choices == (False,) and not b.knobs["trust_remote_code"].llm_may_change
+    user = parse_user_args(["--trust-remote-code"])
+    with pytest.raises(PinConflictError, match=r"pin --trust-remote-code conflicts with bounds:.*smartrun.toml:3"):
+        rules.effective_bounds(_facts(), _machine(_gpu(0)), file, user.pins, pin_flags=user.pin_flags,
+                               estimate_fn=_stub())
+    with pytest.raises(PinConflictError, match=r"pin --host 0\.0\.0\.0 conflicts"):
+        _eff(file=file, pins={"host": "0.0.0.0"})
+
+
+# Property: for arbitrary bounds files, the baseline is inside the effective bounds, or nothing fits.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _random_file(draw):
+    lines = []
+    lo = draw(st.sampled_from([0.5, 0.7, 0.8, 0.85, 0.9]))
+    lines.append(f"[knobs.gpu_memory_utilization]\nmin = {lo}\nmax = {draw(st.sampled_from([lo, 0.9, 0.93, 0.97]))}\n")
+    seq_lo = draw(st.integers(1, 32))
+    lines.append(f"[knobs.max_num_seqs]\nmin = {seq_lo}\nmax = {seq_lo + draw(st.integers(0, 64))}\n")
+    mml_lo = draw(st.sampled_from([512, 2048, 4096, 16384]))
+    lines.append(f"[knobs.max_model_len]\nmin = {mml_lo}\nmax = {mml_lo * draw(st.sampled_from([1, 2, 8]))}\n")
+    dtypes = draw(st.lists(st.sampled_from(["bfloat16", "float16", "float32"]), min_size=1, unique=True))
+    lines.append(f"[knobs.dtype]\nchoices = {dtypes!r}\n")
+    lines.append(f"[knobs.optimization_level]\nfixed = {draw(st.integers(0, 3))}\n")
+    lines.append(f"[knobs.enforce_eager]\nchoices = {draw(st.sampled_from(['[true]', '[false]', '[false, true]']))}\n")
+    return "".join(lines)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_random_file(), goal=st.sampled_from(rules.GOALS), gpus=st.integers(1, 4),
+       weights=st.sampled_from([2.0, 14.0, 60.0, 150.0]))
+def test_baseline_is_inside_arbitrary_bounds_or_infeasible(tmp_path, text, goal, gpus, weights):
+    file = _file(tmp_path, text)
+    m = _machine(*(_gpu(i) for i in range(gpus)), links=tuple((a, b) for a in range(gpus) for b in range(a + 1, gpus)))
+    est = _stub(weights_gib=weights, tokens_per_gib=2000)
+    try:
+        b = _eff(machine=m, file=file, goal=goal, est=est)
+        plan, fitted = rules.baseline(b, _facts(), m, goal, estimate_fn=est)
+    except InfeasibleError as err:
+        assert err.message and "\n" not in err.message
+        return
+    assert fitted.fits
+    for knob, value in plan.params.items():
+        assert b.knobs[knob].contains(value), (knob, value, b.knobs[knob])
