@@ -322,6 +322,14 @@ def format_float(value: float) -> str:
     return text if math.isfinite(value) else str(value)
 
 
+def pin_text(name: str, value: Any) -> str:
+    """How a pin reads on the command line ("--enforce-eager", "--max-model-len 8192"), for messages."""
+    k = knob(name)
+    if k.type == "bool" and k.negative_flags:
+        return k.flag if value else k.negative_flags[0]
+    return " ".join(_argv_for(knob(name), value)) or f"{knob(name).flag} {value}"
+
+
 def build_argv(model_path: str, params: dict[str, Any], passthrough: tuple[str, ...] = ()) -> list[str]:
     """`["vllm", "serve", model_path, ...]`: catalogue order, canonical flags, then passthrough as typed.
 

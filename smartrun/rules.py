@@ -100,7 +100,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from smartrun import bounds as bounds_mod  # noqa: E402
 from smartrun.errors import EstimateError, InfeasibleError, InputError, PinConflictError  # noqa: E402
 from smartrun.hardware import GpuInfo, HardwareSnapshot  # noqa: E402
-from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, Knob  # noqa: E402
+from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, Knob, pin_text  # noqa: E402
 from smartrun.memory import EngineFlags, GpuSpec, MemoryEstimate  # noqa: E402
 from smartrun.model import ModelFacts  # noqa: E402
 from smartrun.plan import Plan  # noqa: E402
@@ -479,7 +479,7 @@ def effective_bounds(
     _hardware_rules(accs, facts, hardware, warnings)
     accs["max_model_len"].narrow("model", f"the model's derived maximum is {facts.derived_max_model_len}",
                                  hi=facts.derived_max_model_len)
-    typed = {name: (pin_flags or {}).get(name, f"{CATALOGUE[name].flag} {value}") for name, value in pins.items()}
+    typed = {name: (pin_flags or {}).get(name) or pin_text(name, value) for name, value in pins.items()}
     for name, value in pins.items():
         accs.setdefault(name, _domain(CATALOGUE[name]))
         if name not in ("max_model_len", "gpu_memory_utilization"):
