@@ -318,9 +318,26 @@ def run_tuning(
     healthy or (False, why) when it is not. Raises LaunchError only if even the best known plan cannot restart.
     """
     settings = settings or TuneSettings()
-    check = check or _default_check(bounds)
-    probe = probe or _default_probe(settings)
-    propose = propose or rules_step
+    live = {"server": server}
+
+    def tracked(next_plan: Plan) -> tuple[bool, Any]:
+        ok, got = restart(next_plan)
+        live["server"] = got if ok else None
+        return ok, got
+
+    try:
+        return _tuning_loop(plan, bounds, server, tracked, settings, check or _default_check(bounds),
+                            _guarded(probe or _default_probe(settings)), propose or rules_step, say)
+    except KeyboardInterrupt:  # Ctrl+C while tuning: stop the server we started, leave no orphan
+        running = live["server"]
+        if running is not None and hasattr(running, "stop"):
+            running.stop()
+        raise
+
+
+def _tuning_loop(plan: Plan, bounds: Bounds, server: Any, restart: Restart, settings: TuneSettings, check: Check,
+                 probe: Callable[[Any], ProbeResult | str], propose: Proposer,
+                 say: Callable[[str], None]) -> TuningOutcome:
     say(f"tune: probing the running server ({_load_line(settings.probe)})")
     first = _measured(TuneRound(index=0, source="baseline", params=dict(plan.params), reason="launched plan"),
                       probe(server), settings)
@@ -329,7 +346,9 @@ def run_tuning(
     say(f"tune: round 0 baseline: {_result_line(first)}")
     best_i, best_plan, running_plan = 0, plan, plan
     stopped = f"{settings.rounds} round(s) done"
-    for index in range(1, settings.rounds + 1):
+    if first.result is None:
+        stopped = "the running server could not be measured"
+    for index in range(1, settings.rounds + 1 if first.result is not None else 1):
         state = TuneState(bounds=bounds, baseline=plan, best=best_plan, best_round=best_i,
                           rounds=tuple(rounds), settings=settings)
         proposal = propose(state)
@@ -363,7 +382,8 @@ def run_tuning(
         measured = _measured(attempt, probe(server), settings)
         gain = improvement(measured, rounds[best_i]) if measured.failure is None else None
         kept = gain is not None and gain > 0
-        tokens_gain = measured.tokens_per_s / max(rounds[best_i].tokens_per_s or 0.0, 1e-9) - 1.0  # type: ignore[operator]
+        tokens_gain = None if gain is None else (
+            measured.tokens_per_s / max(rounds[best_i].tokens_per_s or 0.0, 1e-9) - 1.0)  # type: ignore[operator]
         measured = measured.model_copy(update={"gain": gain, "kept": kept, "tokens_gain": tokens_gain})
         rounds.append(measured)
         say(f"tune: round {index}: {_result_line(measured)} -> {verdict(measured, settings.slo_p95_ms)}")
@@ -383,9 +403,23 @@ def run_tuning(
     return TuningOutcome(report=report, server=server)
 
 
-def _measured(r: TuneRound, result: ProbeResult, settings: TuneSettings) -> TuneRound:
+def _measured(r: TuneRound, result: ProbeResult | str, settings: TuneSettings) -> TuneRound:
+    if isinstance(result, str):
+        return r.model_copy(update={"failure": result})
     return r.model_copy(update={"result": result, "failure": healthy(result),
                                 "meets_slo": meets_slo(result, settings.slo_p95_ms)})
+
+
+def _guarded(probe: ProbeFn) -> Callable[[Any], ProbeResult | str]:
+    """The probe, with a probe that cannot run at all (no model listed, server gone) turned into a reason."""
+
+    def run(server: Any) -> ProbeResult | str:
+        try:
+            return probe(server)
+        except SmartRunError as err:
+            return f"probe failed: {err.message}"
+
+    return run
 
 
 def _restart_best(restart: Restart, best: Plan, say: Callable[[str], None], tries: int = 2) -> Any:
