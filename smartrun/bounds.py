@@ -72,11 +72,6 @@ class Limit(Frozen):
         line = self.lines.get(key or "", self.lines.get("", 0))
         return f"bounds:{self.file}:{line}"
 
-    def keys(self) -> list[str]:
-        set_keys = [k for k in ("min", "max", "choices", "oom_floor", "last_resort") if getattr(self, k)
-                    not in (None, ())]
-        return [*set_keys, "fixed"] if self.has_fixed else set_keys
-
 
 class Override(Frozen):
     """A [[models]] or [[gpus]] entry: limits that apply when `match` matches."""

@@ -120,6 +120,7 @@ COMMON_TEMPLATE: dict[str, Any] = {"pipeline_parallel_size": 1, "kv_cache_dtype"
                                    "optimization_level": 2, "disable_custom_all_reduce": False}
 BUSY_MARGIN = 0.02  # utilization kept back when other processes hold GPU memory
 BUSY_USED_MIB = 1024  # "other processes hold memory": listed processes, or more than this used
+BUDGETED_KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # what the estimator budgets and CUDA supports
 MIN_CC = {"awq": (7, 5), "fp8": (7, 5), "gptq": (6, 0)}  # vLLM's minimum capability per quantization method
 
 
@@ -326,8 +327,9 @@ def _hardware_rules(accs: dict[str, _Acc], facts: ModelFacts, hw: HardwareSnapsh
         keep = [c for c in kv.choices if not (c.startswith("fp8") and cc < (8, 9))
                 and not (c.startswith("nvfp4") and cc < (10, 0))]
         if keep != kv.choices:
-            kv.narrow("hardware", f"fp8 KV cache needs compute capability >= 8.9 and nvfp4 >= 10.0; "
-                                  f"this GPU has {cc[0]}.{cc[1]}", choices=keep)
+            removed = [c for c in kv.choices if c not in keep]
+            kv.narrow("hardware", f"no {', '.join(removed)} KV cache on compute capability {cc[0]}.{cc[1]} "
+                                  f"(fp8 needs >= 8.9, nvfp4 >= 10.0)", choices=keep)
     if facts.quantization and facts.quantization.method in MIN_CC and cc < MIN_CC[facts.quantization.method]:
         need = MIN_CC[facts.quantization.method]
         raise InfeasibleError(f"{facts.name} is {facts.quantization.method}-quantized, which vLLM runs on compute "
@@ -484,6 +486,10 @@ def effective_bounds(
         accs.setdefault(name, _domain(CATALOGUE[name]))
         if name not in ("max_model_len", "gpu_memory_utilization"):
             _pin(accs[name], value, typed[name], force, warnings)
+    if "kv_cache_dtype" not in pins:
+        accs["kv_cache_dtype"].narrow("estimate", "the KV cache dtypes smartrun budgets; an explicit bfloat16/float16 "
+                                                  "must equal --dtype, which auto already does",
+                                      choices=list(BUDGETED_KV_DTYPES))
     tp_top = max(accs["tensor_parallel_size"].choices or [1])
     pp_low = min(accs["pipeline_parallel_size"].choices or [accs["pipeline_parallel_size"].min or 1])
     _util_cap(accs["gpu_memory_utilization"], hardware, min(tp_top * pp_low, len(hardware.gpus)))
