@@ -120,6 +120,7 @@ COMMON_TEMPLATE: dict[str, Any] = {"pipeline_parallel_size": 1, "kv_cache_dtype"
                                    "optimization_level": 2, "disable_custom_all_reduce": False}
 BUSY_MARGIN = 0.02  # utilization kept back when other processes hold GPU memory
 BUSY_USED_MIB = 1024  # "other processes hold memory": listed processes, or more than this used
+FLOAT16_QUANT = ("awq", "gptq")  # vllm serve --help: "half ... Recommended for AWQ quantization"
 BUDGETED_KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # what the estimator budgets and CUDA supports
 MIN_CC = {"awq": (7, 5), "fp8": (7, 5), "gptq": (6, 0)}  # vLLM's minimum capability per quantization method
 
@@ -376,7 +377,10 @@ def choose_dtype(bound: KnobBound | _Acc | None, facts: ModelFacts, gpus: Sequen
     model_dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(facts.torch_dtype,
                                                                                  facts.torch_dtype)
     cc = _min_cc(gpus)
-    if cc >= (8, 0) and model_dtype == "bfloat16":
+    method = facts.quantization.method if facts.quantization else None
+    if method in FLOAT16_QUANT:
+        want, why = "float16", f"model: {method} checkpoints run in float16 (vLLM's recommendation)"
+    elif cc >= (8, 0) and model_dtype == "bfloat16":
         want, why = "bfloat16", "hardware/model: bf16 model on compute capability >= 8.0"
     elif cc < (8, 0):
         want, why = "float16", f"hardware: compute capability {cc[0]}.{cc[1]} has no bfloat16"
@@ -545,36 +549,36 @@ def flags_from_params(params: dict[str, Any]) -> EngineFlags:
 
 
 def _fit_at(bounds: Bounds, facts: ModelFacts, hw: HardwareSnapshot, params: dict, prov: dict,
-            vllm_version: str | None, estimate_fn: EstimateFn) -> tuple[MemoryEstimate | None, str]:
-    """Try the plan as is, then a shorter context, then the top utilization. Mutates params/prov on success."""
+            vllm_version: str | None, estimate_fn: EstimateFn, shorten: bool) -> tuple[MemoryEstimate | None, str]:
+    """Try the plan as is, or (shorten) with the context lowered to what fits. Mutates params/prov on success."""
     gpus = select_gpus(hw, params["tensor_parallel_size"] * params["pipeline_parallel_size"])
     specs = _specs(gpus)
-    mml_bound, util_bound = bounds.knobs["max_model_len"], bounds.knobs["gpu_memory_utilization"]
-    utils = [params["gpu_memory_utilization"]]
-    if not util_bound.pinned and util_bound.max is not None and util_bound.max > utils[0]:
-        utils.append(util_bound.max)
-    last = ""
-    for util in utils:
-        trial = {**params, "gpu_memory_utilization": util}
-        try:
-            est = estimate_fn(facts, specs, flags_from_params(trial), vllm_version)
-        except EstimateError as err:
-            return None, err.message
-        if not est.fits and not mml_bound.pinned and est.largest_max_model_len >= (mml_bound.min or 1):
-            fitted = _round_len(min(trial["max_model_len"], est.largest_max_model_len), mml_bound.min or 1)
-            trial["max_model_len"] = fitted
-            est = estimate_fn(facts, specs, flags_from_params(trial), vllm_version)
-            if est.fits:
-                prov["max_model_len"] = f"estimate: largest max_model_len that fits is " \
-                                        f"{est.largest_max_model_len}; {fitted} ({prov['max_model_len']})"
+    mml_bound = bounds.knobs["max_model_len"]
+    try:
+        est = estimate_fn(facts, specs, flags_from_params(params), vllm_version)
+    except EstimateError as err:
+        return None, err.message
+    if not est.fits and shorten and not mml_bound.pinned and est.largest_max_model_len >= (mml_bound.min or 1):
+        fitted = _round_len(min(params["max_model_len"], est.largest_max_model_len), mml_bound.min or 1)
+        trial = {**params, "max_model_len": fitted}
+        est = estimate_fn(facts, specs, flags_from_params(trial), vllm_version)
         if est.fits:
-            if util != params["gpu_memory_utilization"]:
-                prov["gpu_memory_utilization"] = f"estimate: raised to the bound's top {util} so the plan fits " \
-                                                 f"({', '.join(util_bound.sources)})"
             params.update(trial)
-            return est, ""
-        last = _shortfall(facts, gpus, flags_from_params(trial), est)
-    return None, last
+            prov["max_model_len"] = (f"estimate: largest max_model_len that fits is {est.largest_max_model_len}; "
+                                     f"{fitted} ({prov['max_model_len']})")
+    if est.fits:
+        return est, ""
+    return None, _shortfall(facts, gpus, flags_from_params(params), est)
+
+
+def _fitting_steps(bounds: Bounds, params: dict) -> list[tuple[float, bool]]:
+    """(utilization, shorten context?) in order of preference: the template as is on the fewest GPUs that hold
+    it, then a shorter context, then the bound's top utilization (guide 4.2: context first, then memory)."""
+    util, util_bound = params["gpu_memory_utilization"], bounds.knobs["gpu_memory_utilization"]
+    steps = [(util, False), (util, True)]
+    if not util_bound.pinned and util_bound.max is not None and util_bound.max > util:
+        steps += [(util_bound.max, False), (util_bound.max, True)]
+    return steps
 
 
 def baseline(
@@ -604,18 +608,25 @@ def baseline(
     start = params["tensor_parallel_size"]
     candidates = [start] if tp_bound.pinned else [start, *[t for t in choices if t > start]]
     failures: list[str] = []
-    for tp in candidates:
-        if tp * params["pipeline_parallel_size"] > len(hardware.gpus):
-            continue
-        trial, trial_prov = {**params, "tensor_parallel_size": tp}, dict(prov)
-        if tp != start:
-            trial_prov["tensor_parallel_size"] = f"estimate: the smallest tensor parallel size that fits is {tp}"
-        _custom_all_reduce(bounds, hardware, trial, trial_prov)
-        est, why_not = _fit_at(bounds, facts, hardware, trial, trial_prov, vllm_version, estimate_fn)
-        if est is not None:
-            trial = {name: trial[name] for name in sorted(trial, key=_catalogue_order)}
-            return Plan(params=trial, source="static", provenance=trial_prov, reason=f"goal {goal} baseline"), est
-        failures.append(why_not)
+    for util, shorten in _fitting_steps(bounds, params):
+        for tp in candidates:
+            if tp * params["pipeline_parallel_size"] > len(hardware.gpus):
+                continue
+            trial = {**params, "tensor_parallel_size": tp, "gpu_memory_utilization": util}
+            trial_prov = dict(prov)
+            if tp != start:
+                trial_prov["tensor_parallel_size"] = f"estimate: the smallest tensor parallel size that fits is {tp}"
+            if util != params["gpu_memory_utilization"]:
+                trial_prov["gpu_memory_utilization"] = (
+                    f"estimate: raised to the bound's top {util} so the plan fits "
+                    f"({', '.join(bounds.knobs['gpu_memory_utilization'].sources)})")
+            _custom_all_reduce(bounds, hardware, trial, trial_prov)
+            est, why_not = _fit_at(bounds, facts, hardware, trial, trial_prov, vllm_version, estimate_fn, shorten)
+            if est is not None:
+                trial = {name: trial[name] for name in sorted(trial, key=_catalogue_order)}
+                plan = Plan(params=trial, source="static", provenance=trial_prov, reason=f"goal {goal} baseline")
+                return plan, est
+            failures.append(why_not)
     raise InfeasibleError(failures[-1] if failures else f"no tensor parallel size fits {facts.name}")
 
 
