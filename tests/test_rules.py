@@ -396,3 +396,14 @@ def test_baseline_is_inside_arbitrary_bounds_or_infeasible(tmp_path, text, goal,
     assert fitted.fits
     for knob, value in plan.params.items():
         assert b.knobs[knob].contains(value), (knob, value, b.knobs[knob])
+
+
+def test_real_fixtures_prefer_more_gpus_to_a_riskier_utilization_and_float16_for_awq(loaded):
+    machines, models = loaded
+    h100x4 = machines["4x-h100-80gb-nvlink"]
+    big = models["qwen2.5-72b-instruct"]
+    plan, est = rules.baseline(rules.effective_bounds(big, h100x4, None, {}, "stable"), big, h100x4, "stable")
+    assert (plan.params["tensor_parallel_size"], plan.params["gpu_memory_utilization"]) == (4, 0.88) and est.fits
+    awq = models["qwen2.5-72b-instruct-awq"]
+    plan, _ = rules.baseline(rules.effective_bounds(awq, h100x4, None, {}, "stable"), awq, h100x4, "stable")
+    assert plan.params["dtype"] == "float16" and plan.provenance["dtype"].startswith("model: awq")
