@@ -235,6 +235,7 @@ _BAD_ARG = re.compile(
     r"error: unrecognized arguments: (.*)|error: argument (\S+): (.*)|(\d+) validation errors? for (\w+)"
     r"|must be greater than or equal to max_num_seqs|is smaller than max_model_len \(\d+\)\. This effectively"
 )
+_EXCEPTION = re.compile(r"(?:^|\s)(?:[\w.]+\.)?\w*(?:Error|Exception):")
 _FRAME_END = re.compile(r"Engine core initialization failed|EngineCore failed to start")
 
 
@@ -325,7 +326,10 @@ def classify_failure(text: str | Iterable[str], exit_code: int | None) -> Failur
         return fail("compile_error", hit[0])
     if exit_code in (0, None):
         return None
-    for index in range(len(lines) - 1, -1, -1):  # the last error-looking line, else the last line
+    for index, line in enumerate(lines):  # the root cause comes first; vLLM's wrappers follow it
+        if _EXCEPTION.search(line) and not _FRAME_END.search(line):
+            return fail("unknown", index)
+    for index in range(len(lines) - 1, -1, -1):  # else the last error-looking line, else the last line
         if re.search(r"Error|error:|Exception|FAILED|failed", lines[index]) and not _FRAME_END.search(lines[index]):
             return fail("unknown", index)
     if lines:

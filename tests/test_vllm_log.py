@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FIXTURES
 
 from smartrun.vllm_log import classify_failure, parse_startup, phase_of
-from conftest import FIXTURES
 
 CASES = [json.loads(line) for line in (FIXTURES / "reference" / "vllm_startup_logs.jsonl").read_text().splitlines()]
 # field in the JSONL -> field of StartupFacts

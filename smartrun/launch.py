@@ -1,0 +1,722 @@
+"""Stage 7, launch: a validated plan -> a healthy `vllm serve`, recovering inside the bounds when it fails.
+
+- `find_vllm` finds the binary, its version and the flags it accepts (cached by path + mtime);
+  `adapt_argv` drops or translates flags this version does not know, with a warning naming each.
+- `ProcessLauncher` starts vllm in its own process group, streams its log, shows the startup phases,
+  polls /health then /v1/models until ready, a timeout, or the child's death; Ctrl+C / SIGTERM stop
+  the whole group. `Server` supervises a ready child.
+- `run_with_recovery` loops: launch, classify the failure (vllm_log), ask the advisor and then the
+  recovery ladder for the next plan, pass it through the validator, bounded attempts.
+The process part sits behind the `Launcher` protocol so a session replay can serve recorded outcomes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartrun.errors import InputError, LaunchError
+from smartrun.hardware import HardwareSnapshot
+from smartrun.plan import Change, Frozen, Plan, Proposal
+from smartrun.vllm_log import Failure, Phase, StartupFacts, classify_failure, parse_startup, phase_of
+
+DEFAULT_STARTUP_TIMEOUT = 900.0
+CACHE_FILE = "vllm_info.json"
+PHASE_WORDS: dict[str, str] = {
+    "loading_weights": "loading weights",
+    "weights_loaded": "weights loaded",
+    "profiling_memory": "profiling memory",
+    "kv_cache_allocated": "KV cache allocated",
+    "capturing_cuda_graphs": "capturing CUDA graphs",
+    "ready": "ready",
+}
+
+
+# ------------------------------------------------------------------------------ finding vllm
+
+
+class VllmInfo(Frozen):
+    """The installed vllm: where, which version, and its accepted flags (flag -> takes a value)."""
+
+    path: str
+    version: str | None = None
+    flags: dict[str, bool] = Field(default_factory=dict)
+
+
+def parse_help_flags(text: str) -> dict[str, bool]:
+    """Flags from argparse help output (`  --max-model-len MAX_MODEL_LEN, -x X` lines)."""
+    flags: dict[str, bool] = {}
+    for line in text.splitlines():
+        if not re.match(r"^ {1,4}-", line):
+            continue
+        for part in re.split(r",\s+(?=-)", line.strip()):
+            tokens = part.split()
+            if tokens and re.fullmatch(r"--?[A-Za-z0-9][\w.-]*", tokens[0]):
+                flags[tokens[0]] = len(tokens) > 1 and not tokens[1].startswith("-") and tokens[1][:1] != "("
+    return flags
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version or "")
+    return tuple(int(x or 0) for x in m.groups()) if m else ()
+
+
+def _run_text(argv: list[str], timeout: float) -> tuple[int, str]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, errors="replace",
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return 1, str(err)
+    return done.returncode, done.stdout + done.stderr
+
+
+def _cache_path(cache_dir: str | Path | None) -> Path:
+    if cache_dir is None:
+        import platformdirs
+
+        cache_dir = platformdirs.user_cache_dir("localaistack")
+    return Path(cache_dir) / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: ignored, rebuilt
+    return data if isinstance(data, dict) else {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def find_vllm(vllm_bin: str | None = None, *, cache_dir: str | Path | None = None, timeout: float = 120.0) -> VllmInfo:
+    """Locate vllm (--vllm-bin, else PATH) and learn its version and flags; cached by binary path + mtime."""
+    where = vllm_bin or shutil.which("vllm")
+    if where is None:
+        raise InputError("vllm not found on PATH: install vLLM or pass --vllm-bin PATH")
+    binary = Path(where)
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise InputError(f"--vllm-bin {where}: not an executable file")
+    real = binary.resolve()
+    stat = real.stat()
+    key = f"{binary.absolute()}|{real}|{stat.st_mtime_ns}|{stat.st_size}"
+    cache_file = _cache_path(cache_dir)
+    cache = _read_cache(cache_file)
+    if isinstance(cache.get(key), dict):
+        with contextlib.suppress(ValueError):
+            return VllmInfo.model_validate(cache[key])
+    _, out = _run_text([str(binary), "--version"], timeout)
+    versions = re.findall(r"\b(\d+\.\d+\.\d+[\w.+-]*|\d+\.\d+)\b", out)
+    version = versions[-1] if versions else None
+    flags: dict[str, bool] = {}
+    for help_arg in ("--help=all", "--help"):
+        rc, text = _run_text([str(binary), "serve", help_arg], timeout)
+        flags = parse_help_flags(text) if rc == 0 else {}
+        if flags:
+            break
+    info = VllmInfo(path=str(binary), version=version, flags=flags)
+    cache[key] = info.model_dump()
+    with contextlib.suppress(OSError):
+        _write_atomic(cache_file, json.dumps(cache, indent=1))
+    return info
+
+
+# ------------------------------------------------------------------------------ argv and env
+
+
+def _takes_value_guess(flag: str, rest: Sequence[str]) -> bool:
+    from smartrun import knobs
+
+    for k in knobs.CATALOGUE.values():
+        if flag == k.flag or flag in k.aliases:
+            return k.type != "bool"
+    return bool(rest) and not rest[0].startswith("-")
+
+
+def _translate(flag: str, value: str | None, info: VllmInfo) -> tuple[list[str] | None, str]:
+    """Tokens replacing a flag this vllm does not know (None = drop), and the warning to print."""
+    ver = info.version or "?"
+    if flag in ("--optimization-level", "-O"):
+        if value == "0" and "--enforce-eager" in info.flags:
+            return ["--enforce-eager"], f"vllm {ver} has no --optimization-level: -O0 translated to --enforce-eager"
+        return None, f"vllm {ver} has no --optimization-level (before 0.12 -O meant --compilation-config): dropped"
+    shown = f"{flag} {value}" if value is not None else flag
+    if flag == "--swap-space":
+        return None, f"vllm {ver} does not accept {shown} (removed in 0.18): dropped"
+    pairs = [("--no-enable-", "--disable-"), ("--disable-", "--no-enable-"), ("--enable-", "--"),
+             ("--no-", "--disable-")]
+    for old, new in pairs:
+        if flag.startswith(old) and (alt := new + flag[len(old):]) in info.flags:
+            return [alt], f"vllm {ver} does not know {flag}: translated to {alt}"
+    return None, f"vllm {ver} does not accept {shown}: dropped"
+
+
+def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str]]:
+    """The argv this vllm accepts: unknown flags dropped or translated, each with a warning naming it."""
+    if not info.flags:
+        return list(argv), [f"could not read the flags of {info.path} (serve --help): argv passed unchanged"]
+    out, warnings = list(argv[:2]), []
+    i = 2
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if not tok.startswith("-") or tok == "-":
+            out.append(tok)
+            continue
+        name, eq, inline = tok.partition("=")
+        short_o = re.fullmatch(r"-O(\d)", name)
+        flag = "-O" if short_o else ("--" + name[2:].replace("_", "-") if name.startswith("--") else name)
+        if flag == "-O":  # before 0.12, -O meant --compilation-config: same spelling, other meaning
+            known = _version_tuple(info.version) >= (0, 12) if info.version else "--optimization-level" in info.flags
+        else:
+            known = flag in info.flags
+        takes = info.flags.get(flag) if flag in info.flags else (not short_o and not eq
+                                                                  and _takes_value_guess(flag, argv[i:]))
+        value = short_o.group(1) if short_o else (inline if eq else None)
+        if takes and not eq and i < len(argv):
+            value = argv[i]
+            i += 1
+        if known:
+            out += [tok] if (eq or short_o or not takes) else [tok, value]
+            continue
+        replacement, warning = _translate(flag, value, info)
+        warnings.append(warning)
+        if replacement:
+            out += replacement
+    return out, warnings
+
+
+def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """CUDA_VISIBLE_DEVICES for tp*pp GPUs chosen by rules.select_gpus, in NVML's (PCI) order."""
+    if hardware is None or not hardware.gpus:
+        return {}, []
+    from smartrun import rules
+
+    count = int(params.get("tensor_parallel_size") or 1) * int(params.get("pipeline_parallel_size") or 1)
+    chosen = rules.select_gpus(hardware, count)
+    indices = ",".join(str(getattr(g, "index", g)) for g in chosen)
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": indices}
+    warnings = []
+    if hardware.source != "nvml":
+        warnings.append(f"the plan was made for the machine in the snapshot {hardware.source}; "
+                        f"CUDA_VISIBLE_DEVICES={indices} comes from its GPU indices")
+    return env, warnings
+
+
+def command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None) -> str:
+    """The shell line to rerun this launch by hand: env prefix, then the quoted argv."""
+    prefix = [f"{k}={shlex.quote(v)}" for k, v in sorted((env_changes or {}).items())]
+    return " ".join([*prefix, shlex.join(list(argv))])
+
+
+def _endpoint(argv: Sequence[str], host: str | None, port: int | None) -> tuple[str, int]:
+    found: dict[str, str] = {}
+    for i, tok in enumerate(argv):
+        for flag in ("--host", "--port"):
+            if tok == flag and i + 1 < len(argv):
+                found[flag] = argv[i + 1]
+            elif tok.startswith(flag + "="):
+                found[flag] = tok.split("=", 1)[1]
+    return found.get("--host", host or "127.0.0.1"), int(found.get("--port", port or 8000))
+
+
+# ------------------------------------------------------------------------------ attempts and servers
+
+Outcome = Literal["ready", "failed", "interrupted"]
+
+
+class LaunchAttempt(Frozen):
+    """One start of vllm serve and how it ended; `number` is set by run_with_recovery."""
+
+    number: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+    argv: tuple[str, ...] = ()
+    env_changes: dict[str, str] = Field(default_factory=dict)
+    outcome: Outcome
+    failure_class: str | None = None
+    evidence: str | None = None
+    estimated_max_model_len: int | None = None
+    failure_details: dict[str, Any] = Field(default_factory=dict)
+    exit_code: int | None = None
+    log_excerpt: tuple[str, ...] = ()
+    duration_s: float = 0.0
+    facts: StartupFacts | None = None
+    base_url: str | None = None
+    served_max_model_len: int | None = None  # from /v1/models: the effective value after auto-fit
+
+    @property
+    def failure(self) -> Failure | None:
+        if self.failure_class is None:
+            return None
+        return Failure(klass=self.failure_class, evidence=self.evidence or "", exit_code=self.exit_code,  # type: ignore[arg-type]
+                       estimated_max_model_len=self.estimated_max_model_len, details=self.failure_details)
+
+
+def _failed(failure: Failure, **fields: Any) -> LaunchAttempt:
+    return LaunchAttempt(outcome="failed", failure_class=failure.klass, evidence=failure.evidence,
+                         estimated_max_model_len=failure.estimated_max_model_len,
+                         failure_details=failure.details, exit_code=failure.exit_code, **fields)
+
+
+class _LogStream(threading.Thread):
+    """Reads the child's output: prints it, keeps the tail (and the startup lines), announces phases."""
+
+    def __init__(self, stream: Any, printer: Callable[[str], None], progress: Callable[[str], None], keep: int):
+        super().__init__(daemon=True)
+        self.stream, self.printer, self.progress = stream, printer, progress
+        self.tail: deque[str] = deque(maxlen=keep)
+        self.startup: list[str] = []
+        self.collect_startup = True
+        self.lock = threading.Lock()
+        self.seen: set[Phase] = set()
+
+    def run(self) -> None:
+        for raw in iter(self.stream.readline, ""):
+            line = raw.rstrip("\n")
+            with self.lock:
+                self.tail.append(line)
+                if self.collect_startup and len(self.startup) < 50000:
+                    self.startup.append(line)
+            with contextlib.suppress(Exception):
+                self.printer(line)
+            phase = phase_of(line)
+            if phase and phase not in self.seen:
+                self.seen.add(phase)
+                with contextlib.suppress(Exception):
+                    self.progress(PHASE_WORDS[phase])
+        with contextlib.suppress(OSError):
+            self.stream.close()
+
+    def snapshot(self) -> tuple[list[str], list[str]]:
+        with self.lock:
+            return list(self.tail), list(self.startup)
+
+
+_LIVE: set[subprocess.Popen] = set()
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
+    """SIGTERM the child's whole process group, wait, then SIGKILL what is left (no orphans)."""
+    pgid = proc.pid  # start_new_session=True: the child leads its own group
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        proc.wait()
+    _kill_leftovers(pgid)
+    _LIVE.discard(proc)
+    return proc.returncode
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies waiting for their reaper do not count)."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc_dir.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _kill_leftovers(pgid: int, wait_s: float = 3.0) -> None:
+    """Workers the child left behind in its group (vLLM engine cores) get SIGKILL; wait until they are gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for proc in list(_LIVE):
+        with contextlib.suppress(Exception):
+            _stop_group(proc, grace=3.0)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _ensure_sigterm_handler() -> None:
+    """Once a vllm child exists, SIGTERM must unwind like Ctrl+C (atexit then stops the group), not kill us
+    on the spot and orphan it. Only where nobody installed a handler of their own."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While waiting on vllm, SIGTERM behaves like Ctrl+C so the child group is stopped, not orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Server:
+    """A ready vllm serve: `base_url`, `wait()` to supervise it, `stop()` to end its whole group."""
+
+    def __init__(self, proc: subprocess.Popen, stream: _LogStream, base_url: str, attempt: LaunchAttempt,
+                 progress: Callable[[str], None]):
+        self.proc, self.stream, self.base_url, self.attempt = proc, stream, base_url, attempt
+        self.progress = progress
+        self.failure: Failure | None = None
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Supervise until the child exits; a death we did not ask for sets `failure` (died_after_ready)."""
+        try:
+            with _sigterm_as_interrupt():
+                code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        _kill_leftovers(self.proc.pid)  # workers hold the log pipe open: end them before draining it
+        self.stream.join(5)
+        _LIVE.discard(self.proc)
+        if not self._stopped:
+            tail, _ = self.stream.snapshot()
+            cause = classify_failure(tail, code)
+            evidence = cause.evidence if cause else f"exit status {code}"
+            self.failure = Failure(klass="died_after_ready", evidence=evidence, exit_code=code,
+                                   details={"cause": cause.klass if cause else None})
+            self.progress(f"vllm serve died after it was ready (exit {code}): {evidence}")
+        return code
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        self._stopped = True
+        code = _stop_group(self.proc, grace)
+        self.stream.join(5)
+        return code
+
+
+class Launcher(Protocol):
+    def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> tuple[LaunchAttempt, Server | None]: ...
+
+
+def _default_printer(line: str) -> None:
+    print(line, flush=True)
+
+
+def _default_progress(text: str) -> None:
+    print(f"localaistack: [{text}]", file=sys.stderr, flush=True)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when host:port cannot be bound (something listens there), checked the way vLLM binds."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class ProcessLauncher:
+    """Starts the real `vllm serve` (or anything that behaves like it) and waits until it is ready."""
+
+    def __init__(self, vllm_bin: str | None = None, hardware: HardwareSnapshot | None = None, host: str | None = None,
+                 port: int | None = None, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT, *,
+                 printer: Callable[[str], None] | None = None, progress: Callable[[str], None] | None = None,
+                 poll_interval: float = 0.5, keep_lines: int = 400, stop_grace: float = 10.0,
+                 info: VllmInfo | None = None, cache_dir: str | Path | None = None):
+        self.vllm_bin, self.hardware, self.host, self.port = vllm_bin, hardware, host, port
+        self.startup_timeout, self.poll_interval, self.keep_lines = startup_timeout, poll_interval, keep_lines
+        self.printer = printer or _default_printer
+        self.progress = progress or _default_progress
+        self.stop_grace, self.cache_dir = stop_grace, cache_dir
+        self._info = info
+
+    @property
+    def info(self) -> VllmInfo:
+        if self._info is None:
+            self._info = find_vllm(self.vllm_bin, cache_dir=self.cache_dir)
+        return self._info
+
+    def prepare(self, plan: Plan, argv: Sequence[str]) -> tuple[list[str], dict[str, str], list[str]]:
+        """The argv this vllm accepts (its path first, --host/--port as asked) and the env changes."""
+        info = self.info
+        argv = list(argv)
+        if argv and Path(argv[0]).name == "vllm":
+            argv[0] = info.path
+        for flag, value in (("--host", self.host), ("--port", self.port)):
+            if value is not None and not any(t == flag or t.startswith(flag + "=") for t in argv):
+                argv += [flag, str(value)]
+        argv, warnings = adapt_argv(argv, info)
+        env, env_warnings = gpu_env(self.hardware, plan.params)
+        return argv, env, warnings + env_warnings
+
+    def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> tuple[LaunchAttempt, Server | None]:
+        started = time.monotonic()
+        host, port = _endpoint(argv, self.host, self.port)
+        poll_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        base_url = f"http://{'[' + poll_host + ']' if ':' in poll_host else poll_host}:{port}"
+        common = {"params": dict(plan.params), "argv": tuple(argv), "env_changes": dict(env), "base_url": base_url}
+        if port_in_use(host if host not in ("",) else "0.0.0.0", port):
+            failure = Failure(klass="port_in_use", evidence=f"{host}:{port} is already in use (checked before "
+                                                            "starting vllm): [Errno 98] Address already in use")
+            return _failed(failure, **common), None
+        _ensure_sigterm_handler()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env}, start_new_session=True, text=True, errors="replace",
+                                bufsize=1)
+        _LIVE.add(proc)
+        stream = _LogStream(proc.stdout, self.printer, self.progress, self.keep_lines)
+        stream.start()
+        try:
+            with _sigterm_as_interrupt():
+                served_len, failure = self._await_ready(proc, stream, base_url, started)
+        except KeyboardInterrupt:
+            _stop_group(proc, self.stop_grace)
+            stream.join(5)
+            tail, _ = stream.snapshot()
+            return LaunchAttempt(outcome="interrupted", log_excerpt=tuple(tail[-40:]), exit_code=proc.returncode,
+                                 duration_s=round(time.monotonic() - started, 3), **common), None
+        tail, startup = stream.snapshot()
+        duration = round(time.monotonic() - started, 3)
+        if failure is not None:
+            return _failed(failure, log_excerpt=tuple(tail[-40:]), duration_s=duration,
+                           facts=parse_startup(startup), **common), None
+        stream.collect_startup = False
+        attempt = LaunchAttempt(outcome="ready", log_excerpt=tuple(tail[-40:]), duration_s=duration,
+                                facts=parse_startup(startup), served_max_model_len=served_len, **common)
+        return attempt, Server(proc, stream, base_url, attempt, self.progress)
+
+    def _await_ready(self, proc: subprocess.Popen, stream: _LogStream, base_url: str,
+                     started: float) -> tuple[int | None, Failure | None]:
+        """Poll /health then /v1/models; refused connections are normal while vllm loads."""
+        import httpx
+
+        deadline = started + self.startup_timeout
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            while True:
+                code = proc.poll()
+                if code is not None:
+                    _kill_leftovers(proc.pid)
+                    stream.join(5)
+                    _LIVE.discard(proc)
+                    tail, _ = stream.snapshot()
+                    found = classify_failure(tail, code) or Failure(
+                        klass="unknown", evidence=f"vllm serve exited with status {code} before it was ready",
+                        exit_code=code)
+                    return None, found
+                if time.monotonic() > deadline:
+                    _stop_group(proc, self.stop_grace)
+                    stream.join(5)
+                    tail, _ = stream.snapshot()
+                    last = next((ln for ln in reversed(tail) if ln.strip()), "(no output)")
+                    return None, Failure(klass="startup_timeout", exit_code=proc.returncode,
+                                         evidence=f"not ready after {self.startup_timeout:g} s; last line: {last}",
+                                         details={"startup_timeout_s": self.startup_timeout})
+                try:
+                    if client.get(base_url + "/health").status_code == 200:
+                        models = client.get(base_url + "/v1/models")
+                        if models.status_code == 200 and proc.poll() is None:
+                            cards = models.json().get("data") or [{}]
+                            return cards[0].get("max_model_len"), None
+                except (httpx.TransportError, ValueError):
+                    pass
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(self.poll_interval)
+
+
+# ------------------------------------------------------------------------------ the recovery loop
+
+
+class LaunchReport(BaseModel):
+    """What run_with_recovery did: every attempt, the final plan and argv, and the running server."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    ok: bool
+    attempts: tuple[LaunchAttempt, ...]
+    plan: Plan
+    argv: tuple[str, ...] = ()
+    env_changes: dict[str, str] = Field(default_factory=dict)
+    command_line: str = ""
+    summary: str = ""
+    server: Any = Field(default=None, exclude=True)
+
+
+def _cumulative(original: Plan, current: Plan, changes: Sequence[Change], source: str, reason: str) -> Proposal:
+    """All differences from the validated original plan plus the new changes, so `check` sees the whole step."""
+    merged: dict[str, Change] = {}
+    for knob, value in current.params.items():
+        if original.params.get(knob) != value:
+            merged[knob] = Change(knob=knob, value=value, reason=current.provenance.get(knob, "earlier recovery"))
+    for change in changes:
+        merged[change.knob] = change
+    return Proposal(changes=tuple(merged.values()), reason=reason, source=source)  # type: ignore[arg-type]
+
+
+def _as_changes(current: Plan, suggestion: Any) -> tuple[list[Change], str]:
+    if isinstance(suggestion, Proposal):
+        return list(suggestion.changes), suggestion.reason
+    if isinstance(suggestion, Plan):
+        changes = [Change(knob=k, value=v, reason=suggestion.provenance.get(k, suggestion.reason or "advisor"))
+                   for k, v in suggestion.params.items() if current.params.get(k) != v]
+        return changes, suggestion.reason or "advisor recover"
+    return [], ""
+
+
+def _summary(attempts: Sequence[LaunchAttempt], stop: str | None) -> str:
+    parts = [f"#{a.number} {a.failure_class or a.outcome}: {(a.evidence or '')[:160]}" for a in attempts]
+    text = f"vllm serve did not become healthy after {len(attempts)} attempt(s): " + "; ".join(parts)
+    return text + (f". Stopped: {stop}" if stop else ". Attempt limit reached: raise --max-attempts or widen the bounds")
+
+
+def _describe_change(before: Plan, after: Plan) -> str:
+    diffs = [f"{k} {before.params.get(k)} -> {v} ({after.provenance.get(k, after.source)})"
+             for k, v in after.params.items() if before.params.get(k) != v]
+    return "; ".join(diffs) or "no change"
+
+
+def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Callable[[Proposal], Any],
+                      advisor_recover: Callable[..., Any] | None = None, max_attempts: int = 3,
+                      on_event: Callable[[str], None] = print, model_path: str | None = None,
+                      passthrough: Sequence[str] = (), build_argv: Callable[..., list[str]] | None = None,
+                      ) -> LaunchReport:
+    """Launch; on failure classify, ask the advisor then the ladder, validate, retry; bounded attempts.
+
+    `check(proposal)` is the validator bound to `plan`; every retry is expressed as the full set of
+    changes from `plan`, so the validator judges the whole step. `advisor_recover(current_plan, attempts,
+    failure)` may return a Plan, a Proposal or None. Raises LaunchError (exit 4) with a summary when no
+    attempt becomes healthy; KeyboardInterrupt after stopping the child when the user interrupts.
+    """
+    from smartrun import recovery
+
+    if build_argv is None:
+        from smartrun.knobs import build_argv
+    model = model_path or getattr(launcher, "model_path", None)
+    if model is None:
+        raise InputError("run_with_recovery needs model_path (the model argument of vllm serve)")
+    attempts: list[LaunchAttempt] = []
+    current, stop_reason = plan, None
+    for number in range(1, max_attempts + 1):
+        argv = build_argv(model, current.params, tuple(passthrough))
+        env: dict[str, str] = {}
+        prepare = getattr(launcher, "prepare", None)
+        if prepare is not None:
+            argv, env, warnings = prepare(current, argv)
+            for warning in warnings:
+                on_event(f"warning: {warning}")
+        on_event(f"attempt {number}/{max_attempts}: {command_line(argv, env)}")
+        attempt, server = launcher.start(current, list(argv), dict(env))
+        attempt = attempt.model_copy(update={"number": number})
+        attempts.append(attempt)
+        if attempt.outcome == "interrupted":
+            on_event(f"attempt {number} interrupted; vllm serve stopped")
+            raise KeyboardInterrupt
+        if attempt.outcome == "ready" and server is not None:
+            line = command_line(argv, env)
+            on_event(f"vllm serve is ready at {attempt.base_url} (attempt {number}, {attempt.duration_s:.1f} s)")
+            on_event(f"to rerun by hand: {line}")
+            return LaunchReport(ok=True, attempts=tuple(attempts), plan=current, argv=tuple(argv), env_changes=env,
+                                command_line=line, summary=f"ready after {number} attempt(s)", server=server)
+        failure = attempt.failure or Failure(klass="unknown", evidence="no server handle returned")
+        on_event(f"attempt {number} failed: {failure.klass}: {failure.evidence}")
+        if number == max_attempts:
+            break
+        nxt, stop_reason = _next_plan(plan, current, bounds, failure, attempts, check, advisor_recover, on_event,
+                                      recovery)
+        if nxt is None:
+            break
+        on_event(f"retrying with {_describe_change(current, nxt)}")
+        current = nxt
+    summary = _summary(attempts, stop_reason)
+    on_event(summary)
+    error = LaunchError(summary)
+    error.report = LaunchReport(ok=False, attempts=tuple(attempts), plan=current, summary=summary)  # type: ignore[attr-defined]
+    raise error
+
+
+def _next_plan(original: Plan, current: Plan, bounds: Any, failure: Failure, attempts: Sequence[LaunchAttempt],
+               check: Callable[[Proposal], Any], advisor_recover: Callable[..., Any] | None,
+               on_event: Callable[[str], None], recovery: Any) -> tuple[Plan | None, str | None]:
+    """The advisor's proposal if the validator accepts it, else the first accepted ladder rung, else Stop."""
+    tried = [dict(a.params) for a in attempts]
+
+    def accept(changes: Sequence[Change], source: str, reason: str) -> Plan | None:
+        if not changes:
+            return None
+        verdict = check(_cumulative(original, current, changes, source, reason))
+        if not verdict.accepted:
+            why = "; ".join(f"{r.knob}={r.value}: {r.reason}" for r in verdict.rejections)
+            on_event(f"{source} proposal rejected by the bounds: {why}")
+            return None
+        if dict(verdict.plan.params) in tried:
+            return None
+        return verdict.plan
+
+    if advisor_recover is not None:
+        try:
+            suggestion = advisor_recover(current, tuple(attempts), failure)
+        except Exception as err:  # the LLM is optional: fall back to the ladder
+            on_event(f"advisor recover failed ({err}); using the recovery ladder")
+            suggestion = None
+        changes, reason = _as_changes(current, suggestion)
+        if (got := accept(changes, "llm", reason or "advisor recover")) is not None:
+            return got, None
+    proposals, stop = recovery.candidates(failure, current, bounds, attempts)
+    for proposal in proposals:
+        if (got := accept(proposal.changes, "recovery", proposal.reason)) is not None:
+            return got, None
+    on_event(f"no recovery: {stop.message()}")
+    return None, stop.message()
