@@ -609,8 +609,8 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         raise InputError(f"{flags.get(field, field)} {values.get(field)!r}: {err.errors()[0]['msg'].lower()}") from None
 
 
-def make_restart(launcher: Any, bounds: Bounds, server: Any, *, check: Callable[[Proposal], Any] | None = None,
-                 on_event: Callable[..., None] | None = None) -> Restart:
+def make_restart(launcher: Any, bounds: Bounds, server: Any, *, model_path: str,
+                 passthrough: tuple[str, ...] = (), on_event: Callable[[str], None] | None = None) -> Restart:
     """restart(plan) over launch.run_with_recovery with one attempt: stops the running server, starts `plan`.
 
     One attempt, no recovery ladder: a configuration that does not start is the tuner's answer, not a
@@ -626,27 +626,45 @@ def make_restart(launcher: Any, bounds: Bounds, server: Any, *, check: Callable[
             running.stop()
             current["server"] = None
         try:
-            report = launch.run_with_recovery(plan, bounds, launcher, check=check or (lambda p: None),
-                                              max_attempts=1, on_event=on_event or (lambda *a: None))
+            report = launch.run_with_recovery(plan, bounds, launcher, check=lambda proposal: None, max_attempts=1,
+                                              on_event=on_event or (lambda line: None), model_path=model_path,
+                                              passthrough=passthrough)
         except SmartRunError as err:
+            attempts = getattr(getattr(err, "report", None), "attempts", ()) or ()
+            last = attempts[-1] if attempts else None
+            if last is not None and getattr(last, "failure_class", None):
+                return False, f"{last.failure_class}: {(last.evidence or '')[:120]}"
             return False, err.message
-        srv = getattr(report, "server", None)
-        if not getattr(report, "ok", srv is not None) or srv is None:
-            return False, getattr(report, "summary", None) or "did not become healthy"
-        current["server"] = srv
-        return True, srv
+        current["server"] = report.server
+        return True, report.server
 
     return restart
+
+
+def launch_inputs(request: Any, facts: Any) -> tuple[str, tuple[str, ...]]:
+    """(model path, passthrough args) as the pipeline builds them, for a hook call that did not pass them."""
+    from smartrun import knobs
+
+    user = knobs.parse_user_args(list(getattr(request, "user_args", ()) or ()))
+    given = {a.split("=", 1)[0] for a in user.passthrough}
+    security: list[str] = []
+    for flag, value in (("--host", getattr(request, "host", None)), ("--port", getattr(request, "port", None))):
+        if flag not in given and value is not None:
+            security += [flag, str(value)]
+    extra = tuple(getattr(request, "extra_args", ()) or ())
+    return (getattr(facts, "path", None) or request.model), (*security, *user.passthrough, *extra)
 
 
 def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, restart: Restart | None = None,
                       launcher: Any = None, check: Check | None = None, settings: TuneSettings | None = None,
                       transport: Any = None, facts: Any = None, on_event: Callable[[str, str], None] | None = None,
-                      probe: ProbeFn | None = None, **_: Any) -> TuningOutcome | dict[str, Any]:
+                      probe: ProbeFn | None = None, model_path: str | None = None,
+                      passthrough: tuple[str, ...] | None = None, **_: Any) -> TuningOutcome | dict[str, Any]:
     """The pipeline's --tune hook: tune the healthy `server`, return the outcome (report + running server).
 
-    Needs `restart` (or a `launcher` to build one with make_restart); settings come from `settings`, else
-    from `request.tune_options` (a dict of TuneSettings fields), else the defaults.
+    Needs `restart` (or a `launcher` to build one with make_restart, with the pipeline's `model_path` and
+    `passthrough`; without them they are rebuilt from the request the way the pipeline builds them);
+    settings come from `settings`, else from `request.tune_options` (TuneSettings fields), else the defaults.
     """
     emit = on_event or (lambda kind, text: print(text))
     if restart is None and launcher is None:
@@ -655,7 +673,11 @@ def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, 
     if settings is None:
         options = getattr(request, "tune_options", None) or {}
         settings = TuneSettings(**options) if options else TuneSettings()
-    restart = restart or make_restart(launcher, bounds, server, on_event=lambda *args: emit("launch", str(args[-1])))
+    if restart is None:
+        derived_path, derived_passthrough = launch_inputs(request, facts)
+        restart = make_restart(launcher, bounds, server, model_path=model_path or derived_path,
+                               passthrough=derived_passthrough if passthrough is None else tuple(passthrough),
+                               on_event=lambda line: emit("launch", str(line)))
     propose: Proposer | None = None
     exchanges: list[dict[str, Any]] = []
     if transport is not None and getattr(request, "smart_run", False):

@@ -420,3 +420,39 @@ def test_a_probe_that_cannot_run_is_a_failed_round_and_ctrl_c_stops_the_server()
         tune.run_tuning(Plan(params=STABLE), b, server, sim.restart, settings, check=check_for(b),
                         probe=interrupted, say=lambda line: None)
     assert sim.running.params["max_num_seqs"] == 8 and sim.running.stopped
+
+
+def test_hook_with_the_real_launcher_restarts_and_leaves_the_chosen_server_running(tmp_path, monkeypatch):
+    launch = pytest.importorskip("smartrun.launch")
+    from types import SimpleNamespace
+
+    from fakes import install_vllm_shim, process_gone
+
+    monkeypatch.setenv("FAKE_VLLM_PERF", "compute_bound,time_scale=0.2")
+    monkeypatch.setenv("FAKE_VLLM_SCENARIO", json.dumps({"delays": {"import_s": 0, "load_s": 0, "profile_s": 0,
+                                                                     "capture_s": 0}}))
+    shim = install_vllm_shim(tmp_path / "bin")
+    lines: list[str] = []
+    launcher = launch.ProcessLauncher(str(shim), port=free_port(), printer=lines.append, progress=lines.append,
+                                      poll_interval=0.05, cache_dir=tmp_path / "cache")
+    b = bounds(seqs=(1, 8), util=(0.88, 0.88))
+    plan = Plan(params={**STABLE, "max_model_len": 4096})
+    first = launch.run_with_recovery(plan, b, launcher, check=lambda p: None, max_attempts=1,
+                                     on_event=lines.append, model_path="test-model")
+    options = tune.TuneSettings(rounds=2, probe=probe_settings(8, 16, 32).model_copy(update={"duration_s": 0.5}))
+    request = SimpleNamespace(model="test-model", user_args=(), extra_args=(), host=None, port=None,
+                              tune_options=options.model_dump(mode="json"), smart_run=False)
+    events: list[tuple[str, str]] = []
+    outcome = tune.tune_after_launch(request=request, plan=plan, bounds=b, server=first.server, launcher=launcher,
+                                     check=lambda proposal, base=None: validate.check(b, base or plan, proposal),
+                                     on_event=lambda kind, text: events.append((kind, text)))
+    try:
+        report = outcome.report
+        assert [r.params["max_num_seqs"] for r in report.rounds] == [4, 8]  # 8 is the bound's top
+        assert report.chosen.params["max_num_seqs"] == 8 and report.stopped_because == "no step left that could gain"
+        assert outcome.server.alive() and outcome.server.attempt.params["max_num_seqs"] == 8
+        assert process_gone(first.server.pid)
+        assert any(kind == "launch" and "--max-num-seqs 8" in text for kind, text in events)
+    finally:
+        outcome.server.stop()
+    assert process_gone(outcome.server.pid)
