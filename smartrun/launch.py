@@ -483,6 +483,7 @@ class ProcessLauncher:
         self.progress = progress or _default_progress
         self.stop_grace, self.cache_dir = stop_grace, cache_dir
         self._info = info
+        self._warned: set[str] = set()
 
     @property
     def info(self) -> VllmInfo:
@@ -501,7 +502,9 @@ class ProcessLauncher:
                 argv += [flag, str(value)]
         argv, warnings = adapt_argv(argv, info)
         env, env_warnings = gpu_env(self.hardware, plan.params)
-        return argv, env, warnings + env_warnings
+        fresh = [w for w in warnings + env_warnings if w not in self._warned]  # once per launcher, not per attempt
+        self._warned.update(fresh)
+        return argv, env, fresh
 
     def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> tuple[LaunchAttempt, Server | None]:
         started = time.monotonic()

@@ -321,3 +321,15 @@ def test_interrupt_stops_the_whole_child_group(rig, tmp_path, mode, sig, wait_fo
             driver.kill()
             driver.wait()
     assert all(process_gone(pid) for pid in pids)
+
+
+def test_attempts_round_trip_through_json_for_session_replay(rig):
+    rig.scenario(faults={"cudagraph_error": True})
+    report = rig.run(rig.plan(), bounds())
+    report.server.stop()
+    for attempt in report.attempts:
+        again = launch.LaunchAttempt.model_validate(json.loads(attempt.model_dump_json()))
+        assert again == attempt
+    assert report.attempts[0].failure.klass == "compile_error"
+    warnings = [e for e in rig.events if e.startswith("warning:")]
+    assert len(warnings) == len(set(warnings))
