@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ def _typed_ok(k: Knob, value: Any) -> bool:
     if k.type == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if k.type == "float":
-        return _number(value)
+        return _number(value) and math.isfinite(value)
     if k.type == "bool":
         return isinstance(value, bool)
     return isinstance(value, str)
@@ -208,6 +209,9 @@ def _check_limit_table(name: str, table: Any, path: str, out: _Problems) -> None
         return
     if not isinstance(table, dict):
         out.add(path, f"{name}: expected a table with min/max, choices or fixed, got {table!r}")
+        return
+    if k.nargs != "one":
+        out.add(path, f"{name}: takes several values and cannot be bounded in a bounds file")
         return
     for key in table:
         if key not in LIMIT_KEYS:
