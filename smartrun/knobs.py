@@ -35,6 +35,7 @@ KV_CACHE_DTYPES = (
     "nvfp4_ds_mla", "octave_k3v3", "octave_k3v3_compact", "octave_k3v4", "turboquant_3bit_nc",
     "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4", "ultraquant_4bit",
 )  # fmt: skip
+REDACTED = "<redacted>"
 AUTO_MAX_MODEL_LEN = -1  # `--max-model-len auto` / `-1`: vLLM auto-fits the context
 
 
@@ -57,6 +58,7 @@ class Knob(Frozen):
     special: tuple[Any, ...] = ()  # values outside min/max that vLLM accepts (max_model_len -1 = auto)
     synonyms: dict[str, str] = {}  # choice spellings vLLM treats as equal ("half" -> "float16")
     nargs: Literal["one", "+", "append"] = "one"  # "+": --x a b; "append": --x a --x b (value is a tuple)
+    secret: bool = False  # its value never appears in bounds, notes, messages or records
 
     def domain_text(self) -> str:
         """vLLM's domain in words, for messages."""
@@ -124,7 +126,7 @@ _USER_ONLY = [
     _k(name="host", flag="--host", type="str", security=True, help="address the server listens on"),
     _k(name="port", flag="--port", type="int", min=0, max=65535, default=8000, security=True,
        help="port the server listens on"),
-    _k(name="api_key", flag="--api-key", type="str", nargs="+", security=True, help="keys clients must send"),
+    _k(name="api_key", flag="--api-key", type="str", nargs="+", security=True, secret=True, help="keys clients must send"),
     _k(name="trust_remote_code", flag="--trust-remote-code", negative_flags=("--no-trust-remote-code",),
        type="bool", default=False, security=True, help="run Python code shipped with the model"),
     _k(name="served_model_name", flag="--served-model-name", type="str", nargs="+",
@@ -325,6 +327,8 @@ def format_float(value: float) -> str:
 def pin_text(name: str, value: Any) -> str:
     """How a pin reads on the command line ("--enforce-eager", "--max-model-len 8192"), for messages."""
     k = knob(name)
+    if k.secret:
+        return f"{k.flag} {REDACTED}"
     if k.type == "bool" and k.negative_flags:
         return k.flag if value else k.negative_flags[0]
     return " ".join(_argv_for(knob(name), value)) or f"{knob(name).flag} {value}"

@@ -49,8 +49,15 @@ class KnobBound(Frozen):
             return False
         return self.recovery_min <= value and (self.max is None or value <= self.max)
 
+    def _secret(self) -> bool:
+        from smartrun.knobs import CATALOGUE
+
+        return self.knob in CATALOGUE and CATALOGUE[self.knob].secret
+
     def describe(self) -> str:
         """The bound in words: "0.85 <= x <= 0.93", "one of ['bfloat16', 'float16']", "pinned to 8192"."""
+        if self._secret():
+            return "pinned (secret)" if self.pinned else "secret"
         if self.pinned:
             value = self.choices[0] if self.choices else self.min
             return f"pinned to {value}"
@@ -62,7 +69,9 @@ class KnobBound(Frozen):
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if self.choices is not None:
+        if self._secret():
+            out["choices"] = ["<redacted>"]
+        elif self.choices is not None:
             out["choices"] = list(self.choices)
         else:
             out["min"], out["max"] = self.min, self.max
@@ -485,7 +494,8 @@ def effective_bounds(
     _hardware_rules(accs, facts, hardware, warnings)
     accs["max_model_len"].narrow("model", f"the model's derived maximum is {facts.derived_max_model_len}",
                                  hi=facts.derived_max_model_len)
-    typed = {name: (pin_flags or {}).get(name) or pin_text(name, value) for name, value in pins.items()}
+    typed = {name: pin_text(name, value) if CATALOGUE[name].secret else (pin_flags or {}).get(name)
+             or pin_text(name, value) for name, value in pins.items()}
     for name, value in pins.items():
         accs.setdefault(name, _domain(CATALOGUE[name]))
         if name not in ("max_model_len", "gpu_memory_utilization"):

@@ -407,3 +407,13 @@ def test_real_fixtures_prefer_more_gpus_to_a_riskier_utilization_and_float16_for
     awq = models["qwen2.5-72b-instruct-awq"]
     plan, _ = rules.baseline(rules.effective_bounds(awq, h100x4, None, {}, "stable"), awq, h100x4, "stable")
     assert plan.params["dtype"] == "float16" and plan.provenance["dtype"].startswith("model: awq")
+
+
+def test_a_pinned_api_key_never_shows_in_bounds_notes_or_json():
+    user = parse_user_args(["--api-key", "sk-secret-123"])
+    b = rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, pin_flags=user.pin_flags,
+                               estimate_fn=_stub())
+    shown = repr(b.to_json()) + "\n".join(rules.format_bounds(b)) + repr(b.knobs["api_key"].notes)
+    assert "sk-secret-123" not in shown and "<redacted>" in shown
+    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    assert plan.params["api_key"] == ("sk-secret-123",)  # launch still needs it
