@@ -143,6 +143,9 @@ async def first_model(client: Any, root: str) -> str:
 
     try:
         reply = await client.get(f"{root}/v1/models")
+    except httpx.HTTPError as err:
+        raise ProbeError(f"{root}: cannot reach the server ({type(err).__name__}: {err})") from None
+    try:
         reply.raise_for_status()
         models = reply.json().get("data") or []
         return str(models[0]["id"])

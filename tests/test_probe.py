@@ -202,6 +202,7 @@ def test_unreachable_server_is_a_one_line_error(capsys):
     code = main(["probe", f"http://127.0.0.1:{port}", "--max-requests", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("localaistack: ") and err.count("\n") == 1
+    assert "cannot reach the server" in err
 
 
 def test_cli_prints_json_in_a_real_subprocess():
