@@ -38,6 +38,7 @@ from smartrun.session import (
     default_session_path,
     redact_argv,
     redact_env,
+    redact_text,
     secret_values,
     sha256_text,
     to_jsonable,
@@ -126,7 +127,7 @@ class Sources:
     model: Callable[[str], ModelFacts]
     bounds: Callable[[], BoundsInput]
     transport: Any | None  # advisor Transport; None = no LLM configured
-    launcher: Callable[[RunRequest, HardwareSnapshot, str | None], Any]  # -> launch.Launcher
+    launcher: Callable[..., Any]  # (request, hardware, vllm version, on_event) -> launch.Launcher
     cache: CacheSource
     vllm: Callable[[], tuple[str | None, str | None]]  # (version, binary path)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
@@ -157,6 +158,8 @@ class RunResult:
     launch_report: Any = None
     session_path: Path | None = None
     cache_key: CacheKey | None = None
+    exit_code: int = 0  # non-zero when a healthy server later died (status "died")
+    command: str = ""  # the shell line to rerun the healthy launch by hand (env prefix + argv)
     secrets: tuple[str, ...] = ()  # values the CLI must not print either (API keys)
     debug_lines: list[str] = field(default_factory=list)
 
@@ -182,9 +185,10 @@ class RunResult:
 class Recorder:
     """Collects decisions, exchanges and attempts into the session record as the pipeline runs."""
 
-    def __init__(self, record: SessionRecord, on_event: EventSink):
+    def __init__(self, record: SessionRecord, on_event: EventSink, secrets: tuple[str, ...] = ()):
         self.record = record
         self.on_event = on_event
+        self.secrets = secrets
 
     def decide(self, step: str, value: Any, provenance: str = "") -> None:
         self.record.decisions.append(Decision(step=step, value=to_jsonable(value), provenance=provenance))
@@ -243,14 +247,29 @@ def _tokens_of(reply: Any) -> dict[str, int] | None:
 
 
 class RecordingLauncher:
-    """Wraps the launcher: each start's argv, env changes, classified outcome, log excerpt and duration."""
+    """Wraps the launcher: each start's argv, env changes, classified outcome, log excerpt and duration.
+
+    The decision for attempt N holds the argv the pipeline asked for (before the launcher adapts it to
+    the installed vllm), the plan's params and the classified outcome; the record also keeps the argv
+    and environment really used.
+    """
 
     def __init__(self, inner: Any, recorder: Recorder, monotonic: Callable[[], float]):
         self.inner = inner
         self.recorder = recorder
         self.monotonic = monotonic
+        self._asked: list[str] | None = None
+
+    def prepare(self, plan: Plan, argv: Any) -> tuple[list[str], dict[str, str], list[str]]:
+        self._asked = list(argv)
+        prepare = getattr(self.inner, "prepare", None)
+        if prepare is None:
+            return list(argv), {}, []
+        return prepare(plan, argv)
 
     def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> Any:
+        asked = self._asked if self._asked is not None else list(argv)
+        self._asked = None
         started = self.monotonic()
         attempt, server = self.inner.start(plan, argv, env)
         number = len(self.recorder.record.launch_attempts) + 1
@@ -258,18 +277,18 @@ class RecordingLauncher:
         outcome = _attempt_outcome(attempt)
         entry = LaunchAttemptRecord(
             number=number,
-            argv=redact_argv(argv),  # what the code asked for, so replay compares its own decision
+            argv=redact_argv(argv),
             env=redact_env(dict(env or {})),
             outcome=outcome,
             healthy=server is not None,
-            log_excerpt=[str(x) for x in (getattr(attempt, "log_tail", None) or getattr(attempt, "log_excerpt", None)
-                                          or [])][-40:],
+            log_excerpt=[redact_text(str(x), self.recorder.secrets)
+                         for x in (getattr(attempt, "log_excerpt", None) or [])][-40:],
             duration_s=_recorded_latency_attr(attempt, "duration_s", self.monotonic() - started),
             attempt=raw if isinstance(raw, dict) else {"value": raw},
         )
         self.recorder.record.launch_attempts.append(entry)
-        self.recorder.decide(f"launch.{number}", {"argv": entry.argv, "env": entry.env, "outcome": outcome},
-                             str(plan.source))
+        self.recorder.decide(f"launch.{number}", {"argv": redact_argv(asked), "params": plan.params,
+                                                  "outcome": outcome}, str(plan.source))
         return attempt, server
 
     def __getattr__(self, name: str) -> Any:
@@ -312,7 +331,7 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
     """Run the whole pipeline once; the session record is written at the end whatever happens."""
     started = sources.clock()
     record = record if record is not None else new_record(request, sources)
-    recorder = Recorder(record, on_event)
+    recorder = Recorder(record, on_event, sources.secrets)
     result = RunResult(record=record, request=request, secrets=sources.secrets)
     path = session_out or default_session_path(started, Path(request.model.rstrip("/")).name or request.model)
     result.session_path = path if write else None
@@ -359,8 +378,6 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     result.hardware = hw
     record.hardware = to_jsonable(hw)
     rec.decide("hardware", hw_mod.fingerprint(hw), hw.source)
-    if request.hardware_path and not request.dry_run and not sources.replaying:
-        rec.warn(f"planning for the machine described by {request.hardware_path}, not the one this runs on")
 
     facts = sources.model(request.model)
     result.facts = facts
@@ -560,9 +577,10 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
             fit: Any, hw: HardwareSnapshot, facts: ModelFacts, plan: Plan, key: CacheKey,
             passthrough: tuple[str, ...], model_path: str, version: str | None, on_event: EventSink) -> None:
     from smartrun import launch, validate
+    from smartrun.errors import LaunchError
 
     record = rec.record
-    launcher = RecordingLauncher(sources.launcher(request, hw, version), rec, sources.monotonic)
+    launcher = RecordingLauncher(sources.launcher(request, hw, version, on_event), rec, sources.monotonic)
 
     def check(proposal: Proposal, base: Plan | None = None) -> Any:
         return validate.check(bounds, base or plan, proposal, fit_check=fit)
@@ -571,32 +589,23 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
     if request.smart_run and sources.transport is not None:
         advisor_recover = _recover_advisor(request, sources, rec, result, bounds, hw, facts, check)
 
-    report = launch.run_with_recovery(plan, bounds, launcher, check=check, advisor_recover=advisor_recover,
-                                      max_attempts=request.max_attempts, on_event=_launch_events(on_event))
-    result.launch_report = report
-    final = getattr(report, "plan", None) or plan
-    server = getattr(report, "server", None)
-    healthy = bool(getattr(report, "ok", server is not None))
-    result.plan = final
-    record.final_plan = to_jsonable(final)
-    final_argv = getattr(report, "argv", None) or (record.launch_attempts[-1].argv if record.launch_attempts else [])
-    result.argv = redact_argv(final_argv)
-    record.final_argv = result.argv
-    if final.params != plan.params:
-        result.estimate = _estimate_for(final, facts, hw, version)
-        record.estimate = to_jsonable(result.estimate)
-    rec.decide("final", {"healthy": healthy, "source": final.source, "params": final.params},
-               _provenance_line(final))
-    if not healthy:
-        summary = getattr(report, "summary", None) or f"vllm serve did not become healthy in {len(record.launch_attempts)} attempt(s)"
-        raise _launch_error(report, str(summary))
+    try:
+        report = launch.run_with_recovery(plan, bounds, launcher, check=check, advisor_recover=advisor_recover,
+                                          max_attempts=request.max_attempts, on_event=_launch_events(on_event),
+                                          model_path=model_path, passthrough=passthrough)
+    except LaunchError as err:
+        report = getattr(err, "report", None)
+        _record_final(rec, result, report, plan, facts, hw, version, healthy=False)
+        raise
+    server = report.server
+    final = _record_final(rec, result, report, plan, facts, hw, version, healthy=True)
 
     if request.tune:
         record.tuning, final, server = _tune_stage(request, sources, rec, result, bounds, final, server, launcher,
                                                    check, on_event)
         if record.launch_attempts:
             result.argv = record.final_argv = record.launch_attempts[-1].argv
-    on_event("ready", "final command: " + " ".join(result.argv))
+    on_event("ready", "final command: " + (result.command or " ".join(result.argv)))
     if request.smart_run:
         _store(sources, rec, key, final, facts, result)
     record.outcome = {"status": "running", "exit_code": 0}
@@ -608,18 +617,40 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
         except KeyboardInterrupt:
             server.stop()
             raise
-        record.outcome = {"status": "stopped", "exit_code": 0, "server_exit": code}
+        died = getattr(server, "failure", None)
+        if died is not None:  # not a decision: replay does not supervise, so nothing is appended to decisions
+            result.exit_code = 4
+            record.outcome = {"status": "died", "exit_code": 4, "server_exit": code,
+                              "message": f"vllm serve died after it was ready: {getattr(died, 'evidence', died)}"}
+        else:
+            record.outcome = {"status": "stopped", "exit_code": 0, "server_exit": code}
     else:
         if server is not None and not sources.replaying:
             server.stop()
         record.outcome = {"status": "ok", "exit_code": 0}
 
 
-def _launch_error(report: Any, summary: str) -> SmartRunError:
-    from smartrun.errors import LaunchError
+def _record_final(rec: Recorder, result: RunResult, report: Any, plan: Plan, facts: ModelFacts,
+                  hw: HardwareSnapshot, version: str | None, healthy: bool) -> Plan:
+    """The plan the launch stage ended on (healthy or not), its argv and estimate, as the `final` decision."""
+    record = rec.record
+    final = getattr(report, "plan", None) or plan
+    result.launch_report = report
+    result.plan = final
+    record.final_plan = to_jsonable(final)
+    argv = list(getattr(report, "argv", None) or (record.launch_attempts[-1].argv if record.launch_attempts else []))
+    result.argv = record.final_argv = redact_argv(argv)
+    result.command = redact_text(getattr(report, "command_line", "") or "", sources_secrets(rec))
+    if final.params != plan.params:
+        result.estimate = _estimate_for(final, facts, hw, version)
+        record.estimate = to_jsonable(result.estimate)
+    rec.decide("final", {"healthy": healthy, "source": final.source, "params": final.params},
+               _provenance_line(final))
+    return final
 
-    error = getattr(report, "error", None)
-    return error if isinstance(error, SmartRunError) else LaunchError(summary)
+
+def sources_secrets(rec: Recorder) -> tuple[str, ...]:
+    return rec.secrets
 
 
 def _launch_events(on_event: EventSink) -> Callable[..., None]:
@@ -639,13 +670,31 @@ def _recover_advisor(request: RunRequest, sources: Sources, rec: Recorder, resul
     transport = RecordingTransport(sources.transport, rec, sources.monotonic)
     transport.kind = "recover"
 
-    def recover(plan: Plan, attempts: tuple[Any, ...] = (), *_: Any, **__: Any) -> Plan | None:
-        context = _advice_context(request, bounds, plan, None, hw, facts, attempts=tuple(attempts))
+    def recover(plan: Plan, attempts: tuple[Any, ...] = (), failure: Any = None, *_: Any) -> Plan | None:
+        tried = tuple(_attempt_summary(a) for a in attempts)
+        context = _advice_context(request, bounds, plan, None, hw, facts, attempts=tried,
+                                  failure=_failure_summary(failure, attempts))
         advice = advisor.advise(context, transport, lambda p: check(p, plan), kind="recover", strict=False)
         taken = _take_advice(advice, rec, result, plan, "recover")
         return taken if taken.source == "llm" else None
 
     return recover
+
+
+def _attempt_summary(attempt: Any) -> dict[str, Any]:
+    """What the recover prompt sees of an earlier attempt: params, failure class, a short log excerpt."""
+    return {"params": to_jsonable(getattr(attempt, "params", {})), "outcome": _attempt_outcome(attempt),
+            "evidence": getattr(attempt, "evidence", None),
+            "log_excerpt": list(getattr(attempt, "log_excerpt", ()) or ())[-8:]}
+
+
+def _failure_summary(failure: Any, attempts: tuple[Any, ...]) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    last = attempts[-1] if attempts else None
+    return {"class": getattr(failure, "klass", str(failure)), "evidence": getattr(failure, "evidence", ""),
+            "estimated_max_model_len": getattr(failure, "estimated_max_model_len", None),
+            "log_excerpt": list(getattr(last, "log_excerpt", ()) or ())[-12:]}
 
 
 def _store(sources: Sources, rec: Recorder, key: CacheKey, plan: Plan, facts: ModelFacts,
@@ -790,11 +839,15 @@ def _live_vllm(request: RunRequest) -> tuple[str | None, str | None]:
     return version, str(getattr(found, "path", None) or getattr(found, "bin", None) or request.vllm_bin)
 
 
-def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | None) -> Any:
+def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | None,
+                   on_event: EventSink = _no_events) -> Any:
+    """`vllm serve` as a child process; its log lines and startup phases go to the CLI's event sink."""
     from smartrun import launch
 
     return launch.ProcessLauncher(vllm_bin=request.vllm_bin, hardware=hw, host=request.host, port=request.port,
-                                  startup_timeout=request.startup_timeout)
+                                  startup_timeout=request.startup_timeout,
+                                  printer=lambda line: on_event("vllm", line),
+                                  progress=lambda text: on_event("phase", text))
 
 
 # ---------------------------------------------------------------------------- replay
@@ -849,10 +902,17 @@ class ReplayServer:
 
 
 class ReplayLauncher:
-    """Serves the recorded launch attempts in order."""
+    """Serves the recorded launch attempts in order (prepare: the argv and env that were really used)."""
 
     def __init__(self, attempts: list[LaunchAttemptRecord]):
-        self._items: Iterator[LaunchAttemptRecord] = iter(list(attempts))
+        self._all = list(attempts)
+        self._items: Iterator[LaunchAttemptRecord] = iter(self._all)
+        self._prepared = 0
+
+    def prepare(self, plan: Plan, argv: Any) -> tuple[list[str], dict[str, str], list[str]]:
+        item = self._all[self._prepared] if self._prepared < len(self._all) else None
+        self._prepared += 1
+        return (list(item.argv), dict(item.env), []) if item else (list(argv), {}, [])
 
     def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> Any:
         from smartrun import launch

@@ -97,7 +97,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(redact_text(json.dumps(result.json_summary(), indent=2), result.secrets))
     else:
         print(redact_text(render_text(result, explain=args.explain, debug=args.smart_run_debug), result.secrets))
-    return 0
+    if result.exit_code:
+        print(f"localaistack: {result.record.outcome.get('message', 'vllm serve exited')}", file=sys.stderr)
+    return result.exit_code
 
 
 def _path(value: str | None) -> Path | None:
