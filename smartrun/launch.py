@@ -194,6 +194,10 @@ def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str
         name, eq, inline = tok.partition("=")
         short_o = re.fullmatch(r"-O(\d)", name)
         flag = "-O" if short_o else ("--" + name[2:].replace("_", "-") if name.startswith("--") else name)
+        dotted = flag.split(".", 1)[0]
+        if "." in flag and dotted in info.flags:  # nested JSON dot-keys: -cc.cudagraph_mode=NONE
+            out.append(tok)
+            continue
         if flag == "-O":  # before 0.12, -O meant --compilation-config: same spelling, other meaning
             known = _version_tuple(info.version) >= (0, 12) if info.version else "--optimization-level" in info.flags
         else:
@@ -235,6 +239,17 @@ def command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None)
     """The shell line to rerun this launch by hand: env prefix, then the quoted argv."""
     prefix = [f"{k}={shlex.quote(v)}" for k, v in sorted((env_changes or {}).items())]
     return " ".join([*prefix, shlex.join(list(argv))])
+
+
+def _flag_values(argv: Sequence[str], flags: Sequence[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for i, tok in enumerate(argv):
+        for flag in flags:
+            if tok == flag and i + 1 < len(argv):
+                found[flag] = argv[i + 1]
+            elif tok.startswith(flag + "="):
+                found[flag] = tok.split("=", 1)[1]
+    return found
 
 
 def _endpoint(argv: Sequence[str], host: str | None, port: int | None) -> tuple[str, int]:
@@ -525,7 +540,8 @@ class ProcessLauncher:
         stream.start()
         try:
             with _sigterm_as_interrupt():
-                served_len, failure = self._await_ready(proc, stream, base_url, started)
+                key = _flag_values(argv, ["--api-key"]).get("--api-key") or {**os.environ, **env}.get("VLLM_API_KEY")
+                served_len, failure = self._await_ready(proc, stream, base_url, started, key)
         except KeyboardInterrupt:
             _stop_group(proc, self.stop_grace)
             stream.join(5)
@@ -542,13 +558,14 @@ class ProcessLauncher:
                                 facts=parse_startup(startup), served_max_model_len=served_len, **common)
         return attempt, Server(proc, stream, base_url, attempt, self.progress)
 
-    def _await_ready(self, proc: subprocess.Popen, stream: _LogStream, base_url: str,
-                     started: float) -> tuple[int | None, Failure | None]:
+    def _await_ready(self, proc: subprocess.Popen, stream: _LogStream, base_url: str, started: float,
+                     api_key: str | None = None) -> tuple[int | None, Failure | None]:
         """Poll /health then /v1/models; refused connections are normal while vllm loads."""
         import httpx
 
         deadline = started + self.startup_timeout
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        with httpx.Client(timeout=2.0, trust_env=False, headers=headers) as client:
             while True:
                 code = proc.poll()
                 if code is not None:

@@ -333,3 +333,18 @@ def test_attempts_round_trip_through_json_for_session_replay(rig):
     assert report.attempts[0].failure.klass == "compile_error"
     warnings = [e for e in rig.events if e.startswith("warning:")]
     assert len(warnings) == len(set(warnings))
+
+
+def test_readiness_works_behind_an_api_key_and_dot_keys_pass(rig):
+    rig.scenario()
+    plan = rig.plan()
+    launcher = rig.launcher()
+    argv, env, _ = launcher.prepare(plan, ["vllm", "serve", MODEL, "--port", str(rig.port), "--api-key", "s3cret",
+                                           "-cc.cudagraph_mode=NONE"])
+    assert argv[-1] == "-cc.cudagraph_mode=NONE" and argv[0] == str(rig.shim)
+    attempt, server = launcher.start(plan, argv[:-1], env)
+    try:
+        assert attempt.outcome == "ready"
+        assert httpx.get(f"{server.base_url}/v1/models", trust_env=False).status_code == 401
+    finally:
+        server.stop()

@@ -300,6 +300,7 @@ def serve(argv: list[str]) -> None:
 
     params = {"max_num_seqs": max_num_seqs, "tensor_parallel_size": tp, "gpu_memory_utilization": util,
               "max_model_len": mml, "max_num_batched_tokens": mnbt, "enforce_eager": eager}
+    sc["api_key"] = opts.get("--api-key")
     perf = None
     if os.environ.get("FAKE_VLLM_PERF"):
         sys.path.insert(0, str(HERE))
@@ -333,7 +334,17 @@ def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
             self.end_headers()
             self.wfile.write(data)
 
+        def authorized(self) -> bool:
+            """Like vLLM with --api-key: /v1 routes need the bearer token; /health does not."""
+            key = sc.get("api_key")
+            if key and self.path.startswith("/v1") and self.headers.get("Authorization") != f"Bearer {key}":
+                self.reply(401, {"error": "Unauthorized"})
+                return False
+            return True
+
         def do_GET(self) -> None:
+            if not self.authorized():
+                return
             if self.path == "/health":
                 self.reply(200, None)
             elif self.path == "/v1/models":
@@ -346,6 +357,8 @@ def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
                 self.reply(404, {"detail": "Not Found"})
 
         def do_POST(self) -> None:
+            if not self.authorized():
+                return
             length = int(self.headers.get("Content-Length") or 0)
             try:
                 body = json.loads(self.rfile.read(length) or b"{}")
