@@ -235,7 +235,8 @@ _BAD_ARG = re.compile(
     r"error: unrecognized arguments: (.*)|error: argument (\S+): (.*)|(\d+) validation errors? for (\w+)"
     r"|must be greater than or equal to max_num_seqs|is smaller than max_model_len \(\d+\)\. This effectively"
 )
-_EXCEPTION = re.compile(r"(?:^|\s)(?:[\w.]+\.)?\w*(?:Error|Exception):")
+# a traceback's last line ("RuntimeError: ...", maybe after a process prefix), not a WARNING that quotes one
+_EXCEPTION = re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s+)?(?:[\w.]+\.)?\w*(?:Error|Exception):")
 _FRAME_END = re.compile(r"Engine core initialization failed|EngineCore failed to start")
 
 

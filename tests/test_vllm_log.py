@@ -176,3 +176,12 @@ def test_nothing_failed_and_unknown_failures():
     unknown = classify_failure("INFO x\nKeyError: 'rope_scaling'\nRuntimeError: Engine core initialization failed.", 1)
     assert (unknown.klass, unknown.evidence) == ("unknown", "KeyError: 'rope_scaling'")
     assert classify_failure("", 137).evidence == "exit status 137 with no output"
+
+
+def test_unknown_failure_prefers_the_root_cause_over_warnings_and_wrappers():
+    lines = ["(EngineCore pid=3) WARNING 11-25 [x.py:1] flash_attn unavailable: ImportError: no module named x",
+             "(EngineCore pid=3) ERROR 11-25 [core.py:1584] EngineCore failed to start.",
+             "(EngineCore pid=3) AttributeError: 'NoneType' object has no attribute 'shape'",
+             "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}"]
+    failure = classify_failure(lines, 1)
+    assert (failure.klass, failure.evidence) == ("unknown", lines[2])
