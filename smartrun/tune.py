@@ -103,7 +103,7 @@ class TuningReport(Frozen):
             tok = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.1f}"
             p95 = "-" if r.p95_ms is None else f"{r.p95_ms:,.0f}"
             errors = "-" if r.result is None else str(r.result.errors)
-            rows.append((str(r.index), change, tok, p95, errors, verdict(r, self.slo_p95_ms)))
+            rows.append((str(r.index), change, tok, p95, errors, round_outcome(r, self.slo_p95_ms)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
         base, best = self.baseline_tokens_per_s, self.chosen_tokens_per_s
@@ -148,7 +148,7 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def verdict(r: TuneRound, slo: float | None) -> str:
+def round_outcome(r: TuneRound, slo: float | None) -> str:
     """The last column of the table: kept / not kept and why."""
     if r.failure:
         return r.failure if len(r.failure) <= 60 else r.failure[:57] + "..."
@@ -229,8 +229,8 @@ def _between(knob: str, good: Any, bad: Any) -> Any:
 def rules_step(state: TuneState) -> Proposal | None:
     """The guide's throughput ladder: raise max_num_seqs while it pays, then tp (several GPUs), then util.
 
-    A rung stays open while its last step gained at least `min_gain`; a step that failed (did not start,
-    broke the SLO, errors) is retried once halfway. Once doubling max_num_seqs gains under KNEE_GAIN the
+    A rung stays open while its last step gained at least `min_gain`; after a step that failed (did not start,
+    broke the SLO, errors) the rung bisects between the best value and the lowest failed one, never past it. Once doubling max_num_seqs gains under KNEE_GAIN the
     batch is saturated: a larger tp goes first (it also adds KV memory, so a tp gain reopens max_num_seqs),
     and when the last doubling gained under 3 x min_gain, a util nudge goes first too.
     """
@@ -258,14 +258,16 @@ def _candidate(knob: str, state: TuneState) -> tuple[Any, str, TuneRound | None]
     if bound is None or not _open(bound) or knob not in best:
         return None
     last = _last_round_of(knob, state.rounds)
+    ceiling = _lowest_failed_above(knob, state)
     if last is None or (last.kept and (last.gain or 0.0) >= state.settings.min_gain):
         value, step = _up(knob, best[knob], bound, state.bounds), f"{knob}:up"
-    elif last.step.endswith(":between"):
-        return None  # one halfway try per rung
+        if value is not None and ceiling is not None and value >= ceiling:  # never step past a known failure
+            value, step = _between(knob, best[knob], ceiling), f"{knob}:between"
     elif last.failure or (last.result is not None and not last.meets_slo and not last.kept):
-        value, step = _between(knob, best[knob], last.params[knob]), f"{knob}:between"
+        target = ceiling if ceiling is not None else last.params[knob]
+        value, step = _between(knob, best[knob], target), f"{knob}:between"
     else:
-        return None  # the rung's last step did not gain enough
+        return None  # the rung's last step was measured and did not gain enough
     tried = {_key(r.params) for r in state.rounds}
     if value is None or value == best[knob] or _key({**best, knob: value}) in tried:
         return None
@@ -281,6 +283,17 @@ def _ladder_proposal(knob: str, value: Any, step: str, last: TuneRound | None) -
     if step.endswith(":between") and last is not None:
         why += f" (halfway to the failed {_fmt(last.params[knob])})"
     return Proposal(changes=(Change(knob=knob, value=value, reason=why),), reason=step, source="tune")
+
+
+def _lowest_failed_above(knob: str, state: TuneState) -> Any:
+    """The smallest value of `knob` above the best one that failed (did not start, broke the SLO, errors)
+    with the other ladder knobs as in the best plan; None when there is none."""
+    best = state.best.params
+    same = [k for k in LADDER if k != knob]
+    failed = [r.params[knob] for r in state.rounds
+              if knob in r.params and r.params[knob] > best[knob] and all(r.params.get(k) == best.get(k) for k in same)
+              and (r.failure is not None or (r.result is not None and not r.meets_slo))]
+    return min(failed) if failed else None
 
 
 def _key(params: dict[str, Any]) -> tuple:
@@ -360,13 +373,13 @@ def _tuning_loop(plan: Plan, bounds: Bounds, server: Any, restart: Restart, sett
         attempt = TuneRound(index=index, source=source, params={**best_plan.params, **changes}, changes=changes,
                             previous={k: best_plan.params.get(k) for k in changes}, step=proposal.reason,
                             reason="; ".join(c.reason for c in proposal.changes if c.reason) or proposal.reason)
-        verdict_ = check(proposal, best_plan)
-        if not verdict_.accepted:
-            why = "; ".join(r.reason for r in verdict_.rejections) or "rejected"
+        verdict = check(proposal, best_plan)
+        if not verdict.accepted:
+            why = "; ".join(r.reason for r in verdict.rejections) or "rejected"
             rounds.append(attempt.model_copy(update={"started": False, "failure": f"rejected: {why}"}))
             say(f"tune: round {index}: {_changes_line(attempt)} rejected by the validator: {why}")
             continue
-        candidate: Plan = verdict_.plan
+        candidate: Plan = verdict.plan
         attempt = attempt.model_copy(update={"params": dict(candidate.params)})
         say(f"tune: round {index}: restarting with {_changes_line(attempt)}")
         ok, started = restart(candidate)
@@ -386,7 +399,7 @@ def _tuning_loop(plan: Plan, bounds: Bounds, server: Any, restart: Restart, sett
             measured.tokens_per_s / max(rounds[best_i].tokens_per_s or 0.0, 1e-9) - 1.0)  # type: ignore[operator]
         measured = measured.model_copy(update={"gain": gain, "kept": kept, "tokens_gain": tokens_gain})
         rounds.append(measured)
-        say(f"tune: round {index}: {_result_line(measured)} -> {verdict(measured, settings.slo_p95_ms)}")
+        say(f"tune: round {index}: {_result_line(measured)} -> {round_outcome(measured, settings.slo_p95_ms)}")
         if kept:
             best_i, best_plan = index, candidate
     fell_back = False
@@ -396,7 +409,8 @@ def _tuning_loop(plan: Plan, bounds: Bounds, server: Any, restart: Restart, sett
         fell_back = True
     chosen = best_plan if best_i == 0 else best_plan.model_copy(update={"source": "tune"})
     report = TuningReport(rounds=tuple(rounds), chosen=chosen, chosen_round=best_i,
-                          slo_p95_ms=settings.slo_p95_ms, slo_met=rounds[best_i].meets_slo,
+                          slo_p95_ms=settings.slo_p95_ms,
+                          slo_met=settings.slo_p95_ms is None or rounds[best_i].meets_slo,
                           stopped_because=stopped, fell_back=fell_back, settings=settings)
     for line in report.table().splitlines():
         say(f"tune: {line}")

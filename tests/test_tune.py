@@ -210,8 +210,9 @@ def test_respects_the_slo_on_the_standin(standin):
     truth = pm.expected(report.chosen.params, prof, *workload)
     assert truth.p95_ms <= slo_real * 1.05, report.table()
     assert truth.tokens_per_s >= 0.9 * slo_e.tokens_per_s, report.table()
-    # the fastest configuration (32 sequences) was measured, broke the SLO and was not kept
-    assert any(r.params["max_num_seqs"] == 32 and r.result and not r.meets_slo and not r.kept
+    # a configuration with more sequences (faster, in the model) was measured, broke the SLO and was not kept
+    seqs = report.chosen.params["max_num_seqs"]
+    assert any(r.params["max_num_seqs"] > seqs and r.result and not r.meets_slo and not r.kept
                for r in report.rounds), report.table()
 
 
@@ -456,3 +457,18 @@ def test_hook_with_the_real_launcher_restarts_and_leaves_the_chosen_server_runni
     finally:
         outcome.server.stop()
     assert process_gone(outcome.server.pid)
+
+
+def test_the_ladder_never_steps_past_a_configuration_that_failed():
+    perf = "compute_bound,graph_per_seq_gib=0.3"  # more than 22 sequences do not start at util 0.88
+    assert pm.startup_error({**STABLE, "max_num_seqs": 22}, pm.profile(perf)) is None
+    assert pm.startup_error({**STABLE, "max_num_seqs": 23}, pm.profile(perf))
+    b = bounds(seqs=(1, 64), util=(0.88, 0.88))
+    settings = tune.TuneSettings(rounds=8, probe=ProbeSettings(concurrency=64, prompt_tokens=512, output_tokens=128))
+    outcome, sim = simulated(perf, b, STABLE, settings)
+    rounds = outcome.report.rounds
+    for i, r in enumerate(rounds):  # each value tried is below every value that failed before it
+        assert all(r.params["max_num_seqs"] < e.params["max_num_seqs"] for e in rounds[:i] if not e.started)
+    assert [r.params["max_num_seqs"] for r in rounds if not r.started][:1] == [32]
+    assert outcome.report.chosen.params["max_num_seqs"] <= 22 and outcome.server.params == outcome.report.chosen.params
+    assert sim.expected(outcome.report.chosen.params).tokens_per_s >= 0.95 * sim.expected({**STABLE, "max_num_seqs": 22}).tokens_per_s
