@@ -156,6 +156,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     advice: list[Any] = field(default_factory=list)
     launch_report: Any = None
+    server: Any = None  # the running vllm serve (launch.Server) while supervised
     session_path: Path | None = None
     cache_key: CacheKey | None = None
     exit_code: int = 0  # non-zero when a healthy server later died (status "died")
@@ -579,7 +580,6 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
     from smartrun import launch, validate
     from smartrun.errors import LaunchError
 
-    record = rec.record
     launcher = RecordingLauncher(sources.launcher(request, hw, version, on_event), rec, sources.monotonic)
 
     def check(proposal: Proposal, base: Plan | None = None) -> Any:
@@ -599,35 +599,47 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
         raise
     server = report.server
     final = _record_final(rec, result, report, plan, facts, hw, version, healthy=True)
+    try:
+        _after_healthy(request, sources, rec, result, bounds, final, server, launcher, check, key, facts,
+                       on_event)
+    except KeyboardInterrupt:  # Ctrl+C anywhere after the start: no vllm left behind
+        if result.server is not None and not sources.replaying:
+            result.server.stop()
+        raise
 
+
+def _after_healthy(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
+                   final: Plan, server: Any, launcher: Any, check: Callable[..., Any], key: CacheKey,
+                   facts: ModelFacts, on_event: EventSink) -> None:
+    """Tune (if asked), save the plan, print the final command, then supervise the server until it ends."""
+    record = rec.record
+    result.server = server
     if request.tune:
         record.tuning, final, server = _tune_stage(request, sources, rec, result, bounds, final, server, launcher,
                                                    check, on_event)
+        result.server = server
         if record.launch_attempts:
             result.argv = record.final_argv = record.launch_attempts[-1].argv
-    on_event("ready", "final command: " + (result.command or " ".join(result.argv)))
     if request.smart_run:
         _store(sources, rec, key, final, facts, result)
     record.outcome = {"status": "running", "exit_code": 0}
-    if sources.supervise and server is not None:
-        if result.session_path:
-            _write(record, result.session_path, sources)  # a long-running server still leaves its record now
-        try:
-            code = server.wait()
-        except KeyboardInterrupt:
-            server.stop()
-            raise
-        died = getattr(server, "failure", None)
-        if died is not None:  # not a decision: replay does not supervise, so nothing is appended to decisions
-            result.exit_code = 4
-            record.outcome = {"status": "died", "exit_code": 4, "server_exit": code,
-                              "message": f"vllm serve died after it was ready: {getattr(died, 'evidence', died)}"}
-        else:
-            record.outcome = {"status": "stopped", "exit_code": 0, "server_exit": code}
-    else:
+    if not (sources.supervise and server is not None):
+        on_event("ready", "final command: " + (result.command or " ".join(result.argv)))
         if server is not None and not sources.replaying:
             server.stop()
         record.outcome = {"status": "ok", "exit_code": 0}
+        return
+    if result.session_path:
+        _write(record, result.session_path, sources)  # a long-running server still leaves its record now
+    on_event("ready", "final command: " + (result.command or " ".join(result.argv)))
+    code = server.wait()
+    died = getattr(server, "failure", None)
+    if died is not None:  # not a decision: replay does not supervise, so nothing is appended to decisions
+        result.exit_code = 4
+        record.outcome = {"status": "died", "exit_code": 4, "server_exit": code,
+                          "message": f"vllm serve died after it was ready: {getattr(died, 'evidence', died)}"}
+    else:
+        record.outcome = {"status": "stopped", "exit_code": 0, "server_exit": code}
 
 
 def _record_final(rec: Recorder, result: RunResult, report: Any, plan: Plan, facts: ModelFacts,

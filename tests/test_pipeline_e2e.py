@@ -1,0 +1,110 @@
+"""End to end: `localaistack model run --smart-run` as a real process, with the vllm stand-in and the
+scripted LLM server; an OOM is recovered through the LLM's recover prompt; Ctrl+C stops everything;
+the session it wrote replays clean and names the recovery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import FIXTURES, REPO
+from fakes.llm_server import FakeLLM
+
+from smartrun.cli import main
+from smartrun.session import SavedParams, load_record
+
+FAKE_VLLM = REPO / "tests" / "fakes" / "fake_vllm.py"
+MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
+H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
+FAKE_KEY = "sk-smartrunE2E-93b1c0ffee42"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reply(changes, reason) -> dict:
+    return {"content": json.dumps({"changes": changes, "reason": reason})}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead for our purposes
+        return stat.read().split()[2] != "Z"
+
+
+def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
+    record_file = tmp_path / "starts.jsonl"
+    session = tmp_path / "session.json"
+    scenario = {"weights_gib": 14.2, "graph_actual_gib": 11.0, "worker": True, "record": str(record_file)}
+    steps = [
+        _reply([{"knob": "max_num_seqs", "value": 6, "reason": "a few more parallel chats"}], "stable, a bit wider"),
+        _reply([{"knob": "gpu_memory_utilization", "value": 0.85, "reason": "leave room for graph capture"}],
+               "the OOM hit while capturing CUDA graphs"),
+    ]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SMARTRUN_", "OPENAI_"))},
+           "SMARTRUN_HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "SMARTRUN_LLM_API_KEY": FAKE_KEY, "FAKE_VLLM_SCENARIO": json.dumps(scenario), "PYTHONUNBUFFERED": "1"}
+    with FakeLLM(steps) as llm:
+        argv = [sys.executable, "-m", "smartrun", "model", "run", MODEL, "--smart-run", "--hardware", H100,
+                "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()), "--startup-timeout", "60",
+                "--llm-base-url", llm.base_url, "--llm-model", "fake-model", "--session-out", str(session)]
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        lines = []
+        deadline = time.monotonic() + 90
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if "final command:" in line or time.monotonic() > deadline:
+                    break
+            assert any("final command:" in ln for ln in lines), "".join(lines[-30:])
+            proc.send_signal(signal.SIGINT)  # Ctrl+C
+            rest, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert len(llm.chat_requests) == 2
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output[-2000:]
+    assert "attempt 1 failed: oom" in output and "gpu_memory_utilization 0.88 -> 0.85" in output
+
+    starts = [json.loads(x) for x in record_file.read_text().splitlines()]
+    assert len(starts) == 2
+    for start in starts:  # no orphans: every stand-in and its worker are gone
+        assert not _alive(start["pid"]) and not _alive(start["worker_pid"])
+
+    text = session.read_text()
+    assert FAKE_KEY not in text
+    record = load_record(session)
+    assert record.outcome["status"] == "interrupted"
+    assert [a.healthy for a in record.launch_attempts] == [False, True]
+    assert record.launch_attempts[0].outcome.startswith("oom")
+    assert [a.kind for a in record.advice] == ["propose", "recover"]
+    assert record.final_plan["params"]["gpu_memory_utilization"] == 0.85
+    assert record.final_plan["params"]["max_num_seqs"] == 6
+    assert record.cache.stored
+
+    monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
+    assert main(["session", "replay", str(session)]) == 0
+    saved = SavedParams().entries()
+    assert len(saved) == 1 and saved[0][1].params["gpu_memory_utilization"] == 0.85
+
+
+def test_replay_json_reports_the_match(capsys):
+    path = FIXTURES / "sessions" / "kv-too-small-recovered.json"
+    assert main(["session", "replay", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["match"] is True and data["decisions"] == len(load_record(path).decisions)
