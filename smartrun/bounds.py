@@ -21,8 +21,12 @@
     max = 16
 
 Any knob table may also carry `why = "..."`, shown with the limit. Semantics: model and GPU
-overrides *replace* the keys they set (in file order; matching is case-insensitive glob); a goal
-preset *narrows* (it is intersected, it never widens). Every limit knows its file and line.
+overrides *replace* the keys they set (in file order; matching is case-insensitive glob against the
+repo id, the model directory name or its path; a [[gpus]] entry applies when any GPU of the machine
+matches); a goal preset *narrows* (it is intersected, it never widens). `oom_floor` and
+`last_resort` are room only the recovery ladder may use (Proposal.source == "recovery"). Flags
+that take several values (api_key, served_model_name, ...) cannot be bounded. Every limit knows
+its file and line.
 Found by `--bounds FILE`, else `smartrun.toml` from the current directory upward, else the
 built-in default shipped in the package (smartrun/data/default_bounds.toml).
 """

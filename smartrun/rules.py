@@ -6,6 +6,12 @@ A pin outside another source's bound is a PinConflictError naming both (unless f
 intersection is an InfeasibleError naming the sources that clash. The baseline starts from the
 guide's template for the goal, moves each value to the nearest in-bound value (rule-making, with
 provenance saying so) and is fitted with the estimator so that it starts.
+
+Choices made here: the utilization cap from free memory is taken over the GPUs of the largest
+allowed tensor-parallel size (so every in-bound utilization is safe at every in-bound tp); the
+max_model_len cap from the estimator is taken at the most generous in-bound plan (top utilization
+and tp, fewest sequences), and combinations beyond it are left to fit_check; kv_cache_dtype is kept
+to what the estimator budgets unless the user pins another.
 """
 
 from __future__ import annotations
