@@ -687,6 +687,8 @@ def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, 
     if settings is None:
         options = getattr(request, "tune_options", None) or {}
         settings = TuneSettings(**options) if options else TuneSettings()
+    if getattr(request, "goal", None) == "latency" and settings.slo_p95_ms is None:
+        emit("warning", "--tune raises tokens/s; with --goal latency set --slo-p95-ms to cap the p95 latency")
     if restart is None:
         derived_path, derived_passthrough = launch_inputs(request, facts)
         restart = make_restart(launcher, bounds, server, model_path=model_path or derived_path,
