@@ -348,3 +348,31 @@ def test_readiness_works_behind_an_api_key_and_dot_keys_pass(rig):
         assert httpx.get(f"{server.base_url}/v1/models", trust_env=False).status_code == 401
     finally:
         server.stop()
+
+
+def test_advisor_recover_first_then_the_ladder_all_through_the_validator(rig):
+    from smartrun.plan import Change, Proposal
+
+    rig.scenario(faults={"cudagraph_error": True})
+    asked = []
+
+    def out_of_bounds(plan, attempts, failure):
+        asked.append((failure.klass, len(attempts), attempts[-1].log_excerpt[-1]))
+        return Proposal(changes=(Change(knob="gpu_memory_utilization", value=0.5, reason="llm guess"),))
+
+    report = launch.run_with_recovery(rig.plan(), bounds(), rig.launcher(), model_path=MODEL,
+                                      check=lambda p: validate.check(bounds(), rig.plan(), p),
+                                      advisor_recover=out_of_bounds, on_event=rig.events.append)
+    report.server.stop()
+    assert asked == [("compile_error", 1, asked[0][2])] and "Engine core initialization failed" in asked[0][2]
+    assert any(e.startswith("llm proposal rejected by the bounds: gpu_memory_utilization=0.5") for e in rig.events)
+    assert report.plan.source == "recovery" and report.plan.params["enforce_eager"] is True
+
+    def eager(plan, attempts, failure):
+        return plan.with_changes({"enforce_eager": True}, "llm", {"enforce_eager": "graphs crash: run eager"})
+
+    report = launch.run_with_recovery(rig.plan(), bounds(), rig.launcher(), model_path=MODEL,
+                                      check=lambda p: validate.check(bounds(), rig.plan(), p),
+                                      advisor_recover=eager, on_event=rig.events.append)
+    report.server.stop()
+    assert report.plan.source == "llm" and "graphs crash: run eager" in report.plan.provenance["enforce_eager"]
