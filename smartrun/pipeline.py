@@ -260,6 +260,7 @@ class RecordingLauncher:
         self.recorder = recorder
         self.monotonic = monotonic
         self._asked: list[str] | None = None
+        self.phase = "launch"  # "tune" while the tune stage restarts the server: recorded, not a decision
 
     def prepare(self, plan: Plan, argv: Any) -> tuple[list[str], dict[str, str], list[str]]:
         self._asked = list(argv)
@@ -278,6 +279,7 @@ class RecordingLauncher:
         outcome = _attempt_outcome(attempt)
         entry = LaunchAttemptRecord(
             number=number,
+            phase=self.phase,
             argv=redact_argv(argv),
             env=redact_env(dict(env or {})),
             outcome=outcome,
@@ -288,6 +290,8 @@ class RecordingLauncher:
             attempt=raw if isinstance(raw, dict) else {"value": raw},
         )
         self.recorder.record.launch_attempts.append(entry)
+        if self.phase != "launch":  # the tune stage is replayed from its recorded report, not re-run
+            return attempt, server
         self.recorder.decide(f"launch.{number}", {"argv": redact_argv(asked), "params": plan.params,
                                                   "outcome": outcome}, str(plan.source))
         return attempt, server
@@ -601,7 +605,7 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
     final = _record_final(rec, result, report, plan, facts, hw, version, healthy=True)
     try:
         _after_healthy(request, sources, rec, result, bounds, final, server, launcher, check, key, facts,
-                       on_event)
+                       on_event, model_path, passthrough)
     except KeyboardInterrupt:  # Ctrl+C anywhere after the start: no vllm left behind
         if result.server is not None and not sources.replaying:
             result.server.stop()
@@ -610,16 +614,24 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
 
 def _after_healthy(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
                    final: Plan, server: Any, launcher: Any, check: Callable[..., Any], key: CacheKey,
-                   facts: ModelFacts, on_event: EventSink) -> None:
+                   facts: ModelFacts, on_event: EventSink, model_path: str, passthrough: tuple[str, ...]) -> None:
     """Tune (if asked), save the plan, print the final command, then supervise the server until it ends."""
     record = rec.record
     result.server = server
     if request.tune:
-        record.tuning, final, server = _tune_stage(request, sources, rec, result, bounds, final, server, launcher,
-                                                   check, on_event)
+        launcher.phase = "tune"
+        try:
+            record.tuning, final, server = _tune_stage(request, sources, rec, result, bounds, final, server,
+                                                       launcher, check, on_event, model_path, passthrough)
+        finally:
+            launcher.phase = "launch"
         result.server = server
-        if record.launch_attempts:
-            result.argv = record.final_argv = record.launch_attempts[-1].argv
+        if record.launch_attempts:  # the server now runs the tuned plan: its command is the one to show
+            from smartrun import launch
+
+            last = record.launch_attempts[-1]
+            result.argv = record.final_argv = last.argv
+            result.command = launch.command_line(last.argv, last.env)
     if request.smart_run:
         _store(sources, rec, key, final, facts, result)
     record.outcome = {"status": "running", "exit_code": 0}
@@ -725,8 +737,8 @@ def _store(sources: Sources, rec: Recorder, key: CacheKey, plan: Plan, facts: Mo
 
 
 def _tune_stage(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any, plan: Plan,
-                server: Any, launcher: Any, check: Callable[..., Any],
-                on_event: EventSink) -> tuple[dict[str, Any] | None, Plan, Any]:
+                server: Any, launcher: Any, check: Callable[..., Any], on_event: EventSink, model_path: str,
+                passthrough: tuple[str, ...]) -> tuple[dict[str, Any] | None, Plan, Any]:
     """--tune after a healthy launch: hand over to the tune stage (issue 10); keep what it chose."""
     hook = sources.tune
     if hook is None:
@@ -735,7 +747,7 @@ def _tune_stage(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
         hook = tune.tune_after_launch
     outcome = hook(request=request, plan=plan, bounds=bounds, server=server, launcher=launcher, check=check,
                    facts=result.facts, hardware=result.hardware, transport=sources.transport, on_event=on_event,
-                   record=rec.record)
+                   model_path=model_path, passthrough=passthrough)
     report = getattr(outcome, "report", None)
     value = to_jsonable(report if report is not None else outcome)
     value = value if isinstance(value, dict) else {"result": value}

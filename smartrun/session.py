@@ -203,6 +203,7 @@ class LaunchAttemptRecord(RecordModel):
     """One `vllm serve` start: argv, env changes, classified outcome, log excerpt, duration."""
 
     number: int
+    phase: str = "launch"  # "launch" (start and recovery: decisions) or "tune" (restarts while tuning)
     argv: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     outcome: str = ""  # "ready" or a failure class
