@@ -504,6 +504,8 @@ def _from_cache(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     plan = Plan(params=verdict.plan.params, source="cache", provenance={
         **verdict.plan.provenance, **{c.knob: f"cache: {c.reason}" for c in changes}}, reason="saved parameters")
     record.cache.note = "saved plan re-validated against today's bounds"
+    result.debug_lines.append(f'source=cache reason="saved {entry.saved_at} ({entry.source}), re-validated against '
+                              f'today\'s bounds" latency=0.00s tokens=0/0')
     rec.decide("cache", {"hit": True, "accepted": True, "params": plan.params}, "saved-parameters")
     return plan
 

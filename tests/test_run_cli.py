@@ -118,3 +118,48 @@ def test_bad_input_is_one_line_exit_2_no_traceback_no_half_file(tmp_path, args, 
     assert leftovers == []
     for record in (env_home / "sessions").glob("*.json") if (env_home / "sessions").is_dir() else []:
         assert load_record(record).outcome["exit_code"] == 2  # a complete record of the failed run
+
+
+def _saved_entry(model: str = "qwen2.5-7b-instruct"):
+    from smartrun.session import CacheEntry, CacheKey
+
+    key = CacheKey(model=model, hardware_fingerprint="hw", bounds_sha256="b" * 64, vllm_version="0.33.0")
+    return CacheEntry(key=key, model_path=f"/models/{model}", params={"max_num_seqs": 3},
+                      saved_at="2026-01-01T00:00:00Z")
+
+
+def test_smart_run_cache_list_and_rm(capsys):
+    from smartrun.session import SavedParams
+
+    cache = SavedParams()
+    cache.store(_saved_entry())
+    cache.store(_saved_entry("llama-3.1-8b-instruct"))
+    (cache.directory / "junk.json").write_text("{nope")
+    assert main(["model", "smart-run-cache", "list"]) == 0
+    captured = capsys.readouterr()
+    assert "qwen2.5-7b-instruct" in captured.out and "llama-3.1-8b-instruct" in captured.out
+    assert "corrupt smart-run cache entry skipped" in captured.err and "junk.json" in captured.err
+    assert main(["model", "smart-run-cache", "list", "qwen2.5-7b-instruct", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [e["key"]["model"] for e in data] == ["qwen2.5-7b-instruct"]
+    assert main(["model", "smart-run-cache", "rm", "/models/qwen2.5-7b-instruct"]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert [e.key.model for _, e in SavedParams().entries()] == ["llama-3.1-8b-instruct"]
+
+
+def test_debug_line_for_a_cache_hit(capsys):
+    from smartrun.session import CacheEntry, SavedParams
+
+    args = ["model", "run", MODEL, "--smart-run", "--dry-run", "--json", "--hardware", H100]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    key = load_record(first["session"]).cache.key
+    from smartrun.session import CacheKey
+
+    SavedParams().store(CacheEntry(key=CacheKey(**key), params={**first["params"], "max_num_seqs": 2},
+                                   saved_at="2026-01-01T00:00:00Z"))
+    assert main(["model", "run", MODEL, "--smart-run", "--smart-run-debug", "--dry-run", "--hardware", H100]) == 0
+    out = capsys.readouterr().out
+    assert "debug: source=cache" in out and "== plan (source=cache)" in out and "max_num_seqs=2" in out
+    assert main(["model", "run", MODEL, "--smart-run", "--smart-run-refresh", "--dry-run", "--hardware", H100]) == 0
+    assert "== plan (source=static)" in capsys.readouterr().out

@@ -152,7 +152,9 @@ def render_text(result: Any, explain: bool = False, debug: bool = False) -> str:
                 f"({e.kv_cache_tokens} tokens), max concurrency {e.max_concurrency:.2f}x at "
                 f"{e.max_model_len} tokens, fits={e.fits}" + (f" ({e.reason})" if e.reason else "")]
     if debug:
-        out += [f"debug: {line}" for line in result.debug_lines] or ["debug: source=static reason=baseline"]
+        why = "baseline (no --smart-run)" if not result.request.smart_run else "baseline"
+        source = result.plan.source if result.plan else "static"
+        out += [f"debug: {line}" for line in result.debug_lines] or [f'debug: source={source} reason="{why}"']
     if result.argv:
         out += ["== command", "  " + " ".join(_quote(a) for a in result.argv)]
     if result.session_path:
