@@ -134,6 +134,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
 COMMON_TEMPLATE: dict[str, Any] = {"pipeline_parallel_size": 1, "kv_cache_dtype": "auto", "enforce_eager": False,
                                    "optimization_level": 2, "disable_custom_all_reduce": False}
 BUSY_MARGIN = 0.02  # utilization kept back when other processes hold GPU memory
+SHARED_GPU_RANGE = 0.08  # width of the built-in utilization range (0.85-0.93) kept when a shared GPU lowers it
 BUSY_USED_MIB = 1024  # "other processes hold memory": listed processes, or more than this used
 FLOAT16_QUANT = ("awq", "gptq")  # vllm serve --help: "half ... Recommended for AWQ quantization"
 BUDGETED_KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # what the estimator budgets and CUDA supports
@@ -355,14 +356,27 @@ def _hardware_rules(accs: dict[str, _Acc], facts: ModelFacts, hw: HardwareSnapsh
                         "baseline disables vLLM's custom all-reduce")
 
 
-def _util_cap(acc: _Acc, hw: HardwareSnapshot, count: int) -> None:
-    """vLLM refuses to start unless util x total is free: cap util by the free share, less a margin when busy."""
+def _util_cap(acc: _Acc, hw: HardwareSnapshot, count: int, builtin_file: bool, warnings: list[str]) -> None:
+    """vLLM refuses to start unless util x total is free: cap util by the free share, less a margin when busy.
+
+    A person's bounds file is never relaxed; the shipped default is only the guide's advice, so on a GPU that
+    other processes share, its lower limit gives way to what is really free (with a warning saying so).
+    """
     gpus = select_gpus(hw, count)
     tight = min(gpus, key=lambda g: g.memory_free_mib / g.memory_total_mib)
     busy = any(g.processes or g.memory_used_mib > BUSY_USED_MIB for g in gpus)
     share = tight.memory_free_mib / tight.memory_total_mib - (BUSY_MARGIN if busy else 0.0)
     cap = int(share * 100) / 100
     held = f"; other processes hold {tight.memory_used_mib / 1024:.1f} GiB, margin {BUSY_MARGIN}" if busy else ""
+    if builtin_file and acc.min is not None and cap < acc.min and acc.min_src and acc.min_src.startswith("bounds:"):
+        warnings.append(f"hardware: GPU {tight.index} has only {tight.memory_free_mib / 1024:.1f} GiB free{held}; "
+                        f"the built-in lower limit {acc.min} for gpu_memory_utilization ({acc.min_src}) gives way "
+                        f"to {cap} (a bounds file you write is never relaxed)")
+        floor = round(max(cap - SHARED_GPU_RANGE, 0.05), 2)
+        acc.notes.append(f"hardware: built-in range lowered to {floor}-{cap}: the GPU is shared")
+        acc.min, acc.min_src = floor, "hardware"
+        if acc.recovery_min is not None and acc.recovery_min > cap:
+            acc.recovery_min = None
     acc.narrow("hardware", f"GPU {tight.index} has {tight.memory_free_mib / 1024:.1f} of "
                            f"{tight.memory_total_mib / 1024:.1f} GiB free{held}; vLLM needs util x total free",
                hi=cap)
@@ -512,7 +526,8 @@ def effective_bounds(
                                       choices=list(BUDGETED_KV_DTYPES))
     tp_top = max(accs["tensor_parallel_size"].choices or [1])
     pp_low = min(accs["pipeline_parallel_size"].choices or [accs["pipeline_parallel_size"].min or 1])
-    _util_cap(accs["gpu_memory_utilization"], hardware, min(tp_top * pp_low, len(hardware.gpus)))
+    _util_cap(accs["gpu_memory_utilization"], hardware, min(tp_top * pp_low, len(hardware.gpus)),
+              file.path == bounds_mod.BUILTIN_NAME, warnings)
     if "gpu_memory_utilization" in pins:
         _pin(accs["gpu_memory_utilization"], pins["gpu_memory_utilization"], typed["gpu_memory_utilization"],
              force, warnings)
