@@ -137,3 +137,27 @@ def test_replay_of_a_record_with_other_hardware_diverges(tmp_path):
     with pytest.raises(ReplayDivergence) as err:
         pipeline.replay(record)
     assert "decision 1 (hardware)" in err.value.message
+
+
+def test_bounds_file_is_replayed_from_its_recorded_text(tmp_path):
+    bounds = tmp_path / "smartrun.toml"
+    bounds.write_text((FIXTURES / "bounds" / "example-serving.toml").read_text())
+    request, sources = _sources(_request(bounds_path=str(bounds), smart_run=False))
+    _result, record = _run(tmp_path, "bounds", request, sources)
+    assert any(f"bounds:{bounds}:" in s for b in record.bounds.values() for s in b.get("sources", []))
+    bounds.unlink()  # replay needs only the record
+    pipeline.replay(record)
+    record.bounds_file["text"] = record.bounds_file["text"].replace("version = 1", "version = 1\n", 1)
+    with pytest.raises(ReplayDivergence) as err:  # a line moved: provenance differs
+        pipeline.replay(record)
+    assert "bounds" in err.value.message or "baseline" in err.value.message
+
+
+def test_smartrun_toml_is_found_upward_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "smartrun.toml").write_text((FIXTURES / "bounds" / "example-serving.toml").read_text())
+    deeper = tmp_path / "a" / "b"
+    deeper.mkdir(parents=True)
+    monkeypatch.chdir(deeper)
+    request, sources = _sources(_request(smart_run=False))
+    _result, record = _run(tmp_path, "found", request, sources)
+    assert record.bounds_file["path"] == str(tmp_path / "smartrun.toml") and not record.bounds_file["builtin"]
