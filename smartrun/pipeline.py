@@ -80,7 +80,6 @@ class RunRequest(Frozen):
     llm_model: str | None = None
     llm_timeout: float | None = None
 
-
     def command_line(self) -> list[str]:
         """The `model run` command this request stands for (options that differ from their defaults)."""
         defaults = RunRequest(model=self.model)
@@ -153,7 +152,6 @@ class RunResult:
     argv: list[str] = field(default_factory=list)
     estimate: Any = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
     advice: list[Any] = field(default_factory=list)
     launch_report: Any = None
     server: Any = None  # the running vllm serve (launch.Server) while supervised
@@ -174,7 +172,7 @@ class RunResult:
             "rejected": self.rejected,
             "estimate": to_jsonable(self.estimate) if self.estimate is not None else None,
             "provenance": dict(self.plan.provenance) if self.plan else {},
-            "warnings": self.warnings,
+            "warnings": list(self.record.warnings),
             "outcome": self.record.outcome,
             "session": str(self.session_path) if self.session_path else None,
         }
@@ -541,10 +539,25 @@ def _advise(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
     return _take_advice(advice, rec, result, baseline, "propose")
 
 
+def _llm_view(bounds: Any, plan: Plan) -> tuple[Any, Plan]:
+    """Bounds and plan without security knobs (api key, host, ...): the LLM cannot change them and must
+    not see their values (a served --api-key would otherwise go into the prompt)."""
+    from smartrun.knobs import CATALOGUE
+
+    hidden = {name for name, k in CATALOGUE.items() if k.security}
+    view_bounds = bounds.model_copy(update={"knobs": {k: v for k, v in bounds.knobs.items() if k not in hidden}})
+    view_plan = Plan(params={k: v for k, v in plan.params.items() if k not in hidden}, source=plan.source,
+                     provenance={k: v for k, v in plan.provenance.items() if k not in hidden}, reason=plan.reason)
+    return view_bounds, view_plan
+
+
 def _advice_context(request: RunRequest, bounds: Any, base: Plan, estimate: Any, hw: HardwareSnapshot,
                     facts: ModelFacts, attempts: tuple[Any, ...] = (), failure: dict | None = None) -> Any:
     from smartrun import advisor
 
+    bounds, base = _llm_view(bounds, base)
+    attempts = tuple({**a, "params": _llm_view(bounds, Plan(params=a.get("params", {})))[1].params}
+                     if isinstance(a, dict) else a for a in attempts)
     return advisor.AdviceContext(hardware=hw, model=facts, bounds=bounds, baseline=base, estimate=estimate,
                                  goal=request.goal, attempts=tuple(to_jsonable(a) for a in attempts),
                                  failure=to_jsonable(failure) if failure is not None else None)
@@ -554,7 +567,7 @@ def _take_advice(advice: Any, rec: Recorder, result: RunResult, base: Plan, kind
     """Record what the advisor concluded (each proposal, its validation) and return its plan."""
     from smartrun import advisor
 
-    plan = advice.plan or base
+    plan = advice.plan if advice.plan is not None and advice.plan.source == "llm" else base  # the full base
     steps = [{"proposal": to_jsonable(ex.proposal), "ignored": list(ex.ignored),
               "rejections": [to_jsonable(r) for r in ex.rejections], "accepted": ex.accepted,
               "error": ex.error} for ex in advice.exchanges]
@@ -697,9 +710,9 @@ def _recover_advisor(request: RunRequest, sources: Sources, rec: Recorder, resul
     transport.kind = "recover"
 
     def recover(plan: Plan, attempts: tuple[Any, ...] = (), failure: Any = None, *_: Any) -> Plan | None:
-        tried = tuple(_attempt_summary(a) for a in attempts)
+        tried = tuple(_attempt_summary(a, rec.secrets) for a in attempts)
         context = _advice_context(request, bounds, plan, None, hw, facts, attempts=tried,
-                                  failure=_failure_summary(failure, attempts))
+                                  failure=_failure_summary(failure, attempts, rec.secrets))
         advice = advisor.advise(context, transport, lambda p: check(p, plan), kind="recover", strict=False)
         taken = _take_advice(advice, rec, result, plan, "recover")
         return taken if taken.source == "llm" else None
@@ -707,20 +720,25 @@ def _recover_advisor(request: RunRequest, sources: Sources, rec: Recorder, resul
     return recover
 
 
-def _attempt_summary(attempt: Any) -> dict[str, Any]:
+def _attempt_summary(attempt: Any, secrets: tuple[str, ...]) -> dict[str, Any]:
     """What the recover prompt sees of an earlier attempt: params, failure class, a short log excerpt."""
     return {"params": to_jsonable(getattr(attempt, "params", {})), "outcome": _attempt_outcome(attempt),
-            "evidence": getattr(attempt, "evidence", None),
-            "log_excerpt": list(getattr(attempt, "log_excerpt", ()) or ())[-8:]}
+            "evidence": redact_text(str(getattr(attempt, "evidence", None) or ""), secrets),
+            "log_excerpt": _excerpt(attempt, 8, secrets)}
 
 
-def _failure_summary(failure: Any, attempts: tuple[Any, ...]) -> dict[str, Any] | None:
+def _failure_summary(failure: Any, attempts: tuple[Any, ...], secrets: tuple[str, ...]) -> dict[str, Any] | None:
     if failure is None:
         return None
-    last = attempts[-1] if attempts else None
-    return {"class": getattr(failure, "klass", str(failure)), "evidence": getattr(failure, "evidence", ""),
+    return {"class": getattr(failure, "klass", str(failure)),
+            "evidence": redact_text(str(getattr(failure, "evidence", "") or ""), secrets),
             "estimated_max_model_len": getattr(failure, "estimated_max_model_len", None),
-            "log_excerpt": list(getattr(last, "log_excerpt", ()) or ())[-12:]}
+            "log_excerpt": _excerpt(attempts[-1], 12, secrets) if attempts else []}
+
+
+def _excerpt(attempt: Any, lines: int, secrets: tuple[str, ...]) -> list[str]:
+    """The last log lines, with secrets (a served --api-key echoed in vLLM's args line) redacted."""
+    return [redact_text(str(x), secrets) for x in list(getattr(attempt, "log_excerpt", ()) or ())[-lines:]]
 
 
 def _store(sources: Sources, rec: Recorder, key: CacheKey, plan: Plan, facts: ModelFacts,

@@ -161,3 +161,16 @@ def test_smartrun_toml_is_found_upward_from_the_current_directory(tmp_path, monk
     request, sources = _sources(_request(smart_run=False))
     _result, record = _run(tmp_path, "found", request, sources)
     assert record.bounds_file["path"] == str(tmp_path / "smartrun.toml") and not record.bounds_file["builtin"]
+
+
+def test_served_api_key_never_reaches_the_llm_or_the_record(tmp_path):
+    served_key = "sk-servedKEY-4d2c9b7e1f00"
+    step = _reply([{"knob": "max_num_seqs", "value": 5, "reason": "ok"}])
+    with FakeLLM([step]) as llm:
+        request, sources = _sources(_request(user_args=("--api-key", served_key)), llm.base_url)
+        result, record = _run(tmp_path, "served-key", request, sources)
+        sent = json.dumps(llm.requests)
+    assert served_key not in sent and FAKE_KEY not in sent.replace(f"Bearer {FAKE_KEY}", "")
+    assert served_key not in (tmp_path / "served-key.json").read_text()
+    assert result.plan.params["api_key"] == (served_key,)  # still served: the user asked for it
+    pipeline.replay(record)
