@@ -487,8 +487,9 @@ def _from_cache(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
         return baseline
     record.cache.hit = True
     record.cache.entry = to_jsonable(entry)
+    saved, _ = _without_security(Plan(params=entry.params, provenance=entry.provenance))
     changes = tuple(Change(knob=k, value=v, reason=f"saved {entry.saved_at} ({entry.provenance.get(k, entry.source)})")
-                    for k, v in sorted(entry.params.items()) if baseline.params.get(k, _MISSING) != v)
+                    for k, v in sorted(saved.params.items()) if baseline.params.get(k, _MISSING) != v)
     verdict = validate.check(bounds, baseline, Proposal(changes=changes, reason="saved parameters",
                                                         source="cache"), fit_check=fit)
     rejected = [to_jsonable(r) for r in verdict.rejections]
@@ -523,7 +524,7 @@ def _advise(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
         rec.warn(text)
         rec.record.advice.append(AdviceRecord(kind="propose", source="static", reason="no LLM configured",
                                               fallback="no LLM configured"))
-        rec.decide("advice", {"source": "static", "reason": "no LLM configured"}, "no-llm")
+        rec.decide("advice.propose", {"source": "static", "reason": "no LLM configured"}, "no-llm")
         result.debug_lines.append("source=static reason=no LLM configured")
         return baseline
     from smartrun import advisor, validate
@@ -542,13 +543,19 @@ def _advise(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
 def _llm_view(bounds: Any, plan: Plan) -> tuple[Any, Plan]:
     """Bounds and plan without security knobs (api key, host, ...): the LLM cannot change them and must
     not see their values (a served --api-key would otherwise go into the prompt)."""
+    view_plan, hidden = _without_security(plan)
+    view_bounds = bounds.model_copy(update={"knobs": {k: v for k, v in bounds.knobs.items() if k not in hidden}})
+    return view_bounds, view_plan
+
+
+def _without_security(plan: Plan) -> tuple[Plan, set[str]]:
+    """The plan without security knobs, and the names removed."""
     from smartrun.knobs import CATALOGUE
 
     hidden = {name for name, k in CATALOGUE.items() if k.security}
-    view_bounds = bounds.model_copy(update={"knobs": {k: v for k, v in bounds.knobs.items() if k not in hidden}})
-    view_plan = Plan(params={k: v for k, v in plan.params.items() if k not in hidden}, source=plan.source,
-                     provenance={k: v for k, v in plan.provenance.items() if k not in hidden}, reason=plan.reason)
-    return view_bounds, view_plan
+    kept = Plan(params={k: v for k, v in plan.params.items() if k not in hidden}, source=plan.source,
+                provenance={k: v for k, v in plan.provenance.items() if k not in hidden}, reason=plan.reason)
+    return kept, hidden
 
 
 def _advice_context(request: RunRequest, bounds: Any, base: Plan, estimate: Any, hw: HardwareSnapshot,
@@ -743,8 +750,9 @@ def _excerpt(attempt: Any, lines: int, secrets: tuple[str, ...]) -> list[str]:
 
 def _store(sources: Sources, rec: Recorder, key: CacheKey, plan: Plan, facts: ModelFacts,
            result: RunResult) -> None:
-    entry = CacheEntry(key=key, model_path=facts.path, params=to_jsonable(plan.params),
-                       provenance=dict(plan.provenance), source=str(plan.source),
+    saved, _ = _without_security(plan)  # never a served --api-key or other user-only security value on disk
+    entry = CacheEntry(key=key, model_path=facts.path, params=to_jsonable(saved.params),
+                       provenance=dict(saved.provenance), source=str(plan.source),
                        saved_at=rec.record.started_at,
                        session=str(result.session_path) if result.session_path else None)
     try:

@@ -23,6 +23,7 @@ FAKE_VLLM = REPO / "tests" / "fakes" / "fake_vllm.py"
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
 FAKE_KEY = "sk-smartrunE2E-93b1c0ffee42"
+SERVED_KEY = "served-key-77a1e5d3c2b9"  # vllm --api-key: served, never stored
 
 
 def _free_port() -> int:
@@ -59,7 +60,8 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
     with FakeLLM(steps) as llm:
         argv = [sys.executable, "-m", "smartrun", "model", "run", MODEL, "--smart-run", "--hardware", H100,
                 "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()), "--startup-timeout", "60",
-                "--llm-base-url", llm.base_url, "--llm-model", "fake-model", "--session-out", str(session)]
+                "--llm-base-url", llm.base_url, "--llm-model", "fake-model", "--session-out", str(session),
+                "--api-key", SERVED_KEY]
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         lines = []
@@ -77,6 +79,7 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
                 proc.kill()
                 proc.wait()
         assert len(llm.chat_requests) == 2
+        assert SERVED_KEY not in json.dumps(llm.requests)
     output = "".join(lines) + rest
     assert proc.returncode == 130, output[-2000:]
     assert "attempt 1 failed: oom" in output and "gpu_memory_utilization 0.88 -> 0.85" in output
@@ -87,7 +90,7 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
         assert not _alive(start["pid"]) and not _alive(start["worker_pid"])
 
     text = session.read_text()
-    assert FAKE_KEY not in text
+    assert FAKE_KEY not in text and SERVED_KEY not in text
     record = load_record(session)
     assert record.outcome["status"] == "interrupted"
     assert [a.healthy for a in record.launch_attempts] == [False, True]
@@ -101,6 +104,7 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
     assert main(["session", "replay", str(session)]) == 0
     saved = SavedParams().entries()
     assert len(saved) == 1 and saved[0][1].params["gpu_memory_utilization"] == 0.85
+    assert SERVED_KEY not in saved[0][0].read_text() and "api_key" not in saved[0][1].params
 
 
 def test_replay_json_reports_the_match(capsys):
