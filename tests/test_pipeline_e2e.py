@@ -112,3 +112,20 @@ def test_replay_json_reports_the_match(capsys):
     assert main(["session", "replay", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["match"] is True and data["decisions"] == len(load_record(path).decisions)
+
+
+def test_launch_that_never_fits_exits_4_and_its_record_replays(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("FAKE_VLLM_SCENARIO", json.dumps({"weights_gib": 90.0}))  # more than the card holds
+    session = tmp_path / "fail.json"
+    code = main(["model", "run", MODEL, "--hardware", H100, "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()),
+                 "--max-attempts", "2", "--startup-timeout", "60", "--session-out", str(session)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and err[-1].startswith("localaistack: vllm serve did not become healthy after")
+    record = load_record(session)
+    assert record.outcome["status"] == "error" and record.outcome["exit_code"] == 4
+    assert record.launch_attempts and not any(a.healthy for a in record.launch_attempts)
+    assert record.launch_attempts[0].outcome == "oom_loading"
+    assert record.decisions[-2].step == "final" and record.decisions[-1].step == "error"
+    assert main(["session", "replay", str(session)]) == 0

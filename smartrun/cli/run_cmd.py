@@ -144,7 +144,7 @@ def render_text(result: Any, explain: bool = False, debug: bool = False) -> str:
             out += _advice_lines(result)
     if explain or result.rejected:
         out += [f"== rejected ({len(result.rejected)})"]
-        out += [f"  {r.get('knob')}={r.get('value')!r}: {r.get('reason')} [{r.get('bound')}; {r.get('source')}]"
+        out += [f"  {r.get('knob')}={r.get('value')!r}: {r.get('reason')} [source: {r.get('source')}]"
                 for r in result.rejected]
     if result.estimate is not None:
         e = result.estimate
