@@ -388,11 +388,23 @@ def timeline(record: SessionRecord) -> list[str]:
         state = f"error {ex.error.get('type')}: {ex.error.get('message')}" if ex.error else "reply"
         tokens = f" tokens={ex.tokens}" if ex.tokens else ""
         lines.append(f"llm      [{ex.kind}] {state} latency={_fmt_s(ex.latency_s)}{tokens}")
+    previous: dict[str, Any] | None = None
+    why = (record.final_plan or {}).get("provenance", {})
     for att in record.launch_attempts:
-        lines.append(f"launch   #{att.number} {att.outcome} after {_fmt_s(att.duration_s)}: {' '.join(att.argv)}")
+        params = att.attempt.get("params") or {}
+        if previous is not None:
+            for knob, value in params.items():
+                if previous.get(knob) != value:
+                    lines.append(f"retry    {knob} {previous.get(knob)} -> {value}" +
+                                 (f"  ({why[knob]})" if knob in why else ""))
+        previous = params
+        phase = "" if att.phase == "launch" else f" [{att.phase}]"
+        lines.append(f"launch   #{att.number}{phase} {att.outcome} after {_fmt_s(att.duration_s)}: {' '.join(att.argv)}")
         if att.env:
             lines.append(f"  env    {' '.join(f'{k}={v}' for k, v in att.env.items())}")
-        for line in att.log_excerpt[-4:]:
+        if att.attempt.get("evidence"):
+            lines.append(f"  why    {att.attempt['evidence']}")
+        for line in att.log_excerpt[-3:]:
             lines.append(f"  log    {line}")
     if record.final_plan:
         lines.append(f"final    source={record.final_plan.get('source')} {_params(record.final_plan.get('params', {}))}")
