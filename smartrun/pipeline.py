@@ -12,6 +12,7 @@ so a record cannot drift from what the code does.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -361,7 +362,7 @@ def _write(record: SessionRecord, path: Path, sources: Sources) -> None:
     try:
         write_record(record, path, sources.secrets)
     except InputError as err:  # never hide the run's own outcome behind a failure to write its record
-        print(f"localaistack: warning: session record not written: {err.message}")
+        print(f"localaistack: warning: session record not written: {err.message}", file=sys.stderr)
 
 
 def _redacted_request(request: RunRequest) -> dict[str, Any]:

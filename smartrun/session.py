@@ -150,7 +150,7 @@ def secret_values(argv: Iterable[str], env: dict[str, str] | None = None) -> lis
             elif i + 1 < len(args):
                 found.append(str(args[i + 1]))
     for key, value in (env or {}).items():
-        if _SECRET_ENV.match(key) and value:
+        if _SECRET_ENV.match(key) and len(value or "") >= 8:  # short values ("1", "true") are flags, not keys
             found.append(value)
     return [s for s in found if s and s != REDACTED]
 
@@ -262,9 +262,20 @@ def default_session_path(started_at: datetime, model_name: str) -> Path:
 
 
 def dump_record(record: SessionRecord, secrets: Iterable[str] = ()) -> str:
-    """The record as JSON text, with every known secret value and key-like token redacted."""
-    text = json.dumps(record.model_dump(mode="json", by_alias=True), indent=2, default=_json_default)
-    return redact_text(text, secrets) + "\n"
+    """The record as JSON text, with every known secret value and key-like token redacted (in every string)."""
+    data = redact_tree(record.model_dump(mode="json", by_alias=True), tuple(secrets))
+    return json.dumps(data, indent=2, default=_json_default) + "\n"
+
+
+def redact_tree(value: Any, secrets: tuple[str, ...]) -> Any:
+    """Redact inside every string of a JSON-like value (structure and keys untouched, so the JSON stays valid)."""
+    if isinstance(value, str):
+        return redact_text(value, secrets)
+    if isinstance(value, dict):
+        return {k: redact_tree(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_tree(v, secrets) for v in value]
+    return value
 
 
 def write_record(record: SessionRecord, path: Path, secrets: Iterable[str] = ()) -> Path:

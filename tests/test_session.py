@@ -166,3 +166,12 @@ def test_record_json_round_trip_keeps_schema_alias(tmp_path):
     path = write_record(rec, tmp_path / "r.json")
     assert json.loads(path.read_text())["llm_exchanges"][0]["schema"] == {"type": "object"}
     assert load_record(path).llm_exchanges[0].schema_ == {"type": "object"}
+
+
+def test_redaction_keeps_json_valid_for_odd_secrets(tmp_path):
+    odd = 'ab"cd\\\\1234efgh'
+    rec = _record(warnings=[f"key {odd} here", "true"], outcome={"status": "ok", "exit_code": 0})
+    path = write_record(rec, tmp_path / "odd.json", secrets=[odd, "true"])
+    loaded = load_record(path)  # still valid JSON, types intact
+    assert loaded.warnings[0] == f"key {REDACTED} here" and loaded.outcome["exit_code"] == 0
+    assert secret_values([], {"SOME_TOKEN": "1", "HF_TOKEN": "hf_longenoughvalue"}) == ["hf_longenoughvalue"]
