@@ -390,7 +390,8 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
                          "weight_bytes": facts.weight_bytes}, facts.weight_bytes_source or "config")
 
     user = knobs.parse_user_args(list(request.user_args))
-    passthrough = (*_security_args(request, user.passthrough), *user.passthrough, *request.extra_args)
+    given = (*user.passthrough, *request.extra_args)
+    passthrough = (*_security_args(request, given), *given)
     rec.decide("pins", user.pins, "user")
 
     bounds_in = sources.bounds()

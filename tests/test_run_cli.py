@@ -163,3 +163,10 @@ def test_debug_line_for_a_cache_hit(capsys):
     assert "debug: source=cache" in out and "== plan (source=cache)" in out and "max_num_seqs=2" in out
     assert main(["model", "run", MODEL, "--smart-run", "--smart-run-refresh", "--dry-run", "--hardware", H100]) == 0
     assert "== plan (source=static)" in capsys.readouterr().out
+
+
+def test_host_and_port_after_double_dash_are_not_doubled(capsys):
+    assert main(["model", "run", MODEL, "--dry-run", "--json", "--hardware", H100, "--", "--port", "9001"]) == 0
+    argv = json.loads(capsys.readouterr().out)["argv"]
+    assert argv.count("--port") == 1 and argv[argv.index("--port") + 1] == "9001"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
