@@ -521,6 +521,10 @@ def _advise(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
             baseline: Plan, base_estimate: Any, fit: Any, hw: HardwareSnapshot, facts: ModelFacts) -> Plan:
     """The LLM's proposal through the validator; the baseline (source=static) when no LLM is configured."""
     if sources.transport is None:
+        if request.strict:
+            from smartrun.errors import AdvisorError
+
+            raise AdvisorError("--smart-run-strict: no LLM configured (set --llm-base-url or SMARTRUN_LLM_BASE_URL)")
         text = ("--smart-run: no LLM configured (set --llm-base-url or SMARTRUN_LLM_BASE_URL); "
                 "using the baseline plan (source=static)")
         rec.warn(text)

@@ -170,3 +170,10 @@ def test_host_and_port_after_double_dash_are_not_doubled(capsys):
     argv = json.loads(capsys.readouterr().out)["argv"]
     assert argv.count("--port") == 1 and argv[argv.index("--port") + 1] == "9001"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
+
+
+def test_strict_without_an_llm_fails_with_exit_3(capsys):
+    code = main(["model", "run", MODEL, "--smart-run", "--smart-run-strict", "--dry-run", "--hardware", H100])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and err == ["localaistack: --smart-run-strict: no LLM configured (set --llm-base-url or "
+                                 "SMARTRUN_LLM_BASE_URL)"]
