@@ -107,14 +107,18 @@ def _path(value: str | None) -> Path | None:
 
 
 def _printer(quiet: bool):
+    """Progress as it happens: vLLM's own lines as they are, ours marked; all on stderr under --json."""
     seen: set[str] = set()
 
     def show(kind: str, text: str) -> None:
-        line = f"{kind}: {text}" if kind in ("warning",) else text
-        if line in seen and kind == "warning":
+        if kind == "warning":
+            if text in seen:
+                return
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr, flush=True)
             return
-        seen.add(line)
-        print(line, file=sys.stderr if quiet or kind == "warning" else sys.stdout, flush=True)
+        line = text if kind == "vllm" else f"[smartrun] {text}"
+        print(line, file=sys.stderr if quiet else sys.stdout, flush=True)
 
     return show
 
