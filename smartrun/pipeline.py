@@ -623,7 +623,7 @@ def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
 
     try:
         report = launch.run_with_recovery(plan, bounds, launcher, check=check, advisor_recover=advisor_recover,
-                                          max_attempts=request.max_attempts, on_event=_launch_events(on_event),
+                                          max_attempts=request.max_attempts, on_event=_launch_events(rec),
                                           model_path=model_path, passthrough=passthrough)
     except LaunchError as err:
         report = getattr(err, "report", None)
@@ -705,12 +705,17 @@ def sources_secrets(rec: Recorder) -> tuple[str, ...]:
     return rec.secrets
 
 
-def _launch_events(on_event: EventSink) -> Callable[..., None]:
+def _launch_events(rec: Recorder) -> Callable[..., None]:
+    """The launch stage's one-line events: its warnings go on record; the rest to the CLI as progress.
+
+    Its "to rerun by hand" line is left out: the pipeline prints the final command once, after any tuning.
+    """
     def forward(*args: Any) -> None:
-        if len(args) == 2:
-            on_event(str(args[0]), str(args[1]))
-        elif args:
-            on_event("launch", str(args[0]))
+        text = " ".join(str(a) for a in args)
+        if text.startswith("warning: "):
+            rec.warn(text[len("warning: "):])
+        elif not text.startswith("to rerun by hand:"):
+            rec.on_event("launch", text)
     return forward
 
 
