@@ -331,8 +331,13 @@ def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
 
 
 def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_events,
-        session_out: Path | None = None, write: bool = True, record: SessionRecord | None = None) -> RunResult:
-    """Run the whole pipeline once; the session record is written at the end whatever happens."""
+        session_out: Path | None = None, write: bool = True, record: SessionRecord | None = None,
+        on_planned: Callable[[RunResult], None] | None = None) -> RunResult:
+    """Run the whole pipeline once; the session record is written at the end whatever happens.
+
+    `on_planned(result)` is called once the plan and argv are chosen, before anything is launched
+    (the CLI prints its summary there, so a long-running server does not hide it).
+    """
     started = sources.clock()
     record = record if record is not None else new_record(request, sources)
     recorder = Recorder(record, on_event, sources.secrets)
@@ -340,7 +345,7 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
     path = session_out or default_session_path(started, Path(request.model.rstrip("/")).name or request.model)
     result.session_path = path if write else None
     try:
-        _run_stages(request, sources, recorder, result, on_event)
+        _run_stages(request, sources, recorder, result, on_event, on_planned)
         if record.outcome.get("status") is None:
             record.outcome = {"status": "dry-run" if request.dry_run else "ok", "exit_code": 0}
     except SmartRunError as err:
@@ -373,7 +378,7 @@ def _redacted_request(request: RunRequest) -> dict[str, Any]:
 
 
 def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult,
-                on_event: EventSink) -> None:
+                on_event: EventSink, on_planned: Callable[[RunResult], None] | None = None) -> None:
     from smartrun import hardware as hw_mod
     from smartrun import knobs, rules
 
@@ -434,6 +439,8 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     result.estimate = _estimate_for(plan, facts, hw, version)
     record.estimate = to_jsonable(result.estimate) if result.estimate is not None else None
     rec.decide("argv", result.argv, plan.source)
+    if on_planned is not None:
+        on_planned(result)
     if request.dry_run:
         return
 

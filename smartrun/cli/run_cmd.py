@@ -91,12 +91,20 @@ def run_command(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     sources = pipeline.live_sources(request)
-    quiet = args.json
-    result = pipeline.run(request, sources, on_event=_printer(quiet), session_out=_path(args.session_out))
+    def summary(planned: Any) -> None:  # before any launch, so a long-running server does not hide it
+        if not args.json:
+            text = render_text(planned, explain=args.explain, debug=args.smart_run_debug)
+            print(redact_text(text, planned.secrets), flush=True)
+
+    result = pipeline.run(request, sources, on_event=_printer(args.json), session_out=_path(args.session_out),
+                          on_planned=summary)
     if args.json:
         print(redact_text(json.dumps(result.json_summary(), indent=2), result.secrets))
-    else:
-        print(redact_text(render_text(result, explain=args.explain, debug=args.smart_run_debug), result.secrets))
+    elif not request.dry_run:
+        print(f"outcome: {result.record.outcome.get('status')}; final command: "
+              f"{redact_text(result.command or ' '.join(result.argv), result.secrets)}")
+    if result.session_path:
+        print(f"session record: {result.session_path}", file=sys.stderr if args.json else sys.stdout)
     if result.exit_code:
         print(f"localaistack: {result.record.outcome.get('message', 'vllm serve exited')}", file=sys.stderr)
     return result.exit_code
@@ -161,8 +169,6 @@ def render_text(result: Any, explain: bool = False, debug: bool = False) -> str:
         out += [f"debug: {line}" for line in result.debug_lines] or [f'debug: source={source} reason="{why}"']
     if result.argv:
         out += ["== command", "  " + " ".join(_quote(a) for a in result.argv)]
-    if result.session_path:
-        out += [f"session record: {result.session_path}"]
     return "\n".join(out)
 
 
