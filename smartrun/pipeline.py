@@ -33,6 +33,7 @@ from smartrun.session import (
     Decision,
     LaunchAttemptRecord,
     LLMExchangeRecord,
+    RecordError,
     SavedParams,
     SessionRecord,
     check_replay,
@@ -942,7 +943,7 @@ class ReplayTransport:
             raise ReplayDivergence("replay diverged: the pipeline asked the LLM more often than the record holds")
         if item.error is not None:
             raise _rebuild_error(item.error)
-        return advisor.LLMReply.model_validate(item.reply)
+        return _validated(advisor.LLMReply, item.reply, "llm_exchanges[].reply")
 
 
 def _rebuild_error(error: dict[str, str]) -> Exception:
@@ -991,7 +992,7 @@ class ReplayLauncher:
         item = next(self._items, None)
         if item is None:
             raise ReplayDivergence("replay diverged: the pipeline launched more often than the record holds")
-        attempt = launch.LaunchAttempt.model_validate(item.attempt)
+        attempt = _validated(launch.LaunchAttempt, item.attempt, "launch_attempts[].attempt")
         return attempt, (ReplayServer() if item.healthy else None)
 
 
@@ -1004,7 +1005,7 @@ class RecordedCache:
     def lookup(self, key: CacheKey) -> CacheEntry | None:
         if self.cache.entry is None:
             return None
-        return CacheEntry.model_validate(self.cache.entry)
+        return _validated(CacheEntry, self.cache.entry, "cache.entry")
 
     def store(self, entry: CacheEntry) -> None:
         return None
@@ -1033,7 +1034,19 @@ def replay_sources(record: SessionRecord) -> Sources:
 def _recorded(cls: type, data: dict[str, Any] | None, record: SessionRecord) -> Any:
     if data is None:  # the recorded run failed before this stage: fail the same way
         raise _recorded_failure(record)
-    return cls.model_validate(data)
+    return _validated(cls, data, cls.__name__)
+
+
+def _validated(cls: Any, data: Any, what: str) -> Any:
+    """A recorded part as its model; a hand-edited part that no longer fits is an InputError, not a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RecordError(f"session record: {what} is invalid at {where or '(top)'}: {first['msg']}") from err
 
 
 def _recorded_failure(record: SessionRecord) -> SmartRunError:
@@ -1070,13 +1083,13 @@ def replay(record: SessionRecord) -> ReplayResult:
     """Re-run the pipeline from the record's sources and compare every decision; ReplayDivergence on the first miss."""
     from smartrun.errors import ReplayDivergence
 
-    request = RunRequest.model_validate(record.request)
+    request = _validated(RunRequest, record.request, "request")
     sources = replay_sources(record)
     replayed = new_record(request, sources)
     out = ReplayResult(record=record, replayed=replayed)
     try:
         out.result = run(request, sources, write=False, record=replayed)
-    except ReplayDivergence:
+    except (ReplayDivergence, RecordError):
         raise
     except SmartRunError as err:  # a recorded failure replays as the same failure
         out.error = err

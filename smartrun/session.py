@@ -24,6 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smartrun.errors import InputError, ReplayDivergence
 
+
+class RecordError(InputError):
+    """A session record (or a part of it) that cannot be read back; names the file or the part."""
+
+
 SCHEMA_VERSION = 1
 CACHE_SCHEMA_VERSION = 1
 REDACTED = "***REDACTED***"

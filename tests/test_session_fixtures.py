@@ -75,3 +75,13 @@ def test_list_shows_recent_sessions(tmp_path, capsys, monkeypatch):
     assert main(["session", "list"]) == 0
     out = capsys.readouterr().out
     assert all(p.name in out for p in SESSIONS[:3])
+
+
+def test_hand_broken_record_part_is_one_line_exit_2(tmp_path, capsys):
+    record = json.loads((FIXTURES / "sessions" / "oom-recovered.json").read_text())
+    record["launch_attempts"][0]["attempt"]["outcome"] = "exploded"
+    copy = tmp_path / "broken.json"
+    copy.write_text(json.dumps(record))
+    assert main(["session", "replay", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "launch_attempts[].attempt is invalid at outcome" in err[0]
