@@ -129,3 +129,29 @@ def test_launch_that_never_fits_exits_4_and_its_record_replays(tmp_path, monkeyp
     assert record.launch_attempts[0].outcome == "oom_loading"
     assert record.decisions[-2].step == "final" and record.decisions[-1].step == "error"
     assert main(["session", "replay", str(session)]) == 0
+
+
+def test_tune_hook_after_a_healthy_start_is_recorded_and_replays(tmp_path, monkeypatch):
+    from smartrun import pipeline
+    from smartrun.cli import build_parser
+    from smartrun.cli.run_cmd import request_from_args
+
+    monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FAKE_VLLM_PERF", "kv_bound,time_scale=0.002")
+    monkeypatch.setenv("FAKE_VLLM_SCENARIO", "{}")
+    argv = ["model", "run", MODEL, "--hardware", H100, "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()),
+            "--smart-run", "--tune", "--tune-rounds", "1", "--probe-duration", "0.5", "--probe-concurrency", "2"]
+    args, extra = build_parser().parse_known_args(argv)
+    args.extra = extra
+    request = request_from_args(args)
+    sources = pipeline.live_sources(request, env={}, config_path=str(tmp_path / "none.toml"))
+    sources.supervise = False  # stop the tuned server instead of waiting on it
+    session = tmp_path / "tuned.json"
+    result = pipeline.run(request, sources, session_out=session)
+    record = load_record(session)
+    assert record.tuning and record.tuning["rounds"] and record.decisions[-2].step == "tune"
+    assert record.launch_attempts[0].phase == "launch"
+    assert {a.phase for a in record.launch_attempts[1:]} <= {"tune"} and len(record.launch_attempts) >= 2
+    assert result.plan.params == record.tuning["chosen"]["params"] == record.final_plan["params"]
+    assert SavedParams().entries()[0][1].params == result.plan.params
+    assert pipeline.replay(record).replayed.final_plan == record.final_plan
