@@ -41,6 +41,7 @@ _SECRET_PATTERNS = (  # the part in group "keep" stays, the rest of the match is
     re.compile(r"(?i)(?P<keep>bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
     re.compile(r"(?P<keep>)\bsk-[A-Za-z0-9_-]{8,}"),
     re.compile(r"(?P<keep>)\bhf_[A-Za-z0-9]{8,}"),
+    re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]+:[^/\s@]+(?=@)"),  # user:password@ in URLs
 )
 _SECRET_ENV = re.compile(r"(?i)^[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)[A-Z0-9_]*$")
 

@@ -99,6 +99,7 @@ def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
         (["model", "run", MODEL, "--dry-run", "--hardware", H100, "--max-model-len", "lots"], "--max-model-len"),
         (["model", "run", MODEL, "--dry-run", "--hardware", H100, "--bounds", "missing.toml"], "missing.toml"),
         (["session", "replay", "nope.json"], "nope.json"),
+        (["model", "run", MODEL, "--hardware", H100], "vllm not found"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_no_traceback_no_half_file(tmp_path, args, words):

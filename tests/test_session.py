@@ -53,6 +53,7 @@ def test_redact_text_hides_headers_and_key_shaped_tokens():
     assert FAKE_KEY not in out and "abcdefgh12345" not in out and "hf_abcdefghijkl" not in out
     assert out.count(REDACTED) == 3
     assert redact_text("plain value 0.9", ["0.9x-not-here"]) == "plain value 0.9"
+    assert redact_text("http://bob:s3cret@llm.local:8080/v1") == f"http://{REDACTED}@llm.local:8080/v1"
 
 
 def test_secret_values_and_env_redaction():
