@@ -341,6 +341,9 @@ def _check_parallel(model: ModelFacts, flags: EngineFlags, gpu_count: int) -> No
         raise EstimateError(
             f"--pipeline-parallel-size {pp}: more stages than the {model.num_hidden_layers} layers"
         )
+    for flag, value in (("--max-num-seqs", flags.max_num_seqs), ("--max-num-batched-tokens", flags.max_num_batched_tokens)):
+        if value is not None and value < 1:
+            raise EstimateError(f"{flag} {value}: must be >= 1")
     util = flags.gpu_memory_utilization
     if util is not None and not 0 < util <= 1:
         raise EstimateError(f"--gpu-memory-utilization {util}: must be in (0, 1]")

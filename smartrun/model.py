@@ -206,9 +206,16 @@ def _need(cfg: dict[str, Any], key: str) -> Any:
     return value
 
 
-def _int(value: Any, key: str) -> int:
+# Far above any real model; past them a config is garbage, and the estimator's per-layer loops would hang.
+MAX_LAYERS_OR_HEADS = 100_000
+MAX_SIZE = 2**40
+
+
+def _int(value: Any, key: str, limit: int = MAX_SIZE) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value <= 0:
         raise ModelError(f"config.json: '{key}' must be a positive integer, got {value!r}")
+    if value > limit:
+        raise ModelError(f"config.json: '{key}' = {value!r} is absurdly large (limit {limit:,})")
     return int(value)
 
 
@@ -421,9 +428,9 @@ def _facts(
     text = effective_text_config(config)
     nested = _text_section(config)[1]
     model_type = str(config.get("model_type") or text.get("model_type") or "unknown")
-    layers = _int(_need(text, "num_hidden_layers"), "num_hidden_layers")
+    layers = _int(_need(text, "num_hidden_layers"), "num_hidden_layers", MAX_LAYERS_OR_HEADS)
     hidden = _int(_need(text, "hidden_size"), "hidden_size")
-    heads = _int(_need(text, "num_attention_heads"), "num_attention_heads")
+    heads = _int(_need(text, "num_attention_heads"), "num_attention_heads", MAX_LAYERS_OR_HEADS)
     for key in _REQUIRED:
         _need(text, key)
     kv_heads = text.get("num_key_value_heads") or heads
@@ -448,7 +455,7 @@ def _facts(
         hidden_size=hidden,
         intermediate_size=_int(text["intermediate_size"], "intermediate_size"),
         num_attention_heads=heads,
-        num_kv_heads=_int(kv_heads, "num_key_value_heads"),
+        num_kv_heads=_int(kv_heads, "num_key_value_heads", MAX_LAYERS_OR_HEADS),
         head_dim=_int(head_dim, "head_dim"),
         vocab_size=_int(text["vocab_size"], "vocab_size"),
         max_position_embeddings=text.get("max_position_embeddings"),

@@ -335,12 +335,18 @@ def test_cli_table_and_hardware_snapshot(capsys):
         ["--gpu", "H10"],
         ["--gpu", "H100", "--gpus", "4", "--tensor-parallel-size", "3"],
         ["--gpu", "H100", "--gpu-memory-utilization", "1.5"],
+        ["--gpu", "H100", "--gpus", "99999999999999"],  # once a MemoryError traceback
+        ["--gpu", "H100", "--pipeline-parallel-size", "0"],  # once blamed on --gpus
+        ["--gpu", "H100", "--max-num-seqs", "0"],
+        ["--gpu", "H100", "--max-num-batched-tokens", "-1"],
+        ["--gpu", "H100", "--max-model-len", "-5"],  # once argparse's usage block
     ],
 )
 def test_cli_bad_input_one_line_exit_2(capsys, args):
     rc = cli_main(["model", "estimate", LLAMA_DIR, *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("localaistack: ") and err.count("\n") == 1
+    assert args[-2] in err or "tensor parallel size (3)" in err  # names the flag at fault (or vLLM's wording)
 
 
 def test_snapshot_busy_gpu_fails_startup_check():

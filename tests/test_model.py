@@ -425,6 +425,16 @@ def test_bad_config_json(tmp_path, content, needle):
     assert str(tmp_path / "config.json") in err.value.message and needle in err.value.message
 
 
+@pytest.mark.parametrize("key", ["num_hidden_layers", "num_attention_heads", "intermediate_size"])
+def test_absurd_sizes_are_refused_not_estimated_forever(tmp_path, key):
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32,
+              "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32000}
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: 10**11}))
+    with pytest.raises(ModelError) as err:
+        inspect(str(tmp_path))
+    assert key in err.value.message and "absurdly large" in err.value.message
+
+
 def test_missing_key_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 64}))
     with pytest.raises(ModelError) as err:

@@ -7,6 +7,8 @@ import json
 
 from smartrun.errors import EstimateError
 
+MAX_GPUS = 4096  # far above any node; a typo like --gpus 99999999 must not build a list that size
+
 
 def _model_len(text: str) -> int:
     """N, or auto/-1 for vLLM's auto-fit."""
@@ -15,9 +17,9 @@ def _model_len(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+        raise EstimateError(f"--max-model-len {text!r}: expected an integer or auto") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+        raise EstimateError(f"--max-model-len {text!r}: expected a positive integer or auto")
     return value
 
 
@@ -40,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="N")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F")
-    p.add_argument("--max-model-len", type=_model_len, default=None, metavar="N|auto")
+    p.add_argument("--max-model-len", default=None, metavar="N|auto")
     p.add_argument("--max-num-seqs", type=int, default=None, metavar="N")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N")
     p.add_argument("--dtype", default="auto", metavar="D")
@@ -64,9 +66,11 @@ def _gpus(args: argparse.Namespace):
         if not snapshot.gpus:
             raise EstimateError(f"{args.hardware}: the snapshot has no GPU")
         return snapshot
+    for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size),
+                        ("--pipeline-parallel-size", args.pipeline_parallel_size), ("--gpus", args.gpus)):
+        if value is not None and not 1 <= value <= MAX_GPUS:
+            raise EstimateError(f"{flag} {value}: must be between 1 and {MAX_GPUS}")
     count = args.gpus if args.gpus is not None else args.tensor_parallel_size * args.pipeline_parallel_size
-    if count < 1:
-        raise EstimateError(f"--gpus {count}: must be >= 1")
     return [GpuSpec.from_name(args.gpu)] * count
 
 
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
+        max_model_len=None if args.max_model_len is None else _model_len(args.max_model_len),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         dtype=args.dtype,
