@@ -429,7 +429,7 @@ def test_bad_config_json(tmp_path, content, needle):
 def test_absurd_sizes_are_refused_not_estimated_forever(tmp_path, key):
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32,
               "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32000}
-    (tmp_path / "config.json").write_text(json.dumps({**config, key: 10**11}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: 10**13}))
     with pytest.raises(ModelError) as err:
         inspect(str(tmp_path))
     assert key in err.value.message and "absurdly large" in err.value.message
