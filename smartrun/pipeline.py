@@ -230,19 +230,14 @@ class RecordingTransport:
 
 
 def _recorded_latency(obj: Any, measured: float) -> float:
+    """The transport's own latency figure when it has one (LLMReply.latency_s), else what we measured."""
     latency = getattr(obj, "latency_s", None)
     return round(float(latency if isinstance(latency, (int, float)) else measured), 4)
 
 
 def _tokens_of(reply: Any) -> dict[str, int] | None:
-    for name in ("usage", "tokens"):
-        usage = getattr(reply, name, None)
-        if usage is None:
-            continue
-        usage = to_jsonable(usage)
-        if isinstance(usage, dict):
-            return {k: int(v) for k, v in usage.items() if isinstance(v, (int, float))}
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    """Token usage of an LLMReply: {"prompt_tokens", "completion_tokens"} as the server reported them."""
+    keys = ("prompt_tokens", "completion_tokens")
     found = {k: getattr(reply, k) for k in keys if isinstance(getattr(reply, k, None), int)}
     return found or None
 
@@ -306,15 +301,8 @@ def _recorded_latency_attr(obj: Any, name: str, measured: float) -> float:
 
 
 def _attempt_outcome(attempt: Any) -> str:
-    for name in ("failure_class", "outcome", "failure", "status"):
-        value = getattr(attempt, name, None)
-        if value is None:
-            continue
-        value = getattr(value, "value", value)
-        value = getattr(value, "kind", value)
-        if value:
-            return str(value)
-    return "ready" if getattr(attempt, "healthy", False) or getattr(attempt, "ok", False) else "unknown"
+    """"ready", "interrupted", or the failure class vllm_log gave a failed start (e.g. "oom_cuda_graph")."""
+    return str(getattr(attempt, "failure_class", None) or getattr(attempt, "outcome", None) or "unknown")
 
 
 # ---------------------------------------------------------------------------- the run
