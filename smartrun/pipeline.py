@@ -393,6 +393,9 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
                           "builtin": bounds_in.builtin}
     version, vllm_bin = sources.vllm()
     record.vllm = {"version": version, "bin": vllm_bin}
+    if version is None:
+        rec.warn("no vLLM version known (vllm not found, no --vllm-version): planning with the estimator's "
+                 "default profile")
 
     bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, user.pins, request.goal,
                                     vllm_version=version, force=request.force)
@@ -886,16 +889,15 @@ def _live_vllm(request: RunRequest) -> tuple[str | None, str | None]:
     """--vllm-version wins; else the installed vllm's version. A dry run plans without vllm installed."""
     if request.dry_run and request.vllm_version:
         return request.vllm_version, request.vllm_bin
-    try:
-        from smartrun import launch
+    from smartrun import launch
 
+    try:
         found = launch.find_vllm(request.vllm_bin)
-    except (SmartRunError, ImportError):
+    except SmartRunError:
         if request.dry_run:
             return request.vllm_version, request.vllm_bin
         raise
-    version = request.vllm_version or getattr(found, "version", None)
-    return version, str(getattr(found, "path", None) or getattr(found, "bin", None) or request.vllm_bin)
+    return request.vllm_version or found.version, found.path
 
 
 def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | None,
