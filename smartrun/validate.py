@@ -70,8 +70,10 @@ def _check_one(k: Knob, bound: KnobBound | None, base: Plan, change: Change, sou
     if (not k.llm_may_change or (bound is not None and not bound.llm_may_change)) and not unchanged:
         why = "security-sensitive, user only" if k.security else "user only"
         raise _Refused("unchanged", "catalogue", f"{k.name} is {why}; it is not changed by smart-run")
-    if bound is None:
-        return value
+    if bound is None:  # a knob the effective bounds do not cover is not open to change, from any source
+        if unchanged:
+            return value
+        raise _Refused("no bound", "bounds", f"{k.name} has no effective bound, so it is not changed by smart-run")
     inside = bound.contains_for_recovery(value) if source == "recovery" else bound.contains(value)
     if not inside:
         where = ", ".join(bound.sources) or "bounds"

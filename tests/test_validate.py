@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from smartrun.knobs import CATALOGUE
@@ -110,6 +110,15 @@ def test_world_size_beyond_the_gpus_is_rejected():
     assert verdict.rejections[0].source == "estimate" and "usable GPUs" in verdict.rejections[0].reason
 
 
+def test_a_knob_without_an_effective_bound_is_not_changed():
+    """Found by the property test once it drew accepted changes: an unbounded tuning knob was taken as is."""
+    b = Bounds(knobs={"max_num_seqs": KnobBound(knob="max_num_seqs", min=1, max=8, sources=("vllm",))})
+    base = Plan(params={"max_num_seqs": 4})
+    verdict = check(b, base, Proposal(changes=(Change(knob="max_model_len", value=1),), source="llm"))
+    assert not verdict.accepted and verdict.rejections[0].knob == "max_model_len"
+    assert "no effective bound" in verdict.rejections[0].reason
+
+
 def test_a_knob_proposed_twice_is_rejected():
     proposal = Proposal(changes=(Change(knob="max_model_len", value=4096), Change(knob="max_model_len", value=8192)))
     assert not check(_bounds(), BASE, proposal).accepted
@@ -161,6 +170,19 @@ def _bounds_and_base(draw):
 @st.composite
 def _proposals(draw, bounds: Bounds):
     changes = []
+    if draw(st.booleans()):
+        # plausible proposals: distinct bounded knobs, values around their bounds. Without them accepted
+        # proposals were almost always empty, and "an accepted plan is inside the bounds" tested nothing.
+        for name in draw(st.lists(st.sampled_from(sorted(bounds.knobs)), unique=True, min_size=1, max_size=3)):
+            bound = bounds.knobs[name]
+            if bound.choices is not None:
+                value = draw(st.sampled_from(bound.choices))
+            elif isinstance(bound.min, float):
+                value = draw(st.floats(bound.min - 0.1, bound.max + 0.1))
+            else:
+                value = draw(st.integers(bound.min - 5, bound.max + 5))
+            changes.append(Change(knob=name, value=value))
+        return Proposal(changes=tuple(changes), source=draw(st.sampled_from(["llm", "cache", "replay"])))
     for _ in range(draw(st.integers(0, 4))):
         name = draw(_knob_names)
         bound = bounds.knobs.get(name)
@@ -183,6 +205,8 @@ def test_accepted_plans_are_inside_the_bounds_and_keep_every_pin(data):
     bounds, base = data.draw(_bounds_and_base())
     proposal = data.draw(_proposals(bounds))
     verdict = check(bounds, base, proposal)
+    event("accepted with changes" if verdict.accepted and verdict.plan.params != base.params else
+          "accepted unchanged" if verdict.accepted else "rejected")
     if verdict.accepted:
         for name, bound in bounds.knobs.items():
             value = verdict.plan.params[name]
@@ -194,7 +218,7 @@ def test_accepted_plans_are_inside_the_bounds_and_keep_every_pin(data):
     else:
         assert verdict.rejections
         real_sources = {s for b in bounds.knobs.values() for s in b.sources} | {"catalogue", "vllm", "proposal",
-                                                                                  "pin"}
+                                                                                  "pin", "bounds"}
         for rej in verdict.rejections:
             assert rej.reason and rej.bound
             assert set(rej.source.split(", ")) <= real_sources, rej
