@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from smartrun.errors import HardwareError, SnapshotError
+from smartrun.fileio import atomic_write_text
 from smartrun.plan import Frozen
 
 SNAPSHOT_SCHEMA_VERSION = 1
@@ -304,23 +304,10 @@ def save_snapshot(snapshot: HardwareSnapshot, path: str | Path) -> None:
         checked = HardwareSnapshot.model_validate(snapshot.model_dump())
     except ValidationError as err:
         raise SnapshotError(f"hardware snapshot {path}: not saved, {_first_problem(err)}") from err
-    text = checked.model_dump_json(indent=2) + "\n"
     try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write_text(path, checked.model_dump_json(indent=2) + "\n")
     except OSError as err:
         raise SnapshotError(f"hardware snapshot {path}: cannot write: {err}") from err
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except OSError as err:
-        Path(temp).unlink(missing_ok=True)
-        raise SnapshotError(f"hardware snapshot {path}: cannot write: {err}") from err
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def fingerprint(snapshot: HardwareSnapshot) -> str:

@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartrun.errors import InputError, LaunchError
+from smartrun.fileio import atomic_write_text
 from smartrun.hardware import HardwareSnapshot
 from smartrun.plan import Change, Frozen, Plan, Proposal
 from smartrun.vllm_log import Failure, Phase, StartupFacts, classify_failure, parse_startup, phase_of
@@ -104,19 +104,6 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def find_vllm(vllm_bin: str | None = None, *, cache_dir: str | Path | None = None, timeout: float = 120.0) -> VllmInfo:
     """Locate vllm (--vllm-bin, else PATH) and learn its version and flags; cached by binary path + mtime."""
     where = vllm_bin or shutil.which("vllm")
@@ -145,7 +132,7 @@ def find_vllm(vllm_bin: str | None = None, *, cache_dir: str | Path | None = Non
     info = VllmInfo(path=str(binary), version=version, flags=flags)
     cache[key] = info.model_dump()
     with contextlib.suppress(OSError):
-        _write_atomic(cache_file, json.dumps(cache, indent=1))
+        atomic_write_text(cache_file, json.dumps(cache, indent=1), make_parents=True)
     return info
 
 

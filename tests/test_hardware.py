@@ -382,6 +382,13 @@ def test_save_into_missing_directory(tmp_path):
         save_snapshot(fixture("1x-l4.json"), tmp_path / "no" / "such" / "dir" / "x.json")
 
 
+def test_save_onto_a_directory_leaves_no_temp_file(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SnapshotError, match=r"taken: cannot write"):
+        save_snapshot(fixture("1x-l4.json"), tmp_path / "taken")
+    assert os.listdir(tmp_path) == ["taken"] and os.listdir(tmp_path / "taken") == []
+
+
 def _valid() -> dict:
     return json.loads((HW / "2x-a100-80gb-nvlink.json").read_text())
 
