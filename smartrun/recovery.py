@@ -22,25 +22,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from smartrun.knobs import CATALOGUE
 from smartrun.plan import Change, Frozen, Plan, Proposal
 from smartrun.rules import Bounds, KnobBound
 from smartrun.vllm_log import Failure
 
 OOM_UTIL_FLOOR = 0.82  # guide 3.2: "if OOM is frequent, go down to 0.82 ~ 0.86"
 UTIL_STEP = 0.04
-DEFAULT_UTIL = 0.92  # vLLM 0.33 default
+DEFAULT_UTIL = CATALOGUE["gpu_memory_utilization"].default  # vLLM's, when the plan does not set it
 MIN_MAX_MODEL_LEN = 256
-KNOB_FLAGS = {
-    "max_model_len": "--max-model-len",
-    "gpu_memory_utilization": "--gpu-memory-utilization",
-    "max_num_seqs": "--max-num-seqs",
-    "max_num_batched_tokens": "--max-num-batched-tokens",
-    "tensor_parallel_size": "--tensor-parallel-size",
-    "enforce_eager": "--enforce-eager",
-    "optimization_level": "--optimization-level",
-    "disable_custom_all_reduce": "--disable-custom-all-reduce",
-    "dtype": "--dtype",
-}
 
 
 class Stop(Frozen):
@@ -55,7 +45,8 @@ class Stop(Frozen):
 
 
 def _flag(knob: str) -> str:
-    return KNOB_FLAGS.get(knob, "--" + knob.replace("_", "-"))
+    """The flag as the user would type it, from the one catalogue."""
+    return CATALOGUE[knob].flag if knob in CATALOGUE else "--" + knob.replace("_", "-")
 
 
 class _Ladder:
