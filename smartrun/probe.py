@@ -98,6 +98,9 @@ class ProbeResult(Frozen):
     latency_p95_ms: float | None = None
     streamed: bool = True
     stopped_by: Literal["duration", "max_requests"] = "duration"
+    # Per-request samples in completion order (ms), for checks and plots; left out of records and --json.
+    latencies_ms: tuple[float, ...] = Field(default=(), exclude=True, repr=False)
+    ttfts_ms: tuple[float, ...] = Field(default=(), exclude=True, repr=False)
 
     def summary(self) -> str:
         fmt = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
@@ -304,6 +307,7 @@ async def run_probe_async(
         ttft_p50_ms=percentile(run.ttfts, 50), ttft_p95_ms=percentile(run.ttfts, 95),
         latency_p50_ms=percentile(run.latencies, 50), latency_p95_ms=percentile(run.latencies, 95),
         streamed=run.streamed_any, stopped_by=run.stopped_by,
+        latencies_ms=tuple(run.latencies), ttfts_ms=tuple(run.ttfts),
     )
 
 

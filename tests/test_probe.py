@@ -129,12 +129,14 @@ def test_percentiles_and_ttft_follow_the_scripted_delays():
         result = probe.run_probe(server.url, settings(max_requests=10))
     assert (result.ok, result.errors, result.requests) == (10, 0, 10)
     assert result.output_tokens == 40 and result.streamed
-    # sorted latencies are 10, 30, ..., 190 ms plus overhead: p50 = 100 (+overhead), p95 = 181 (+overhead);
-    # the upper limits only rule out a wrong rank (the neighbours are 20 ms away, plus overhead slack)
-    assert 100 <= result.latency_p50_ms < 140
-    assert 181 <= result.latency_p95_ms < 220
-    assert 90 <= result.ttft_p50_ms < result.latency_p50_ms
-    assert 171 <= result.ttft_p95_ms < result.latency_p95_ms
+    # the percentiles are those of the requests' own times, and each request took at least what was scripted
+    assert result.latency_p50_ms == probe.percentile(list(result.latencies_ms), 50)
+    assert result.latency_p95_ms == probe.percentile(list(result.latencies_ms), 95)
+    assert result.ttft_p95_ms == probe.percentile(list(result.ttfts_ms), 95)
+    assert all(lat >= 20 * k + 10 for k, lat in enumerate(result.latencies_ms))  # one client: in order
+    assert all(first >= 20 * k for k, first in enumerate(result.ttfts_ms))
+    assert all(first < lat for first, lat in zip(result.ttfts_ms, result.latencies_ms, strict=True))
+    assert result.latency_p50_ms >= 100 and result.latency_p95_ms >= 181  # sorted: 10, 30, ..., 190 (+ overhead)
     assert result.model == "scripted-model"
 
 
@@ -216,6 +218,7 @@ def test_cli_prints_json_in_a_real_subprocess():
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["ok"] == 5 and data["output_tokens"] == 20 and data["settings"]["concurrency"] == 2
+    assert "latencies_ms" not in data
     assert len(set(prompts)) == 5 and all(len(p.split()) == 16 for p in prompts)
     bad = subprocess.run([sys.executable, "-m", "smartrun", "probe", server.url, "--duration", "-1"],
                          capture_output=True, text=True, timeout=60)
