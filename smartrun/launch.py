@@ -479,6 +479,8 @@ class ProcessLauncher:
                  printer: Callable[[str], None] | None = None, progress: Callable[[str], None] | None = None,
                  poll_interval: float = 0.5, keep_lines: int = 400, stop_grace: float = 10.0,
                  info: VllmInfo | None = None, cache_dir: str | Path | None = None):
+        if not (isinstance(startup_timeout, int | float) and 0 < startup_timeout < float("inf")):
+            raise InputError(f"--startup-timeout {startup_timeout}: must be a positive number of seconds")
         self.vllm_bin, self.hardware, self.host, self.port = vllm_bin, hardware, host, port
         self.startup_timeout, self.poll_interval, self.keep_lines = startup_timeout, poll_interval, keep_lines
         self.printer = printer or _default_printer

@@ -376,3 +376,9 @@ def test_advisor_recover_first_then_the_ladder_all_through_the_validator(rig):
                                       advisor_recover=eager, on_event=rig.events.append)
     report.server.stop()
     assert report.plan.source == "llm" and "graphs crash: run eager" in report.plan.provenance["enforce_eager"]
+
+
+@pytest.mark.parametrize("seconds", [-1, 0, float("nan"), float("inf")])
+def test_a_nonsense_startup_timeout_is_bad_input_not_an_instant_timeout(seconds):
+    with pytest.raises(InputError, match=r"^--startup-timeout .*: must be a positive number of seconds$"):
+        launch.ProcessLauncher("vllm", startup_timeout=seconds)
