@@ -43,6 +43,9 @@ MIB = 2**20
 NO_NVML_HINT = "to plan for another machine pass --hardware SNAPSHOT.json"
 
 
+MAX_GPU_MIB = 2**24  # 16 TiB: two orders above any GPU; a bigger figure is a broken snapshot
+
+
 class GpuProcess(Frozen):
     """A process holding memory on a GPU."""
 
@@ -58,7 +61,7 @@ class GpuInfo(Frozen):
     index: int = Field(ge=0)
     uuid: str
     name: str  # NVML name string, e.g. "NVIDIA H100 80GB HBM3"
-    memory_total_mib: int = Field(gt=0)
+    memory_total_mib: int = Field(gt=0, le=MAX_GPU_MIB)
     memory_free_mib: int = Field(ge=0)
     memory_used_mib: int = Field(ge=0)
     compute_capability: str = Field(pattern=r"^\d+\.\d+$")  # "9.0"

@@ -426,6 +426,7 @@ BAD_SNAPSHOTS = {
         "memory_free_mib 90000 exceeds memory_total_mib 81920",
     ),
     "unknown-field": (_edit(gpu_count=2), "gpu_count: Extra inputs are not permitted"),
+    "absurd-total": (_edit(gpus__0__memory_total_mib=10**30), "memory_total_mib: Input should be less than"),
     "missing-cpus": (
         json.dumps({k: v for k, v in _valid().items() if k != "cpu_count"}),
         "cpu_count: Field required",
