@@ -103,9 +103,25 @@ def _timeout(value: Any, origin: str) -> float:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
-    if not seconds > 0:
+    if not 0 < seconds < float("inf"):
         raise InputError(f"LLM timeout from {origin} must be a positive number of seconds, got {value!r}")
     return seconds
+
+
+def _base_url(value: Any, origin: str) -> str:
+    """An http(s) URL, or InputError now: a typo is bad input, not an endpoint to retry for seconds."""
+    from urllib.parse import urlsplit
+
+    text = str(value).strip().rstrip("/")
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InputError(f"LLM base URL from {origin} must be an http(s) URL like http://host:port/v1, "
+                         f"got {shown_url(text)!r}")
+    return text
 
 
 def resolve_settings(
@@ -142,7 +158,7 @@ def resolve_settings(
         (table.get("timeout"), file_origin),
     )
     origin = {"base_url": base_origin, "model": model_origin, "api_key": key_origin, "timeout_s": timeout_origin}
-    fields: dict[str, Any] = {"base_url": str(base_url).rstrip("/"), "model": str(model or "")}
+    fields: dict[str, Any] = {"base_url": _base_url(base_url, str(base_origin)), "model": str(model or "")}
     if key is not None:
         fields["api_key"] = SecretStr(str(key))
     if timeout is not None:

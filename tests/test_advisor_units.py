@@ -151,9 +151,23 @@ def test_bad_config_file_is_an_input_error_naming_the_file(tmp_path, body, words
     assert str(cfg) in caught.value.message
 
 
+@pytest.mark.parametrize("url", ["notaurl", "ftp://x/v1", "http://", "localhost:8000/v1"])
+def test_a_malformed_base_url_is_bad_input_not_four_connection_retries(tmp_path, url):
+    with pytest.raises(InputError, match=r"LLM base URL from cli must be an http\(s\) URL"):
+        resolve_settings(url, "m", None, env={}, config_path=tmp_path / "n")
+
+
+def test_a_base_url_error_does_not_echo_credentials(tmp_path):
+    with pytest.raises(InputError) as caught:
+        resolve_settings("gopher://user:sk-secret@host/v1", "m", None, env={}, config_path=tmp_path / "n")
+    assert "sk-secret" not in caught.value.message
+
+
 def test_bad_cli_timeout_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="from cli must be a positive"):
         resolve_settings("http://x/v1", "m", "soon", env={}, config_path=tmp_path / "n")
+    with pytest.raises(InputError, match="from cli must be a positive"):
+        resolve_settings("http://x/v1", "m", float("inf"), env={}, config_path=tmp_path / "n")
 
 
 # ---------------------------------------------------------------- prompts
