@@ -264,13 +264,19 @@ async def run_probe_async(
     settings: ProbeSettings,
     on_progress: Callable[[ProbeProgress], None] | None = None,
     progress_every_s: float = 0.25,
+    api_key: str | None = None,
 ) -> ProbeResult:
-    """Probe `base_url` (server root or .../v1) with `settings`; returns when every worker has stopped."""
+    """Probe `base_url` (server root or .../v1) with `settings`; returns when every worker has stopped.
+
+    `api_key` (a server started with --api-key) is sent as a bearer token and kept out of the result.
+    """
     import httpx
 
     root = api_root(base_url)
     limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s, trust_env=False) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s, trust_env=False,
+                                 headers=headers) as client:
         model = settings.model or await first_model(client, root)
         run = _Run(settings)
         started = time.perf_counter()
@@ -312,10 +318,11 @@ async def run_probe_async(
 
 
 def run_probe(
-    base_url: str, settings: ProbeSettings, on_progress: Callable[[ProbeProgress], None] | None = None
+    base_url: str, settings: ProbeSettings, on_progress: Callable[[ProbeProgress], None] | None = None,
+    api_key: str | None = None,
 ) -> ProbeResult:
     """Blocking form of run_probe_async for the CLI and the tuner."""
-    return asyncio.run(run_probe_async(base_url, settings, on_progress))
+    return asyncio.run(run_probe_async(base_url, settings, on_progress, api_key=api_key))
 
 
 class ProgressLine:

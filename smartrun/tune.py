@@ -483,13 +483,13 @@ def _default_check(bounds: Bounds) -> Check:
     return lambda proposal, base: validate.check(bounds, base, proposal)
 
 
-def _default_probe(settings: TuneSettings) -> ProbeFn:
+def _default_probe(settings: TuneSettings, api_key: str | None = None) -> ProbeFn:
     from smartrun import probe as probe_mod
 
     def run(server: Any) -> ProbeResult:
         line = probe_mod.ProgressLine()
         try:
-            return probe_mod.run_probe(server.base_url, settings.probe, on_progress=line)
+            return probe_mod.run_probe(server.base_url, settings.probe, on_progress=line, api_key=api_key)
         finally:
             line.finish()
 
@@ -550,8 +550,9 @@ def tune_messages(state: TuneState, *, goal: str, facts: dict[str, Any]) -> list
         "errors": r.result.errors if r.result else None, "failure": r.failure, "kept": r.kept,
     } for r in state.rounds]
     bounds = {name: b.to_json() for name, b in state.bounds.knobs.items() if name in advisor.open_knobs(state.bounds)}
+    best = {k: v for k, v in state.best.params.items() if not _secret(k)}  # no API key in a prompt
     data = {
-        "goal": goal, "bounds": bounds, "best": state.best.params, "best_round": state.best_round,
+        "goal": goal, "bounds": bounds, "best": best, "best_round": state.best_round,
         "rounds": rounds, "slo_p95_ms": state.settings.slo_p95_ms, "min_gain": state.settings.min_gain,
         "rounds_left": state.settings.rounds - (len(state.rounds) - 1), "load": state.settings.probe.model_dump(),
         "facts": facts, "gpu_count": state.bounds.gpu_count, "schema": advisor.reply_schema(state.bounds),
@@ -560,6 +561,13 @@ def tune_messages(state: TuneState, *, goal: str, facts: dict[str, Any]) -> list
         {"role": "system", "content": advisor.render("tune_system.md.j2", **data)},
         {"role": "user", "content": advisor.render("tune_user.md.j2", **data)},
     ]
+
+
+def _secret(knob: str) -> bool:
+    from smartrun.knobs import CATALOGUE
+
+    entry = CATALOGUE.get(knob)
+    return entry is not None and entry.security
 
 
 def _round(value: float | None) -> float | None:
@@ -655,6 +663,24 @@ def make_restart(launcher: Any, bounds: Bounds, server: Any, *, model_path: str,
     return restart
 
 
+def _plan_api_key(plan: Plan) -> str | None:
+    """A pinned --api-key travels in the plan (catalogue knob api_key, a tuple of keys)."""
+    key = plan.params.get("api_key")
+    if isinstance(key, (list, tuple)):
+        key = key[0] if key else None
+    return str(key) if key else None
+
+
+def api_key_of(argv: tuple[str, ...] | list[str]) -> str | None:
+    """The value of --api-key in vLLM's arguments (the probe must send it), or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--api-key" and i + 1 < len(argv):
+            return str(argv[i + 1])
+        if arg.startswith("--api-key="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def launch_inputs(request: Any, facts: Any) -> tuple[str, tuple[str, ...]]:
     """(model path, passthrough args) as the pipeline builds them, for a hook call that did not pass them."""
     from smartrun import knobs
@@ -666,7 +692,7 @@ def launch_inputs(request: Any, facts: Any) -> tuple[str, tuple[str, ...]]:
         if flag not in given and value is not None:
             security += [flag, str(value)]
     extra = tuple(getattr(request, "extra_args", ()) or ())
-    return (getattr(facts, "path", None) or request.model), (*security, *user.passthrough, *extra)
+    return (getattr(facts, "path", None) or getattr(request, "model", "")), (*security, *user.passthrough, *extra)
 
 
 def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, restart: Restart | None = None,
@@ -689,11 +715,12 @@ def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, 
         settings = TuneSettings(**options) if options else TuneSettings()
     if getattr(request, "goal", None) == "latency" and settings.slo_p95_ms is None:
         emit("warning", "--tune raises tokens/s; with --goal latency set --slo-p95-ms to cap the p95 latency")
+    derived_path, derived_passthrough = launch_inputs(request, facts)
+    passthrough = derived_passthrough if passthrough is None else tuple(passthrough)
     if restart is None:
-        derived_path, derived_passthrough = launch_inputs(request, facts)
         restart = make_restart(launcher, bounds, server, model_path=model_path or derived_path,
-                               passthrough=derived_passthrough if passthrough is None else tuple(passthrough),
-                               on_event=lambda line: emit("launch", str(line)))
+                               passthrough=passthrough, on_event=lambda line: emit("launch", str(line)))
+    probe = probe or _default_probe(settings, api_key=_plan_api_key(plan) or api_key_of(passthrough))
     propose: Proposer | None = None
     exchanges: list[dict[str, Any]] = []
     if transport is not None and getattr(request, "smart_run", False):

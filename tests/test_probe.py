@@ -29,6 +29,7 @@ class ScriptedServer:
     def __init__(self, behaviour: Callable[[int, dict], dict]):
         self.behaviour = behaviour
         self.bodies: list[dict] = []
+        self.auth: list[str | None] = []
         self.lock = threading.Lock()
         server = self
 
@@ -54,6 +55,7 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                server.auth.append(self.headers.get("authorization"))
                 with server.lock:
                     n = len(server.bodies)
                     server.bodies.append(body)
@@ -140,12 +142,13 @@ def test_percentiles_and_ttft_follow_the_scripted_delays():
     assert result.model == "scripted-model"
 
 
-def test_request_budget_bounds_the_probe():
+def test_request_budget_bounds_the_probe_and_the_key_is_sent_not_kept():
     with ScriptedServer(lambda n, body: {}) as server:
-        result = probe.run_probe(server.url + "/v1/", settings(concurrency=3, max_requests=7))
+        result = probe.run_probe(server.url + "/v1/", settings(concurrency=3, max_requests=7), api_key="sk-probe-9")
         sent = len(server.bodies)
     assert result.requests == 7 and sent == 7
     assert result.stopped_by == "max_requests"
+    assert server.auth == ["Bearer sk-probe-9"] * 7 and "sk-probe-9" not in result.model_dump_json()
 
 
 def test_duration_bounds_the_probe_and_progress_is_reported():

@@ -319,13 +319,15 @@ def test_llm_proposer_renders_measurements_and_falls_back_to_rules():
     propose = tune.llm_proposer(transport, on_exchange=exchanges.append)
     settings = tune.TuneSettings(rounds=5, slo_p95_ms=60000,
                                  probe=ProbeSettings(concurrency=32, prompt_tokens=512, output_tokens=128))
-    outcome, _ = simulated("compute_bound", b, STABLE, settings, propose=propose)
+    start = {**STABLE, "api_key": ("sk-TUNEFAKE-0c4f2d9e",)}  # a pinned --api-key rides in the plan
+    outcome, _ = simulated("compute_bound", b, start, settings, propose=propose)
     rounds = outcome.report.rounds
     assert [r.source for r in rounds] == ["baseline", "llm", "rules"]
     assert rounds[2].changes == {"max_num_seqs": 16} and "LLM:" in rounds[2].step
     user = transport.messages[1][1]["content"]
     assert '"tokens_per_s"' in user and "60000" in user and '"max_num_seqs"' in user
     assert "error" in exchanges[1] and outcome.report.stopped_because == "no step left that could gain"
+    assert not any("sk-TUNEFAKE" in m["content"] for sent in transport.messages for m in sent)
 
 
 def test_best_plan_that_cannot_restart_is_a_launch_error():
@@ -439,7 +441,8 @@ def test_hook_with_the_real_launcher_restarts_and_leaves_the_chosen_server_runni
     launcher = launch.ProcessLauncher(str(shim), port=free_port(), printer=lines.append, progress=lines.append,
                                       poll_interval=0.05, cache_dir=tmp_path / "cache")
     b = bounds(seqs=(1, 8), util=(0.88, 0.88))
-    plan = Plan(params={**STABLE, "max_model_len": 4096})
+    # the server needs a bearer token (pinned --api-key): the probe must send it
+    plan = Plan(params={**STABLE, "max_model_len": 4096, "api_key": ("sk-probe-test-7",)})
     first = launch.run_with_recovery(plan, b, launcher, check=lambda p: None, max_attempts=1,
                                      on_event=lines.append, model_path="test-model")
     options = tune.TuneSettings(rounds=2, probe=probe_settings(8, 16, 32).model_copy(update={"duration_s": 0.5}))
@@ -454,6 +457,8 @@ def test_hook_with_the_real_launcher_restarts_and_leaves_the_chosen_server_runni
         assert [r.params["max_num_seqs"] for r in report.rounds] == [4, 8]  # 8 is the bound's top
         assert report.chosen.params["max_num_seqs"] == 8 and report.stopped_because == "no step left that could gain"
         assert outcome.server.alive() and outcome.server.attempt.params["max_num_seqs"] == 8
+        assert httpx.get(outcome.server.base_url + "/v1/models").status_code == 401  # without the key
+        assert report.rounds[1].result.ok > 0 and report.rounds[1].result.errors == 0  # the probe sent it
         assert process_gone(first.server.pid)
         assert any(kind == "launch" and "--max-num-seqs 8" in text for kind, text in events)
     finally:

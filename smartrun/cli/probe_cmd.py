@@ -24,11 +24,15 @@ def register(subparsers) -> None:
     parser.add_argument("--output-tokens", type=int, default=128, help="tokens to generate per request (default 128)")
     parser.add_argument("--max-requests", type=int, default=1000, help="stop after this many requests (default 1000)")
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="bearer token for a server started with --api-key (default: env VLLM_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run_probe_command)
 
 
 def run_probe_command(args: argparse.Namespace) -> int:
+    import os
+
     from smartrun import probe
 
     settings = probe.make_settings(
@@ -38,7 +42,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
     )
     line = probe.ProgressLine()
     try:
-        result = probe.run_probe(args.url, settings, on_progress=line)
+        result = probe.run_probe(args.url, settings, on_progress=line,
+                                 api_key=args.api_key or os.environ.get("VLLM_API_KEY"))
     finally:
         line.finish()
     if args.json:
