@@ -232,7 +232,7 @@ _MODEL = re.compile(
     r"|GatedRepoError|LocalEntryNotFoundError"
 )
 _BAD_ARG = re.compile(
-    r"error: unrecognized arguments: (.*)|error: argument (\S+): (.*)|(\d+) validation errors? for (\w+)"
+    r"error: unrecognized arguments: (.*)|error: argument (\S+): (.*)|\b(\d+) validation errors? for (\w+)"
     r"|must be greater than or equal to max_num_seqs|is smaller than max_model_len \(\d+\)\. This effectively"
 )
 # a traceback's last line ("RuntimeError: ...", maybe after a process prefix), not a WARNING that quotes one

@@ -185,3 +185,13 @@ def test_unknown_failure_prefers_the_root_cause_over_warnings_and_wrappers():
              "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}"]
     failure = classify_failure(lines, 1)
     assert (failure.klass, failure.evidence) == ("unknown", lines[2])
+
+
+def test_a_long_run_of_digits_is_scanned_once_and_pydantic_errors_still_classified():
+    # "(\d+) validation errors? for" once retried from every digit of a run: quadratic, ~100 s on a
+    # 100k-digit line in a log tail; anchored on a word boundary it is linear and reads the same lines
+    noise = "max seq len (" + "9" * 20000
+    lines = [noise, "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig"]
+    failure = classify_failure(lines, 1)
+    assert failure is not None and failure.klass == "bad_argument"
+    assert classify_failure([noise], 1).klass != "bad_argument"
