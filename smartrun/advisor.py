@@ -412,16 +412,20 @@ def _json_objects(text: str) -> list[tuple[int, Any]]:
     for position, candidate in candidates:
         try:
             found.append((position, json.loads(candidate)))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a hostile reply nested thousands deep
             continue
     decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
+    for match in _OBJECT_START.finditer(text):
         try:
             value, _ = decoder.raw_decode(text, match.start())
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         found.append((match.start(), value))
     return found
+
+
+# only a "{" that can open an object: decoding from every "{" of "{{{{..." was quadratic
+_OBJECT_START = re.compile(r"\{(?=\s*[\"}])")
 
 
 def parse_reply(text: str) -> Proposal:

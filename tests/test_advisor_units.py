@@ -60,6 +60,9 @@ def test_parse_reply_finds_the_proposal(text):
     ("No changes needed, the baseline is fine.", "no JSON object"),
     ('{"changes": "max_num_seqs=16"}', "wrong shape at changes"),
     ('{"changes": [{"value": 3}]}', "wrong shape at changes.0.knob"),
+    ("[" * 100_000, "no JSON object"),  # once a RecursionError out of json: a crash, not a fallback
+    ("```json\n" + "[" * 100_000 + "\n```", "no JSON object"),
+    ("{" * 150_000, "truncated"),
 ])
 def test_parse_reply_errors_are_one_line_advisor_errors(text, words):
     with pytest.raises(ReplyParseError, match=words) as caught:
