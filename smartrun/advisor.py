@@ -79,8 +79,8 @@ def _read_llm_table(path: Path) -> dict[str, Any]:
         import tomli as tomllib  # type: ignore[no-redef]
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise InputError(f"{path}: cannot read LLM settings: {err}") from err
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as err:
+        raise InputError(f"{path}: cannot read LLM settings: {err}") from None
     table = data.get("llm", {})
     if not isinstance(table, dict):
         raise InputError(f"{path}: [llm] must be a table")
@@ -378,7 +378,7 @@ def shown_url(url: str) -> str:
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 

@@ -347,6 +347,8 @@ def _problems_in_text(text: str) -> tuple[list[tuple[int, str]], dict | None]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         return [(_syntax_line(err), f"TOML syntax error: {err}")], None
+    except RecursionError:
+        return [(1, "TOML syntax error: arrays or tables nested too deeply")], None
     out = _Problems(line_index(text))
     if data.get("version") != 1:
         out.add("version", f"version must be 1 (got {data.get('version')!r})" if "version" in data

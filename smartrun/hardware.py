@@ -283,6 +283,8 @@ def load_snapshot(path: str | Path) -> HardwareSnapshot:
         raise SnapshotError(
             f"hardware snapshot {path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
         ) from err
+    except RecursionError:
+        raise SnapshotError(f"hardware snapshot {path}: invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise SnapshotError(f"hardware snapshot {path}: expected a JSON object, got {type(data).__name__}")
     if "schema_version" not in data:

@@ -99,7 +99,7 @@ def _cache_path(cache_dir: str | Path | None) -> Path:
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # missing or corrupt: ignored, rebuilt
     return data if isinstance(data, dict) else {}
 

@@ -531,6 +531,8 @@ def _read_json(path: Path) -> Any:
         raise ModelError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ModelError(f"{path}: not valid JSON (nested too deeply)") from None
     except OSError as err:
         raise ModelError(f"{path}: cannot read ({err.strerror})") from None
 
@@ -573,6 +575,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelError(f"corrupt safetensors header in {path}: header is not JSON ({err})") from None
+    except RecursionError:
+        raise ModelError(f"corrupt safetensors header in {path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise ModelError(f"corrupt safetensors header in {path}: header is not a JSON object")
     return header
@@ -642,7 +646,7 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

@@ -407,6 +407,7 @@ def _edit(**changes) -> str:
 BAD_SNAPSHOTS = {
     "truncated": (json.dumps(_valid())[:200], "invalid JSON at line 1"),
     "empty": ("", "invalid JSON at line 1 column 1"),
+    "deep": ("[" * 200_000, "nested too deeply"),  # once a RecursionError traceback
     "not-an-object": ("[1, 2]", "expected a JSON object, got list"),
     "no-version": (
         json.dumps({k: v for k, v in _valid().items() if k != "schema_version"}),

@@ -364,6 +364,10 @@ def _bad_not_json(d):
     _header_file(d / "model.safetensors", b"not json at all!")
 
 
+def _bad_deep(d):  # once a RecursionError traceback out of json
+    _header_file(d / "model.safetensors", b"[" * 200_000)
+
+
 def _bad_offsets(d):
     header = {"w": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 16]}}
     _header_file(d / "model.safetensors", json.dumps(header).encode())
@@ -377,8 +381,9 @@ def _bad_offsets(d):
         (_bad_absurd, "exceeds 100 MiB"),
         (_bad_not_json, "header is not JSON"),
         (_bad_offsets, "needs 32 bytes, offsets give 16"),
+        (_bad_deep, "nested too deeply"),
     ],
-    ids=["short", "past-end", "absurd", "not-json", "offsets"],
+    ids=["short", "past-end", "absurd", "not-json", "offsets", "deep"],
 )
 def test_corrupt_safetensors(tmp_path, make_bad, needle):
     d = _model_dir(tmp_path)
@@ -414,8 +419,9 @@ def test_index_without_total_size_reads_its_shards(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "needle"),
-    [(None, "config.json not found"), ("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object")],
-    ids=["missing", "invalid-json", "not-object"],
+    [(None, "config.json not found"), ("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+     ('{"a":' * 100_000, "nested too deeply")],
+    ids=["missing", "invalid-json", "not-object", "deep"],
 )
 def test_bad_config_json(tmp_path, content, needle):
     if content is not None:
