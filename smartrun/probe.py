@@ -8,7 +8,6 @@ or vLLM's extras (ignore_eos, stream_options) is retried once in a plainer form 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import Counter
@@ -270,6 +269,8 @@ async def run_probe_async(
 
     `api_key` (a server started with --api-key) is sent as a bearer token and kept out of the result.
     """
+    import asyncio  # lazy: the CLI starts faster without it
+
     import httpx
 
     root = api_root(base_url)
@@ -322,6 +323,8 @@ def run_probe(
     api_key: str | None = None,
 ) -> ProbeResult:
     """Blocking form of run_probe_async for the CLI and the tuner."""
+    import asyncio
+
     return asyncio.run(run_probe_async(base_url, settings, on_progress, api_key=api_key))
 
 
