@@ -219,6 +219,24 @@ def _int(value: Any, key: str, limit: int = MAX_SIZE) -> int:
     return int(value)
 
 
+def _check_rope_and_positions(text: dict[str, Any]) -> None:
+    """Refuse what vLLM would refuse and the estimator would trip on: a rope_scaling that is not a table,
+    a factor that is not a finite positive number, a max_position_embeddings that is not a sane integer."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = text.get(key)
+        if rope is not None and not isinstance(rope, dict):
+            raise ModelError(f"config.json: '{key}' must be a JSON object, got {rope!r}")
+        factors = [rope.get("factor")] if isinstance(rope, dict) else []
+        if isinstance(rope, dict):  # transformers v5: one rope dict per layer type
+            factors += [r.get("factor") for r in rope.values() if isinstance(r, dict)]
+        for factor in factors:
+            ok = isinstance(factor, int | float) and not isinstance(factor, bool) and 0 < factor <= 1e6
+            if factor is not None and not ok:
+                raise ModelError(f"config.json: '{key}.factor' must be a positive number, got {factor!r}")
+    if text.get("max_position_embeddings") is not None:
+        _int(text["max_position_embeddings"], "max_position_embeddings")
+
+
 def rope_type_of(rope_scaling: dict[str, Any] | None) -> str | None:
     """The rope type, whichever key spells it ('rope_type' in new configs, 'type' in old ones)."""
     if not rope_scaling:
@@ -433,6 +451,7 @@ def _facts(
     heads = _int(_need(text, "num_attention_heads"), "num_attention_heads", MAX_LAYERS_OR_HEADS)
     for key in _REQUIRED:
         _need(text, key)
+    _check_rope_and_positions(text)
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or 0
     if not head_dim or head_dim <= 0:
@@ -620,6 +639,8 @@ def _weight_facts(model_dir: Path) -> dict[str, Any]:
             raise ModelError(f"{index_path}: expected a JSON object with a 'weight_map' object")
         files = tuple(sorted(set(map(str, index.get("weight_map", {}).values()))))
         meta = index.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise ModelError(f"{index_path}: 'metadata' must be a JSON object, got {type(meta).__name__}")
         total = meta.get("total_size")
         if isinstance(total, int | float) and total > 0:
             params = meta.get("total_parameters")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -439,6 +440,26 @@ def test_absurd_sizes_are_refused_not_estimated_forever(tmp_path, key):
     with pytest.raises(ModelError) as err:
         inspect(str(tmp_path))
     assert key in err.value.message and "absurdly large" in err.value.message
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"rope_scaling": "yarn"}, "'rope_scaling' must be a JSON object"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "'rope_scaling.factor' must be a positive number"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 1e308}}, "'rope_scaling.factor' must be a positive number"),
+    ({"max_position_embeddings": -1}, "'max_position_embeddings' must be a positive integer"),
+])
+def test_rope_and_positions_the_estimator_would_trip_on_are_refused(tmp_path, extra, words):
+    """Once inspect passed these and `model estimate` / `model run` crashed with a traceback."""
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_SMALL, **extra}))
+    with pytest.raises(ModelError, match=re.escape(words)):
+        inspect(str(tmp_path))
+
+
+def test_index_metadata_that_is_not_an_object_is_named(tmp_path):
+    d = _model_dir(tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": [1], "weight_map": {}}))
+    with pytest.raises(ModelError, match="'metadata' must be a JSON object, got list"):
+        inspect(str(d))
 
 
 def test_missing_key_names_the_file(tmp_path):
