@@ -577,6 +577,7 @@ def _vision_params(model: ModelFacts) -> int:
     patch = vc.get("patch_size") or 14
     channels = vc.get("num_channels") or vc.get("in_channels") or 3
     image = vc.get("image_size") or 0
+    image = image[0] if isinstance(image, list) else image  # [height, width]: square in the towers counted here
     gated = str(vc.get("hidden_act", "")).lower() in ("silu", "swiglu") or vc.get("model_type") == "pixtral"
     mlp = (3 if gated else 2) * hv * iv
     per_layer = 4 * hv * hv + mlp + 9 * hv + iv

@@ -219,6 +219,28 @@ def _int(value: Any, key: str, limit: int = MAX_SIZE) -> int:
     return int(value)
 
 
+_VISION_SIZES = ("hidden_size", "embed_dim", "width", "intermediate_size", "num_hidden_layers", "depth",
+                 "num_layers", "patch_size", "num_channels", "in_channels", "image_size")
+
+
+def _check_strings_and_vision(config: dict[str, Any]) -> None:
+    """model_type must be text, and the vision sizes the estimator counts must be sane integers."""
+    for where, section in (("", config), ("text_config.", config.get("text_config"))):
+        kind = section.get("model_type") if isinstance(section, dict) else None
+        if kind is not None and not isinstance(kind, str):
+            raise ModelError(f"config.json: '{where}model_type' must be a string, got {kind!r}")
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        return
+    for key in _VISION_SIZES:
+        value = vision.get(key)
+        if isinstance(value, list) and key == "image_size":  # [height, width] in some configs
+            value = value[0] if value else None
+        if value is not None:
+            limit = MAX_LAYERS_OR_HEADS if key in ("num_hidden_layers", "depth", "num_layers") else MAX_SIZE
+            _int(value, f"vision_config.{key}", limit)
+
+
 def _check_rope_and_positions(text: dict[str, Any]) -> None:
     """Refuse what vLLM would refuse and the estimator would trip on: a rope_scaling that is not a table,
     a factor that is not a finite positive number, a max_position_embeddings that is not a sane integer."""
@@ -443,6 +465,7 @@ def _facts(
     tokenizer_max_length: int | None,
     hf_quant_config: dict[str, Any] | None,
 ) -> ModelFacts:
+    _check_strings_and_vision(config)
     text = effective_text_config(config)
     nested = _text_section(config)[1]
     model_type = str(config.get("model_type") or text.get("model_type") or "unknown")

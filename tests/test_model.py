@@ -447,6 +447,9 @@ def test_absurd_sizes_are_refused_not_estimated_forever(tmp_path, key):
     ({"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "'rope_scaling.factor' must be a positive number"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 1e308}}, "'rope_scaling.factor' must be a positive number"),
     ({"max_position_embeddings": -1}, "'max_position_embeddings' must be a positive integer"),
+    ({"model_type": 5}, "'model_type' must be a string"),
+    ({"vision_config": {"hidden_size": "x"}}, "'vision_config.hidden_size' must be a positive integer"),
+    ({"vision_config": {"hidden_size": 1152, "image_size": 1e30}}, "'vision_config.image_size' = 1e+30 is absurdly"),
 ])
 def test_rope_and_positions_the_estimator_would_trip_on_are_refused(tmp_path, extra, words):
     """Once inspect passed these and `model estimate` / `model run` crashed with a traceback."""
