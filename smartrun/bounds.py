@@ -356,6 +356,8 @@ def _problems_in_text(text: str) -> tuple[list[tuple[int, str]], dict | None]:
     for key in data:
         if key not in TOP_KEYS:
             out.add(key, f"unknown top-level key {key!r} (known: {', '.join(TOP_KEYS)})")
+    if "description" in data and not isinstance(data["description"], str):
+        out.add("description", f"description must be a string, got {data['description']!r}")
     _check_knobs(data.get("knobs", {}), "knobs", out)
     _check_overrides(data, "models", out)
     _check_overrides(data, "gpus", out)

@@ -106,7 +106,8 @@ def test_bad_files_report_file_line_and_problem(name, line, needle, capsys):
         ("version = 1\n[knobs.optimization_level]\nmax = 4\n", "outside vLLM's domain"),
         ("version = 1\n[knobs.gpu_memory_utilization]\nmin = nan\n", "not a number"),
         ("version = 1\n[knobs.api_key]\nfixed = 'k'\n", "cannot be bounded"),
-        ("version = 1\na = " + "[" * 100_000, "nested too deeply"),  # once a RecursionError traceback
+        ("version = 1\na = " + "[" * 100_000, "nested too deeply"),
+        ("version = 1\ndescription = 5\n", "description must be a string"),  # once a pydantic traceback  # once a RecursionError traceback
     ],
 )
 def test_problems_catch_contradictions_and_types(tmp_path, text, needle):
