@@ -87,6 +87,9 @@ def _read_llm_table(path: Path) -> dict[str, Any]:
     unknown = sorted(set(table) - {"base_url", "model", "api_key", "timeout"})
     if unknown:
         raise InputError(f"{path}: [llm] has unknown keys {unknown} (known: base_url, model, api_key, timeout)")
+    for key in ("base_url", "model", "api_key"):
+        if key in table and not isinstance(table[key], str):
+            raise InputError(f"{path}: [llm] {key} must be a string")  # the value may be a key: not shown
     return table
 
 

@@ -146,6 +146,8 @@ def test_settings_never_show_the_key(tmp_path):
     ('llm = "x"\n', "must be a table"),
     ('[llm]\nbase_url = "http://x"\nmodle = "m"\n', "unknown keys ['modle']"),
     ('[llm]\nbase_url = "http://x"\ntimeout = -1\n', "positive number"),
+    ('[llm]\nbase_url = "http://x"\nmodel = [1]\n', "[llm] model must be a string"),  # was used as "[1]"
+    ('[llm]\nbase_url = "http://x"\nmodel = "m"\napi_key = 7\n', "[llm] api_key must be a string"),
 ])
 def test_bad_config_file_is_an_input_error_naming_the_file(tmp_path, body, words):
     cfg = write_config(tmp_path, body)
