@@ -109,6 +109,7 @@ class Bounds(Frozen):
 # (imports below the contract types so that validate can import KnobBound/Bounds cheaply)
 
 import itertools  # noqa: E402
+import math  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -293,7 +294,29 @@ def select_gpus(hardware: HardwareSnapshot, count: int) -> list[GpuInfo]:
         frees = [g.memory_free_mib for g in combo]
         return (linked, min(frees), sum(frees), [-g.index for g in combo])
 
-    return list(max(itertools.combinations(gpus, count), key=score))
+    if math.comb(len(gpus), count) <= MAX_GPU_COMBINATIONS:
+        return list(max(itertools.combinations(gpus, count), key=score))
+    return sorted(max(_greedy_gpu_sets(hardware, gpus, count), key=score), key=lambda g: g.index)
+
+
+MAX_GPU_COMBINATIONS = 20_000  # every subset up to here (16 GPUs choose 8 is 12,870); greedy beyond
+
+
+def _greedy_gpu_sets(hardware: HardwareSnapshot, gpus: list[GpuInfo], count: int) -> list[tuple[GpuInfo, ...]]:
+    """Candidate sets for big machines, where trying every subset would not finish: the most free
+    memory, and from each GPU the NVLink-connected set grown by most free memory."""
+    by_free = sorted(gpus, key=lambda g: (-g.memory_free_mib, g.index))
+    candidates = [tuple(by_free[:count])]
+    for seed in by_free:
+        chosen = [seed]
+        for gpu in by_free:
+            if len(chosen) == count:
+                break
+            if gpu not in chosen and all(hardware.nvlinked(gpu.index, c.index) for c in chosen):
+                chosen.append(gpu)
+        if len(chosen) == count:
+            candidates.append(tuple(chosen))
+    return candidates
 
 
 def _all_linked(hardware: HardwareSnapshot, gpus: Sequence[GpuInfo]) -> bool:

@@ -228,6 +228,16 @@ def test_select_gpus_prefers_nvlink_then_free_memory():
         rules.select_gpus(m, 5)
 
 
+def test_select_gpus_on_a_32_gpu_machine_finishes_and_still_prefers_nvlink_then_free_memory():
+    """Trying all 10.5M subsets of 8 out of 32 GPUs hung `model run` for minutes; big machines go greedy."""
+    gpus = [_gpu(i, used_gib=0.5 + (i % 5)) for i in range(32)]
+    linked = range(8, 16)
+    m = _machine(*gpus, links=tuple((a, b) for a in linked for b in linked if a < b))
+    assert [g.index for g in rules.select_gpus(m, 8)] == list(linked)
+    freest = sorted(range(32), key=lambda i: (i % 5, i))[:8]
+    assert [g.index for g in rules.select_gpus(_machine(*gpus), 8)] == sorted(freest)
+
+
 # --- baseline ------------------------------------------------------------------------------------
 
 
@@ -241,6 +251,8 @@ def test_select_gpus_prefers_nvlink_then_free_memory():
         ("latency", {"max_num_seqs": 2, "max_model_len": 4096}),
     ],
 )
+
+
 def test_baseline_follows_the_guide_template_for_the_goal(goal, expected):
     m = _machine(_gpu(0), _gpu(1), links=((0, 1),))
     b = _eff(machine=m, goal=goal)
