@@ -582,6 +582,8 @@ def _read_json(path: Path) -> Any:
 def read_config(model_dir: Path) -> dict[str, Any]:
     """config.json as a dict; ModelError naming the file when missing, not JSON or not an object."""
     path = model_dir / "config.json"
+    if path.exists() and not path.is_file():
+        raise ModelError(f"{path}: not a regular file")
     if not path.is_file():
         raise ModelError(f"{path}: config.json not found in model directory {model_dir}")
     config = _read_json(path)

@@ -465,6 +465,12 @@ def test_index_metadata_that_is_not_an_object_is_named(tmp_path):
         inspect(str(d))
 
 
+def test_config_json_that_is_a_directory_is_not_called_missing(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ModelError, match=r"config\.json: not a regular file$"):
+        inspect(str(tmp_path))
+
+
 def test_missing_key_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 64}))
     with pytest.raises(ModelError) as err:
