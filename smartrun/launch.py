@@ -228,6 +228,42 @@ def command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None)
     return " ".join([*prefix, shlex.join(list(argv))])
 
 
+def secret_values(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The values of secret flags (the catalogue's, e.g. --api-key k1 k2) and VLLM_API_KEY: never shown."""
+    from smartrun.knobs import CATALOGUE
+
+    flags = {f for k in CATALOGUE.values() if k.secret for f in (k.flag, *k.aliases)}
+    found: list[str] = []
+    taking = False
+    for token in argv:
+        name, eq, value = token.partition("=")
+        if name in flags:
+            taking = not eq
+            if eq:
+                found.append(value)
+            continue
+        if taking and token.startswith("-"):
+            taking = False
+        if taking:
+            found.append(token)
+    key = {**os.environ, **(env or {})}.get("VLLM_API_KEY")
+    return tuple(v for v in {*found, *([key] if key else [])} if len(v) >= 4)  # too short to hide safely
+
+
+def hide_secrets(text: str, secrets: Sequence[str]) -> str:
+    """The text with every secret value replaced, longest first (a key may contain a shorter one)."""
+    from smartrun.session import REDACTED
+
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def shown_command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None) -> str:
+    """command_line for printing, events and records: secrets replaced."""
+    return hide_secrets(command_line(argv, env_changes), secret_values(argv, env_changes))
+
+
 def _flag_values(argv: Sequence[str], flags: Sequence[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     for i, tok in enumerate(argv):
@@ -291,9 +327,11 @@ def _failed(failure: Failure, **fields: Any) -> LaunchAttempt:
 class _LogStream(threading.Thread):
     """Reads the child's output: prints it, keeps the tail (and the startup lines), announces phases."""
 
-    def __init__(self, stream: Any, printer: Callable[[str], None], progress: Callable[[str], None], keep: int):
+    def __init__(self, stream: Any, printer: Callable[[str], None], progress: Callable[[str], None], keep: int,
+                 secrets: Sequence[str] = ()):
         super().__init__(daemon=True)
         self.stream, self.printer, self.progress = stream, printer, progress
+        self.secrets = tuple(secrets)  # vLLM echoes its args ("non-default args: {... 'api_key': ...}")
         self.tail: deque[str] = deque(maxlen=keep)
         self.startup: list[str] = []
         self.collect_startup = True
@@ -302,7 +340,7 @@ class _LogStream(threading.Thread):
 
     def run(self) -> None:
         for raw in iter(self.stream.readline, ""):
-            line = raw.rstrip("\n")
+            line = hide_secrets(raw.rstrip("\n"), self.secrets) if self.secrets else raw.rstrip("\n")
             with self.lock:
                 self.tail.append(line)
                 if self.collect_startup and len(self.startup) < 50000:
@@ -525,7 +563,7 @@ class ProcessLauncher:
                                 env={**os.environ, **env}, start_new_session=True, text=True, errors="replace",
                                 bufsize=1)
         _LIVE.add(proc)
-        stream = _LogStream(proc.stdout, self.printer, self.progress, self.keep_lines)
+        stream = _LogStream(proc.stdout, self.printer, self.progress, self.keep_lines, secret_values(argv, env))
         stream.start()
         try:
             with _sigterm_as_interrupt():
@@ -666,7 +704,7 @@ def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Cal
             argv, env, warnings = prepare(current, argv)
             for warning in warnings:
                 on_event(f"warning: {warning}")
-        on_event(f"attempt {number}/{max_attempts}: {command_line(argv, env)}")
+        on_event(f"attempt {number}/{max_attempts}: {shown_command_line(argv, env)}")
         attempt, server = launcher.start(current, list(argv), dict(env))
         attempt = attempt.model_copy(update={"number": number})
         attempts.append(attempt)
@@ -674,7 +712,7 @@ def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Cal
             on_event(f"attempt {number} interrupted; vllm serve stopped")
             raise KeyboardInterrupt
         if attempt.outcome == "ready" and server is not None:
-            line = command_line(argv, env)
+            line = shown_command_line(argv, env)
             on_event(f"vllm serve is ready at {attempt.base_url} (attempt {number}, {attempt.duration_s:.1f} s)")
             on_event(f"to rerun by hand: {line}")
             return LaunchReport(ok=True, attempts=tuple(attempts), plan=current, argv=tuple(argv), env_changes=env,

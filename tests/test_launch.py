@@ -188,6 +188,20 @@ def test_recovers_from_an_oom_while_capturing_graphs(rig):
     assert report.plan.source == "recovery"
 
 
+def test_the_api_key_is_never_printed_kept_or_reported(rig):
+    """vLLM echoes its args ("non-default args: {... api_key ...}"), and attempt lines showed the argv."""
+    secret = "sk-test-SECRET-5150"
+    rig.scenario(graph_actual_gib=5.0)
+    report = rig.run(rig.plan(gpu_memory_utilization=0.95, api_key=(secret,)), bounds())
+    report.server.stop()
+    assert [a.outcome for a in report.attempts] == ["failed", "ready"]
+    assert any("non-default args" in line and "***REDACTED***" in line for line in rig.lines)
+    shown = "\n".join([*rig.lines, *rig.events, report.command_line, report.summary,
+                       *(line for a in report.attempts for line in a.log_excerpt),
+                       *(a.evidence or "" for a in report.attempts)])
+    assert secret not in shown and "--api-key" in shown
+
+
 def test_recovers_from_kv_too_small_with_vllms_estimate(rig):
     rig.scenario(kv_bytes_per_token=1 << 20, derived_max_model_len=131072)
     report = rig.run(rig.plan(max_model_len=131072), bounds())
