@@ -384,6 +384,7 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
                          "weight_bytes": facts.weight_bytes}, facts.weight_bytes_source or "config")
 
     user = knobs.parse_user_args(list(request.user_args))
+    _refuse_planned_knobs_after_dashdash(request.extra_args)
     given = (*user.passthrough, *request.extra_args)
     passthrough = (*_security_args(request, given), *given)
     rec.decide("pins", user.pins, "user")
@@ -438,6 +439,19 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
 
     _launch(request, sources, rec, result, bounds, baseline, fit, hw, facts, plan, key, tuple(passthrough),
             model_path, version, on_event)
+
+
+def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
+    """A knob smartrun plans, typed after `--`, would silently override the plan in vLLM (the last flag wins),
+    so the plan, its estimate and its bounds would describe another launch. Typed before `--` it is a pin."""
+    if not extra_args:
+        return
+    from smartrun import knobs
+
+    planned = [name for name in knobs.parse_user_args(list(extra_args)).pins if name in knobs.TUNING_KNOBS]
+    if planned:
+        flags = ", ".join(knobs.CATALOGUE[name].flag for name in planned)
+        raise InputError(f"{flags} after `--` would override the plan; put it before `--` to pin it")
 
 
 def _security_args(request: RunRequest, passthrough: tuple[str, ...]) -> tuple[str, ...]:

@@ -9,12 +9,10 @@ any incompatible change.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from smartrun import fileio
 from smartrun.errors import InputError, ReplayDivergence
 
 
@@ -68,23 +67,11 @@ def cache_dir() -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and os.replace, so no reader sees half a file."""
-    path = Path(path)
+    """fileio's atomic writer for records and cache entries (their folders are made); errors as one InputError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fileio.atomic_write_text(path, text, make_parents=True)
     except OSError as err:
         raise InputError(f"{path}: cannot write ({err.strerror or err})") from err
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def to_jsonable(value: Any) -> Any:

@@ -9,9 +9,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from smartrun import __version__
 from smartrun.errors import SmartRunError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`localaistack <cmd>: <problem>`, exit 2), like every other error.
+
+    Subparsers inherit the class, so every command behaves the same; `-h` still prints the full usage.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} -h)\n")
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for timeouts: a positive, finite number of seconds (checked before any work starts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive, finite number of seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         session_cmd,
     )
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="localaistack",
         description="Start vllm serve with flags that fit the machine and the model (smart-run).",
         allow_abbrev=False,

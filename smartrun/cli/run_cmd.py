@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from smartrun.cli import positive_seconds
 from smartrun.rules import GOALS
 
 
@@ -40,14 +41,14 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="port vllm listens on (default 8000)")
     p.add_argument("--vllm-version", metavar="V", help="plan for this vLLM version (default: the installed one)")
     p.add_argument("--vllm-bin", metavar="PATH", help="the vllm executable (default: from PATH)")
-    p.add_argument("--startup-timeout", type=float, default=900.0, metavar="S",
+    p.add_argument("--startup-timeout", type=positive_seconds, default=900.0, metavar="S",
                    help="seconds to wait for each start to become healthy (default 900: big models load slowly)")
     p.add_argument("--max-attempts", type=int, default=3, metavar="N",
                    help="starts, recoveries included, before giving up (default 3)")
     p.add_argument("--llm-base-url", metavar="URL",
                    help="OpenAI-compatible endpoint (else SMARTRUN_LLM_BASE_URL, OPENAI_BASE_URL, [llm] config)")
     p.add_argument("--llm-model", metavar="NAME", help="model name at that endpoint (default: its first)")
-    p.add_argument("--llm-timeout", type=float, metavar="S", help="seconds per LLM request")
+    p.add_argument("--llm-timeout", type=positive_seconds, metavar="S", help="seconds per LLM request")
     p.add_argument("--session-out", metavar="FILE", help="write the session record here (default: data dir)")
     from smartrun import tune
 
