@@ -216,7 +216,11 @@ def _advice_lines(result: Any) -> list[str]:
 
 
 def _params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    """knob=value pairs; a multi-value flag (e.g. --api-key, nargs) shows its values comma-separated."""
+    def shown(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+    return " ".join(f"{k}={shown(v)}" for k, v in sorted(params.items()))
 
 
 def _quote(arg: str) -> str:
