@@ -158,7 +158,7 @@ class Profile(Frozen):
     tokens_group_aware: bool  # "GPU KV cache size" = concurrency x max_model_len for hybrid models
     has_160gib_tier: bool
     v0_engine: bool = False  # V0: no free-memory check, NCCL outside the profile, chunked prefill off <= 32K
-    sampler_extra_bytes: float = 13.5  # sampler buffers per logit element beyond the dtype copy
+    sampler_extra_bytes: float | None = None  # per logit element beyond the dtype copy; None = fitted
 
 
 PROFILES: dict[str, Profile] = {
@@ -670,6 +670,27 @@ def weights_per_rank(model: ModelFacts, dtype: str, tp: int, pp: int) -> list[Ra
 # Activation, non-torch, CUDA graphs
 
 
+class Coefficients(Frozen):
+    """The few fitted numbers of the activation, non-torch and CUDA-graph terms (GiB unless bytes).
+
+    FITTED holds the least-squares fit over every vLLM 0.19.0 H100 case of
+    fixtures/reference/vllm_startup_logs.jsonl; `benchmarks/estimator_accuracy.py --fit` refits
+    them and `--cross-validate` refits without one model family at a time and predicts it.
+    """
+
+    sampler_extra_bytes: float = 13.5  # sampler buffers per logit element beyond the dtype copy
+    non_torch_single: float = 0.25  # one GPU: CUDA context growth, cuBLAS workspaces
+    non_torch_pp_only: float = 0.07  # PP without TP: NCCL set up before the snapshot
+    non_torch_tp_base: float = 2.0  # TP >= 2: NCCL + custom all-reduce IPC buffers ...
+    non_torch_tp_slope: float = 0.045  # ... growing a little with the group size
+    graph_base: float = 0.35  # CUDA graph pool, fixed part
+    graph_per_layer: float = 0.016  # per layer at hidden 4096 and tp 1
+    graph_per_expert: float = 0.005  # per layer and routed expert per token (MoE)
+
+
+FITTED = Coefficients()
+
+
 def activation_bytes(
     model: ModelFacts,
     dtype: str,
@@ -677,19 +698,31 @@ def activation_bytes(
     max_num_seqs: int,
     mnbt: int,
     last: bool,
-    sampler_extra: float = 13.5,
+    sampler_extra: float = FITTED.sampler_extra_bytes,
 ) -> int:
     """Peak transient memory of vLLM's profile run.
 
     Two phases, the larger wins (the forward pass is freed before the sampler runs):
     - sampler on min(max_num_seqs, mnbt) rows of full-vocab logits: the logits in the model dtype,
-      their fp32 copy, softmax/log-probs and sort buffers (~13.5 bytes per element beyond the
-      dtype copy, fitted on the vLLM 0.19 H100 logs; logits are gathered to the full vocab on
-      every TP rank, so this term does not shrink with TP); the batch's hidden states and the
-      MoE workspaces are still held;
+      their fp32 copy, softmax/log-probs and sort buffers (`sampler_extra` bytes per element
+      beyond the dtype copy, fitted; logits are gathered to the full vocab on every TP rank, so
+      this term does not shrink with TP); the batch's hidden states and the MoE workspaces are
+      still held;
     - the forward pass over mnbt tokens: the MLP's gate/up output (2I) and activated output (I)
       alive together, about four hidden-size buffers (residual, norm, attention in/out) and,
       for MoE, the fused-MoE workspaces (topk x (2I + I + H) per token).
+    """
+    fixed, per_logit = activation_terms(model, dtype, tp, max_num_seqs, mnbt, last)
+    return int(max(fixed[0] + per_logit * sampler_extra, fixed[1]))
+
+
+def activation_terms(
+    model: ModelFacts, dtype: str, tp: int, max_num_seqs: int, mnbt: int, last: bool
+) -> tuple[tuple[int, int], int]:
+    """((sampler phase without the fitted part, forward phase), logit elements) in bytes/elements.
+
+    The sampler phase is fixed[0] + logit_elements x sampler_extra_bytes; kept apart so the fit
+    routine sees the same physical features the estimate uses.
     """
     dtype_bytes = DTYPE_BYTES[dtype]
     h = model.hidden_size
@@ -698,13 +731,13 @@ def activation_bytes(
     if model.moe is not None:
         e_inter = model.moe.moe_intermediate_size // tp
         moe_ws = mnbt * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
-    sampler = rows * model.vocab_size * (sampler_extra + dtype_bytes) if last else 0
+    logits = rows * model.vocab_size if last else 0
     held = mnbt * h * dtype_bytes
     forward = mnbt * (3 * model.intermediate_size // tp + 4 * h) * dtype_bytes + moe_ws
-    return int(max(sampler + held + moe_ws, forward))
+    return (logits * dtype_bytes + held + moe_ws, forward), logits
 
 
-def non_torch_bytes(tp: int, pp: int, v0_engine: bool = False) -> int:
+def non_torch_bytes(tp: int, pp: int, v0_engine: bool = False, coeffs: Coefficients = FITTED) -> int:
     """Non-torch growth during profiling: CUDA context/cuBLAS workspaces (~0.25 GiB on one GPU).
 
     With TP >= 2 NCCL and the custom all-reduce IPC buffers add about 1.8 GiB, growing a little
@@ -714,26 +747,40 @@ def non_torch_bytes(tp: int, pp: int, v0_engine: bool = False) -> int:
     if v0_engine:  # V0 set NCCL up outside the profiled window
         return int(0.25 * GIB)
     if tp >= 2:
-        return int((2.0 + 0.045 * tp) * GIB)
-    return int((0.25 if pp == 1 else 0.07) * GIB)
+        return int((coeffs.non_torch_tp_base + coeffs.non_torch_tp_slope * tp) * GIB)
+    return int((coeffs.non_torch_single if pp == 1 else coeffs.non_torch_pp_only) * GIB)
 
 
-def cudagraph_bytes(
-    model: ModelFacts, num_layers_rank: int, tp: int, enforce_eager: bool, optimization_level: int | None
-) -> int:
-    """CUDA graph pool: a fixed part plus, per layer, buffers of the captured batches.
+def cudagraph_features(model: ModelFacts, num_layers_rank: int, tp: int) -> tuple[float, float]:
+    """(layer feature, expert feature) the graph pool grows with, per GiB of their coefficients.
 
     The per-layer part grows with the hidden size (sub-linearly: the largest capture is 512
     tokens, so kernel workspaces dominate) and shrinks with TP (sharded intermediates); MoE
-    layers add routing/workspace buffers per routed expert. Fitted on the "Graph capturing
-    finished ... took X GiB" lines of the 0.19 H100 logs (0.51-1.85 GiB, within ~0.15 GiB).
+    layers add routing/workspace buffers per routed expert.
+    """
+    per_layer = num_layers_rank * (0.5 + 0.5 / tp) * math.sqrt(model.hidden_size / 4096)
+    per_expert = num_layers_rank * model.moe.experts_per_token if model.moe is not None else 0.0
+    return per_layer, per_expert
+
+
+def cudagraph_bytes(
+    model: ModelFacts,
+    num_layers_rank: int,
+    tp: int,
+    enforce_eager: bool,
+    optimization_level: int | None,
+    coeffs: Coefficients = FITTED,
+) -> int:
+    """CUDA graph pool: a fixed part plus, per layer, buffers of the captured batches.
+
+    Fitted on the "Graph capturing finished ... took X GiB" lines of the 0.19 H100 logs.
     """
     if enforce_eager or optimization_level == 0:
         return 0
-    per_layer = 0.016 * (0.5 + 0.5 / tp) * math.sqrt(model.hidden_size / 4096)
-    if model.moe is not None:
-        per_layer += 0.005 * model.moe.experts_per_token
-    return int((0.35 + num_layers_rank * per_layer) * GIB)
+    per_layer, per_expert = cudagraph_features(model, num_layers_rank, tp)
+    return int(
+        (coeffs.graph_base + coeffs.graph_per_layer * per_layer + coeffs.graph_per_expert * per_expert) * GIB
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,6 +883,7 @@ def _budget(
     seqs: int,
     mnbt: int,
     block_size: int,
+    coeffs: Coefficients = FITTED,
 ) -> _Budget:
     tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
     stages = weights_per_rank(model, dtype, tp, pp)
@@ -846,9 +894,14 @@ def _budget(
         stage_kinds = [kinds[i] for i in stage.layers]
         groups = kv_groups(stage_kinds)
         bytes_per_block = max(g.layers for g in groups) * page * block_size
-        activation = activation_bytes(model, dtype, tp, seqs, mnbt, stage.last, profile.sampler_extra_bytes)
-        non_torch = non_torch_bytes(tp, pp, profile.v0_engine)
-        graphs = cudagraph_bytes(model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level)
+        sampler = profile.sampler_extra_bytes
+        activation = activation_bytes(
+            model, dtype, tp, seqs, mnbt, stage.last, coeffs.sampler_extra_bytes if sampler is None else sampler
+        )
+        non_torch = non_torch_bytes(tp, pp, profile.v0_engine, coeffs)
+        graphs = cudagraph_bytes(
+            model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level, coeffs
+        )
         for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)
@@ -910,8 +963,12 @@ def estimate(
     gpus: Sequence[GpuSpec] | HardwareSnapshot,
     flags: EngineFlags,
     vllm_version: str | None = None,
+    coefficients: Coefficients = FITTED,
 ) -> MemoryEstimate:
-    """Budget one startup. `gpus` are the GPUs the engine will use (first tp*pp of them)."""
+    """Budget one startup. `gpus` are the GPUs the engine will use (first tp*pp of them).
+
+    `coefficients` replaces the fitted terms (the benchmark's cross-validation refits them).
+    """
     version, profile = resolve_version(vllm_version)
     gpu_list = _gpu_list(gpus)
     if not gpu_list:
@@ -938,14 +995,14 @@ def estimate(
     seqs, mnbt = effective_batch_defaults(
         flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
     )
-    b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size)
+    b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients)
     largest = _largest_len(b, derived, block_size, mnbt)
     if auto and largest > 0:
         max_model_len = largest
         seqs, mnbt = effective_batch_defaults(
             flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
         )
-        b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size)
+        b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients)
     per_request = _request_blocks(b, max_model_len, block_size, mnbt)
     concurrency = b.num_blocks / per_request if per_request else 0.0
     if len(b.groups) == 1:
