@@ -7,20 +7,24 @@ concurrency, then a summary per subset. Side by side: the naive formula (params 
 1.2, the rest is KV), LocalAIStack's fixed max_model_len tiers, and llm-d-planner's published
 errors (fixed reference figures). No model name or case id is special-cased.
 
-    .venv/bin/python benchmarks/estimator_accuracy.py [--cases] [--json]
+    .venv/bin/python benchmarks/estimator_accuracy.py [--summary-only] [--json]
+    .venv/bin/python benchmarks/estimator_accuracy.py --fit             # refit smartrun.memory.FITTED
+    .venv/bin/python benchmarks/estimator_accuracy.py --cross-validate  # leave one model family out
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from smartrun import memory
 from smartrun.errors import SmartRunError
-from smartrun.memory import GIB, EngineFlags, GpuSpec, estimate, weights_per_rank
+from smartrun.memory import GIB, Coefficients, EngineFlags, GpuSpec, estimate, weights_per_rank
 from smartrun.model import ModelFacts, facts_from_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +49,12 @@ LLM_D_PUBLISHED = {
     "max_concurrency_mean_abs_pct": 15.0,
     "activation_mean_pct": 195.0,
 }
+
+
+def facts_for(config: dict[str, Any], name: str) -> ModelFacts:
+    """ModelFacts from a reference config, with its side hf_quant_config.json (ModelOpt) when recorded."""
+    side = config.get("hf_quant_config")
+    return facts_from_config(config, name, hf_quant_config=side if isinstance(side, dict) else None)
 
 
 def reference_configs() -> dict[str, dict[str, Any]]:
@@ -157,7 +167,9 @@ def localaistack_tier(gpu_name: str) -> int:
     return 32768 if mem >= 80 else 16384 if mem >= 40 else 8192 if mem >= 24 else 4096
 
 
-def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[str, Any] | str:
+def run_case(
+    case: dict[str, Any], configs: dict[str, dict[str, Any]], coeffs: Coefficients = memory.FITTED
+) -> dict[str, Any] | str:
     model_id = (case.get("model") or "").split(" ")[0].lower()
     config = configs.get(model_id)
     if config is None:
@@ -167,10 +179,10 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
     stated = str(case.get("vllm_version") or "")
     version = stated.split()[0] if stated[:1].isdigit() else inferred_version(case)
     try:
-        facts = facts_from_config(config, case["model"])
+        facts = facts_for(config, case["model"])
         gpus = case_gpus(case)
         flags = case_flags(case)
-        est = estimate(facts, gpus, flags, version)
+        est = estimate(facts, gpus, flags, version, coeffs)
     except SmartRunError as err:
         return f"not estimable: {err.message}"
     util = flags.gpu_memory_utilization or (0.9 if est.profile == "0.19" else 0.92)
@@ -185,6 +197,7 @@ def run_case(case: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[s
         "model": case["model"],
         "version": stated or f"not stated ({version} assumed)",
         "subset": "0.19.0 H100" if stated == "0.19.0" and "H100" in (case.get("gpu") or "") else "other",
+        "family": memory._family(facts),
         "tp": flags.tensor_parallel_size,
         "pp": flags.pipeline_parallel_size,
         "w_pred": est.weights_gib,
@@ -248,12 +261,262 @@ def fmt(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fitting smartrun.memory's coefficients, and leave-one-family-out cross-validation
+
+FIT_SUBSET = "0.19.0 H100"
+
+
+def load_cases() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (REF / "vllm_startup_logs.jsonl").read_text().splitlines()]
+
+
+def fit_samples(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The physical features and measured figures of every 0.19.0 H100 case, for the fit."""
+    samples = []
+    for case in cases:
+        row = run_case(case, configs)
+        if isinstance(row, str) or row["subset"] != FIT_SUBSET:
+            continue
+        facts = facts_for(configs[case["model"].split(" ")[0].lower()], case["model"])
+        flags, gpus = case_flags(case), case_gpus(case)
+        est = estimate(facts, gpus, flags, "0.19.0")
+        dtype = memory._dtype_name(flags.dtype, facts, gpus[0].compute_capability)
+        tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
+        (sampler_fixed, forward), logits = memory.activation_terms(
+            facts, dtype, tp, est.max_num_seqs, est.max_num_batched_tokens, last=True
+        )
+        layers = max(len(r) for r in memory.pp_layer_ranges(facts.num_hidden_layers, pp))
+        per_layer, per_expert = memory.cudagraph_features(facts, layers, tp)
+        samples.append(
+            {
+                "id": case["id"],
+                "family": row["family"],
+                "tp": tp,
+                "pp": pp,
+                "sampler_fixed": sampler_fixed / GIB,
+                "forward": forward / GIB,
+                "logits": logits / GIB,
+                "act": case.get("activation_peak_gib"),
+                "non_torch": case.get("non_torch_gib"),
+                "graph_layer": per_layer,
+                "graph_expert": per_expert,
+                "graph": row["cg_real"] if not flags.enforce_eager else None,
+            }
+        )
+    return samples
+
+
+def least_squares(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """Ordinary least squares by the normal equations (a handful of unknowns; no numpy needed).
+
+    A feature that never varies from zero (no MoE case left) gets coefficient 0.
+    """
+    k = len(xs[0])
+    live = [j for j in range(k) if any(x[j] for x in xs)]
+    a = [[sum(x[i] * x[j] for x in xs) for j in live] for i in live]
+    b = [sum(x[i] * y for x, y in zip(xs, ys, strict=True)) for i in live]
+    n = len(live)
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot], b[col], b[pivot] = a[pivot], a[col], b[pivot], b[col]
+        for r in range(n):
+            if r != col and a[col][col]:
+                f = a[r][col] / a[col][col]
+                a[r] = [v - f * w for v, w in zip(a[r], a[col], strict=True)]
+                b[r] -= f * b[col]
+    out = [0.0] * k
+    for idx, j in enumerate(live):
+        out[j] = b[idx] / a[idx][idx] if a[idx][idx] else 0.0
+    return out
+
+
+def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
+    """Least squares of each fitted term over its physical features (GiB).
+
+    - activation = max(sampler_fixed + c x logit elements, forward): c fitted on the PP=1 cases
+      whose sampler phase wins (the set is re-chosen until it settles; PP logs print the first
+      stage's activation, which has no sampler);
+    - non-torch: mean of the single-GPU cases, mean of the PP-only cases (the single-GPU value
+      when there are none, which errs high), a + b x tp over the TP >= 2 cases;
+    - CUDA graphs: a + b x layer feature + c x expert feature.
+    """
+    base = memory.FITTED
+    act = [s for s in samples if s["act"] and s["pp"] == 1 and s["logits"]]
+    extra = base.sampler_extra_bytes
+    for _ in range(20):
+        wins = [s for s in act if s["sampler_fixed"] + extra * s["logits"] >= s["forward"]]
+        if not wins:
+            break
+        new = least_squares([[s["logits"]] for s in wins], [s["act"] - s["sampler_fixed"] for s in wins])[0]
+        if abs(new - extra) < 1e-9:
+            break
+        extra = new
+    single = [s["non_torch"] for s in samples if s["non_torch"] is not None and s["tp"] == 1 and s["pp"] == 1]
+    pp_only = [s["non_torch"] for s in samples if s["non_torch"] is not None and s["tp"] == 1 and s["pp"] > 1]
+    tp_rows = [s for s in samples if s["non_torch"] is not None and s["tp"] >= 2]
+    nt_single = statistics.mean(single) if single else base.non_torch_single
+    tp_base, tp_slope = base.non_torch_tp_base, base.non_torch_tp_slope
+    if len({s["tp"] for s in tp_rows}) >= 2:
+        tp_base, tp_slope = least_squares([[1.0, s["tp"]] for s in tp_rows], [s["non_torch"] for s in tp_rows])
+    elif tp_rows:
+        tp_base, tp_slope = statistics.mean(s["non_torch"] for s in tp_rows) - tp_slope * tp_rows[0]["tp"], tp_slope
+    graphs = [s for s in samples if s["graph"] is not None]
+    g_base, g_layer, g_expert = least_squares(
+        [[1.0, s["graph_layer"], s["graph_expert"]] for s in graphs], [s["graph"] for s in graphs]
+    )
+    return Coefficients(
+        sampler_extra_bytes=round(extra, 2),
+        non_torch_single=round(nt_single, 3),
+        non_torch_pp_only=round(statistics.mean(pp_only), 3) if pp_only else round(nt_single, 3),
+        non_torch_tp_base=round(tp_base, 3),
+        non_torch_tp_slope=round(tp_slope, 4),
+        graph_base=round(g_base, 3),
+        graph_per_layer=round(g_layer, 4),
+        graph_per_expert=round(g_expert, 4),
+    )
+
+
+CV_METRICS = (
+    ("activation GiB", "act_pred", "act_real"),
+    ("KV cache tokens", "tok_pred", "tok_real"),
+    ("max concurrency", "conc_pred", "conc_real"),
+    ("CUDA graph GiB", "cg_pred", "cg_real"),
+)
+
+
+def cross_validate(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -> None:
+    """Leave one model family out: refit without it, predict it; in-sample figures beside."""
+    samples = fit_samples(cases, configs)
+    by_id = {c["id"]: c for c in cases}
+    full = fit_coefficients(samples)
+    print(f"full-data fit:    {full!r}")
+    print(f"shipped (FITTED): {memory.FITTED!r}\n")
+    head = f"{'left out':14} {'n':>2} {'sampler B':>9} | " + " | ".join(
+        f"{label[:14]:>14} in/out (worst+)" for label, _, _ in CV_METRICS
+    )
+    print(head)
+    print("-" * len(head))
+    loo_rows, in_rows = [], []
+    for family in sorted({s["family"] for s in samples}):
+        coeffs = fit_coefficients([s for s in samples if s["family"] != family])
+        ids = [s["id"] for s in samples if s["family"] == family]
+        out = [run_case(by_id[i], configs, coeffs) for i in ids]
+        ins = [run_case(by_id[i], configs, full) for i in ids]
+        loo_rows += out
+        in_rows += ins
+        cells = []
+        for _, pred, real in CV_METRICS:
+            med_in, _, _, n = summary(ins, pred, real)
+            med_out, _, worst_out, _ = summary(out, pred, real)
+            cells.append(f"{med_in:>7}/{med_out:>7} ({worst_out:>7})" if n else f"{'-':>30}")
+        print(f"{family:14} {len(ids):>2} {coeffs.sampler_extra_bytes:9.2f} | " + " | ".join(f"{c:>30}" for c in cells))
+    print("\nall families (abs error median / mean; worst over-prediction; n)")
+    for label, pred, real in (("weights GiB", "w_pred", "w_real"), *CV_METRICS, ("KV cache GiB", "kv_pred", "kv_real")):
+        med, mean, worst, n = summary(in_rows, pred, real)
+        omed, omean, oworst, _ = summary(loo_rows, pred, real)
+        print(f"  {label:18} in-sample {med} / {mean}; {worst}   out-of-family {omed} / {omean}; {oworst}   n={n}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sanity on models without logs
+
+SANITY_GPUS = ("H100-SXM-80GB", "A100-SXM4-40GB")
+
+
+def sanity_models(configs: dict[str, dict[str, Any]]) -> list[ModelFacts]:
+    """Every fixtures/models/* directory (inspected) and every reference config (config.json alone)."""
+    from smartrun.model import inspect
+
+    models = [inspect(str(d)) for d in sorted((REPO / "fixtures" / "models").iterdir()) if d.is_dir()]
+    return models + [facts_for(cfg, name) for name, cfg in sorted(configs.items())]
+
+
+def implausible(est: Any, facts: ModelFacts, tp: int) -> list[str]:
+    """What about one estimate looks wrong on its face.
+
+    The sampler phase (min(seqs, mnbt) rows x vocab) may exceed a small model's weights (that is
+    what vLLM measures), so "activation > weights" is only flagged for the forward phase.
+    """
+    flags = []
+    for field in ("weights_gib", "activation_gib", "non_torch_gib", "kv_cache_gib"):
+        if getattr(est, field) < 0:
+            flags.append(f"negative {field}")
+    if est.activation_gib <= 0:
+        flags.append("zero activation")
+    dtype = memory._dtype_name("auto", facts, "9.0")
+    seqs, mnbt = est.max_num_seqs, est.max_num_batched_tokens
+    (_, forward), _ = memory.activation_terms(facts, dtype, tp, seqs, mnbt, last=True)
+    if forward / GIB > est.weights_gib:
+        flags.append("forward activation > weights")
+    if facts.moe is not None:
+        dense = facts.model_copy(update={"moe": None})
+        if forward <= memory.activation_terms(dense, dtype, tp, seqs, mnbt, last=True)[0][1]:
+            flags.append("MoE activation ignores the experts")
+    if est.fits and est.kv_cache_tokens <= 0:
+        flags.append("fits with no KV tokens")
+    return flags
+
+
+def sanity(configs: dict[str, dict[str, Any]], version: str) -> int:
+    """Estimate every model at tp 1/2/4 on H100 80GB and A100 40GB; flag implausible values."""
+    models = sanity_models(configs)
+    print(f"vLLM {version}, default flags (max_model_len = the model's, util and batch defaults)")
+    head = (
+        f"{'model':46} {'gpu':15} {'tp':>2} | {'W/rank':>6} {'act':>5} {'KV GiB':>7} {'KV tokens':>10} "
+        f"{'seqs':>5} {'mnbt':>5} {'fits':>4} | flags"
+    )
+    print(head)
+    print("-" * len(head))
+    problems, by_setup = 0, {}
+    for facts in models:
+        for gpu_name in SANITY_GPUS:
+            for tp in (1, 2, 4):
+                gpus = [GpuSpec.from_name(gpu_name)] * tp
+                try:
+                    est = estimate(facts, gpus, EngineFlags(tensor_parallel_size=tp), version)
+                except SmartRunError as err:
+                    print(f"{facts.name[:46]:46} {gpu_name:15} {tp:>2} | not estimable: {err.message[:70]}")
+                    continue
+                flags = implausible(est, facts, tp)
+                problems += bool(flags)
+                by_setup.setdefault((gpu_name, tp, memory._family(facts)), []).append((facts.name, est))
+                print(
+                    f"{facts.name[:46]:46} {gpu_name:15} {tp:>2} | {est.weights_gib:6.2f} {est.activation_gib:5.2f} "
+                    f"{est.kv_cache_gib:7.2f} {est.kv_cache_tokens:>10} {est.max_num_seqs:>5} "
+                    f"{est.max_num_batched_tokens:>5} {'yes' if est.fits else 'no':>4} | {', '.join(flags)}"
+                )
+    order = 0
+    for (gpu_name, tp, family), rows in sorted(by_setup.items()):
+        rows.sort(key=lambda r: r[1].weights_gib)
+        for (small, a), (big, b) in itertools.pairwise(rows):
+            if b.weights_gib > a.weights_gib + 0.5 and b.kv_cache_gib > a.kv_cache_gib + 0.05:
+                order += 1
+                print(f"  KV not decreasing with size ({family}, {gpu_name}, tp{tp}): {small} -> {big}")
+    print(f"\n{problems} estimates flagged; {order} family size-order inversions")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--fit", action="store_true", help="refit smartrun.memory.FITTED on the 0.19 H100 cases")
+    parser.add_argument(
+        "--cross-validate", action="store_true", help="refit without each model family and predict it"
+    )
+    parser.add_argument("--sanity", action="store_true", help="estimate every fixture/reference model, flag oddities")
+    parser.add_argument("--vllm-version", default="0.19.0", help="version for --sanity (default 0.19.0)")
     args = parser.parse_args(argv)
     configs = reference_configs()
+    if args.sanity:
+        return sanity(configs, args.vllm_version)
+    if args.fit:
+        print(repr(fit_coefficients(fit_samples(load_cases(), configs))))
+        return 0
+    if args.cross_validate:
+        cross_validate(load_cases(), configs)
+        return 0
     rows, skipped = [], []
     for line in (REF / "vllm_startup_logs.jsonl").read_text().splitlines():
         case = json.loads(line)
