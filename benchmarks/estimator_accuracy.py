@@ -202,7 +202,7 @@ def run_case(
         "pp": flags.pipeline_parallel_size,
         "w_pred": est.weights_gib,
         "w_real": case.get("weights_gib"),
-        "act_pred": est.activation_gib,
+        "act_pred": logged_stage_activation(facts, flags, est, gpus, coeffs),
         "act_real": case.get("activation_peak_gib"),
         "kv_pred": est.kv_cache_gib,
         "kv_real": case.get("kv_cache_gib"),
@@ -222,6 +222,26 @@ def run_case(
         "fits_pred": est.fits,
         "fits_real": case.get("startup_succeeded"),
     }
+
+
+def logged_stage_activation(
+    facts: ModelFacts, flags: EngineFlags, est: Any, gpus: list[GpuSpec], coeffs: Coefficients
+) -> float:
+    """The activation of the stage whose log line was recorded: the estimate's (tightest) one, or
+    with PP the first stage's (rank 0 prints; it runs no sampler)."""
+    if flags.pipeline_parallel_size == 1:
+        return est.activation_gib
+    dtype = memory._dtype_name(flags.dtype, facts, gpus[0].compute_capability)
+    first = memory.activation_bytes(
+        facts,
+        dtype,
+        flags.tensor_parallel_size,
+        est.max_num_seqs,
+        est.max_num_batched_tokens,
+        last=False,
+        sampler_extra=coeffs.sampler_extra_bytes,
+    )
+    return round(first / GIB, 2)
 
 
 def log_cross_check(case: dict[str, Any]) -> int:
@@ -331,6 +351,16 @@ def least_squares(xs: list[list[float]], ys: list[float]) -> list[float]:
     return out
 
 
+def distinct(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One sample per distinct measured configuration: the same model and flags logged many
+    times (Llama-3.1-8B 19x, Qwen2.5-7B 14x) would otherwise outweigh every other family."""
+    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for s in samples:
+        key = tuple(v for k, v in sorted(s.items()) if k != "id")
+        seen.setdefault(key, s)
+    return list(seen.values())
+
+
 def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
     """Least squares of each fitted term over its physical features (GiB).
 
@@ -342,6 +372,7 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
     - CUDA graphs: a + b x layer feature + c x expert feature.
     """
     base = memory.FITTED
+    samples = distinct(samples)
     act = [s for s in samples if s["act"] and s["pp"] == 1 and s["logits"]]
     extra = base.sampler_extra_bytes
     for _ in range(20):
