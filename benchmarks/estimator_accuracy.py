@@ -240,6 +240,8 @@ def logged_stage_activation(
         est.max_num_batched_tokens,
         last=False,
         sampler_extra=coeffs.sampler_extra_bytes,
+        pp=flags.pipeline_parallel_size,
+        pp_buffers=coeffs.pp_hidden_buffers,
     )
     return round(first / GIB, 2)
 
@@ -306,6 +308,9 @@ def fit_samples(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]])
         (sampler_fixed, forward), logits = memory.activation_terms(
             facts, dtype, tp, est.max_num_seqs, est.max_num_batched_tokens, last=True
         )
+        (_, first_forward), _ = memory.activation_terms(
+            facts, dtype, tp, est.max_num_seqs, est.max_num_batched_tokens, last=False
+        )
         layers = max(len(r) for r in memory.pp_layer_ranges(facts.num_hidden_layers, pp))
         per_layer, per_expert = memory.cudagraph_features(facts, layers, tp)
         samples.append(
@@ -317,6 +322,8 @@ def fit_samples(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]])
                 "sampler_fixed": sampler_fixed / GIB,
                 "forward": forward / GIB,
                 "logits": logits / GIB,
+                "first_forward": first_forward / GIB,
+                "pp_buffer": memory.pp_buffer_bytes(facts, dtype, est.max_num_batched_tokens) / GIB,
                 "act": case.get("activation_peak_gib"),
                 "non_torch": case.get("non_torch_gib"),
                 "graph_layer": per_layer,
@@ -365,8 +372,9 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
     """Least squares of each fitted term over its physical features (GiB).
 
     - activation = max(sampler_fixed + c x logit elements, forward): c fitted on the PP=1 cases
-      whose sampler phase wins (the set is re-chosen until it settles; PP logs print the first
-      stage's activation, which has no sampler);
+      whose sampler phase wins (the set is re-chosen until it settles);
+    - PP buffers: (first-stage activation - its forward phase) / (mnbt x hidden) over the PP cases
+      (their logs print the first stage, which runs no sampler); 0 when there are none;
     - non-torch: mean of the single-GPU cases, mean of the PP-only cases (the single-GPU value
       when there are none, which errs high), a + b x tp over the TP >= 2 cases;
     - CUDA graphs: a + b x layer feature + c x expert feature.
@@ -383,6 +391,12 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
         if abs(new - extra) < 1e-9:
             break
         extra = new
+    pp_rows = [s for s in samples if s["act"] and s["pp"] > 1]  # the first stage's log line
+    pp_buffers = (
+        least_squares([[s["pp_buffer"]] for s in pp_rows], [s["act"] - s["first_forward"] for s in pp_rows])[0]
+        if pp_rows
+        else 0.0
+    )
     single = [s["non_torch"] for s in samples if s["non_torch"] is not None and s["tp"] == 1 and s["pp"] == 1]
     pp_only = [s["non_torch"] for s in samples if s["non_torch"] is not None and s["tp"] == 1 and s["pp"] > 1]
     tp_rows = [s for s in samples if s["non_torch"] is not None and s["tp"] >= 2]
@@ -398,6 +412,7 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
     )
     return Coefficients(
         sampler_extra_bytes=round(extra, 2),
+        pp_hidden_buffers=round(pp_buffers, 2),
         non_torch_single=round(nt_single, 3),
         non_torch_pp_only=round(statistics.mean(pp_only), 3) if pp_only else round(nt_single, 3),
         non_torch_tp_base=round(tp_base, 3),

@@ -680,6 +680,7 @@ class Coefficients(Frozen):
     """
 
     sampler_extra_bytes: float = 12.96  # sampler buffers per logit element beyond the dtype copy
+    pp_hidden_buffers: float = 3.1  # PP: extra mnbt x hidden buffers a stage holds (sent/received states)
     non_torch_single: float = 0.263  # one GPU: CUDA context growth, cuBLAS workspaces
     non_torch_pp_only: float = 0.07  # PP without TP: NCCL set up before the snapshot
     non_torch_tp_base: float = 1.993  # TP >= 2: NCCL + custom all-reduce IPC buffers ...
@@ -701,6 +702,8 @@ def activation_bytes(
     last: bool,
     sampler_extra: float = FITTED.sampler_extra_bytes,
     first: bool = True,
+    pp: int = 1,
+    pp_buffers: float = FITTED.pp_hidden_buffers,
 ) -> int:
     """Peak transient memory of vLLM's profile run.
 
@@ -715,9 +718,17 @@ def activation_bytes(
       for MoE, the fused-MoE workspaces (topk x (2I + I + H) per token).
     Multimodal models first run their encoder on a dummy batch and keep its outputs (about mnbt
     embeddings of the text hidden size, on every TP rank of the first stage) through both phases.
+    With PP, each stage also holds `pp_buffers` (fitted) mnbt x hidden buffers: the hidden and
+    residual states it sends on or receives.
     """
     fixed, per_logit = activation_terms(model, dtype, tp, max_num_seqs, mnbt, last, first)
-    return int(max(fixed[0] + per_logit * sampler_extra, fixed[1]))
+    pp_hold = pp_buffers * pp_buffer_bytes(model, dtype, mnbt) if pp > 1 else 0
+    return int(max(fixed[0] + per_logit * sampler_extra, fixed[1]) + pp_hold)
+
+
+def pp_buffer_bytes(model: ModelFacts, dtype: str, mnbt: int) -> int:
+    """One mnbt x hidden buffer in the model dtype (the unit of the PP term)."""
+    return mnbt * model.hidden_size * DTYPE_BYTES[dtype]
 
 
 def activation_terms(
@@ -910,6 +921,8 @@ def _budget(
             stage.last,
             coeffs.sampler_extra_bytes if sampler is None else sampler,
             stage.first,
+            pp,
+            coeffs.pp_hidden_buffers,
         )
         non_torch = non_torch_bytes(tp, pp, profile.v0_engine, coeffs)
         graphs = cudagraph_bytes(

@@ -468,3 +468,12 @@ def test_every_model_without_logs_gets_plausible_estimates():
                 est = estimate(model, [gpu] * tp, EngineFlags(tensor_parallel_size=tp), "0.19.0")
                 flagged += [(model.name, gpu.name, tp, f) for f in bench.implausible(est, model, tp)]
     assert flagged == []
+
+
+@pytest.mark.parametrize("case_id", ["vsl-049", "vsl-050"])
+def test_pp_first_stage_activation_counts_the_states_it_sends(case_id):
+    row = bench.run_case(REFERENCE[case_id], CONFIGS)
+    assert row["act_pred"] == pytest.approx(row["act_real"], rel=0.03)
+    no_pp_term = bench.run_case(REFERENCE[case_id], CONFIGS, FITTED.model_copy(update={"pp_hidden_buffers": 0}))
+    assert no_pp_term["act_pred"] < row["act_real"] * 0.9
+    assert row["tok_pred"] <= row["tok_real"]  # the sampler stage binds; its received states counted too
