@@ -462,6 +462,13 @@ def cross_validate(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any
         med, mean, worst, n = summary(in_rows, pred, real)
         omed, omean, oworst, _ = summary(loo_rows, pred, real)
         print(f"  {label:18} in-sample {med} / {mean}; {worst}   out-of-family {omed} / {omean}; {oworst}   n={n}")
+    signed = [pct(r["tok_pred"], r["tok_real"]) for r in loo_rows if r["tok_real"]]
+    over = [e for e in signed if e is not None and e > 0]
+    under = [e for e in signed if e is not None and e < 0]
+    print(
+        f"  KV tokens out-of-family, by sign: {len(over)} over (largest {max(over, default=0):+.2f}%), "
+        f"{len(under)} under (largest {min(under, default=0):+.2f}%)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

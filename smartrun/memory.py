@@ -12,8 +12,9 @@ Weights are exact when safetensors sizes are known (split across ranks in the pr
 counted layout gives), else counted from the architecture: dense/MoE/MLA layers, biases,
 vision towers, vocab padded to 64 and sharded, norms replicated, quantized layouts with their
 scales, plus vLLM's RoPE cos/sin cache. Activation, non-torch and CUDA-graph terms are physical
-formulas whose few coefficients were fitted on the vLLM 0.19 H100 reference logs
-(benchmarks/estimator_accuracy.py reports the error).
+formulas whose few coefficients (Coefficients/FITTED) are the least-squares fit on the vLLM 0.19
+H100 reference logs (benchmarks/estimator_accuracy.py: --fit refits them, --cross-validate
+leaves one model family out, the default run reports the error).
 
 Profiles: "0.6" (V0 engine, < 0.8), "0.19" (V1, 0.8-0.19), "0.20" (graph estimate subtracted,
 util 0.92, 0.20-0.27), "0.33" (0.28+: 160 GiB tier, group-aware token count).
