@@ -693,6 +693,11 @@ class Coefficients(Frozen):
 
 FITTED = Coefficients()
 
+# fused_experts allocates its caches for min(tokens, VLLM_FUSED_MOE_CHUNK_SIZE) tokens and loops
+# over chunks. The default has been 64K, 32K (vLLM PR 7995), 64K again and 16K; the largest is
+# used, so a long unchunked prefill's MoE workspace is bounded and the estimate errs high.
+FUSED_MOE_CHUNK_TOKENS = 65536
+
 
 def activation_bytes(
     model: ModelFacts,
@@ -746,7 +751,8 @@ def activation_terms(
     moe_ws = 0
     if model.moe is not None:
         e_inter = model.moe.moe_intermediate_size // tp
-        moe_ws = mnbt * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
+        chunk = min(mnbt, FUSED_MOE_CHUNK_TOKENS)
+        moe_ws = chunk * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
     logits = rows * model.vocab_size if last else 0
     held = mnbt * h * dtype_bytes
     encoder_cache = mnbt * h * dtype_bytes if model.is_multimodal and first else 0

@@ -477,3 +477,15 @@ def test_pp_first_stage_activation_counts_the_states_it_sends(case_id):
     no_pp_term = bench.run_case(REFERENCE[case_id], CONFIGS, FITTED.model_copy(update={"pp_hidden_buffers": 0}))
     assert no_pp_term["act_pred"] < row["act_real"] * 0.9
     assert row["tok_pred"] <= row["tok_real"]  # the sampler stage binds; its received states counted too
+
+
+def test_moe_workspace_stops_growing_at_the_fused_moe_chunk():
+    qwen_moe = facts("Qwen/Qwen3-30B-A3B")
+    dense = qwen_moe.model_copy(update={"moe": None})
+
+    def moe_part(mnbt):
+        forward = activation(qwen_moe, "bfloat16", 1, 1, mnbt, last=False)
+        return forward - activation(dense, "bfloat16", 1, 1, mnbt, last=False)
+
+    assert moe_part(32768) == 2 * moe_part(16384) > 0
+    assert moe_part(262144) == moe_part(65536)
