@@ -10,6 +10,7 @@ errors (fixed reference figures). No model name or case id is special-cased.
     .venv/bin/python benchmarks/estimator_accuracy.py [--summary-only] [--json]
     .venv/bin/python benchmarks/estimator_accuracy.py --fit             # refit smartrun.memory.FITTED
     .venv/bin/python benchmarks/estimator_accuracy.py --cross-validate  # leave one model family out
+    .venv/bin/python benchmarks/estimator_accuracy.py --sanity [--vllm-version V]  # models without logs
 """
 
 from __future__ import annotations
