@@ -321,11 +321,14 @@ def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
 
 def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_events,
         session_out: Path | None = None, write: bool = True, record: SessionRecord | None = None,
-        on_planned: Callable[[RunResult], None] | None = None) -> RunResult:
+        on_planned: Callable[[RunResult], None] | None = None,
+        on_started: Callable[[RunResult], None] | None = None) -> RunResult:
     """Run the whole pipeline once; the session record is written at the end whatever happens.
 
-    `on_planned(result)` is called once the plan and argv are chosen, before anything is launched
+    `on_started(result)` is called at once (the CLI keeps it, to name the record of a run that raises);
+    `on_planned(result)` once the plan and argv are chosen, before anything is launched
     (the CLI prints its summary there, so a long-running server does not hide it).
+    `result.session_path` is None after the run when the record could not be written.
     """
     started = sources.clock()
     record = record if record is not None else new_record(request, sources)
@@ -333,6 +336,8 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
     result = RunResult(record=record, request=request, secrets=sources.secrets)
     path = session_out or default_session_path(started, Path(request.model.rstrip("/")).name or request.model)
     result.session_path = path if write else None
+    if on_started is not None:
+        on_started(result)
     try:
         _run_stages(request, sources, recorder, result, on_event, on_planned)
         if record.outcome.get("status") is None:
@@ -347,16 +352,19 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
         raise
     finally:
         record.finished_at = utc_iso(sources.clock())
-        if write:
-            _write(record, path, sources)
+        if write and not _write(record, path, sources):
+            result.session_path = None
     return result
 
 
-def _write(record: SessionRecord, path: Path, sources: Sources) -> None:
+def _write(record: SessionRecord, path: Path, sources: Sources) -> bool:
+    """Write the record; False (after one warning line) when it cannot be written."""
     try:
         write_record(record, path, sources.secrets)
     except InputError as err:  # never hide the run's own outcome behind a failure to write its record
         print(f"localaistack: warning: session record not written: {err.message}", file=sys.stderr)
+        return False
+    return True
 
 
 def _redacted_request(request: RunRequest) -> dict[str, Any]:
@@ -1017,7 +1025,13 @@ class RecordedCache:
 
 def replay_sources(record: SessionRecord) -> Sources:
     """Sources that serve exactly what the record holds."""
-    started = datetime.fromisoformat(record.started_at.replace("Z", "+00:00"))
+    try:
+        started = datetime.fromisoformat(record.started_at.replace("Z", "+00:00"))
+    except ValueError:
+        raise RecordError(f"session record: started_at {record.started_at!r} is not an ISO time") from None
+    for key in ("version", "bin"):
+        if not isinstance(record.vllm.get(key), str | None):
+            raise RecordError(f"session record: vllm.{key} {record.vllm.get(key)!r} is not text")
     return Sources(
         hardware=lambda: _recorded(HardwareSnapshot, record.hardware, record),
         model=lambda _model: _recorded(ModelFacts, record.model, record),
@@ -1069,7 +1083,9 @@ def _recorded_bounds(record: SessionRecord) -> BoundsInput:
     info = record.bounds_file
     if info is None:
         raise _recorded_failure(record)
-    name = bounds.BUILTIN_NAME if info.get("builtin") else info["path"]
+    if not isinstance(info.get("text"), str) or not isinstance(info.get("path"), str | None):
+        raise RecordError("session record: bounds_file needs its text (and path) as strings")
+    name = bounds.BUILTIN_NAME if info.get("builtin") else info.get("path")
     return BoundsInput(path=info.get("path"), text=info["text"], loaded=bounds.load_text(info["text"], name),
                        builtin=bool(info.get("builtin")))
 
@@ -1097,6 +1113,10 @@ def replay(record: SessionRecord) -> ReplayResult:
         raise
     except SmartRunError as err:  # a recorded failure replays as the same failure
         out.error = err
+    except (ValueError, TypeError, AttributeError, KeyError, ArithmeticError) as err:
+        # a record written by a run never gets here; a hand-edited value that fits the schema but not the stages does
+        raise RecordError(f"session record: replay cannot use a recorded value ({type(err).__name__}: {err}); "
+                          "was the record edited by hand?") from None
     check_replay(record.decisions, out.replayed.decisions)
     if out.error is not None and record.outcome.get("status") != "error":
         raise ReplayDivergence(f"replay failed where the record succeeded: {out.error.message}")

@@ -68,6 +68,11 @@ def cache_dir() -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """fileio's atomic writer for records and cache entries (their folders are made); errors as one InputError."""
+    for folder in Path(path).parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{path}: cannot write ({folder} is not a directory)")
+            break
     try:
         fileio.atomic_write_text(path, text, make_parents=True)
     except OSError as err:
@@ -287,6 +292,8 @@ def load_record(path: str | Path) -> SessionRecord:
         raise InputError(f"{path}: cannot read session record ({err})") from err
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not JSON (line {err.lineno}: {err.msg})") from err
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a session record") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a session record is a JSON object")
     version = data.get("schema_version")
@@ -303,6 +310,8 @@ def load_record(path: str | Path) -> SessionRecord:
 def list_sessions(directory: Path | None = None, limit: int = 20) -> list[tuple[Path, SessionRecord | str]]:
     """Newest first; an unreadable file comes back with its error text instead of a record."""
     directory = directory or sessions_dir()
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: not a directory (sessions are kept in a folder of that name)")
     if not directory.is_dir():
         return []
     files = sorted(directory.glob("*.json"), key=lambda p: p.name, reverse=True)[:limit]
@@ -322,7 +331,8 @@ def first_divergence(recorded: list[Decision], replayed: list[Decision]) -> str 
     """The first decision that differs (step, value or provenance), as one line; None when all match."""
     for i, (old, new) in enumerate(zip(recorded, replayed, strict=False)):
         if old.step != new.step:
-            return f"decision {i + 1}: recorded step {old.step!r}, replay reached {new.step!r}"
+            error = f" ({new.value.get('message')})" if new.step == "error" and isinstance(new.value, dict) else ""
+            return f"decision {i + 1}: recorded step {old.step!r}, replay reached {new.step!r}{error}"
         if to_jsonable(old.value) != to_jsonable(new.value):
             return (
                 f"decision {i + 1} ({old.step}): recorded {_short(old.value)}, replay decided {_short(new.value)}"
@@ -478,6 +488,7 @@ class SavedParams:
         return self.directory / f"{key.digest()}.json"
 
     def lookup(self, key: CacheKey) -> CacheEntry | None:
+        self.problems = []
         path = self._path(key)
         if not path.exists():
             return None
@@ -491,6 +502,9 @@ class SavedParams:
 
     def entries(self, model: str | None = None) -> list[tuple[Path, CacheEntry]]:
         self.problems = []
+        if self.directory.exists() and not self.directory.is_dir():
+            self.problems.append(f"{self.directory}: not a directory, so no parameters can be saved there")
+            return []
         if not self.directory.is_dir():
             return []
         found = []
@@ -503,7 +517,10 @@ class SavedParams:
     def remove(self, model: str) -> list[Path]:
         removed = []
         for path, _entry in self.entries(model):
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                raise InputError(f"{path}: cannot remove ({err.strerror or err})") from err
             removed.append(path)
         return removed
 

@@ -176,3 +176,26 @@ def test_redaction_keeps_json_valid_for_odd_secrets(tmp_path):
     loaded = load_record(path)  # still valid JSON, types intact
     assert loaded.warnings[0] == f"key {REDACTED} here" and loaded.outcome["exit_code"] == 0
     assert secret_values([], {"SOME_TOKEN": "1", "HF_TOKEN": "hf_longenoughvalue"}) == ["hf_longenoughvalue"]
+
+
+def test_a_record_nested_too_deeply_is_one_input_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(InputError, match="nested too deeply"):
+        load_record(path)
+
+
+def test_a_sessions_path_that_is_a_file_is_reported_not_listed_as_empty(home):
+    home.mkdir(parents=True)
+    (home / "sessions").write_text("")
+    with pytest.raises(InputError, match="not a directory"):
+        list_sessions()
+    with pytest.raises(InputError, match="is not a directory"):  # and the record write names the folder
+        write_record(_record(), home / "sessions" / "x.json")
+
+
+def test_a_cache_path_that_is_a_file_is_a_problem_not_silence(home):
+    home.mkdir(parents=True)
+    (home / "smart-run-cache").write_text("")
+    cache = SavedParams()
+    assert cache.entries() == [] and "not a directory" in cache.problems[0]

@@ -49,7 +49,8 @@ def register(subparsers) -> None:
                    help="OpenAI-compatible endpoint (else SMARTRUN_LLM_BASE_URL, OPENAI_BASE_URL, [llm] config)")
     p.add_argument("--llm-model", metavar="NAME", help="model name at that endpoint (default: its first)")
     p.add_argument("--llm-timeout", type=positive_seconds, metavar="S", help="seconds per LLM request")
-    p.add_argument("--session-out", metavar="FILE", help="write the session record here (default: data dir)")
+    p.add_argument("--session-out", metavar="FILE", help="write the session record here instead of the data dir "
+                   "(`session list` shows only the data dir; use `session show FILE`)")
     from smartrun import tune
 
     tune.add_arguments(p)  # --tune and its --tune-*/--probe-* options, owned by the tune stage
@@ -95,23 +96,35 @@ def run_command(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     sources = pipeline.live_sources(request)
+    started: list[Any] = []
+
     def summary(planned: Any) -> None:  # before any launch, so a long-running server does not hide it
         if not args.json:
             text = render_text(planned, explain=args.explain, debug=args.smart_run_debug)
             print(redact_text(text, planned.secrets), flush=True)
 
-    result = pipeline.run(request, sources, on_event=_printer(args.json), session_out=_path(args.session_out),
-                          on_planned=summary)
+    try:
+        result = pipeline.run(request, sources, on_event=_printer(args.json), session_out=_path(args.session_out),
+                              on_planned=summary, on_started=started.append)
+    except BaseException:  # a failed or interrupted run still names its record (session show FILE explains it)
+        if not args.json:  # stdout: stderr keeps its one `localaistack: ...` line
+            _print_session_path(started[0].session_path if started else None, to_stderr=False)
+        raise
     if args.json:
         print(redact_text(json.dumps(result.json_summary(), indent=2), result.secrets))
     elif not request.dry_run:
         print(f"outcome: {result.record.outcome.get('status')}; final command: "
               f"{redact_text(result.command or ' '.join(result.argv), result.secrets)}")
-    if result.session_path:
-        print(f"session record: {result.session_path}", file=sys.stderr if args.json else sys.stdout)
+    _print_session_path(result.session_path, to_stderr=args.json)
     if result.exit_code:
         print(f"localaistack: {result.record.outcome.get('message', 'vllm serve exited')}", file=sys.stderr)
     return result.exit_code
+
+
+def _print_session_path(path: Path | None, to_stderr: bool) -> None:
+    """`session record: PATH`, only when the record is really there (a write can fail: it is warned about)."""
+    if path is not None and path.is_file():
+        print(f"session record: {path}", file=sys.stderr if to_stderr else sys.stdout, flush=True)
 
 
 def _path(value: str | None) -> Path | None:

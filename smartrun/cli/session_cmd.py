@@ -19,7 +19,10 @@ def register(subparsers) -> None:
     show.add_argument("--json", action="store_true", help="print the record itself")
     show.set_defaults(func=show_command)
 
-    lst = cmds.add_parser("list", help="list recent sessions (newest first)", allow_abbrev=False)
+    lst = cmds.add_parser("list", help="list recent sessions (newest first)", allow_abbrev=False,
+                          description="List the newest session records in the data dir ($SMARTRUN_HOME/sessions, "
+                          "else the user data dir). Records written with `model run --session-out FILE` are "
+                          "kept only in FILE and are not listed here: open them with `session show FILE`.")
     lst.add_argument("--limit", type=int, default=20, metavar="N")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=list_command)
@@ -46,20 +49,30 @@ def register_cache(model_subparsers) -> None:
 
 
 def show_command(args: argparse.Namespace) -> int:
+    from smartrun.errors import InputError
     from smartrun.session import load_record, timeline
 
     record = load_record(args.file)
     if args.json:
         print(json.dumps(record.model_dump(mode="json", by_alias=True), indent=2))
-    else:
-        print("\n".join(timeline(record)))
+        return 0
+    try:
+        lines = timeline(record)
+    except (AttributeError, TypeError, ValueError, KeyError) as err:  # a hand-edited part of the wrong shape
+        raise InputError(f"{args.file}: session record has a part of the wrong shape ({type(err).__name__}: "
+                         f"{err}); `session show --json` prints it as it is") from None
+    print("\n".join(lines))
     return 0
 
 
 def list_command(args: argparse.Namespace) -> int:
     from smartrun.session import list_sessions, sessions_dir
 
-    rows = list_sessions(limit=max(1, args.limit))
+    if args.limit < 1:
+        from smartrun.errors import InputError
+
+        raise InputError(f"--limit {args.limit}: must be at least 1")
+    rows = list_sessions(limit=args.limit)
     if args.json:
         print(json.dumps([_list_row(path, rec) for path, rec in rows], indent=2))
         return 0
@@ -84,10 +97,13 @@ def _list_row(path, rec) -> dict:
 
 def replay_command(args: argparse.Namespace) -> int:
     from smartrun.pipeline import replay
-    from smartrun.session import load_record
+    from smartrun.session import RecordError, load_record
 
     record = load_record(args.file)
-    out = replay(record)  # ReplayDivergence (exit 5) names the first differing decision
+    try:
+        out = replay(record)  # ReplayDivergence (exit 5) names the first differing decision
+    except RecordError as err:  # a recorded part that cannot be read back: name the file too
+        raise RecordError(f"{args.file}: {err.message}") from None
     n = len(record.decisions)
     status = record.outcome.get("status")
     if args.json:
