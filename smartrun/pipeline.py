@@ -510,7 +510,11 @@ def _from_cache(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
         return baseline
     record.cache.hit = True
     record.cache.entry = to_jsonable(entry)
-    saved, _ = _without_security(Plan(params=entry.params, provenance=entry.provenance))
+    saved, hidden = _without_security(Plan(params=entry.params, provenance=entry.provenance))
+    ignored = sorted(hidden & set(entry.params))
+    if ignored:  # smartrun never saves these: the entry was edited; say so rather than drop them silently
+        rec.warn(f"saved parameters for {key.model} carry security settings that are never saved, ignored: "
+                 f"{', '.join(ignored)} (edited entry? `model smart-run-cache rm {key.model}` forgets it)")
     changes = tuple(Change(knob=k, value=v, reason=f"saved {entry.saved_at} ({entry.provenance.get(k, entry.source)})")
                     for k, v in sorted(saved.params.items()) if baseline.params.get(k, _MISSING) != v)
     verdict = validate.check(bounds, baseline, Proposal(changes=changes, reason="saved parameters",

@@ -30,3 +30,22 @@ def test_a_record_that_cannot_be_written_is_not_named(capsys):
     out, err = capsys.readouterr()
     assert "session record:" not in out
     assert "session record not written" in err and "is not a directory" in err
+
+
+def test_a_saved_entry_edited_to_carry_security_flags_is_used_without_them_and_warned_about(capsys):
+    import json
+
+    from smartrun.session import CacheEntry, CacheKey, SavedParams
+
+    args = ["model", "run", MODEL, "--smart-run", "--dry-run", "--json", "--hardware", L4, "--vllm-version", "0.33.0"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    key = CacheKey(**load_record(first["session"]).cache.key)
+    tampered = {**first["params"], "max_num_seqs": 2, "host": "0.0.0.0", "trust_remote_code": True}
+    SavedParams().store(CacheEntry(key=key, params=tampered, saved_at="2026-01-01T00:00:00Z"))
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    plan = json.loads(out)
+    assert plan["source"] == "cache" and plan["params"]["max_num_seqs"] == 2
+    assert "--trust-remote-code" not in plan["argv"] and plan["argv"][plan["argv"].index("--host") + 1] == "127.0.0.1"
+    assert "security settings that are never saved, ignored: host, trust_remote_code" in err
