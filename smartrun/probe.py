@@ -27,12 +27,13 @@ class ProbeError(SmartRunError):
 class ProbeSettings(Frozen):
     """What load to offer: a closed loop of `concurrency` clients, bounded in time and requests."""
 
+    # Upper limits keep a probe bounded in time and memory (every in-flight prompt is held as text).
     concurrency: int = Field(16, ge=1, le=4096)
-    duration_s: float = Field(10.0, gt=0)
-    prompt_tokens: int = Field(256, ge=1)
-    output_tokens: int = Field(128, ge=1)
-    max_requests: int = Field(1000, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
+    duration_s: float = Field(10.0, gt=0, le=3600, allow_inf_nan=False)
+    prompt_tokens: int = Field(256, ge=1, le=131072)
+    output_tokens: int = Field(128, ge=1, le=131072)
+    max_requests: int = Field(1000, ge=1, le=1_000_000)
+    request_timeout_s: float = Field(60.0, gt=0, le=3600, allow_inf_nan=False)
     model: str | None = None
 
 
@@ -146,7 +147,8 @@ async def first_model(client: Any, root: str) -> str:
     try:
         reply = await client.get(f"{root}/v1/models")
     except httpx.HTTPError as err:
-        raise ProbeError(f"{root}: cannot reach the server ({type(err).__name__}: {err})") from None
+        detail = f"{type(err).__name__}: {err}" if str(err) else f"{type(err).__name__}; not an HTTP server?"
+        raise ProbeError(f"{root}: cannot reach the server ({detail})") from None
     try:
         reply.raise_for_status()
         models = reply.json().get("data") or []
@@ -179,8 +181,33 @@ class _Run:
         self.stopped_by: Literal["duration", "max_requests"] = "duration"
 
 
-def _text_of(choice: dict[str, Any]) -> str:
-    return str(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+def _text_of(choice: Any) -> str:
+    choice = _object(choice)
+    return str(choice.get("text") or _object(choice.get("delta") or {}).get("content") or "")
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object from the server, or TypeError (counted as a bad reply)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TypeError(f"expected a JSON list, got {type(value).__name__}")
+    return value
+
+
+def _token_count(usage_tokens: Any, chunk_tokens: int) -> int:
+    """The server's completion_tokens when it is a sane count, else the text chunks seen."""
+    if usage_tokens is None:
+        return chunk_tokens
+    if isinstance(usage_tokens, bool) or not isinstance(usage_tokens, int) or usage_tokens < 0:
+        raise TypeError(f"usage.completion_tokens {usage_tokens!r} is not a count")
+    return usage_tokens
 
 
 async def _one_request(client: Any, url: str, model: str, run: _Run, index: int) -> None:
@@ -213,28 +240,32 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
                         data = line[5:].strip()
                         if data == "[DONE]":
                             break
-                        event = json.loads(data)
+                        event = _object(json.loads(data))
                         if event.get("usage"):
-                            usage_tokens = event["usage"].get("completion_tokens")
-                        for choice in event.get("choices") or []:
+                            usage_tokens = _object(event["usage"]).get("completion_tokens")
+                        for choice in _list(event.get("choices")):
                             if _text_of(choice):
                                 chunk_tokens += 1
                                 if ttft is None:
                                     ttft = time.perf_counter() - start
                     run.streamed_any = True
                 else:
-                    payload = json.loads(await reply.aread())
-                    usage_tokens = (payload.get("usage") or {}).get("completion_tokens")
-                    chunk_tokens = 1 if any(_text_of(c) for c in payload.get("choices") or []) else 0
+                    payload = _object(json.loads(await reply.aread()))
+                    usage_tokens = _object(payload.get("usage") or {}).get("completion_tokens")
+                    chunk_tokens = 1 if any(_text_of(c) for c in _list(payload.get("choices"))) else 0
+                tokens = _token_count(usage_tokens, chunk_tokens)
         except httpx.TimeoutException:
             run.errors["timeout"] += 1
             return
-        except (httpx.HTTPError, ValueError) as err:
+        except httpx.HTTPError as err:
             run.errors[type(err).__name__] += 1
+            return
+        except (ValueError, TypeError, AttributeError):  # not JSON, or JSON not shaped like a completion
+            run.errors["bad reply"] += 1
             return
         latency = time.perf_counter() - start
         run.ok += 1
-        run.output_tokens += int(usage_tokens if usage_tokens is not None else chunk_tokens)
+        run.output_tokens += tokens
         run.latencies.append(latency * 1000.0)
         if ttft is not None:
             run.ttfts.append(ttft * 1000.0)

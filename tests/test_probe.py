@@ -226,3 +226,70 @@ def test_cli_prints_json_in_a_real_subprocess():
     bad = subprocess.run([sys.executable, "-m", "smartrun", "probe", server.url, "--duration", "-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("localaistack: --duration -1.0")
+
+
+class RawServer:
+    """Lists one model, then answers every completion with the same raw body (garbage on purpose)."""
+
+    def __init__(self, body: bytes, content_type: str):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, data: bytes, ctype: str) -> None:
+                self.send_response(200)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._reply(b'{"data": [{"id": "m"}]}', "application/json")
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["content-length"]))
+                self._reply(body, content_type)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [
+        (b"data: [1]\n\ndata: [DONE]\n\n", "text/event-stream"),  # an event that is not an object
+        (b'data: {"choices": ["x"]}\n\n', "text/event-stream"),  # a choice that is not an object
+        (b'data: {"choices": [{"text": "a"}], "usage": {"completion_tokens": "many"}}\n\n', "text/event-stream"),
+        (b"[1]", "application/json"),
+        (b'{"choices": "abc"}', "application/json"),
+        (b"\x00\xffgarbage", "text/plain"),
+    ],
+)
+def test_garbage_replies_are_counted_as_bad_replies_and_the_cli_fails(capsys, body, ctype):
+    server = RawServer(body, ctype)
+    try:
+        result = probe.run_probe(server.url, settings(max_requests=6, concurrency=2))
+        # every request is accounted for (before: a worker died on the first odd reply and its requests vanished)
+        assert (result.ok, result.errors, result.error_kinds) == (0, 6, {"bad reply": 6})
+        capsys.readouterr()
+        assert main(["probe", server.url, "--max-requests", "3", "--concurrency", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"localaistack: {server.url}: no request succeeded (bad reply x3)"]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("duration_s", float("inf")), ("request_timeout_s", float("inf")), ("max_requests", 10**7),
+     ("prompt_tokens", 10**9), ("output_tokens", 10**9), ("duration_s", 1e300)],
+)
+def test_a_probe_is_bounded_in_time_and_memory(flag, value):
+    with pytest.raises(InputError, match=probe.SETTING_FLAGS[flag]):
+        probe.make_settings(**{flag: value})

@@ -55,4 +55,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
         print(result.summary())
         if result.error_kinds:
             print("errors: " + ", ".join(f"{k} x{n}" for k, n in sorted(result.error_kinds.items())))
+    if result.ok == 0:  # nothing measured: say so and fail, so a script does not take zeros for a measurement
+        kinds = ", ".join(f"{k} x{n}" for k, n in sorted(result.error_kinds.items())) or "no request was sent"
+        raise probe.ProbeError(f"{result.url}: no request succeeded ({kinds})")
     return 0
