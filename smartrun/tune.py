@@ -41,8 +41,8 @@ class TuneSettings(Frozen):
     """How to tune: rounds, the SLO, when a step counts as a gain, and the load each probe offers."""
 
     rounds: int = Field(4, ge=1, le=50)
-    slo_p95_ms: float | None = Field(None, gt=0)
-    min_gain: float = Field(0.03, ge=0)
+    slo_p95_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    min_gain: float = Field(0.03, ge=0, le=1)  # a fraction: 1 = a step must double tokens/s
     probe: ProbeSettings = ProbeSettings(concurrency=32, duration_s=15.0, max_requests=5000)
 
 

@@ -75,6 +75,11 @@ def request_from_args(args: argparse.Namespace) -> Any:
         raise InputError(f"--port {args.port}: not a TCP port")
     user, extra = split_extra(list(getattr(args, "extra", []) or []))
     tune_options: dict[str, Any] = {}
+    given = [f"--{name.replace('_', '-')}" for name in ("tune_rounds", "tune_min_gain", "slo_p95_ms",
+             "probe_concurrency", "probe_duration", "probe_prompt_tokens", "probe_output_tokens",
+             "probe_max_requests") if getattr(args, name, None) is not None]
+    if given and not args.tune:  # silently not tuning would surprise whoever typed them
+        raise InputError(f"{given[0]}: only used with --tune")
     if args.tune:
         from smartrun import tune
 
