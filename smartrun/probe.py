@@ -331,9 +331,10 @@ async def run_probe_async(
             await asyncio.wait_for(watch(), hard_stop)
         except asyncio.TimeoutError:  # a request timeout that did not fire; never hang
             run.errors["probe deadline"] += run.in_flight
+        finally:  # also on Ctrl+C: stop every worker before the client closes under it (no stray tracebacks)
             for worker in workers:
                 worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(*workers, return_exceptions=True)
         elapsed = time.perf_counter() - started
     if on_progress:
         on_progress(progress())

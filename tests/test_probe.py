@@ -293,3 +293,22 @@ def test_garbage_replies_are_counted_as_bad_replies_and_the_cli_fails(capsys, bo
 def test_a_probe_is_bounded_in_time_and_memory(flag, value):
     with pytest.raises(InputError, match=probe.SETTING_FLAGS[flag]):
         probe.make_settings(**{flag: value})
+
+
+def test_ctrl_c_during_a_probe_exits_130_without_a_traceback():
+    import os
+    import signal
+
+    with ScriptedServer(lambda n, body: {"first_s": 0.05, "total_s": 0.3}) as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smartrun", "probe", server.url, "--concurrency", "4", "--duration", "30"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell may start us ignoring it
+        )
+        deadline = time.monotonic() + 30
+        while len(server.bodies) < 4 and time.monotonic() < deadline:  # requests in flight
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "localaistack: interrupted"
