@@ -758,7 +758,10 @@ def _recover_advisor(request: RunRequest, sources: Sources, rec: Recorder, resul
                                   failure=_failure_summary(failure, attempts, rec.secrets))
         advice = advisor.advise(context, transport, lambda p: check(p, plan), kind="recover", strict=False)
         taken = _take_advice(advice, rec, result, plan, "recover")
-        return taken if taken.source == "llm" else None
+        if taken.source != "llm":
+            return None
+        # launch re-validates the change under source "llm", which prefixes "llm: " again: hand it the bare reason
+        return taken.model_copy(update={"provenance": {k: v.removeprefix("llm: ") for k, v in taken.provenance.items()}})
 
     return recover
 

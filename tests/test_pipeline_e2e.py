@@ -98,6 +98,8 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
     assert [a.kind for a in record.advice] == ["propose", "recover"]
     assert record.final_plan["params"]["gpu_memory_utilization"] == 0.85
     assert record.final_plan["params"]["max_num_seqs"] == 6
+    # the LLM's own reason, marked once (it read "llm: llm: ..." when launch re-validated the recover plan)
+    assert record.final_plan["provenance"]["gpu_memory_utilization"] == "llm: leave room for graph capture"
     assert record.cache.stored
 
     monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
