@@ -605,10 +605,10 @@ class ProcessLauncher:
                         exit_code=code)
                     return None, found
                 if time.monotonic() > deadline:
+                    before_stop, _ = stream.snapshot()  # its last word, not the "Shutting down" our stop causes
                     _stop_group(proc, self.stop_grace)
                     stream.join(5)
-                    tail, _ = stream.snapshot()
-                    last = next((ln for ln in reversed(tail) if ln.strip()), "(no output)")
+                    last = next((ln for ln in reversed(before_stop) if ln.strip()), "(no output)")
                     return None, Failure(klass="startup_timeout", exit_code=proc.returncode,
                                          evidence=f"not ready after {self.startup_timeout:g} s; last line: {last}",
                                          details={"startup_timeout_s": self.startup_timeout})

@@ -49,3 +49,28 @@ def test_a_saved_entry_edited_to_carry_security_flags_is_used_without_them_and_w
     assert plan["source"] == "cache" and plan["params"]["max_num_seqs"] == 2
     assert "--trust-remote-code" not in plan["argv"] and plan["argv"][plan["argv"].index("--host") + 1] == "127.0.0.1"
     assert "security settings that are never saved, ignored: host, trust_remote_code" in err
+
+
+def test_a_start_that_never_gets_ready_is_exit_4_naming_vllms_last_line_not_our_stop(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "FAKE_VLLM_SCENARIO": json.dumps({"faults": {"never_ready": True}})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartrun", "model", "run", MODEL, "--hardware", L4, "--port", str(port),
+         "--vllm-bin", str(REPO / "tests" / "fakes" / "fake_vllm.py"), "--startup-timeout", "1", "--max-attempts", "1"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("localaistack: ") and "startup_timeout" in last and "last line: " in last
+    assert "Shutting down" not in last  # the stop we sent is not vLLM's last word
+    path = Path(re.search(r"^session record: (.+)$", proc.stdout, re.M).group(1))
+    assert load_record(path).outcome["exit_code"] == 4
