@@ -517,8 +517,11 @@ def _from_cache(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
                  f"{', '.join(ignored)} (edited entry? `model smart-run-cache rm {key.model}` forgets it)")
     changes = tuple(Change(knob=k, value=v, reason=f"saved {entry.saved_at} ({entry.provenance.get(k, entry.source)})")
                     for k, v in sorted(saved.params.items()) if baseline.params.get(k, _MISSING) != v)
+    # a plan the recovery ladder reached (e.g. utilization on the OOM floor) is proof this machine needs that
+    # room: re-check it with the room the bounds grant recovery, or every run would OOM and recover again
+    checked_as = "recovery" if entry.source == "recovery" else "cache"
     verdict = validate.check(bounds, baseline, Proposal(changes=changes, reason="saved parameters",
-                                                        source="cache"), fit_check=fit)
+                                                        source=checked_as), fit_check=fit)
     rejected = [to_jsonable(r) for r in verdict.rejections]
     result.rejected.extend(rejected)
     if not verdict.accepted:
