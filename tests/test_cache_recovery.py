@@ -23,8 +23,8 @@ def _free_port() -> int:
 
 def _smart_run(tmp_path: Path) -> subprocess.CompletedProcess:
     # graphs need 10 GiB: the 0.88 baseline OOMs while capturing them and recovery lowers utilization to the
-    # OOM floor's room; the stand-in then dies shortly after ready so the supervised run ends (exit 4)
-    scenario = {"graph_actual_gib": 10, "faults": {"die_after_ready_s": 0.3}}
+    # OOM floor's room; the stand-in then dies 2 s after ready (long enough for the readiness poll on a loaded machine) so the supervised run ends (exit 4)
+    scenario = {"graph_actual_gib": 10, "faults": {"die_after_ready_s": 2.0}}
     env = {**os.environ, "FAKE_VLLM_SCENARIO": json.dumps(scenario)}
     args = [sys.executable, "-m", "smartrun", "model", "run", MODEL, "--smart-run", "--hardware", H100,
             "--vllm-bin", STANDIN, "--port", str(_free_port()), "--startup-timeout", "30"]
