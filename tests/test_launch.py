@@ -319,17 +319,20 @@ def test_interrupt_stops_the_whole_child_group(rig, tmp_path, mode, sig, wait_fo
     faults = {"never_ready": True} if mode == "loading" else {}
     rig.scenario(faults=faults, worker=True)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    # a backgrounded CI job may start us with SIGINT ignored; the driver gets Ctrl+C as a user at a terminal has it
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(rig.shim), str(rig.port), mode],
-                              stdout=subprocess.PIPE, text=True, env=env)
+                              stdout=subprocess.PIPE, text=True, env=env,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
+        deadline = time.monotonic() + 60
         for line in driver.stdout:
-            if line.startswith(wait_for):
+            if line.startswith(wait_for) or time.monotonic() > deadline:
                 break
         pids = rig.started_pids()
         assert len(pids) == 2 and not any(process_gone(p) for p in pids)
         driver.send_signal(sig)
-        rest = driver.stdout.read()
-        assert driver.wait(30) == 130 and "INTERRUPTED" in rest
+        rest, _ = driver.communicate(timeout=30)
+        assert driver.returncode == 130 and "INTERRUPTED" in rest
     finally:
         if driver.poll() is None:
             driver.kill()

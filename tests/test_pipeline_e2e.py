@@ -63,7 +63,8 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
                 "--llm-base-url", llm.base_url, "--llm-model", "fake-model", "--session-out", str(session),
                 "--api-key", SERVED_KEY]
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True,  # a backgrounded CI job may start us ignoring SIGINT: Ctrl+C as a user has it
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         lines = []
         deadline = time.monotonic() + 90
         try:
