@@ -45,6 +45,7 @@ from smartrun.session import (
     sha256_text,
     to_jsonable,
     utc_iso,
+    validation_problem,
     write_record,
 )
 
@@ -1072,9 +1073,7 @@ def _validated(cls: Any, data: Any, what: str) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RecordError(f"session record: {what} is invalid at {where or '(top)'}: {first['msg']}") from err
+        raise RecordError(f"session record: {what} is invalid {validation_problem(err)}") from err
 
 
 def _recorded_failure(record: SessionRecord) -> SmartRunError:

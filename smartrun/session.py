@@ -79,6 +79,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise InputError(f"{path}: cannot write ({err.strerror or err})") from err
 
 
+def validation_problem(err: ValidationError) -> str:
+    """pydantic's first problem as `at <field path>: <message>`, for one-line errors about hand-edited records."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top)"
+    return f"at {where}: {first['msg']}"
+
+
 def to_jsonable(value: Any) -> Any:
     """Plain JSON types (tuples become lists, models become dicts) so recorded and replayed values compare."""
     if isinstance(value, BaseModel):
@@ -302,9 +309,7 @@ def load_record(path: str | Path) -> SessionRecord:
     try:
         return SessionRecord.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InputError(f"{path}: invalid session record at {where}: {first['msg']}") from err
+        raise InputError(f"{path}: invalid session record {validation_problem(err)}") from err
 
 
 def list_sessions(directory: Path | None = None, limit: int = 20) -> list[tuple[Path, SessionRecord | str]]:
