@@ -365,16 +365,19 @@ def _problems_in_text(text: str) -> tuple[list[tuple[int, str]], dict | None]:
     return sorted(out.found, key=lambda p: p[0]), data
 
 
-def _read(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A bounds file's text; one BoundsError line naming the file when it is missing or unreadable."""
     try:
         return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BoundsError(f"{path}: bounds file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise BoundsError(f"{path}: cannot read bounds file ({err.__class__.__name__}: {err})") from None
 
 
 def problems(path: str | Path) -> list[tuple[int, str]]:
     """Every problem in the file as (line, message), in line order; [] when the file is good."""
-    return _problems_in_text(_read(Path(path)))[0]
+    return _problems_in_text(read_text(Path(path)))[0]
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -426,12 +429,12 @@ def load_text(text: str, file: str) -> BoundsFile:
 
 def load(path: str | Path) -> BoundsFile:
     """Load a bounds file the user named; sources read `bounds:<path as given>:<line>`."""
-    return load_text(_read(Path(path)), str(path))
+    return load_text(read_text(Path(path)), str(path))
 
 
 def builtin() -> BoundsFile:
     """The default shipped in the package (encodes the tuning guide's ranges)."""
-    return load_text(_read(BUILTIN_PATH), BUILTIN_NAME)
+    return load_text(read_text(BUILTIN_PATH), BUILTIN_NAME)
 
 
 def find(start_dir: str | Path | None = None) -> Path | None:

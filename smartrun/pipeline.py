@@ -883,14 +883,8 @@ def _live_bounds(request: RunRequest) -> BoundsInput:
 
 def _bounds_from_path(path: Path) -> BoundsInput:
     from smartrun import bounds
-    from smartrun.errors import BoundsError
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise BoundsError(f"{path}: bounds file not found") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise BoundsError(f"{path}: cannot read bounds file ({err})") from err
+    text = bounds.read_text(path)
     return BoundsInput(path=str(path), text=text, loaded=bounds.load_text(text, str(path)))
 
 
