@@ -26,7 +26,7 @@ from typing import Any
 from smartrun import memory
 from smartrun.errors import SmartRunError
 from smartrun.memory import GIB, Coefficients, EngineFlags, GpuSpec, estimate, weights_per_rank
-from smartrun.model import ModelFacts, facts_from_config
+from smartrun.model import ModelFacts, QuantFacts, facts_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 REF = REPO / "fixtures" / "reference"
@@ -208,6 +208,9 @@ def run_case(
         "kv_pred": est.kv_cache_gib,
         "kv_real": case.get("kv_cache_gib"),
         "tok_pred": est.kv_cache_tokens,
+        "tok_low": memory.plan_safe_kv_tokens(est),
+        "nonkv_pred": est.requested_gib - est.kv_cache_gib,
+        "profile": est.profile,
         "tok_real": real_tokens,
         "cg_pred": est.cudagraph_gib,
         "cg_real": (case.get("extra_printed") or {}).get("cuda_graph_gib"),
@@ -313,6 +316,10 @@ def fit_samples(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]])
             facts, dtype, tp, est.max_num_seqs, est.max_num_batched_tokens, last=False
         )
         layers = max(len(r) for r in memory.pp_layer_ranges(facts.num_hidden_layers, pp))
+        held = facts  # as the estimate holds it: `--quantization fp8` quantizes a bf16 checkpoint online
+        if flags.quantization and facts.quantization is None:
+            held = facts.model_copy(update={"quantization": QuantFacts(method=flags.quantization)})
+        stage_weights = weights_per_rank(held, dtype, tp, pp)[0].bytes  # rank 0 prints the load line
         per_layer, per_expert = memory.cudagraph_features(facts, layers, tp)
         samples.append(
             {
@@ -330,6 +337,8 @@ def fit_samples(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]])
                 "graph_layer": per_layer,
                 "graph_expert": per_expert,
                 "graph": row["cg_real"] if not flags.enforce_eager else None,
+                "w_counted": stage_weights / GIB,
+                "w_real": case.get("weights_gib"),
             }
         )
     return samples
@@ -364,7 +373,7 @@ def distinct(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     times (Llama-3.1-8B 19x, Qwen2.5-7B 14x) would otherwise outweigh every other family."""
     seen: dict[tuple[Any, ...], dict[str, Any]] = {}
     for s in samples:
-        key = tuple(v for k, v in sorted(s.items()) if k != "id")
+        key = tuple(v for k, v in sorted(s.items()) if k not in ("id", "w_real", "w_counted"))
         seen.setdefault(key, s)
     return list(seen.values())
 
@@ -378,7 +387,8 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
       (their logs print the first stage, which runs no sampler); 0 when there are none;
     - non-torch: mean of the single-GPU cases, mean of the PP-only cases (the single-GPU value
       when there are none, which errs high), a + b x tp over the TP >= 2 cases;
-    - CUDA graphs: a + b x layer feature + c x expert feature.
+    - CUDA graphs: a + b x layer feature + c x expert feature;
+    - weight-load slack: mean of ("Model loading took" / counted bytes - 1).
     """
     base = memory.FITTED
     samples = distinct(samples)
@@ -407,6 +417,7 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
         tp_base, tp_slope = least_squares([[1.0, s["tp"]] for s in tp_rows], [s["non_torch"] for s in tp_rows])
     elif tp_rows:
         tp_base, tp_slope = statistics.mean(s["non_torch"] for s in tp_rows) - tp_slope * tp_rows[0]["tp"], tp_slope
+    loads = [s["w_real"] / s["w_counted"] - 1 for s in samples if s["w_real"] and s["w_counted"]]
     graphs = [s for s in samples if s["graph"] is not None]
     g_base, g_layer, g_expert = least_squares(
         [[1.0, s["graph_layer"], s["graph_expert"]] for s in graphs], [s["graph"] for s in graphs]
@@ -421,7 +432,31 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
         graph_base=round(g_base, 3),
         graph_per_layer=round(g_layer, 4),
         graph_per_expert=round(g_expert, 4),
+        weight_load_slack=round(statistics.mean(loads), 4) if loads else base.weight_load_slack,
     )
+
+
+def over_gib(row: dict[str, Any]) -> float | None:
+    """How much more KV the estimate promised than vLLM had, in GiB per GPU (negative: under)."""
+    if row.get("kv_real") is not None:
+        return row["kv_pred"] - row["kv_real"]
+    if row.get("tok_real") and row["tok_pred"]:
+        return (row["tok_pred"] - row["tok_real"]) / row["tok_pred"] * row["kv_pred"]
+    return None
+
+
+def profile_bands(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """Per profile: (band, n). The band is the largest KV over-prediction seen, as a fraction of the
+    predicted non-KV memory, widened by (1 + 2/sqrt(n)) for the few-sample case; 0 when never over."""
+    bands: dict[str, tuple[float, int]] = {}
+    for name in sorted({r["profile"] for r in rows}):
+        part = [(over_gib(r), r["nonkv_pred"]) for r in rows if r["profile"] == name]
+        part = [(o, n) for o, n in part if o is not None and n > 0]
+        if not part:
+            continue
+        worst = max(0.0, *(o / n for o, n in part))
+        bands[name] = (worst * (1 + 2 / len(part) ** 0.5), len(part))
+    return bands
 
 
 CV_METRICS = (

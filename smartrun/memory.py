@@ -31,10 +31,12 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from smartrun import vllm_profiles
 from smartrun.errors import EstimateError
 from smartrun.hardware import GpuInfo, HardwareSnapshot
 from smartrun.model import ModelFacts, QuantFacts
 from smartrun.plan import Frozen
+from smartrun.vllm_profiles import NEWEST_VERSION, PROFILES, Profile  # noqa: F401  (re-exported)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -144,64 +146,20 @@ class MemoryEstimate(Frozen):
     fits: bool
     reason: str | None = None  # why not, with the shortfall in GiB
     largest_max_model_len: int  # largest max_model_len that fits (vLLM's own estimate)
+    # The plan-safe low end of the profile's uncertainty band (None in records made before it existed).
+    kv_cache_tokens_low: int | None = None
+    max_concurrency_low: float | None = None
+    largest_max_model_len_low: int | None = None
+    margin_gib: float = 0.0  # non-KV memory kept back per GPU for the band
+    uncertainty: str = ""  # the profile, its band and what the band rests on
 
 
 # ---------------------------------------------------------------------------------------------
-# Version profiles
-
-
-class Profile(Frozen):
-    """vLLM behaviour that changes the memory budget (vllm_facts.md 1.6, 2.3, 4.3)."""
-
-    name: str
-    default_util: float
-    cudagraph_subtracted: bool  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS default on
-    tokens_group_aware: bool  # "GPU KV cache size" = concurrency x max_model_len for hybrid models
-    has_160gib_tier: bool
-    v0_engine: bool = False  # V0: no free-memory check, NCCL outside the profile, chunked prefill off <= 32K
-    sampler_extra_bytes: float | None = None  # per logit element beyond the dtype copy; None = fitted
-
-
-PROFILES: dict[str, Profile] = {
-    "0.6": Profile(
-        name="0.6",
-        default_util=0.90,
-        cudagraph_subtracted=False,
-        tokens_group_aware=False,
-        has_160gib_tier=False,
-        v0_engine=True,
-        sampler_extra_bytes=4.0,  # V0 profiles with the logits in fp32 only
-    ),
-    "0.19": Profile(
-        name="0.19",
-        default_util=0.90,
-        cudagraph_subtracted=False,
-        tokens_group_aware=False,
-        has_160gib_tier=False,
-    ),
-    "0.20": Profile(
-        name="0.20",
-        default_util=0.92,
-        cudagraph_subtracted=True,
-        tokens_group_aware=False,
-        has_160gib_tier=False,
-    ),
-    "0.33": Profile(
-        name="0.33",
-        default_util=0.92,
-        cudagraph_subtracted=True,
-        tokens_group_aware=True,
-        has_160gib_tier=True,
-    ),
-}
-NEWEST_VERSION = "0.33.0"
+# Version profiles (smartrun/vllm_profiles.py: eras, source read, evidence, plan-safe band)
 
 
 def _version_tuple(version: str) -> tuple[int, int]:
-    match = re.match(r"\s*v?(\d+)\.(\d+)", version)
-    if not match:
-        raise EstimateError(f"--vllm-version {version!r}: expected a version like 0.19.0")
-    return int(match.group(1)), int(match.group(2))
+    return vllm_profiles.version_tuple(version)[:2]
 
 
 def installed_vllm_version() -> str | None:
@@ -214,19 +172,13 @@ def installed_vllm_version() -> str | None:
         return None
 
 
-def resolve_version(vllm_version: str | None) -> tuple[str, Profile]:
-    """Explicit version, else the installed vllm, else the newest; and its behaviour profile."""
+def resolve_version(
+    vllm_version: str | None, compute_capability: str | None = None, kv_cache_dtype: str = "auto"
+) -> tuple[str, Profile]:
+    """Explicit version, else the installed vllm, else the newest; and the profile it runs with on
+    a GPU of `compute_capability` (0.8-0.10 fall back to the V0 engine below 8.0)."""
     version = vllm_version or installed_vllm_version() or NEWEST_VERSION
-    major, minor = _version_tuple(version)
-    if (major, minor) < (0, 8):  # the V0 engine was the default before 0.8
-        profile = PROFILES["0.6"]
-    elif (major, minor) < (0, 20):
-        profile = PROFILES["0.19"]
-    elif (major, minor) < (0, 28):  # graph estimate on and util 0.92 from 0.20; the 160 GiB tier from 0.28
-        profile = PROFILES["0.20"]
-    else:
-        profile = PROFILES["0.33"]
-    return version, profile
+    return version, vllm_profiles.resolve(version, compute_capability, kv_cache_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +329,7 @@ def effective_batch_defaults(
         return (flags.max_num_seqs or seqs), mnbt
     if profile.has_160gib_tier and total_gib >= 160:
         mnbt, seqs = 16384, 1024
-    elif total_gib >= 70 and "a100" not in gpu_name.lower():
+    elif total_gib >= 70 and (profile.big_tier_includes_a100 or "a100" not in gpu_name.lower()):
         mnbt, seqs = 8192, 1024
     else:
         mnbt, seqs = 2048, 256
@@ -406,6 +358,7 @@ class _Shape(Frozen):
     count: int = 1  # how many identical matrices (experts)
     quantized: bool = True
     expert: bool = False
+    gate_up: bool = False  # the fused gate/up projection (hidden -> 2 x intermediate)
 
 
 def _tc(model: ModelFacts) -> dict[str, Any]:
@@ -479,7 +432,7 @@ def _mlp_shapes(model: ModelFacts, idx: int, tp: int) -> list[_Shape]:
     e_inter = moe.moe_intermediate_size
     shapes = [
         _Shape(n_in=h, n_out=moe.num_experts, quantized=False),  # router, replicated
-        _Shape(n_in=h, n_out=2 * e_inter // tp, count=moe.num_experts, expert=True),
+        _Shape(n_in=h, n_out=2 * e_inter // tp, count=moe.num_experts, expert=True, gate_up=True),
         _Shape(n_in=e_inter // tp, n_out=h, count=moe.num_experts, expert=True),
     ]
     shared = moe.shared_expert_intermediate_size or moe.num_shared_experts * e_inter
@@ -619,17 +572,44 @@ class RankWeights(Frozen):
     last: bool
 
 
+def _mxfp4_expert_bytes(shape: _Shape, pad: tuple[int, int], h: int) -> int:
+    """An MXFP4 expert matrix as vLLM holds it: 4-bit weights, one e8m0 scale per 32, a bf16 bias,
+    with the intermediate size rounded up to pad[0] and the hidden size to pad[1] for the kernel
+    (vllm/model_executor/layers/quantization/mxfp4.py create_weights)."""
+    def up(n: int, m: int) -> int:
+        return -(-n // m) * m
+
+    n_in, n_out = shape.n_in, shape.n_out
+    if shape.gate_up:  # hidden -> 2 x intermediate
+        n_in, n_out = up(h, pad[1]), 2 * up(n_out // 2, pad[0])
+    else:  # down: intermediate -> hidden
+        n_in, n_out = up(n_in, pad[0]), up(h, pad[1])
+    return (n_in * n_out // 2 + n_out * math.ceil(n_in / 32) + 2 * n_out) * shape.count
+
+
 def _rank_weight_bytes(
-    model: ModelFacts, dtype_bytes: int, tp: int, layers: range, first: bool, last: bool
+    model: ModelFacts,
+    dtype_bytes: int,
+    tp: int,
+    layers: range,
+    first: bool,
+    last: bool,
+    mxfp4_pad: tuple[int, int] | None = None,
 ) -> int:
     layout = _quant_layout(model)
     h = model.hidden_size
     norms_per_layer = 4 if _family(model).startswith("gemma") else 2
+    mxfp4 = layout is not None and layout.experts_only
+    mxfp4_pad = mxfp4_pad or (1, 1)  # the checkpoint's own layout
     total = 0
     for idx in layers:
         attn, extra = _attention_shapes(model, tp)
         total += sum(_linear_bytes(s, dtype_bytes, layout) for s in attn)
-        total += sum(_linear_bytes(s, dtype_bytes, layout) for s in _mlp_shapes(model, idx, tp))
+        for shape in _mlp_shapes(model, idx, tp):
+            if mxfp4 and shape.expert:
+                total += _mxfp4_expert_bytes(shape, mxfp4_pad, h)
+            else:
+                total += _linear_bytes(shape, dtype_bytes, layout)
         total += (extra + norms_per_layer * h) * dtype_bytes
     vocab_rank = math.ceil(model.vocab_size / VOCAB_PADDING) * VOCAB_PADDING // tp
     if first:
@@ -643,16 +623,26 @@ def _rank_weight_bytes(
     return total
 
 
-def weights_per_rank(model: ModelFacts, dtype: str, tp: int, pp: int) -> list[RankWeights]:
-    """Weight bytes per PP stage (identical across the TP ranks of a stage).
+def weights_per_rank(
+    model: ModelFacts, dtype: str, tp: int, pp: int, mxfp4_pad: tuple[int, int] | None = None
+) -> list[RankWeights]:
+    """Weight bytes per PP stage (identical across the TP ranks of a stage), as vLLM holds them.
 
     Exact safetensors bytes, when known, are split in the proportion the counted layout gives.
+    MXFP4 experts are held padded for the kernel the GPU runs (`mxfp4_pad`, from
+    vllm_profiles.mxfp4_padding): the padding is added on top of the checkpoint's bytes.
     """
     dtype_bytes = DTYPE_BYTES[dtype]
     ranges = pp_layer_ranges(model.num_hidden_layers, pp)
     counted = [
         _rank_weight_bytes(model, dtype_bytes, tp, r, i == 0, i == pp - 1) for i, r in enumerate(ranges)
     ]
+    padding = [0] * pp
+    if mxfp4_pad is not None and (layout := _quant_layout(model)) is not None and layout.experts_only:
+        padding = [
+            _rank_weight_bytes(model, dtype_bytes, tp, r, i == 0, i == pp - 1, mxfp4_pad) - c
+            for i, (r, c) in enumerate(zip(ranges, counted, strict=True))
+        ]
     if model.weight_bytes:
         whole = _rank_weight_bytes(model, dtype_bytes, 1, range(model.num_hidden_layers), True, True)
         exact = model.weight_bytes
@@ -662,8 +652,8 @@ def weights_per_rank(model: ModelFacts, dtype: str, tp: int, pp: int) -> list[Ra
         rope = _rope_cache_params(model) * dtype_bytes
         counted = [int((c - rope) * (exact / max(1, whole - rope))) + rope for c in counted]
     return [
-        RankWeights(bytes=c, layers=tuple(r), first=i == 0, last=i == pp - 1)
-        for i, (c, r) in enumerate(zip(counted, ranges, strict=True))
+        RankWeights(bytes=c + extra, layers=tuple(r), first=i == 0, last=i == pp - 1)
+        for i, (c, r, extra) in enumerate(zip(counted, ranges, padding, strict=True))
     ]
 
 
@@ -689,6 +679,10 @@ class Coefficients(Frozen):
     graph_base: float = 0.387  # CUDA graph pool, fixed part
     graph_per_layer: float = 0.0163  # per layer at hidden 4096 and tp 1
     graph_per_expert: float = 0.0047  # per layer and routed expert per token (MoE)
+    # "Model loading took" exceeds the tensors' bytes by the allocator's rounding and the loader's
+    # leftovers: the mean excess over the 0.19 logs (0-1.4%; Qwen2-72B at tp2 +0.12%, whose thin KV
+    # was over-predicted by 3% without it).
+    weight_load_slack: float = 0.0017
 
 
 FITTED = Coefficients()
@@ -761,14 +755,25 @@ def activation_terms(
     return (logits * dtype_bytes + held + moe_ws, forward), logits
 
 
-def non_torch_bytes(tp: int, pp: int, v0_engine: bool = False, coeffs: Coefficients = FITTED) -> int:
+def non_torch_bytes(
+    tp: int, pp: int, v0_engine: bool = False, coeffs: Coefficients = FITTED, profile: Profile | None = None
+) -> int:
     """Non-torch growth during profiling: CUDA context/cuBLAS workspaces (~0.25 GiB on one GPU).
 
     With TP >= 2 NCCL and the custom all-reduce IPC buffers add about 1.8 GiB, growing a little
     with the group size (0.19 logs: 2.06-2.11 GiB at tp2, 2.13-2.21 at tp4). With PP only, NCCL
-    is set up before the snapshot, so the growth is smaller (0.07 GiB).
+    is set up before the snapshot, so the growth is smaller (0.07 GiB). Older eras measured other
+    figures (their profile's `non_torch_*_gib`, from their public startups): 0.9-0.10 grew far
+    less with TP, 0.8 counts the whole CUDA context.
     """
-    if v0_engine:  # V0 set NCCL up outside the profiled window
+    if profile is not None and (profile.non_torch_single_gib is not None or profile.non_torch_tp_gib is not None):
+        single = profile.non_torch_single_gib
+        single = coeffs.non_torch_single if single is None else single
+        if tp >= 2:
+            multi = profile.non_torch_tp_gib
+            return int((coeffs.non_torch_tp_base + coeffs.non_torch_tp_slope * tp if multi is None else multi) * GIB)
+        return int(single * GIB)
+    if v0_engine:  # V0's figure when no profile says otherwise
         return int(0.25 * GIB)
     if tp >= 2:
         return int((coeffs.non_torch_tp_base + coeffs.non_torch_tp_slope * tp) * GIB)
@@ -858,8 +863,14 @@ def kv_groups(kinds: list[tuple[str, int | None]]) -> list[KVGroup]:
     return groups
 
 
-def kv_bytes_per_token_layer(model: ModelFacts, kv_elem_bytes: int, tp: int) -> int:
-    """Bytes per token per layer on one GPU: MLA latent (replicated) or K+V of the rank's KV heads."""
+def kv_bytes_per_token_layer(model: ModelFacts, kv_elem_bytes: int, tp: int, mla_latent: bool = True) -> int:
+    """Bytes per token per layer on one GPU: MLA latent (replicated) or K+V of the rank's KV heads.
+
+    Before vLLM 0.7.1 (V0, no MLA backend) DeepSeek's attention cached every head's K and V padded
+    to 256 (vllm/model_executor/models/deepseek_v2.py, 0.6.6.post1 l.266-312): 2 x heads/TP x 256.
+    """
+    if model.mla is not None and not mla_latent:
+        return 2 * max(1, model.num_attention_heads // tp) * 256 * kv_elem_bytes
     if model.mla is not None:
         return (model.mla.kv_lora_rank + model.mla.qk_rope_head_dim) * kv_elem_bytes
     heads_rank = max(1, model.num_kv_heads // tp)
@@ -908,11 +919,12 @@ def _budget(
     mnbt: int,
     block_size: int,
     coeffs: Coefficients = FITTED,
+    mxfp4_pad: tuple[int, int] | None = None,
 ) -> _Budget:
     tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
-    stages = weights_per_rank(model, dtype, tp, pp)
+    stages = weights_per_rank(model, dtype, tp, pp, mxfp4_pad)
     kinds = layer_kinds(model)
-    page = kv_bytes_per_token_layer(model, kv_elem, tp)
+    page = kv_bytes_per_token_layer(model, kv_elem, tp, profile.mla_latent_cache)
     best: _Budget | None = None
     for stage_idx, stage in enumerate(stages):
         stage_kinds = [kinds[i] for i in stage.layers]
@@ -931,16 +943,17 @@ def _budget(
             pp,
             coeffs.pp_hidden_buffers,
         )
-        non_torch = non_torch_bytes(tp, pp, profile.v0_engine, coeffs)
+        non_torch = non_torch_bytes(tp, pp, profile.v0_engine, coeffs, profile)
         graphs = cudagraph_bytes(
             model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level, coeffs
         )
         for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)
+            weights = int(stage.bytes * (1 + coeffs.weight_load_slack))
             kv = (
                 requested
-                - stage.bytes
+                - weights
                 - activation
                 - non_torch
                 - (graphs if profile.cudagraph_subtracted else 0)
@@ -950,7 +963,7 @@ def _budget(
                 total=total,
                 requested=requested,
                 free=gpu.cuda_free_bytes,
-                weights=stage.bytes,
+                weights=weights,
                 activation=activation,
                 non_torch=non_torch,
                 cudagraph=graphs,
@@ -1002,7 +1015,6 @@ def estimate(
 
     `coefficients` replaces the fitted terms (the benchmark's cross-validation refits them).
     """
-    version, profile = resolve_version(vllm_version)
     gpu_list = _gpu_list(gpus)
     if not gpu_list:
         raise EstimateError("no GPU given: pass --gpu NAME or a hardware snapshot with GPUs")
@@ -1012,7 +1024,10 @@ def estimate(
     ):  # online quantization of a full-precision checkpoint
         model = model.model_copy(update={"quantization": QuantFacts(method=flags.quantization)})
     used = gpu_list[: flags.tensor_parallel_size * flags.pipeline_parallel_size]
-    dtype = _dtype_name(flags.dtype, model, min((g.compute_capability for g in used), key=_cc_key))
+    low_cc = min((g.compute_capability for g in used), key=_cc_key)
+    version, profile = resolve_version(vllm_version, low_cc, flags.kv_cache_dtype.lower())
+    mxfp4_pad = vllm_profiles.mxfp4_padding(version, low_cc)
+    dtype = _dtype_name(flags.dtype, model, low_cc)
     kv_elem = _kv_bytes_per_element(flags.kv_cache_dtype, dtype)
     util = flags.gpu_memory_utilization if flags.gpu_memory_utilization is not None else profile.default_util
     block_size = flags.block_size or 16
@@ -1028,23 +1043,24 @@ def estimate(
     seqs, mnbt = effective_batch_defaults(
         flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
     )
-    b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients)
+    b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad)
     largest = _largest_len(b, derived, block_size, mnbt)
     if auto and largest > 0:
         max_model_len = largest
         seqs, mnbt = effective_batch_defaults(
             flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
         )
-        b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients)
+        b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad)
     per_request = _request_blocks(b, max_model_len, block_size, mnbt)
     concurrency = b.num_blocks / per_request if per_request else 0.0
-    if len(b.groups) == 1:
-        tokens = b.num_blocks * block_size
-    elif profile.tokens_group_aware:
-        tokens = int(concurrency * max_model_len)
-    else:
-        tokens = b.num_blocks // len(b.groups) * block_size
-    tokens *= 1  # engine-wide: blocks are the min over ranks and every rank holds its layers for all tokens
+    tokens = _tokens(b, b.num_blocks, concurrency, profile, block_size, max_model_len)
+    # The plan-safe low end: the profile's band of non-KV memory kept back (vllm_profiles.Profile.margin).
+    non_kv = b.weights + b.activation + b.non_torch + (b.cudagraph if profile.cudagraph_subtracted else 0)
+    margin = profile.margin_bytes(non_kv)
+    low = b.model_copy(update={"kv": b.kv - margin, "num_blocks": max(0, (b.kv - margin) // b.bytes_per_block)})
+    concurrency_low = low.num_blocks / per_request if per_request else 0.0
+    tokens_low = _tokens(low, low.num_blocks, concurrency_low, profile, block_size, max_model_len)
+    largest_low = _largest_len(low, derived, block_size, mnbt)
     fits, reason = True, None
     if b.free < b.requested and not profile.v0_engine:  # V0 had no startup free-memory check
         fits = False
@@ -1101,7 +1117,40 @@ def estimate(
         fits=fits,
         reason=reason,
         largest_max_model_len=largest,
+        kv_cache_tokens_low=int(tokens_low),
+        max_concurrency_low=round(concurrency_low, 2),
+        largest_max_model_len_low=largest_low,
+        margin_gib=_gib(margin),
+        uncertainty=(
+            f"profile {profile.name} (vLLM {profile.versions}): plan-safe band keeps back "
+            f"{profile.margin:.1%} of the non-KV memory (at least {profile.margin_floor_gib} GiB); {profile.evidence}"
+        ),
     )
+
+
+def _tokens(b: _Budget, blocks: int, concurrency: float, profile: Profile, block_size: int, max_model_len: int) -> int:
+    """vLLM's "GPU KV cache size" for `blocks` (engine-wide: blocks are the min over ranks)."""
+    if len(b.groups) == 1:
+        return blocks * block_size
+    if profile.tokens_group_aware:
+        return int(concurrency * max_model_len)
+    return blocks // len(b.groups) * block_size
+
+
+def plan_safe_kv_tokens(est: MemoryEstimate) -> int:
+    """The KV tokens a plan may count on: the low end of the estimate's band (never cache that is not there)."""
+    return est.kv_cache_tokens if est.kv_cache_tokens_low is None else min(est.kv_cache_tokens, est.kv_cache_tokens_low)
+
+
+def plan_safe_max_model_len(est: MemoryEstimate) -> int:
+    """The largest max_model_len a plan may choose: vLLM's own fit at the low end of the band."""
+    low = est.largest_max_model_len_low
+    return est.largest_max_model_len if low is None else min(est.largest_max_model_len, low)
+
+
+def plan_safe_fits(est: MemoryEstimate) -> bool:
+    """Whether the estimate fits even at the low end of its band (one request at max_model_len)."""
+    return est.fits and est.max_model_len <= plan_safe_max_model_len(est)
 
 
 def largest_fitting_model_len(

@@ -117,7 +117,13 @@ from smartrun import bounds as bounds_mod  # noqa: E402
 from smartrun.errors import EstimateError, InfeasibleError, InputError, PinConflictError  # noqa: E402
 from smartrun.hardware import GpuInfo, HardwareSnapshot  # noqa: E402
 from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, Knob, pin_text  # noqa: E402
-from smartrun.memory import EngineFlags, GpuSpec, MemoryEstimate  # noqa: E402
+from smartrun.memory import (  # noqa: E402
+    EngineFlags,
+    GpuSpec,
+    MemoryEstimate,
+    plan_safe_fits,
+    plan_safe_max_model_len,
+)
 from smartrun.model import ModelFacts  # noqa: E402
 from smartrun.plan import Plan  # noqa: E402
 
@@ -475,6 +481,10 @@ def _shortfall(facts: ModelFacts, gpus: Sequence[GpuInfo], flags: EngineFlags, e
         return (f"{facts.name} needs {est.weights_gib:.1f} GiB of weights per GPU {where}; "
                 f"{_gpu_words(gpus)} offers {est.requested_gib:.1f} GiB at utilization "
                 f"{flags.gpu_memory_utilization}")
+    if est.fits:  # fits at the point estimate, not at the low end of its band
+        return (f"{facts.name} on {_gpu_words(gpus)} {where}: max_model_len {est.max_model_len} needs more KV "
+                f"cache than the low end of the estimate holds ({plan_safe_max_model_len(est)} tokens for one "
+                f"request; {est.margin_gib:.2f} GiB kept back for the estimate's uncertainty)")
     return f"{facts.name} does not fit on {_gpu_words(gpus)} {where}, utilization " \
            f"{flags.gpu_memory_utilization}: {est.reason or 'no KV cache left'}"
 
@@ -485,7 +495,7 @@ def _estimate_rule(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFact
     flags = _estimate_flags(accs, pins, facts, hw)
     gpus = select_gpus(hw, flags.tensor_parallel_size * flags.pipeline_parallel_size)
     est = estimate_fn(facts, _specs(gpus), flags, vllm_version)
-    largest = est.largest_max_model_len
+    largest = plan_safe_max_model_len(est)
     floor = acc.min or 1
     if largest < floor:
         if largest <= 0:
@@ -612,15 +622,17 @@ def _fit_at(bounds: Bounds, facts: ModelFacts, hw: HardwareSnapshot, params: dic
         est = estimate_fn(facts, specs, flags_from_params(params), vllm_version)
     except EstimateError as err:
         return None, err.message
-    if not est.fits and shorten and not mml_bound.pinned and est.largest_max_model_len >= (mml_bound.min or 1):
-        fitted = _round_len(min(params["max_model_len"], est.largest_max_model_len), mml_bound.min or 1)
+    # Sized from the low end of the estimate's band (memory.plan_safe_*): no plan counts on cache that is not there.
+    safe_len = plan_safe_max_model_len(est)
+    if not plan_safe_fits(est) and shorten and not mml_bound.pinned and safe_len >= (mml_bound.min or 1):
+        fitted = _round_len(min(params["max_model_len"], safe_len), mml_bound.min or 1)
         trial = {**params, "max_model_len": fitted}
         est = estimate_fn(facts, specs, flags_from_params(trial), vllm_version)
-        if est.fits:
+        if plan_safe_fits(est):
             params.update(trial)
-            prov["max_model_len"] = (f"estimate: largest max_model_len that fits is {est.largest_max_model_len}; "
-                                     f"{fitted} ({prov['max_model_len']})")
-    if est.fits:
+            prov["max_model_len"] = (f"estimate: largest max_model_len that fits is {plan_safe_max_model_len(est)}"
+                                     f" at the low end of the estimate's band; {fitted} ({prov['max_model_len']})")
+    if plan_safe_fits(est):
         return est, ""
     return None, _shortfall(facts, gpus, flags_from_params(params), est)
 

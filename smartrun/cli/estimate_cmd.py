@@ -74,6 +74,23 @@ def _gpus(args: argparse.Namespace):
     return [GpuSpec.from_name(args.gpu)] * count
 
 
+def _graphs_subtracted(est) -> bool:
+    from smartrun.vllm_profiles import PROFILES
+
+    profile = PROFILES.get(est.profile)
+    return profile is not None and profile.cudagraph_subtracted
+
+
+def _low(est) -> str:
+    """The low end of the band: what a plan counts on (memory.plan_safe_*)."""
+    from smartrun.memory import plan_safe_kv_tokens, plan_safe_max_model_len
+
+    return (
+        f"{plan_safe_kv_tokens(est):,} (low end: {est.margin_gib:.2f} GiB kept back; concurrency "
+        f"{est.max_concurrency_low or 0:.2f}x, largest max_model_len {plan_safe_max_model_len(est):,})"
+    )
+
+
 def _table(est) -> str:
     rows = [
         ("vLLM version (profile)", f"{est.vllm_version} ({est.profile})"),
@@ -85,16 +102,18 @@ def _table(est) -> str:
         ("non-torch", f"{est.non_torch_gib:.2f} GiB"),
         (
             "CUDA graphs",
-            f"{est.cudagraph_gib:.2f} GiB" + ("" if est.profile != "0.19" else " (not taken from KV)"),
+            f"{est.cudagraph_gib:.2f} GiB" + ("" if _graphs_subtracted(est) else " (not taken from KV)"),
         ),
         ("KV cache", f"{est.kv_cache_gib:.2f} GiB"),
         ("KV cache tokens", f"{est.kv_cache_tokens:,} ({est.num_gpu_blocks:,} blocks of {est.block_size})"),
+        ("plan-safe KV tokens", _low(est)),
         ("KV bytes per token (GPU)", f"{est.kv_bytes_per_token:,}"),
         ("max_model_len", f"{est.max_model_len:,}"),
         ("max_num_seqs / batched tokens", f"{est.max_num_seqs} / {est.max_num_batched_tokens}"),
         ("max concurrency", f"{est.max_concurrency:.2f}x"),
         ("largest max_model_len", f"{est.largest_max_model_len:,}"),
         ("fits", "yes" if est.fits else f"no: {est.reason}"),
+        ("uncertainty", est.uncertainty or "-"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,215 @@
+"""vLLM behaviour profiles by era: which terms of the startup memory budget changed where.
+
+Each profile was read from vLLM's own Python sources at the versions named in `checked_in`
+(the release wheels' sources: `vllm/worker/worker.py` determine_num_available_blocks (V0),
+`vllm/v1/worker/gpu_worker.py` init_device / determine_available_memory (V1), the engine-args
+defaults and the V1 oracle in `vllm/engine/arg_utils.py`), and says what it was checked against:
+the reference startups (fixtures/reference/vllm_startup_logs.jsonl, fixtures/startups/public.jsonl)
+whose errors the benchmark prints per profile. `margin` is the profile's plan-safe band (see
+`Profile.margin_for`): how much more non-KV memory than predicted a startup of that era may take,
+measured on its startups and wider where it has few.
+"""
+
+from __future__ import annotations
+
+import re
+
+from smartrun.errors import EstimateError
+from smartrun.plan import Frozen
+
+
+class Profile(Frozen):
+    """vLLM behaviour that changes the memory budget (vllm_facts.md 1.6, 2.3, 4.3)."""
+
+    name: str
+    versions: str  # the range it covers, in words
+    default_util: float
+    cudagraph_subtracted: bool  # VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS default on
+    tokens_group_aware: bool  # "GPU KV cache size" = concurrency x max_model_len for hybrid models
+    has_160gib_tier: bool
+    v0_engine: bool = False  # V0: no free-memory check, chunked prefill off <= 32K, one prompt per profile step
+    sampler_extra_bytes: float | None = None  # per logit element beyond the dtype copy; None = fitted
+    # Non-torch growth counted in the budget (GiB per GPU); None = the fitted 0.19 terms.
+    non_torch_single_gib: float | None = None
+    non_torch_tp_gib: float | None = None
+    cuda_context_counted: bool = False  # 0.8: the whole device use minus torch's (CUDA context too) is non-KV
+    big_tier_includes_a100: bool = False  # 0.8: >= 70 GiB gets 8192/1024 whatever the name
+    mla_latent_cache: bool = True  # False before 0.7.1: DeepSeek MLA cached full heads padded to 256
+    checked_in: tuple[str, ...] = ()  # vLLM releases whose source this profile was read from
+    source: str = ""  # what the budget is, in vLLM's own terms
+    # Plan-safe band: fraction of the predicted non-KV memory (weights + activation + non-torch
+    # [+ graphs]) a startup of this era may exceed it by; floor in GiB. Measured per profile by
+    # benchmarks/estimator_accuracy.py --bands (tests check the shipped values still cover it).
+    margin: float = 0.05
+    margin_floor_gib: float = 0.25
+    evidence: str = "no measured startup"  # what the band rests on
+
+    def margin_bytes(self, non_kv_bytes: int) -> int:
+        """The non-KV memory a plan keeps back beyond the estimate (the low end of the KV band)."""
+        return int(max(self.margin * non_kv_bytes, self.margin_floor_gib * (1 << 30)))
+
+
+# The bands below are what `benchmarks/estimator_accuracy.py --bands` prints: the largest non-KV
+# under-prediction seen on the profile's startups, widened by (1 + 2/sqrt(n)); 5% with no startup.
+PROFILES: dict[str, Profile] = {
+    "0.6": Profile(
+        name="0.6",
+        versions="0.6.0-0.7.3 (V0 default); 0.8-0.10 where V1 is unsupported (compute capability < 8.0, ...)",
+        default_util=0.90,
+        cudagraph_subtracted=False,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+        v0_engine=True,
+        sampler_extra_bytes=4.0,  # V0 profiles with the logits in fp32 only
+        non_torch_single_gib=0.25,
+        non_torch_tp_gib=0.45,
+        checked_in=("0.6.6.post1", "0.7.3", "0.8.5.post1", "0.10.1.1"),
+        source=(
+            "vllm/worker/worker.py determine_num_available_blocks: KV = total x util - (weights + "
+            "non_torch_increase + torch_peak_increase); baseline snapshot before NCCL init; no free-memory check"
+        ),
+        margin=0.06,
+        margin_floor_gib=0.35,
+        evidence="public V0 startups (fixtures/startups/public.jsonl)",
+    ),
+    "0.8": Profile(
+        name="0.8",
+        versions="0.8.0-0.8.5 (V1 default where supported)",
+        default_util=0.90,
+        cudagraph_subtracted=False,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+        cuda_context_counted=True,
+        big_tier_includes_a100=True,
+        non_torch_single_gib=0.55,
+        non_torch_tp_gib=1.0,
+        checked_in=("0.8.5.post1",),
+        source=(
+            "vllm/v1/worker/gpu_worker.py determine_available_memory: KV = total x util - (torch peak "
+            "allocated + device used - torch allocated): the CUDA context and other processes count"
+        ),
+        margin=0.05,
+        margin_floor_gib=0.35,
+        evidence="public 0.8 startups (fixtures/startups/public.jsonl)",
+    ),
+    "0.9": Profile(
+        name="0.9",
+        versions="0.9.0-0.10.2 (V1)",
+        default_util=0.90,
+        cudagraph_subtracted=False,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+        non_torch_tp_gib=0.55,
+        checked_in=("0.9.2", "0.10.1.1"),
+        source=(
+            "vllm/v1/worker/gpu_worker.py: requested = total x util (free-memory check), snapshot taken "
+            "BEFORE NCCL init; KV = requested - (weights + non_torch_increase + torch_peak_increase)"
+        ),
+        margin=0.04,
+        margin_floor_gib=0.25,
+        evidence="public 0.9-0.10 startups (fixtures/startups/public.jsonl)",
+    ),
+    "0.19": Profile(
+        name="0.19",
+        versions="0.11.0-0.19.x (V1)",
+        default_util=0.90,
+        cudagraph_subtracted=False,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+        checked_in=("0.11.0",),
+        source=(
+            "vllm/v1/worker/gpu_worker.py: snapshot AFTER NCCL init (0.11.0); KV = requested - (weights + "
+            "non_torch_increase + torch_peak_increase); CUDA-graph estimate absent/off"
+        ),
+        margin=0.017,
+        margin_floor_gib=0.1,
+        evidence="43 vLLM 0.19.0 H100 startups (fixtures/reference): KV tokens 0.08% median error, worst +0.47%",
+    ),
+    "0.20": Profile(
+        name="0.20",
+        versions="0.20-0.27",
+        default_util=0.92,
+        cudagraph_subtracted=True,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+        source="as 0.19, minus the CUDA-graph pool estimate (VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=1)",
+        margin=0.05,
+        margin_floor_gib=0.5,
+        evidence="no measured startup: the 0.19 terms plus the graph estimate (4.6% median, +21% worst in-sample)",
+    ),
+    "0.33": Profile(
+        name="0.33",
+        versions="0.28+",
+        default_util=0.92,
+        cudagraph_subtracted=True,
+        tokens_group_aware=True,
+        has_160gib_tier=True,
+        source="as 0.20; 160 GiB default tier; group-aware token count (vllm_facts.md 1.3, 2.3)",
+        margin=0.05,
+        margin_floor_gib=0.5,
+        evidence="no measured startup: the 0.19 terms plus the graph estimate (4.6% median, +21% worst in-sample)",
+    ),
+}
+NEWEST_VERSION = "0.33.0"
+
+
+def version_tuple(version: str) -> tuple[int, int, int]:
+    match = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if not match:
+        raise EstimateError(f"--vllm-version {version!r}: expected a version like 0.19.0")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def v1_supported(version: tuple[int, int, int], compute_capability: str | None, kv_cache_dtype: str = "auto") -> bool:
+    """vLLM 0.8-0.10's EngineArgs._is_v1_supported_oracle, for what the estimator knows.
+
+    Read in vllm/engine/arg_utils.py (0.8.5.post1 l.1346-1374, 0.9.2 l.1353-1383, 0.10.1.1 l.1395-1414):
+    compute capability < 8.0 falls back to V0 ("Compute Capability < 8.0"); an fp8 KV cache falls
+    back in 0.8-0.9 unless FlashAttention supports fp8 (FA3, Hopper).
+    """
+    if version < (0, 8, 0):
+        return False
+    if version >= (0, 11, 0):  # V0 is gone
+        return True
+    if compute_capability and int(compute_capability.split(".")[0]) < 8:
+        return False
+    if version < (0, 10, 0) and kv_cache_dtype.startswith("fp8"):
+        return compute_capability is not None and int(compute_capability.split(".")[0]) >= 9
+    return True
+
+
+def resolve(
+    version: str, compute_capability: str | None = None, kv_cache_dtype: str = "auto"
+) -> Profile:
+    """The profile vLLM `version` runs with on a GPU of `compute_capability` (V0 fallback included)."""
+    v = version_tuple(version)
+    if v < (0, 8, 0) or not v1_supported(v, compute_capability, kv_cache_dtype):
+        profile = PROFILES["0.6"]
+        if v < (0, 7, 1):
+            profile = profile.model_copy(update={"mla_latent_cache": False})
+        return profile
+    if v < (0, 9, 0):
+        return PROFILES["0.8"]
+    if v < (0, 11, 0):
+        return PROFILES["0.9"]
+    if v < (0, 20, 0):
+        return PROFILES["0.19"]
+    if v < (0, 28, 0):  # graph estimate on and util 0.92 from 0.20; the 160 GiB tier from 0.28
+        return PROFILES["0.20"]
+    return PROFILES["0.33"]
+
+
+def mxfp4_padding(version: str, compute_capability: str | None) -> tuple[int, int]:
+    """(intermediate multiple, hidden multiple) MXFP4 experts are padded to on this GPU.
+
+    vllm/model_executor/layers/quantization/mxfp4.py (0.10.1.1 l.123-186): the Marlin MoE kernel
+    (every GPU below compute capability 9.0, and Hopper while vLLM shipped torch < 2.8, i.e.
+    before 0.10.2) needs intermediate % 128 and hidden % 256; FlashInfer on Blackwell (10.x)
+    256/256; the Triton kernels on Hopper (0.10.2+) only intermediate % 64.
+    """
+    major = int((compute_capability or "9.0").split(".")[0])
+    if major >= 10:
+        return 256, 256
+    if major < 9 or version_tuple(version) < (0, 10, 2):
+        return 128, 256
+    return 64, 1
