@@ -1,6 +1,8 @@
 """The knob catalogue: every vLLM flag smartrun may set, declared once.
 
-Argv building, validation, prompts, bounds files and --explain all read this one table.
+Argv building, validation, prompts, bounds files and --explain all read this one table; argv is read
+back by the one tokenizer (smartrun.argv), and secret values are the values of `secret` knobs
+(smartrun.secrets).
 
 Who may change what:
 - `llm_may_change=True`: the tuning knobs. The rules set them, the LLM may move them inside the bounds.
@@ -35,7 +37,6 @@ KV_CACHE_DTYPES = (
     "nvfp4_ds_mla", "octave_k3v3", "octave_k3v3_compact", "octave_k3v4", "turboquant_3bit_nc",
     "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4", "ultraquant_4bit",
 )  # fmt: skip
-REDACTED = "<redacted>"
 AUTO_MAX_MODEL_LEN = -1  # `--max-model-len auto` / `-1`: vLLM auto-fits the context
 
 
@@ -57,7 +58,8 @@ class Knob(Frozen):
     human_int: bool = False  # accepts 32k / 32K / 25.6k like vLLM's human_readable_int
     special: tuple[Any, ...] = ()  # values outside min/max that vLLM accepts (max_model_len -1 = auto)
     synonyms: dict[str, str] = {}  # choice spellings vLLM treats as equal ("half" -> "float16")
-    nargs: Literal["one", "+", "append"] = "one"  # "+": --x a b; "append": --x a --x b (value is a tuple)
+    nargs: Literal["one", "+", "?", "append"] = "one"  # "+": --x a b; "?": --x [a] (alone: True);
+    # "append": --x a --x b (value is a tuple)
     secret: bool = False  # its value never appears in bounds, notes, messages or records
 
     def domain_text(self) -> str:
@@ -127,6 +129,8 @@ _USER_ONLY = [
     _k(name="port", flag="--port", type="int", min=0, max=65535, default=8000, security=True,
        help="port the server listens on"),
     _k(name="api_key", flag="--api-key", type="str", nargs="+", security=True, secret=True, help="keys clients must send"),
+    _k(name="hf_token", flag="--hf-token", type="str", nargs="?", security=True, secret=True,
+       help="Hugging Face token for downloads (alone: the one saved by `hf auth login`)"),
     _k(name="trust_remote_code", flag="--trust-remote-code", negative_flags=("--no-trust-remote-code",),
        type="bool", default=False, security=True, help="run Python code shipped with the model"),
     _k(name="served_model_name", flag="--served-model-name", type="str", nargs="+",
@@ -158,20 +162,6 @@ _USER_ONLY = [
 
 CATALOGUE: dict[str, Knob] = {k.name: k for k in _TUNING + _USER_ONLY}
 TUNING_KNOBS: tuple[str, ...] = tuple(k.name for k in _TUNING)
-
-
-def _flag_index() -> dict[str, tuple[Knob, bool]]:
-    """Every spelling -> (knob, value for booleans); underscores are normalised to dashes first."""
-    index: dict[str, tuple[Knob, bool]] = {}
-    for knob in CATALOGUE.values():
-        for flag in (knob.flag, *knob.aliases):
-            index[flag] = (knob, True)
-        for flag in knob.negative_flags:
-            index[flag] = (knob, False)
-    return index
-
-
-_FLAGS = _flag_index()
 
 
 class UserArgs(Frozen):
@@ -239,64 +229,42 @@ def parse_value(k: Knob, text: str, flag: str | None = None) -> Any:
     return value
 
 
-def _split(token: str) -> tuple[str, str | None]:
-    """`--x_y=v` -> ("--x-y", "v"); `-O2` -> ("-O", "2")."""
-    name, eq, value = token.partition("=")
-    if name.startswith("--"):
-        name = "--" + name[2:].replace("_", "-")
-    elif name.startswith("-O") and len(name) > 2 and not eq:
-        return "-O", name[2:]
-    return name, (value if eq else None)
-
-
-def _is_flag(token: str) -> bool:
-    return token.startswith("-") and not _FLOAT.match(token)
-
-
 def parse_user_args(argv: list[str]) -> UserArgs:
     """vLLM flags in vLLM's own syntax (`--max-model-len 8192`, `--gpu-memory-utilization=0.9`, `--enforce-eager`).
 
-    Known knobs become typed pins (the last occurrence wins, as in vLLM); everything else goes to
-    passthrough with its values, in order. A bad value of a known flag is an InputError naming it.
+    Read by the one tokenizer (smartrun.argv). Known knobs become typed pins (the last occurrence
+    wins, as in vLLM); everything else goes to passthrough with its values, in order, as typed. A bad
+    value of a known flag is an InputError naming it.
     """
+    from smartrun.argv import tokenize
+
     pins: dict[str, Any] = {}
     typed: dict[str, str] = {}
     passthrough: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        name, inline = _split(token) if token.startswith("-") else (token, None)
-        hit = _FLAGS.get(name)
-        if hit is None:
-            passthrough.append(token)
-            i += 1
+    for token in tokenize(argv):
+        k = token.knob
+        if k is None:
+            passthrough += token.raw
             continue
-        k, positive = hit
-        i += 1
+        name = token.flag or k.flag
         if k.type == "bool":
-            if inline is not None:
-                raise InputError(f"{name} takes no value (got {token!r})")
-            pins[k.name], typed[k.name] = positive, name
+            if token.values:
+                raise InputError(f"{name} takes no value (got {token.raw[0]!r})")
+            pins[k.name], typed[k.name] = not token.negative, name
             continue
-        if k.nargs == "+" and inline is None:
-            values = []
-            while i < len(argv) and not _is_flag(argv[i]):
-                values.append(argv[i])
-                i += 1
-            if not values:
-                raise InputError(f"{name} needs a value")
-            pins[k.name], typed[k.name] = tuple(values), f"{name} {' '.join(values)}"
+        if not token.values:
+            if k.nargs == "?":
+                pins[k.name], typed[k.name] = True, name
+                continue
+            raise InputError(f"{name} needs a value")
+        if k.nargs == "+":
+            values = tuple(parse_value(k, v, name) for v in token.values)
+            pins[k.name], typed[k.name] = values, f"{name} {' '.join(token.values)}"
             continue
-        if inline is None:
-            if i >= len(argv):
-                raise InputError(f"{name} needs a value")
-            inline, i = argv[i], i + 1
-        value = parse_value(k, inline, name)
+        value = parse_value(k, token.values[0], name)
         if k.nargs == "append":
             value = (*pins.get(k.name, ()), value)
-        elif k.nargs == "+":
-            value = (value,)
-        pins[k.name], typed[k.name] = value, f"{name} {inline}"
+        pins[k.name], typed[k.name] = value, f"{name} {token.values[0]}"
     return UserArgs(pins=pins, passthrough=tuple(passthrough), pin_flags=typed)
 
 
@@ -311,6 +279,8 @@ def _argv_for(k: Knob, value: Any) -> list[str]:
         return [k.flag, "auto"]
     if k.nargs == "+":
         return [k.flag, *map(str, value)]
+    if k.nargs == "?" and value is True:
+        return [k.flag]
     if k.nargs == "append":
         return [part for v in value for part in (k.flag, str(v))]
     if isinstance(value, float):
@@ -326,6 +296,8 @@ def format_float(value: float) -> str:
 
 def pin_text(name: str, value: Any) -> str:
     """How a pin reads on the command line ("--enforce-eager", "--max-model-len 8192"), for messages."""
+    from smartrun.secrets import REDACTED
+
     k = knob(name)
     if k.secret:
         return f"{k.flag} {REDACTED}"

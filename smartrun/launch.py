@@ -32,10 +32,12 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smartrun.argv import with_defaults
 from smartrun.errors import InputError, LaunchError
 from smartrun.fileio import atomic_write_text
 from smartrun.hardware import HardwareSnapshot
 from smartrun.plan import Change, Frozen, Plan, Proposal
+from smartrun.secrets import MAX_LINE, redact_text
 from smartrun.vllm_log import Failure, Phase, StartupFacts, classify_failure, parse_startup, phase_of
 
 DEFAULT_STARTUP_TIMEOUT = 900.0
@@ -59,18 +61,37 @@ class VllmInfo(Frozen):
     path: str
     version: str | None = None
     flags: dict[str, bool] = Field(default_factory=dict)
+    arity: dict[str, str] = Field(default_factory=dict)  # flags taking several ("+") or an optional ("?") value
+
+    def arity_of(self, flag: str) -> str | None:
+        """How many values this vllm's `flag` takes, for argv.tokenize (None: not one of its flags)."""
+        if flag not in self.flags:
+            return None
+        return self.arity.get(flag) or ("1" if self.flags[flag] else "0")
 
 
 def parse_help_flags(text: str) -> dict[str, bool]:
-    """Flags from argparse help output (`  --max-model-len MAX_MODEL_LEN, -x X` lines)."""
-    flags: dict[str, bool] = {}
+    """Flags from argparse help output (`  --max-model-len MAX_MODEL_LEN, -x X` lines) -> takes a value."""
+    return {flag: kind != "0" for flag, kind in parse_help_arity(text).items()}
+
+
+def parse_help_arity(text: str) -> dict[str, str]:
+    """Flags from argparse help output -> "0", "1", "?" (`--x [X]`) or "+" (`--x X [X ...]`)."""
+    flags: dict[str, str] = {}
     for line in text.splitlines():
         if not re.match(r"^ {1,4}-", line):
             continue
         for part in re.split(r",\s+(?=-)", line.strip()):
             tokens = part.split()
-            if tokens and re.fullmatch(r"--?[A-Za-z0-9][\w.-]*", tokens[0]):
-                flags[tokens[0]] = len(tokens) > 1 and not tokens[1].startswith("-") and tokens[1][:1] != "("
+            if not tokens or not re.fullmatch(r"--?[A-Za-z0-9][\w.-]*", tokens[0]):
+                continue
+            takes = len(tokens) > 1 and not tokens[1].startswith("-") and tokens[1][:1] != "("
+            if not takes:
+                flags[tokens[0]] = "0"
+            elif tokens[1].startswith("["):
+                flags[tokens[0]] = "?"
+            else:
+                flags[tokens[0]] = "+" if len(tokens) > 2 and tokens[2].startswith("[") else "1"
     return flags
 
 
@@ -123,13 +144,14 @@ def find_vllm(vllm_bin: str | None = None, *, cache_dir: str | Path | None = Non
     _, out = _run_text([str(binary), "--version"], timeout)
     versions = re.findall(r"\b(\d+\.\d+\.\d+[\w.+-]*|\d+\.\d+)\b", out)
     version = versions[-1] if versions else None
-    flags: dict[str, bool] = {}
+    arity: dict[str, str] = {}
     for help_arg in ("--help=all", "--help"):
         rc, text = _run_text([str(binary), "serve", help_arg], timeout)
-        flags = parse_help_flags(text) if rc == 0 else {}
-        if flags:
+        arity = parse_help_arity(text) if rc == 0 else {}
+        if arity:
             break
-    info = VllmInfo(path=str(binary), version=version, flags=flags)
+    info = VllmInfo(path=str(binary), version=version, flags={f: k != "0" for f, k in arity.items()},
+                    arity={f: k for f, k in arity.items() if k in ("?", "+")})
     cache[key] = info.model_dump()
     with contextlib.suppress(OSError):
         atomic_write_text(cache_file, json.dumps(cache, indent=1), make_parents=True)
@@ -137,15 +159,6 @@ def find_vllm(vllm_bin: str | None = None, *, cache_dir: str | Path | None = Non
 
 
 # ------------------------------------------------------------------------------ argv and env
-
-
-def _takes_value_guess(flag: str, rest: Sequence[str]) -> bool:
-    from smartrun import knobs
-
-    for k in knobs.CATALOGUE.values():
-        if flag == k.flag or flag in k.aliases:
-            return k.type != "bool"
-    return bool(rest) and not rest[0].startswith("-")
 
 
 def _translate(flag: str, value: str | None, info: VllmInfo) -> tuple[list[str] | None, str]:
@@ -168,37 +181,24 @@ def _translate(flag: str, value: str | None, info: VllmInfo) -> tuple[list[str] 
 
 def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str]]:
     """The argv this vllm accepts: unknown flags dropped or translated, each with a warning naming it."""
+    from smartrun.argv import tokenize
+
     if not info.flags:
         return list(argv), [f"could not read the flags of {info.path} (serve --help): argv passed unchanged"]
-    out, warnings = list(argv[:2]), []
-    i = 2
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if not tok.startswith("-") or tok == "-":
-            out.append(tok)
-            continue
-        name, eq, inline = tok.partition("=")
-        short_o = re.fullmatch(r"-O(\d)", name)
-        flag = "-O" if short_o else ("--" + name[2:].replace("_", "-") if name.startswith("--") else name)
-        dotted = flag.split(".", 1)[0]
-        if "." in flag and dotted in info.flags:  # nested JSON dot-keys: -cc.cudagraph_mode=NONE
-            out.append(tok)
+    out, warnings = [], []
+    for token in tokenize(argv, info.arity_of):
+        flag = token.flag
+        if flag is None or (token.dotted is not None and flag in info.flags):  # -cc.cudagraph_mode=NONE
+            out += token.raw
             continue
         if flag == "-O":  # before 0.12, -O meant --compilation-config: same spelling, other meaning
             known = _version_tuple(info.version) >= (0, 12) if info.version else "--optimization-level" in info.flags
         else:
             known = flag in info.flags
-        takes = info.flags.get(flag) if flag in info.flags else (not short_o and not eq
-                                                                  and _takes_value_guess(flag, argv[i:]))
-        value = short_o.group(1) if short_o else (inline if eq else None)
-        if takes and not eq and i < len(argv):
-            value = argv[i]
-            i += 1
         if known:
-            out += [tok] if (eq or short_o or not takes) else [tok, value]
+            out += token.raw
             continue
-        replacement, warning = _translate(flag, value, info)
+        replacement, warning = _translate(flag, token.values[0] if token.values else None, info)
         warnings.append(warning)
         if replacement:
             out += replacement
@@ -228,62 +228,36 @@ def command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None)
     return " ".join([*prefix, shlex.join(list(argv))])
 
 
-def secret_values(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, ...]:
-    """The values of secret flags (the catalogue's, e.g. --api-key k1 k2) and VLLM_API_KEY: never shown."""
-    from smartrun.knobs import CATALOGUE
-
-    flags = {f for k in CATALOGUE.values() if k.secret for f in (k.flag, *k.aliases)}
-    found: list[str] = []
-    taking = False
-    for token in argv:
-        name, eq, value = token.partition("=")
-        if name in flags:
-            taking = not eq
-            if eq:
-                found.append(value)
-            continue
-        if taking and token.startswith("-"):
-            taking = False
-        if taking:
-            found.append(token)
-    key = {**os.environ, **(env or {})}.get("VLLM_API_KEY")
-    return tuple(v for v in {*found, *([key] if key else [])} if len(v) >= 4)  # too short to hide safely
-
-
-def hide_secrets(text: str, secrets: Sequence[str]) -> str:
-    """The text with every secret value replaced, longest first (a key may contain a shorter one)."""
-    from smartrun.session import REDACTED
-
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
-
-
 def shown_command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None) -> str:
-    """command_line for printing, events and records: secrets replaced."""
-    return hide_secrets(command_line(argv, env_changes), secret_values(argv, env_changes))
+    """command_line for printing, events and records: secret flag values and credential env vars hidden."""
+    from smartrun.secrets import redact_argv, redact_env, redact_text
+
+    secrets = launch_secrets(argv, env_changes)
+    return redact_text(command_line(redact_argv(argv, secrets), redact_env(env_changes or {}, secrets)), secrets)
 
 
-def _flag_values(argv: Sequence[str], flags: Sequence[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for i, tok in enumerate(argv):
-        for flag in flags:
-            if tok == flag and i + 1 < len(argv):
-                found[flag] = argv[i + 1]
-            elif tok.startswith(flag + "="):
-                found[flag] = tok.split("=", 1)[1]
-    return found
+def launch_secrets(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The secrets of one launch: secret flag values in argv and credentials in the child's environment."""
+    from smartrun.secrets import launch_env_secrets, secret_values
+
+    return tuple(dict.fromkeys((*secret_values(argv), *launch_env_secrets(env))))
 
 
-def _endpoint(argv: Sequence[str], host: str | None, port: int | None) -> tuple[str, int]:
-    found: dict[str, str] = {}
-    for i, tok in enumerate(argv):
-        for flag in ("--host", "--port"):
-            if tok == flag and i + 1 < len(argv):
-                found[flag] = argv[i + 1]
-            elif tok.startswith(flag + "="):
-                found[flag] = tok.split("=", 1)[1]
-    return found.get("--host", host or "127.0.0.1"), int(found.get("--port", port or 8000))
+def endpoint(argv: Sequence[str], host: str | None = None, port: int | None = None) -> tuple[str, int, str | None]:
+    """(host, port, first API key) vllm will serve with: the last --host/--port/--api-key in any spelling,
+    else the given defaults (vLLM's port 8000) and VLLM_API_KEY."""
+    from smartrun.argv import last, tokenize
+
+    tokens = tokenize(argv)
+    found = {name: (tok.values if tok is not None else ()) for name in ("host", "port", "api_key")
+             for tok in [last(tokens, name)]}
+    host_text = found["host"][0] if found["host"] else (host or "127.0.0.1")
+    try:
+        port_number = int(found["port"][0]) if found["port"] else int(port or 8000)
+    except ValueError:
+        raise InputError(f"--port {found['port'][0]!r}: not a TCP port") from None
+    key = found["api_key"][0] if found["api_key"] else None
+    return host_text, port_number, key
 
 
 # ------------------------------------------------------------------------------ attempts and servers
@@ -339,8 +313,8 @@ class _LogStream(threading.Thread):
         self.seen: set[Phase] = set()
 
     def run(self) -> None:
-        for raw in iter(self.stream.readline, ""):
-            line = hide_secrets(raw.rstrip("\n"), self.secrets) if self.secrets else raw.rstrip("\n")
+        for raw in _capped_lines(self.stream):
+            line = redact_text(raw, self.secrets)
             with self.lock:
                 self.tail.append(line)
                 if self.collect_startup and len(self.startup) < 50000:
@@ -358,6 +332,27 @@ class _LogStream(threading.Thread):
     def snapshot(self) -> tuple[list[str], list[str]]:
         with self.lock:
             return list(self.tail), list(self.startup)
+
+
+def _capped_lines(stream: Any, limit: int = MAX_LINE) -> Iterator[str]:
+    """The stream's lines without their newline, each cut to `limit` characters (counted, then discarded)
+    while it is read, so a giant line never sits in memory whole nor reaches a regex."""
+    while True:
+        piece = stream.readline(limit + 1)
+        if not piece:
+            return
+        if piece.endswith("\n") or len(piece) <= limit:
+            yield piece.rstrip("\n")
+            continue
+        cut = len(piece) - limit
+        while True:  # the rest of this line: count it, keep none of it
+            more = stream.readline(1 << 20)
+            if not more:
+                break
+            cut += len(more) - more.endswith("\n")
+            if more.endswith("\n"):
+                break
+        yield f"{piece[:limit]} ... [{cut} characters cut]"
 
 
 _LIVE: set[subprocess.Popen] = set()
@@ -539,9 +534,7 @@ class ProcessLauncher:
         argv = list(argv)
         if argv and Path(argv[0]).name == "vllm":
             argv[0] = info.path
-        for flag, value in (("--host", self.host), ("--port", self.port)):
-            if value is not None and not any(t == flag or t.startswith(flag + "=") for t in argv):
-                argv += [flag, str(value)]
+        argv = with_defaults(argv, {"host": self.host, "port": self.port})
         argv, warnings = adapt_argv(argv, info)
         env, env_warnings = gpu_env(self.hardware, plan.params)
         fresh = [w for w in warnings + env_warnings if w not in self._warned]  # once per launcher, not per attempt
@@ -550,7 +543,8 @@ class ProcessLauncher:
 
     def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> tuple[LaunchAttempt, Server | None]:
         started = time.monotonic()
-        host, port = _endpoint(argv, self.host, self.port)
+        host, port, key = endpoint(argv, self.host, self.port)
+        key = key or {**os.environ, **env}.get("VLLM_API_KEY")
         poll_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
         base_url = f"http://{'[' + poll_host + ']' if ':' in poll_host else poll_host}:{port}"
         common = {"params": dict(plan.params), "argv": tuple(argv), "env_changes": dict(env), "base_url": base_url}
@@ -563,11 +557,10 @@ class ProcessLauncher:
                                 env={**os.environ, **env}, start_new_session=True, text=True, errors="replace",
                                 bufsize=1)
         _LIVE.add(proc)
-        stream = _LogStream(proc.stdout, self.printer, self.progress, self.keep_lines, secret_values(argv, env))
+        stream = _LogStream(proc.stdout, self.printer, self.progress, self.keep_lines, launch_secrets(argv, env))
         stream.start()
         try:
             with _sigterm_as_interrupt():
-                key = _flag_values(argv, ["--api-key"]).get("--api-key") or {**os.environ, **env}.get("VLLM_API_KEY")
                 served_len, failure = self._await_ready(proc, stream, base_url, started, key)
         except KeyboardInterrupt:
             _stop_group(proc, self.stop_grace)

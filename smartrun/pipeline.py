@@ -25,6 +25,7 @@ from smartrun.errors import InputError, SmartRunError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.model import ModelFacts
 from smartrun.plan import Change, Frozen, Plan, Proposal
+from smartrun.secrets import redact_argv, redact_env, redact_text, redact_tree, secret_values
 from smartrun.session import (
     AdviceRecord,
     CacheEntry,
@@ -38,10 +39,6 @@ from smartrun.session import (
     SessionRecord,
     check_replay,
     default_session_path,
-    redact_argv,
-    redact_env,
-    redact_text,
-    secret_values,
     sha256_text,
     to_jsonable,
     utc_iso,
@@ -211,6 +208,7 @@ class RecordingTransport:
         self.kind = "propose"
 
     def complete(self, messages: Any, schema: Any = None) -> Any:
+        messages = redact_tree(list(messages), self.recorder.secrets)  # nothing secret goes to the LLM
         entry = LLMExchangeRecord(kind=self.kind, messages=to_jsonable(list(messages)),
                                   schema=to_jsonable(schema) if schema is not None else None)
         self.recorder.record.llm_exchanges.append(entry)
@@ -333,6 +331,7 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
     """
     started = sources.clock()
     record = record if record is not None else new_record(request, sources)
+    on_event = _redacting(on_event, (*sources.secrets, *request_secrets(request)))
     recorder = Recorder(record, on_event, sources.secrets)
     result = RunResult(record=record, request=request, secrets=sources.secrets)
     path = session_out or default_session_path(started, Path(request.model.rstrip("/")).name or request.model)
@@ -356,6 +355,16 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
         if write and not _write(record, path, sources):
             result.session_path = None
     return result
+
+
+def _redacting(sink: EventSink, secrets: tuple[str, ...]) -> EventSink:
+    """The event sink with every line capped and redacted before the CLI prints it."""
+    from smartrun.secrets import redact_line
+
+    def show(kind: str, text: str) -> None:
+        sink(kind, redact_line(str(text), secrets))
+
+    return show
 
 
 def _write(record: SessionRecord, path: Path, sources: Sources) -> bool:
@@ -392,11 +401,9 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     rec.decide("model", {"name": facts.name, "architecture": facts.architecture,
                          "weight_bytes": facts.weight_bytes}, facts.weight_bytes_source or "config")
 
-    user = knobs.parse_user_args(list(request.user_args))
     _refuse_planned_knobs_after_dashdash(request.extra_args)
-    given = (*user.passthrough, *request.extra_args)
-    passthrough = (*_security_args(request, given), *given)
-    rec.decide("pins", user.pins, "user")
+    pins, passthrough = launch_passthrough(request)
+    rec.decide("pins", pins, "user")
 
     bounds_in = sources.bounds()
     record.bounds_file = {"path": bounds_in.path, "text": bounds_in.text, "sha256": bounds_in.sha256,
@@ -407,7 +414,7 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
         rec.warn("no vLLM version known (vllm not found, no --vllm-version): planning with the estimator's "
                  "default profile")
 
-    bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, user.pins, request.goal,
+    bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal,
                                     vllm_version=version, force=request.force)
     result.bounds = bounds
     record.bounds = to_jsonable(bounds.to_json())
@@ -463,15 +470,23 @@ def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
         raise InputError(f"{flags} after `--` would override the plan; put it before `--` to pin it")
 
 
-def _security_args(request: RunRequest, passthrough: tuple[str, ...]) -> tuple[str, ...]:
-    """--host/--port: user-only, passed through. Default host 127.0.0.1 (the guide's templates), not all interfaces."""
-    given = {a.split("=", 1)[0] for a in passthrough}
-    out: list[str] = []
-    if "--host" not in given:
-        out += ["--host", request.host]
-    if "--port" not in given:
-        out += ["--port", str(request.port)]
-    return tuple(out)
+def _security_args(request: Any, passthrough: tuple[str, ...], pins: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """--host/--port: user-only, passed through unless given (pinned, or typed in any spelling). Default host
+    127.0.0.1 (the guide's templates), not all interfaces."""
+    from smartrun import argv as argv_mod
+
+    defaults = {name: getattr(request, name, None) for name in ("host", "port") if name not in (pins or {})}
+    return tuple(argv_mod.with_defaults(passthrough, defaults)[len(passthrough):])
+
+
+def launch_passthrough(request: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(pins, passthrough) for `vllm serve` as the pipeline builds them: --host/--port unless typed, the user's
+    unknown flags, then everything after `--`."""
+    from smartrun import knobs
+
+    user = knobs.parse_user_args(list(getattr(request, "user_args", ()) or ()))
+    given = (*user.passthrough, *(getattr(request, "extra_args", ()) or ()))
+    return user.pins, (*_security_args(request, given, user.pins), *given)
 
 
 def _provenance_line(plan: Plan) -> str:
@@ -853,8 +868,14 @@ def live_sources(request: RunRequest, env: dict[str, str] | None = None,
         cache=SavedParams(),
         vllm=lambda: _live_vllm(request),
         llm_info=llm_info,
-        secrets=tuple(secrets) + tuple(secret_values(request.user_args + request.extra_args, env)),
+        secrets=request_secrets(request, env, secrets),
     )
+
+
+def request_secrets(request: RunRequest, env: dict[str, str] | None = None, more: Any = ()) -> tuple[str, ...]:
+    """Every secret of a run: values of secret flags before and after `--`, credential-like env vars, `more`."""
+    found = (*more, *secret_values(request.user_args), *secret_values(request.extra_args, env))
+    return tuple(dict.fromkeys(v for v in found if v))
 
 
 def _live_hardware(request: RunRequest) -> HardwareSnapshot:

@@ -76,7 +76,7 @@ class KnobBound(Frozen):
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self._secret():
-            out["choices"] = ["<redacted>"]
+            out["choices"] = [REDACTED]
         elif self.choices is not None:
             out["choices"] = list(self.choices)
         else:
@@ -126,6 +126,7 @@ from smartrun.memory import (  # noqa: E402
 )
 from smartrun.model import ModelFacts  # noqa: E402
 from smartrun.plan import Plan  # noqa: E402
+from smartrun.secrets import REDACTED  # noqa: E402
 
 EstimateFn = Callable[[ModelFacts, Sequence[GpuSpec], EngineFlags, "str | None"], MemoryEstimate]
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smartrun import fileio
 from smartrun.errors import InputError, ReplayDivergence
+from smartrun.secrets import redact_tree
 
 
 class RecordError(InputError):
@@ -30,19 +31,8 @@ class RecordError(InputError):
 
 SCHEMA_VERSION = 1
 CACHE_SCHEMA_VERSION = 1
-REDACTED = "***REDACTED***"
 HOME_ENV = "SMARTRUN_HOME"  # tests point this at a tmp dir so they never touch the real home
 
-# Flags whose value is a secret, in any spelling a user might type.
-_SECRET_FLAGS = ("--api-key", "--llm-api-key", "--hf-token", "--token")
-_SECRET_PATTERNS = (  # the part in group "keep" stays, the rest of the match is redacted
-    re.compile(r"(?i)(?P<keep>authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+)?[^\s\"',]+"),
-    re.compile(r"(?i)(?P<keep>bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
-    re.compile(r"(?P<keep>)\bsk-[A-Za-z0-9_-]{8,}"),
-    re.compile(r"(?P<keep>)\bhf_[A-Za-z0-9]{8,}"),
-    re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]+:[^/\s@]+(?=@)"),  # user:password@ in URLs
-)
-_SECRET_ENV = re.compile(r"(?i)^[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)[A-Z0-9_]*$")
 
 
 # ---------------------------------------------------------------------------- paths and atomic writes
@@ -101,63 +91,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return repr(value)
-
-
-# ---------------------------------------------------------------------------- redaction
-
-
-def redact_argv(argv: Iterable[str]) -> list[str]:
-    """The command line with secret flag values, Authorization headers and key-like tokens replaced."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        arg = str(arg)
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        flag, eq, _ = arg.partition("=")
-        if flag in _SECRET_FLAGS:
-            if eq:
-                out.append(f"{flag}={REDACTED}")
-            else:
-                out.append(arg)
-                hide_next = True
-            continue
-        out.append(redact_text(arg))
-    return out
-
-
-def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Replace known secret values and anything that looks like a key or an Authorization header."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, REDACTED)
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: m.group("keep") + REDACTED, text)
-    return text
-
-
-def redact_env(env: dict[str, str]) -> dict[str, str]:
-    """Environment changes with secret-looking variables hidden."""
-    return {k: (REDACTED if _SECRET_ENV.match(k) else redact_text(str(v))) for k, v in env.items()}
-
-
-def secret_values(argv: Iterable[str], env: dict[str, str] | None = None) -> list[str]:
-    """Secret values present in argv (after a secret flag) and in env (SMARTRUN_LLM_API_KEY, OPENAI_API_KEY...)."""
-    found: list[str] = []
-    args = list(argv)
-    for i, arg in enumerate(args):
-        flag, eq, value = str(arg).partition("=")
-        if flag in _SECRET_FLAGS:
-            if eq and value:
-                found.append(value)
-            elif i + 1 < len(args):
-                found.append(str(args[i + 1]))
-    for key, value in (env or {}).items():
-        if _SECRET_ENV.match(key) and len(value or "") >= 8:  # short values ("1", "true") are flags, not keys
-            found.append(value)
-    return [s for s in found if s and s != REDACTED]
 
 
 # ---------------------------------------------------------------------------- the record
@@ -270,17 +203,6 @@ def dump_record(record: SessionRecord, secrets: Iterable[str] = ()) -> str:
     """The record as JSON text, with every known secret value and key-like token redacted (in every string)."""
     data = redact_tree(record.model_dump(mode="json", by_alias=True), tuple(secrets))
     return json.dumps(data, indent=2, default=_json_default) + "\n"
-
-
-def redact_tree(value: Any, secrets: tuple[str, ...]) -> Any:
-    """Redact inside every string of a JSON-like value (structure and keys untouched, so the JSON stays valid)."""
-    if isinstance(value, str):
-        return redact_text(value, secrets)
-    if isinstance(value, dict):
-        return {k: redact_tree(v, secrets) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_tree(v, secrets) for v in value]
-    return value
 
 
 def write_record(record: SessionRecord, path: Path, secrets: Iterable[str] = ()) -> Path:

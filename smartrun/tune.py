@@ -672,27 +672,19 @@ def _plan_api_key(plan: Plan) -> str | None:
 
 
 def api_key_of(argv: tuple[str, ...] | list[str]) -> str | None:
-    """The value of --api-key in vLLM's arguments (the probe must send it), or None."""
-    for i, arg in enumerate(argv):
-        if arg == "--api-key" and i + 1 < len(argv):
-            return str(argv[i + 1])
-        if arg.startswith("--api-key="):
-            return arg.split("=", 1)[1]
-    return None
+    """The first key of vLLM's --api-key (any spelling, several keys) the probe must send, or None."""
+    from smartrun.argv import values_of
+
+    keys = values_of(argv, "api_key")
+    return keys[0] if keys else None
 
 
 def launch_inputs(request: Any, facts: Any) -> tuple[str, tuple[str, ...]]:
     """(model path, passthrough args) as the pipeline builds them, for a hook call that did not pass them."""
-    from smartrun import knobs
+    from smartrun.pipeline import launch_passthrough
 
-    user = knobs.parse_user_args(list(getattr(request, "user_args", ()) or ()))
-    given = {a.split("=", 1)[0] for a in user.passthrough}
-    security: list[str] = []
-    for flag, value in (("--host", getattr(request, "host", None)), ("--port", getattr(request, "port", None))):
-        if flag not in given and value is not None:
-            security += [flag, str(value)]
-    extra = tuple(getattr(request, "extra_args", ()) or ())
-    return (getattr(facts, "path", None) or getattr(request, "model", "")), (*security, *user.passthrough, *extra)
+    _, passthrough = launch_passthrough(request)
+    return (getattr(facts, "path", None) or getattr(request, "model", "")), passthrough
 
 
 def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, restart: Restart | None = None,

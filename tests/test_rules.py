@@ -14,6 +14,7 @@ from smartrun.knobs import build_argv, parse_user_args
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
 from smartrun.plan import Change, Proposal
+from smartrun.secrets import REDACTED
 from smartrun.validate import check
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -433,6 +434,6 @@ def test_a_pinned_api_key_never_shows_in_bounds_notes_or_json():
     b = rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, pin_flags=user.pin_flags,
                                estimate_fn=_stub())
     shown = repr(b.to_json()) + "\n".join(rules.format_bounds(b)) + repr(b.knobs["api_key"].notes)
-    assert "sk-secret-123" not in shown and "<redacted>" in shown
+    assert "sk-secret-123" not in shown and REDACTED in shown
     plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
     assert plan.params["api_key"] == ("sk-secret-123",)  # launch still needs it

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import pytest
 
 from smartrun.errors import InputError, ReplayDivergence
+from smartrun.secrets import REDACTED, redact_argv, redact_env, redact_text, secret_values
 from smartrun.session import (
-    REDACTED,
     CacheEntry,
     CacheKey,
     Decision,
@@ -20,10 +20,6 @@ from smartrun.session import (
     first_divergence,
     list_sessions,
     load_record,
-    redact_argv,
-    redact_env,
-    redact_text,
-    secret_values,
     timeline,
     write_record,
 )
@@ -58,8 +54,8 @@ def test_redact_text_hides_headers_and_key_shaped_tokens():
 
 def test_secret_values_and_env_redaction():
     assert secret_values(["--api-key", "abcd1234", "--api-key=efgh5678"], {"OPENAI_API_KEY": FAKE_KEY,
-                                                                           "PATH": "/bin"}) == [
-        "abcd1234", "efgh5678", FAKE_KEY]
+                                                                           "PATH": "/bin"}) == (
+        "abcd1234", "efgh5678", FAKE_KEY)
     assert redact_env({"CUDA_VISIBLE_DEVICES": "0,1", "HF_TOKEN": "x"}) == {"CUDA_VISIBLE_DEVICES": "0,1",
                                                                           "HF_TOKEN": REDACTED}
 
@@ -175,7 +171,7 @@ def test_redaction_keeps_json_valid_for_odd_secrets(tmp_path):
     path = write_record(rec, tmp_path / "odd.json", secrets=[odd, "true"])
     loaded = load_record(path)  # still valid JSON, types intact
     assert loaded.warnings[0] == f"key {REDACTED} here" and loaded.outcome["exit_code"] == 0
-    assert secret_values([], {"SOME_TOKEN": "1", "HF_TOKEN": "hf_longenoughvalue"}) == ["hf_longenoughvalue"]
+    assert secret_values([], {"SOME_TOKEN": "1", "HF_TOKEN": "hf_longenoughvalue"}) == ("hf_longenoughvalue",)
 
 
 def test_a_record_nested_too_deeply_is_one_input_error(tmp_path):

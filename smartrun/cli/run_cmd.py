@@ -97,7 +97,7 @@ def request_from_args(args: argparse.Namespace) -> Any:
 
 def run_command(args: argparse.Namespace) -> int:
     from smartrun import pipeline
-    from smartrun.session import redact_text
+    from smartrun.secrets import redact_text
 
     request = request_from_args(args)
     sources = pipeline.live_sources(request)

@@ -82,16 +82,22 @@ def load_scenario() -> dict:
     return scenario
 
 
-def help_flags() -> dict[str, bool]:
-    """Every flag in the real 0.33.0 help text -> whether it takes a value (has a metavar or choices)."""
-    flags: dict[str, bool] = {}
+def help_flags() -> dict[str, bool | str]:
+    """Every flag in the real 0.33.0 help text -> whether it takes a value (has a metavar or choices);
+    "+" for `--x X [X ...]` (several values), "?" for `--x [X]` (an optional value)."""
+    flags: dict[str, bool | str] = {}
     for line in HELP_FILE.read_text().splitlines():
         if not line.startswith("  -"):
             continue
         for part in line.strip().split(", "):
             tokens = part.split()
             if tokens and tokens[0].startswith("-"):
-                flags[tokens[0]] = len(tokens) > 1
+                kind: bool | str = len(tokens) > 1
+                if kind and tokens[1].startswith("["):
+                    kind = "?"
+                elif kind and len(tokens) > 2 and tokens[2].startswith("["):
+                    kind = "+"
+                flags[tokens[0]] = kind
     return flags
 
 
@@ -132,9 +138,24 @@ def parse_serve_args(argv: list[str]) -> tuple[str, dict[str, object]]:
                 unknown.append(argv[i])
                 i += 1
             continue
-        if known[name]:
+        if known[name] == "+" and not inline:  # argparse nargs="+": every value up to the next flag
+            values = []
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            if not values:
+                print(f"vllm serve: error: argument {name}: expected at least one argument", flush=True)
+                sys.exit(2)
+            opts[name] = values
+        elif known[name] == "?" and not inline:
+            if i < len(argv) and not argv[i].startswith("-"):
+                opts[name] = argv[i]
+                i += 1
+            else:
+                opts[name] = True
+        elif known[name]:
             if inline:
-                opts[name] = inline
+                opts[name] = [inline] if known[name] == "+" else inline
             elif i < len(argv):
                 opts[name] = argv[i]
                 i += 1
@@ -300,7 +321,7 @@ def serve(argv: list[str]) -> None:
 
     params = {"max_num_seqs": max_num_seqs, "tensor_parallel_size": tp, "gpu_memory_utilization": util,
               "max_model_len": mml, "max_num_batched_tokens": mnbt, "enforce_eager": eager}
-    sc["api_key"] = opts.get("--api-key")
+    sc["api_key"] = opts.get("--api-key") or os.environ.get("VLLM_API_KEY")
     perf = None
     if os.environ.get("FAKE_VLLM_PERF"):
         sys.path.insert(0, str(HERE))
@@ -310,6 +331,12 @@ def serve(argv: list[str]) -> None:
         if error:
             fail([error])
     log("init engine (profile, create kv cache, warmup model) took 0.30 s (compilation: 0.00 s)", "core.py:394")
+    if faults.get("giant_line_mib"):  # one enormous log line (a hostile or broken model's output)
+        chunk = "A" * (1 << 20)
+        for _ in range(int(faults["giant_line_mib"])):
+            sys.stdout.write(chunk)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     if faults.get("never_ready"):
         while True:
             time.sleep(1)
@@ -336,8 +363,10 @@ def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
 
         def authorized(self) -> bool:
             """Like vLLM with --api-key: /v1 routes need the bearer token; /health does not."""
-            key = sc.get("api_key")
-            if key and self.path.startswith("/v1") and self.headers.get("Authorization") != f"Bearer {key}":
+            keys = sc.get("api_key")
+            keys = [keys] if isinstance(keys, str) else keys
+            if keys and self.path.startswith("/v1") and self.headers.get("Authorization") not in [
+                    f"Bearer {key}" for key in keys]:
                 self.reply(401, {"error": "Unauthorized"})
                 return False
             return True

@@ -1,0 +1,205 @@
+"""The one argv tokenizer: `vllm serve` arguments read the way vLLM's own parser reads them.
+
+Every place that looks into an argv (pins, passthrough, adaptation to the installed vLLM, the
+endpoint and API key for readiness and the probe, redaction) calls `tokenize`; nothing else scans
+argv, so they cannot disagree about a spelling.
+
+Spellings understood (vLLM's FlexibleArgumentParser on top of argparse):
+- `--x v`, `--x=v`; `_` and `-` interchangeable in a long flag's name (`--api_key=K` is `--api-key`);
+- several values (`--api-key K1 K2`: nargs "+"), an optional value (`--hf-token [V]`: nargs "?");
+- negative booleans: the catalogue's (`--disable-prefix-caching`) and argparse's `--no-x` for every
+  boolean knob `--x`;
+- short flags with an attached value (`-O3`, `-O=3`, `-O 3`), aliases (`-tp 2`, `-tp=2`);
+- nested JSON dot-keys (`-cc.cudagraph_mode=NONE`, `--compilation-config.mode 3`);
+- negative numbers are values (`--max-model-len -1`), as in argparse; `--` ends the flags.
+
+How many values a flag takes comes from the knob catalogue (knobs.CATALOGUE) first, then from the
+`arity` mapping the caller passes (the installed vLLM's `serve --help`, see launch.VllmInfo.arity),
+else it is guessed: one value when the next item does not look like a flag.
+
+API:
+- `tokenize(argv, arity=None) -> list[Token]`: every item of argv belongs to exactly one token, in
+  order; `Token.raw` is the items it spans (`start:end`), so `rebuild(tokens) == list(argv)`.
+- `Token`: `flag` (normalised: `--api-key`, `-O`; None for a positional or `--`), `written` (as
+  typed, before `=`), `knob` (catalogue entry or None), `values`, `inline` (`--x=v` / `-O3`),
+  `negative` (a boolean's negative flag), `dotted` (the dot-key of `-cc.x=y`), `secret`.
+- `last(tokens, knob_name)`: the token vLLM would use (the last one wins); `values_of(argv, name)`.
+- `has(tokens, knob_name)`, `with_defaults(argv, {knob: value})`: add a flag only when not given.
+- `normalize(flag)`: the canonical spelling of a flag name.
+Redaction built on these lives in smartrun.secrets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from smartrun.knobs import CATALOGUE, Knob
+
+Arity = Literal["0", "1", "?", "+"]
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's own test: such items are values
+# Flags outside the catalogue whose values are hidden anyway (a newer vLLM's --hf-token-like flags).
+_SECRET_NAME = re.compile(r"(?:^|-)(?:api-key|token|secret|password|passwd)$")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One flag with its values, or one positional item, as vLLM would read it."""
+
+    start: int
+    end: int
+    raw: tuple[str, ...]
+    flag: str | None = None
+    written: str | None = None
+    values: tuple[str, ...] = ()
+    inline: bool = False
+    knob: Knob | None = None
+    negative: bool = False
+    dotted: str | None = None
+
+    @property
+    def secret(self) -> bool:
+        """Its values are secrets: a catalogue knob marked secret, or an unknown flag named like one."""
+        if self.flag is None:
+            return False
+        if self.knob is not None:
+            return self.knob.secret
+        return bool(_SECRET_NAME.search(self.flag.lstrip("-")))
+
+
+def _index() -> dict[str, tuple[Knob, bool]]:
+    """Every catalogue spelling -> (knob, value for booleans); argparse's `--no-x` for each boolean `--x`."""
+    index: dict[str, tuple[Knob, bool]] = {}
+    for knob in CATALOGUE.values():
+        for flag in (knob.flag, *knob.aliases):
+            index[flag] = (knob, True)
+            if knob.type == "bool" and flag.startswith("--"):
+                index.setdefault("--no-" + flag[2:], (knob, False))
+        for flag in knob.negative_flags:
+            index[flag] = (knob, False)
+    return index
+
+
+FLAGS = _index()
+
+
+def catalogue_arity(knob: Knob) -> Arity:
+    if knob.type == "bool":
+        return "0"
+    return {"+": "+", "?": "?"}.get(knob.nargs, "1")  # type: ignore[return-value]
+
+
+def normalize(name: str) -> str:
+    """`--api_key` -> `--api-key` (only the name before a dot-key: `--x_y.a_b` -> `--x-y.a_b`)."""
+    if name.startswith("--") and len(name) > 2:
+        head, dot, tail = name[2:].partition(".")
+        return "--" + head.replace("_", "-") + dot + tail
+    return name
+
+
+def looks_like_flag(item: str) -> bool:
+    """argparse's view: starts with `-`, is not `-` alone, not a negative number, has no space."""
+    return item.startswith("-") and item != "-" and not _NEGATIVE_NUMBER.match(item) and " " not in item
+
+
+ArityLookup = Mapping[str, str] | Callable[[str], str | None] | None
+
+
+def _lookup(arity: ArityLookup, flag: str) -> str | None:
+    if arity is None:
+        return None
+    if callable(arity):
+        return arity(flag)
+    return arity.get(flag)
+
+
+def tokenize(argv: Sequence[str], arity: ArityLookup = None) -> list[Token]:
+    """argv -> tokens covering every item in order (see the module docstring)."""
+    items = [str(a) for a in argv]
+    tokens: list[Token] = []
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item == "--":  # everything after is positional
+            tokens.append(Token(start=i, end=i + 1, raw=(item,)))
+            tokens += [Token(start=j, end=j + 1, raw=(items[j],), values=(items[j],)) for j in range(i + 1, len(items))]
+            break
+        if not looks_like_flag(item):
+            tokens.append(Token(start=i, end=i + 1, raw=(item,), values=(item,)))
+            i += 1
+            continue
+        token = _flag_token(items, i, arity)
+        tokens.append(token)
+        i = token.end
+    return tokens
+
+
+def _flag_token(items: list[str], i: int, arity: ArityLookup) -> Token:
+    item = items[i]
+    written, eq, inline_value = item.partition("=")
+    name = normalize(written)
+    dotted = None
+    knob, positive = FLAGS.get(name, (None, True))
+    kind: str | None = catalogue_arity(knob) if knob is not None else _lookup(arity, name)
+    if knob is None and kind is None and "." in name.lstrip("-"):  # -cc.mode=3: a JSON dot-key, one value
+        lead = len(name) - len(name.lstrip("-"))
+        base, _, dotted = name[lead:].partition(".")
+        name, kind = name[:lead] + base, "1"
+        knob = None
+    elif knob is None and kind is None and not item.startswith("--") and not eq and len(item) > 2:
+        short = item[:2]  # -O3: a one-letter flag with its value attached
+        short_knob = FLAGS.get(short, (None, True))[0]
+        short_kind = catalogue_arity(short_knob) if short_knob is not None else _lookup(arity, short)
+        if short_kind not in (None, "0"):
+            return Token(start=i, end=i + 1, raw=(item,), flag=short, written=short, values=(item[2:],),
+                         inline=True, knob=short_knob)
+    if kind is None:
+        kind = "?"  # unknown: one value when the next item is not a flag
+    common: dict[str, Any] = {"flag": name, "written": written, "knob": knob,
+                              "negative": knob is not None and knob.type == "bool" and not positive,
+                              "dotted": dotted}
+    if eq:
+        return Token(start=i, end=i + 1, raw=(item,), values=(inline_value,), inline=True, **common)
+    end = i + 1
+    if kind in ("1", "?"):
+        if end < len(items) and not looks_like_flag(items[end]) and items[end] != "--":
+            end += 1
+    elif kind == "+":
+        while end < len(items) and not looks_like_flag(items[end]) and items[end] != "--":
+            end += 1
+    return Token(start=i, end=end, raw=tuple(items[i:end]), values=tuple(items[i + 1:end]), **common)
+
+
+def rebuild(tokens: Iterable[Token]) -> list[str]:
+    """The argv the tokens came from (or a filtered/edited list of them)."""
+    return [item for token in tokens for item in token.raw]
+
+
+def last(tokens: Sequence[Token], knob_name: str) -> Token | None:
+    """The token vLLM would use for this knob: argparse keeps the last one."""
+    for token in reversed(tokens):
+        if token.knob is not None and token.knob.name == knob_name:
+            return token
+    return None
+
+
+def has(tokens: Sequence[Token], knob_name: str) -> bool:
+    return last(tokens, knob_name) is not None
+
+
+def values_of(argv: Sequence[str], knob_name: str, arity: ArityLookup = None) -> tuple[str, ...]:
+    """The values vLLM would take for this knob (its last occurrence), () when absent."""
+    token = last(tokenize(argv, arity), knob_name)
+    return token.values if token is not None else ()
+
+
+def with_defaults(argv: Sequence[str], defaults: Mapping[str, Any]) -> list[str]:
+    """argv plus `--flag value` for each knob in `defaults` that argv does not set (in any spelling)."""
+    tokens = tokenize(argv)
+    out = list(argv)
+    for name, value in defaults.items():
+        if value is not None and not has(tokens, name):
+            out += [CATALOGUE[name].flag, str(value)]
+    return out
