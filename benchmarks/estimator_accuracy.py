@@ -99,16 +99,28 @@ V0_WORDING = (
 )
 
 
+# vLLM releases by date (PyPI upload dates), for cases that state a date but no version.
+RELEASES = (
+    ("2024-09-05", "0.6.0"), ("2024-11-15", "0.6.4"), ("2025-01-27", "0.7.0"), ("2025-03-18", "0.8.0"),
+    ("2025-04-28", "0.8.5"), ("2025-05-15", "0.9.0"), ("2025-07-24", "0.10.0"), ("2025-10-02", "0.11.0"),
+)
+
+
 def inferred_version(case: dict[str, Any]) -> str:
-    """For a case whose version is not stated: the printed version, else V0 (0.6) when the log has
-    V0's wording, else 0.19 (the V1 profile). These cases land in the "other" subset."""
+    """For a case whose version is not stated: the printed version, else the release current at the
+    post's date (V0 wording keeps it on the V0 profile), else V0 (0.6) or 0.19 by the log's wording.
+    These cases land in the "other" subset."""
     from smartrun.vllm_log import parse_startup
 
     lines = case.get("log_lines") or []
     printed = parse_startup(lines).version
     if printed and printed[:1].isdigit():
         return printed
-    return "0.6.0" if any(w in line for line in lines for w in V0_WORDING) else "0.19.0"
+    v0 = any(w in line for line in lines for w in V0_WORDING)
+    dated = [version for day, version in RELEASES if case.get("date") and day <= case["date"]]
+    if dated:
+        return "0.7.3" if v0 and dated[-1] >= "0.8" else dated[-1]
+    return "0.6.0" if v0 else "0.19.0"
 
 
 def case_flags(case: dict[str, Any]) -> EngineFlags:
@@ -175,8 +187,12 @@ def run_case(
     config = configs.get(model_id)
     if config is None:
         return "no config for the model"
+    if case.get("quantization_config"):  # the checkpoint's own quantization (e.g. a bnb re-upload)
+        config = {**config, "quantization_config": case["quantization_config"]}
     if not case.get("gpu"):
         return "GPU not named"
+    if case.get("gpu_memory_utilization") is None:
+        return "utilization not shown (vLLM's default not assumed)"
     stated = str(case.get("vllm_version") or "")
     version = stated.split()[0] if stated[:1].isdigit() else inferred_version(case)
     try:
@@ -197,8 +213,14 @@ def run_case(
         "id": case["id"],
         "model": case["model"],
         "version": stated or f"not stated ({version} assumed)",
-        "subset": "0.19.0 H100" if stated == "0.19.0" and "H100" in (case.get("gpu") or "") else "other",
+        "subset": (
+            "0.19.0 H100"
+            if stated == "0.19.0" and "H100" in (case.get("gpu") or "")
+            else "public" if case["id"].startswith("pub-") else "other"
+        ),
         "family": memory._family(facts),
+        "gpu_class": gpus[0].name,
+        "quant": facts.quantization.method if facts.quantization else (flags.quantization or "none"),
         "tp": flags.tensor_parallel_size,
         "pp": flags.pipeline_parallel_size,
         "w_pred": est.weights_gib,
@@ -293,8 +315,37 @@ def fmt(value: Any, spec: str = "") -> str:
 FIT_SUBSET = "0.19.0 H100"
 
 
+PUBLIC = REPO / "fixtures" / "startups" / "public.jsonl"
+
+
 def load_cases() -> list[dict[str, Any]]:
     return [json.loads(line) for line in (REF / "vllm_startup_logs.jsonl").read_text().splitlines()]
+
+
+def load_public() -> list[dict[str, Any]]:
+    """Real startups beyond the 0.19 sweep, gathered from public logs (fixtures/startups/public.jsonl):
+    each with its source, quoted lines and the settings that were inferred. Never fitted on."""
+    return [json.loads(line) for line in PUBLIC.read_text().splitlines() if line.strip()]
+
+
+def grouped_errors(rows: list[dict[str, Any]], key: str) -> list[tuple[str, int, str, str, int]]:
+    """(group, n, median |KV-token error|, worst over-prediction, cases over by > 1%) per value of `key`."""
+    out = []
+    for value in sorted({str(r[key]) for r in rows}):
+        errs = [pct(r["tok_pred"], r["tok_real"]) for r in rows if str(r[key]) == value and r.get("tok_real")]
+        errs = [e for e in errs if e is not None]
+        if not errs:
+            continue
+        med = statistics.median(abs(e) for e in errs)
+        out.append((value, len(errs), f"{med:.2f}%", f"{max(errs):+.2f}%", sum(1 for e in errs if e > 1)))
+    return out
+
+
+def print_grouped(rows: list[dict[str, Any]], title: str) -> None:
+    print(f"\n{title}: KV-token error (median |err|; worst over; over >1%; n)")
+    for key, label in (("profile", "profile"), ("gpu_class", "GPU"), ("family", "family"), ("quant", "quantization")):
+        for value, n, med, worst, over in grouped_errors(rows, key):
+            print(f"  {label:12} {value:28} median {med:>7}  worst over {worst:>8}  over>1%: {over}  n={n}")
 
 
 def fit_samples(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -437,11 +488,14 @@ def fit_coefficients(samples: list[dict[str, Any]]) -> Coefficients:
 
 
 def over_gib(row: dict[str, Any]) -> float | None:
-    """How much more KV the estimate promised than vLLM had, in GiB per GPU (negative: under)."""
-    if row.get("kv_real") is not None:
-        return row["kv_pred"] - row["kv_real"]
+    """How much more KV the estimate promised than vLLM had, in GiB per GPU (negative: under).
+
+    The engine-wide token count is the truth when printed (a quoted KV GiB may be another rank's:
+    with V0 TP only rank 0 runs the sampler, and the blocks are the minimum over ranks)."""
     if row.get("tok_real") and row["tok_pred"]:
         return (row["tok_pred"] - row["tok_real"]) / row["tok_pred"] * row["kv_pred"]
+    if row.get("kv_real") is not None:
+        return row["kv_pred"] - row["kv_real"]
     return None
 
 
@@ -607,8 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         cross_validate(load_cases(), configs)
         return 0
     rows, skipped = [], []
-    for line in (REF / "vllm_startup_logs.jsonl").read_text().splitlines():
-        case = json.loads(line)
+    for case in load_cases() + load_public():
         result = run_case(case, configs)
         if isinstance(result, str):
             skipped.append((case["id"], case.get("model"), result))
@@ -634,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {sid} {str(model)[:50]}: {why}")
     print("\nSummary (abs error: median / mean; worst over-prediction; n)")
     print(f"{'subset':12} {'metric':24} {'smartrun':>36} {'naive x1.2':>36}")
-    for subset in ("0.19.0 H100", "other"):
+    for subset in ("0.19.0 H100", "public", "other"):
         part = [r for r in rows if r["subset"] == subset]
         for label, pred, real, naive_key in (
             ("weights GiB", "w_pred", "w_real", None),
@@ -652,6 +705,16 @@ def main(argv: list[str] | None = None) -> int:
                 nmed, nmean, nworst, nn = summary(part, naive_key, real)
                 theirs = f"{nmed} / {nmean}; {nworst}; n={nn}"
             print(f"{subset:12} {label:24} {ours:>36} {theirs:>36}")
+    print_grouped([r for r in rows if r["subset"] == "0.19.0 H100"], "in-sample (the 0.19 H100 sweep the terms are fitted on)")
+    print_grouped([r for r in rows if r["subset"] != "0.19.0 H100"], "held out (public startups + other shared cases, never fitted on)")
+    bands = profile_bands(rows)
+    print("\nper-profile plan-safe band (shipped vs what the startups need), evidence:")
+    for name, profile in memory.PROFILES.items():
+        need, n = bands.get(name, (0.0, 0))
+        print(
+            f"  {name:5} vLLM {profile.versions[:60]:60} band {profile.margin:6.1%} (floor {profile.margin_floor_gib} GiB)"
+            f"  needed {need:6.1%}  startups {n:3}  source read: {', '.join(profile.checked_in) or '-'}"
+        )
     print(
         "\nllm-d-planner (published, its own vLLM 0.19.0 H100 sweep): KV-cache memory "
         f"{LLM_D_PUBLISHED['kv_cache_gib_mean_abs_pct']}% mean error, max concurrency "

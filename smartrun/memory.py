@@ -47,6 +47,17 @@ MIB = 1 << 20
 # driver/firmware carve-out, not a fraction of capacity; RTX 3090: 24576 MiB -> 23.54 GiB
 # predicted vs 23.58 printed).
 CUDA_RESERVED_MIB = 81559 - 79.19 * 1024
+# The carve-out differs by GPU (and driver): NVML memory.total minus the total vLLM printed
+# (V0 "total_gpu_memory (X GiB)") in public startups of that GPU (fixtures/startups/public.jsonl
+# and the search-index files named there). GPUs without a printed total use the H100 figure.
+CUDA_RESERVED_MIB_BY_GPU = {
+    "Tesla T4": 15360 - 14.74 * 1024,  # pub-003/pub-004 (Colab): 14.74 GiB
+    "NVIDIA A100-SXM4-40GB": 40960 - 39.39 * 1024,  # 8 x A100 40GB V0 log (search-index file 3706561278)
+    "NVIDIA A100-PCIE-40GB": 40960 - 39.39 * 1024,  # same memory part as the SXM4 40GB
+    "NVIDIA GeForce RTX 3090": 24576 - 23.58 * 1024,  # vsl-001/002
+    "NVIDIA L40S": 46068 - 44.39 * 1024,  # an L40 (same 46068 MiB part) V0 log (search-index file 60430572081)
+    "NVIDIA L40": 46068 - 44.39 * 1024,
+}
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DTYPE_ALIASES = {
@@ -91,7 +102,8 @@ class GpuSpec(Frozen):
     @property
     def cuda_total_bytes(self) -> int:
         """Total memory as torch/CUDA reports it (what vLLM multiplies by util)."""
-        return int((self.memory_total_mib - CUDA_RESERVED_MIB) * MIB)
+        reserved = CUDA_RESERVED_MIB_BY_GPU.get(self.name, CUDA_RESERVED_MIB)
+        return int((self.memory_total_mib - reserved) * MIB)
 
     @property
     def cuda_free_bytes(self) -> int:
@@ -448,7 +460,7 @@ class _QuantLayout(Frozen):
 
     weight_bits: float
     group_size: int | None = None  # None = per output channel
-    scale_bytes: int = 2
+    scale_bytes: float = 2
     zero_bits: int = 0
     per_tensor: bool = False
     block: tuple[int, int] | None = None
@@ -490,8 +502,15 @@ def _quant_layout(model: ModelFacts) -> _QuantLayout | None:
         group = None if group == -1 else int(group)
         return _QuantLayout(weight_bits=bits, group_size=group, scale_bytes=2, zero_bits=bits)
     if method in ("bitsandbytes",):
-        bits = q.weight_bits or (4 if raw.get("load_in_4bit") else 8)
-        return _QuantLayout(weight_bits=bits, group_size=64, scale_bytes=4)
+        # vLLM's bitsandbytes loader: 4-bit NF4/FP4 packed two per byte with an fp32 absmax per 64
+        # weights, or with double quantization a uint8 absmax per 64 plus an fp32 per 256 of those;
+        # 8-bit LLM.int8 keeps int8 weights and an fp32 scale per output row. Embeddings and the
+        # modules in llm_int8_skip_modules (lm_head) stay in the model dtype.
+        bits = q.weight_bits or (4 if raw.get("load_in_4bit") or not raw.get("load_in_8bit") else 8)
+        if bits == 8:
+            return _QuantLayout(weight_bits=8, group_size=None, scale_bytes=4)
+        nested = raw.get("bnb_4bit_use_double_quant")
+        return _QuantLayout(weight_bits=4, group_size=64, scale_bytes=1 + 4 / 256 if nested else 4)
     bits = q.weight_bits or 8
     return _QuantLayout(weight_bits=bits, group_size=q.group_size, scale_bytes=2)
 
@@ -938,7 +957,7 @@ def _budget(
             seqs,
             mnbt,
             stage.last,
-            coeffs.sampler_extra_bytes if sampler is None else sampler,
+            (coeffs.sampler_extra_bytes if sampler is None else sampler) + profile.native_topk_topp_bytes,
             stage.first,
             pp,
             coeffs.pp_hidden_buffers,
