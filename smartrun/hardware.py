@@ -17,6 +17,8 @@ Snapshot file format (schema_version 1; full description in docs/hardware-snapsh
         memory_used_mib (NVML bytes // 2**20), compute_capability ("9.0"), pci_bus_id or null,
         processes: list of {pid, used_memory_mib, name, used_memory_known}
     nvlink_pairs         list of [low, high] GPU index pairs joined by an active NVLink (direct or NVSwitch)
+    physical_indices     (optional) the nvidia-smi index of each listed GPU when the snapshot was restricted to
+                         some GPUs (`model run --gpus`, CUDA_VISIBLE_DEVICES); empty = each GPU's own index
 
 Unknown fields are rejected, so a typo in a hand-written snapshot is reported, not ignored.
 """
@@ -97,6 +99,8 @@ class HardwareSnapshot(Frozen):
     gpus: tuple[GpuInfo, ...] = ()
     # GPU index pairs (low, high) with an active NVLink
     nvlink_pairs: tuple[tuple[int, int], ...] = Field(default=())
+    # Set by `restrict`: gpus[i] is the GPU nvidia-smi numbers physical_indices[i] (vLLM sees it as cuda:i)
+    physical_indices: tuple[int, ...] = ()
 
     def nvlinked(self, a: int, b: int) -> bool:
         return (min(a, b), max(a, b)) in self.nvlink_pairs
@@ -112,7 +116,53 @@ class HardwareSnapshot(Frozen):
         for low, high in self.nvlink_pairs:
             if not 0 <= low < high < len(self.gpus):
                 raise ValueError(f"nvlink pair [{low}, {high}] must be [low, high] indices of listed GPUs")
+        if self.physical_indices and (len(self.physical_indices) != len(self.gpus)
+                                      or len(set(self.physical_indices)) != len(self.physical_indices)):
+            raise ValueError("physical_indices must name one distinct index per listed GPU")
         return self
+
+
+def physical_index(snapshot: HardwareSnapshot, index: int) -> int:
+    """The nvidia-smi index (what CUDA_VISIBLE_DEVICES takes, in PCI bus order) of gpus[index]."""
+    return snapshot.physical_indices[index] if snapshot.physical_indices else index
+
+
+def parse_gpu_list(text: str, what: str) -> tuple[str, ...]:
+    """`0,2` or `GPU-8f2c...,GPU-11aa...` -> entries; InputError (naming `what`) for an empty or bad list."""
+    entries = tuple(part.strip() for part in text.split(","))
+    if not text.strip() or any(not e for e in entries):
+        raise SnapshotError(f"{what}={text!r}: expected GPU indices or UUIDs separated by commas, e.g. 0,2")
+    for entry in entries:
+        if entry.upper().startswith("MIG-"):
+            raise SnapshotError(f"{what}={text!r}: MIG instances are not supported; name whole GPUs")
+        if not (entry.isdigit() or entry.upper().startswith("GPU-")):
+            raise SnapshotError(f"{what}={text!r}: {entry!r} is neither a GPU index nor a GPU UUID")
+    return entries
+
+
+def restrict(snapshot: HardwareSnapshot, entries: tuple[str, ...], what: str) -> HardwareSnapshot:
+    """Only the GPUs named (nvidia-smi indices, or UUIDs or their unique prefixes), renumbered 0..k-1 in PCI bus
+    order the way CUDA numbers them under CUDA_VISIBLE_DEVICES; `physical_indices` remembers the real indices."""
+    by_physical = {physical_index(snapshot, g.index): g for g in snapshot.gpus}
+    chosen: list[int] = []
+    for entry in entries:
+        if entry.isdigit():
+            found = [int(entry)] if int(entry) in by_physical else []
+        else:
+            found = [i for i, g in by_physical.items() if g.uuid.lower().startswith(entry.lower())]
+        if len(found) != 1:
+            have = ",".join(str(i) for i in sorted(by_physical)) or "none"
+            why = "matches several GPUs" if found else "names no GPU"
+            raise SnapshotError(f"{what}: {entry} {why} of this machine (GPUs {have}, as nvidia-smi numbers them)")
+        if found[0] in chosen:
+            raise SnapshotError(f"{what}: GPU {found[0]} is named twice")
+        chosen.append(found[0])
+    chosen.sort()  # CUDA_DEVICE_ORDER=PCI_BUS_ID: CUDA numbers visible GPUs in bus order, whatever order is given
+    old = {physical: by_physical[physical].index for physical in chosen}
+    new_of = {old[physical]: position for position, physical in enumerate(chosen)}
+    gpus = tuple(by_physical[p].model_copy(update={"index": new_of[old[p]]}) for p in chosen)
+    pairs = tuple(sorted((new_of[a], new_of[b]) for a, b in snapshot.nvlink_pairs if a in new_of and b in new_of))
+    return snapshot.model_copy(update={"gpus": gpus, "nvlink_pairs": pairs, "physical_indices": tuple(chosen)})
 
 
 # --------------------------------------------------------------------------- detect (NVML)
@@ -349,7 +399,7 @@ def summary(snapshot: HardwareSnapshot) -> str:
         procs = ", ".join(_process_text(p) for p in g.processes) or "-"
         rows.append(
             (
-                str(g.index),
+                str(physical_index(snapshot, g.index)),
                 g.name,
                 str(g.memory_total_mib),
                 str(g.memory_free_mib),
@@ -367,7 +417,11 @@ def summary(snapshot: HardwareSnapshot) -> str:
         ).rstrip()
         for row in rows
     ]
-    pairs = " ".join(f"{a}-{b}" for a, b in snapshot.nvlink_pairs) or "none"
+    pairs = " ".join(f"{physical_index(snapshot, a)}-{physical_index(snapshot, b)}"
+                     for a, b in snapshot.nvlink_pairs) or "none"
+    if snapshot.physical_indices:
+        lines.append(f"only GPUs {','.join(map(str, snapshot.physical_indices))} (nvidia-smi numbering); "
+                     f"vLLM sees them as cuda:0..{len(snapshot.gpus) - 1}")
     lines += [
         f"NVLink pairs: {pairs}",
         f"driver {snapshot.driver_version or '?'}, CUDA {snapshot.cuda_driver_version or '?'}",

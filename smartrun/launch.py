@@ -206,14 +206,19 @@ def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str
 
 
 def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """CUDA_VISIBLE_DEVICES for tp*pp GPUs chosen by rules.select_gpus, in NVML's (PCI) order."""
+    """CUDA_VISIBLE_DEVICES for tp*pp GPUs chosen by rules.select_gpus, in NVML's (PCI) order.
+
+    The indices are nvidia-smi's (a snapshot restricted by --gpus / CUDA_VISIBLE_DEVICES maps its GPUs back),
+    and CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA number them the same way, so vLLM's cuda:0.. are exactly these.
+    """
     if hardware is None or not hardware.gpus:
         return {}, []
     from smartrun import rules
+    from smartrun.hardware import physical_index
 
     count = int(params.get("tensor_parallel_size") or 1) * int(params.get("pipeline_parallel_size") or 1)
     chosen = rules.select_gpus(hardware, count)
-    indices = ",".join(str(getattr(g, "index", g)) for g in chosen)
+    indices = ",".join(str(physical_index(hardware, g.index)) for g in chosen)
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": indices}
     warnings = []
     if hardware.source != "nvml":
@@ -241,6 +246,14 @@ def launch_secrets(argv: Sequence[str], env: dict[str, str] | None = None) -> tu
     from smartrun.secrets import launch_env_secrets, secret_values
 
     return tuple(dict.fromkeys((*secret_values(argv), *launch_env_secrets(env))))
+
+
+def served_name(argv: Sequence[str]) -> str | None:
+    """The first --served-model-name in argv: the name vLLM serves (and /v1/models lists) the model under."""
+    from smartrun import argv as argv_mod
+
+    names = argv_mod.values_of(argv, "served_model_name")
+    return str(names[0]) if names else None
 
 
 def endpoint(argv: Sequence[str], host: str | None = None, port: int | None = None) -> tuple[str, int, str | None]:
@@ -561,7 +574,7 @@ class ProcessLauncher:
         stream.start()
         try:
             with _sigterm_as_interrupt():
-                served_len, failure = self._await_ready(proc, stream, base_url, started, key)
+                served_len, failure = self._await_ready(proc, stream, base_url, started, key, served_name(argv))
         except KeyboardInterrupt:
             _stop_group(proc, self.stop_grace)
             stream.join(5)
@@ -579,8 +592,11 @@ class ProcessLauncher:
         return attempt, Server(proc, stream, base_url, attempt, self.progress)
 
     def _await_ready(self, proc: subprocess.Popen, stream: _LogStream, base_url: str, started: float,
-                     api_key: str | None = None) -> tuple[int | None, Failure | None]:
-        """Poll /health then /v1/models; refused connections are normal while vllm loads."""
+                     api_key: str | None = None, name: str | None = None) -> tuple[int | None, Failure | None]:
+        """Poll /health then /v1/models; refused connections are normal while vllm loads.
+
+        Ready means /v1/models lists `name` (the --served-model-name clients will ask for), when one is given.
+        """
         import httpx
 
         deadline = started + self.startup_timeout
@@ -609,12 +625,28 @@ class ProcessLauncher:
                     if client.get(base_url + "/health").status_code == 200:
                         models = client.get(base_url + "/v1/models")
                         if models.status_code == 200 and proc.poll() is None:
-                            cards = models.json().get("data") or [{}]
-                            return cards[0].get("max_model_len"), None
-                except (httpx.TransportError, ValueError):
+                            return self._served_card(proc, stream, models.json(), name)
+                except (httpx.TransportError, ValueError, AttributeError):
                     pass
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(self.poll_interval)
+
+
+    def _served_card(self, proc: subprocess.Popen, stream: _LogStream, listing: Any,
+                     name: str | None) -> tuple[int | None, Failure | None]:
+        """max_model_len of the card for `name` (else the first card); a server that does not list `name` is
+        stopped and reported: clients asking for that name would get 404."""
+        cards = [c for c in (listing.get("data") or []) if isinstance(c, dict)] or [{}]
+        if name is None:
+            return cards[0].get("max_model_len"), None
+        card = next((c for c in cards if c.get("id") == name), None)
+        if card is not None:
+            return card.get("max_model_len"), None
+        listed = ", ".join(str(c.get("id")) for c in cards)
+        _stop_group(proc, self.stop_grace)
+        stream.join(5)
+        return None, Failure(klass="unknown", exit_code=proc.returncode,
+                             evidence=f"vllm serve came up but /v1/models lists {listed}, not the served name {name}")
 
 
 # ------------------------------------------------------------------------------ the recovery loop

@@ -79,6 +79,8 @@ class RunRequest(Frozen):
     llm_base_url: str | None = None
     llm_model: str | None = None
     llm_timeout: float | None = None
+    gpus: str | None = None  # --gpus 0,2: nvidia-smi indices (or UUIDs) of the GPUs to use
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES as it was when the run started (None: unset)
 
     def command_line(self) -> list[str]:
         """The `model run` command this request stands for (options that differ from their defaults)."""
@@ -88,7 +90,7 @@ class RunRequest(Frozen):
                  "goal": "--goal", "host": "--host", "port": "--port", "vllm_version": "--vllm-version",
                  "vllm_bin": "--vllm-bin", "startup_timeout": "--startup-timeout", "max_attempts": "--max-attempts",
                  "hardware_path": "--hardware", "bounds_path": "--bounds", "llm_base_url": "--llm-base-url",
-                 "llm_model": "--llm-model", "llm_timeout": "--llm-timeout"}
+                 "llm_model": "--llm-model", "llm_timeout": "--llm-timeout", "gpus": "--gpus"}
         out = ["localaistack", "model", "run", self.model]
         for name, flag in flags.items():
             value = getattr(self, name)
@@ -391,9 +393,10 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
 
     record = rec.record
     hw = sources.hardware()
-    result.hardware = hw
     record.hardware = to_jsonable(hw)
     rec.decide("hardware", hw_mod.fingerprint(hw), hw.source)
+    hw = _visible_gpus(request, hw, rec)
+    result.hardware = hw
 
     facts = sources.model(request.model)
     result.facts = facts
@@ -403,6 +406,7 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
 
     _refuse_planned_knobs_after_dashdash(request.extra_args)
     pins, passthrough = launch_passthrough(request)
+    passthrough = (*passthrough, *_served_name_args(request, facts, pins, passthrough))
     rec.decide("pins", pins, "user")
 
     bounds_in = sources.bounds()
@@ -457,6 +461,37 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
             model_path, version, on_event)
 
 
+def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> HardwareSnapshot:
+    """The machine restricted to the GPUs the user allows: --gpus, and CUDA_VISIBLE_DEVICES when it was set.
+
+    Both use nvidia-smi's numbering (PCI bus order, which the launch makes CUDA use too); --gpus must lie
+    inside CUDA_VISIBLE_DEVICES. A dry run against a --hardware snapshot plans for the machine it describes,
+    so this machine's CUDA_VISIBLE_DEVICES does not apply there (said once). vLLM then sees the chosen GPUs
+    as cuda:0.. and the launch sets CUDA_VISIBLE_DEVICES to the ones the plan uses.
+    """
+    from smartrun import hardware
+
+    visible = request.visible_devices
+    if visible is not None and request.dry_run and request.hardware_path:
+        rec.warn(f"CUDA_VISIBLE_DEVICES={visible} of this machine ignored: the dry run plans for "
+                 f"{request.hardware_path} (use --gpus to restrict it)")
+        visible = None
+    if visible is not None and visible.strip() in ("", "-1"):
+        raise InputError(f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU; unset it or name GPUs (e.g. 0,1)")
+    if visible is not None:
+        entries = hardware.parse_gpu_list(visible, "CUDA_VISIBLE_DEVICES")
+        hw = hardware.restrict(hw, entries, f"CUDA_VISIBLE_DEVICES={visible}")
+    if request.gpus is not None:
+        entries = hardware.parse_gpu_list(request.gpus, "--gpus")
+        where = f"--gpus {request.gpus}" + (f" (inside CUDA_VISIBLE_DEVICES={visible})" if visible is not None
+                                            else "")
+        hw = hardware.restrict(hw, entries, where)
+    if hw.physical_indices:
+        source = "--gpus" if request.gpus is not None else "CUDA_VISIBLE_DEVICES"
+        rec.decide("gpus", {"visible": list(hw.physical_indices), "fingerprint": hardware.fingerprint(hw)}, source)
+    return hw
+
+
 def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
     """A knob smartrun plans, typed after `--`, would silently override the plan in vLLM (the last flag wins),
     so the plan, its estimate and its bounds would describe another launch. Typed before `--` it is a pin."""
@@ -487,6 +522,17 @@ def launch_passthrough(request: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
     user = knobs.parse_user_args(list(getattr(request, "user_args", ()) or ()))
     given = (*user.passthrough, *(getattr(request, "extra_args", ()) or ()))
     return user.pins, (*_security_args(request, given, user.pins), *given)
+
+
+def _served_name_args(request: RunRequest, facts: ModelFacts, pins: dict[str, Any],
+                      passthrough: tuple[str, ...]) -> tuple[str, ...]:
+    """`--served-model-name REPO` when MODEL was given as a Hugging Face repo id, so clients ask for the model by
+    the name they know (vLLM would list the cache snapshot's path) - unless the user named it."""
+    from smartrun import argv
+
+    given_as_repo_id = "/" in request.model and facts.name == request.model  # model.inspect names a cached repo so
+    named = "served_model_name" in pins or argv.has(argv.tokenize(passthrough), "served_model_name")
+    return ("--served-model-name", request.model) if given_as_repo_id and not named else ()
 
 
 def _provenance_line(plan: Plan) -> str:
@@ -831,6 +877,7 @@ def _tune_stage(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
         from smartrun import tune
 
         hook = tune.tune_after_launch
+    request = _probe_served_name(request, passthrough)
     outcome = hook(request=request, plan=plan, bounds=bounds, server=server, launcher=launcher, check=check,
                    facts=result.facts, hardware=result.hardware, transport=sources.transport, on_event=on_event,
                    model_path=model_path, passthrough=passthrough)
@@ -847,6 +894,17 @@ def _tune_stage(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     result.plan = plan
     rec.record.final_plan = to_jsonable(plan)
     return value, plan, server
+
+
+def _probe_served_name(request: RunRequest, passthrough: tuple[str, ...]) -> RunRequest:
+    """The tuner's probe asks for the served name (not whatever /v1/models happens to list first)."""
+    from smartrun import launch
+
+    name = launch.served_name(passthrough)
+    probe = dict((request.tune_options or {}).get("probe") or {})
+    if name is None or not request.tune_options or probe.get("model"):
+        return request
+    return request.model_copy(update={"tune_options": {**request.tune_options, "probe": {**probe, "model": name}}})
 
 
 # ---------------------------------------------------------------------------- live sources

@@ -234,21 +234,35 @@ def load_record(path: str | Path) -> SessionRecord:
         raise InputError(f"{path}: invalid session record {validation_problem(err)}") from err
 
 
-def list_sessions(directory: Path | None = None, limit: int = 20) -> list[tuple[Path, SessionRecord | str]]:
-    """Newest first; an unreadable file comes back with its error text instead of a record."""
+def list_sessions(directory: Path | None = None, limit: int = 20,
+                  include_dry_runs: bool = True) -> list[tuple[Path, SessionRecord | str]]:
+    """Newest first; an unreadable file comes back with its error text instead of a record.
+
+    Without `include_dry_runs`, records of dry runs are skipped (they are many and launched nothing) and
+    the `limit` newest of the rest are returned.
+    """
     directory = directory or sessions_dir()
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory}: not a directory (sessions are kept in a folder of that name)")
     if not directory.is_dir():
         return []
-    files = sorted(directory.glob("*.json"), key=lambda p: p.name, reverse=True)[:limit]
     out: list[tuple[Path, SessionRecord | str]] = []
-    for path in files:
+    for path in sorted(directory.glob("*.json"), key=lambda p: p.name, reverse=True):
+        if len(out) >= limit:
+            break
         try:
-            out.append((path, load_record(path)))
+            record: SessionRecord | str = load_record(path)
         except InputError as err:
-            out.append((path, err.message))
+            record = err.message
+        if not include_dry_runs and is_dry_run(record):
+            continue
+        out.append((path, record))
     return out
+
+
+def is_dry_run(record: SessionRecord | str) -> bool:
+    """A record of a `--dry-run` (whatever its outcome: a dry run that failed launched nothing either)."""
+    return not isinstance(record, str) and bool(record.request.get("dry_run"))
 
 
 # ---------------------------------------------------------------------------- replay comparison

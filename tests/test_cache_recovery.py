@@ -35,7 +35,7 @@ def test_recovered_plan_is_reused_from_the_cache_on_the_first_try(tmp_path):
     first = _smart_run(tmp_path)
     assert "attempt 2/3" in first.stdout and "gpu_memory_utilization 0.88 -> 0.84" in first.stdout, first.stdout
     second = _smart_run(tmp_path)
-    assert "== plan (source=cache)" in second.stdout, second.stdout + second.stderr
+    assert "  plan         source=cache" in second.stdout, second.stdout + second.stderr
     assert "rejected by today's bounds" not in second.stdout + second.stderr
     assert "attempt 1/3" in second.stdout and "attempt 2/3" not in second.stdout
     assert "--gpu-memory-utilization 0.84" in second.stdout and "is ready at" in second.stdout

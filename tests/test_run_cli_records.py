@@ -19,7 +19,8 @@ def test_a_failed_run_still_names_its_record(capsys):
     out, err = capsys.readouterr()
     assert code == 3
     assert err.strip().splitlines()[-1].startswith("localaistack: --smart-run-strict")
-    path = Path(re.search(r"^session record: (.+)$", out, re.M).group(1))
+    assert "session record:" not in out  # stdout holds the result only; the record is named on stderr
+    path = Path(re.search(r"^session record: (.+)$", err, re.M).group(1))
     assert path.parent == sessions_dir() and load_record(path).outcome["exit_code"] == 3
 
 
@@ -28,7 +29,7 @@ def test_a_record_that_cannot_be_written_is_not_named(capsys):
     sessions_dir().write_text("")  # a file where the folder should be
     assert main(["model", "run", MODEL, "--hardware", L4, "--dry-run", "--vllm-version", "0.33.0"]) == 0
     out, err = capsys.readouterr()
-    assert "session record:" not in out
+    assert "session record:" not in out + err.replace("session record not written", "")
     assert "session record not written" in err and "is not a directory" in err
 
 
@@ -72,5 +73,5 @@ def test_a_start_that_never_gets_ready_is_exit_4_naming_vllms_last_line_not_our_
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("localaistack: ") and "startup_timeout" in last and "last line: " in last
     assert "Shutting down" not in last  # the stop we sent is not vLLM's last word
-    path = Path(re.search(r"^session record: (.+)$", proc.stdout, re.M).group(1))
+    path = Path(re.search(r"^session record: (.+)$", proc.stderr, re.M).group(1))
     assert load_record(path).outcome["exit_code"] == 4

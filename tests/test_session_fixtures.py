@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
@@ -72,9 +73,27 @@ def test_list_shows_recent_sessions(tmp_path, capsys, monkeypatch):
     sessions.mkdir(parents=True)
     for p in SESSIONS[:3]:
         (sessions / p.name).write_text(p.read_text())
-    assert main(["session", "list"]) == 0
+    assert main(["session", "list", "--all"]) == 0
     out = capsys.readouterr().out
     assert all(p.name in out for p in SESSIONS[:3])
+
+
+def test_list_hides_dry_runs_unless_all(tmp_path, capsys):
+    sessions = tmp_path / "home" / "sessions"
+    sessions.mkdir(parents=True)
+    for p in SESSIONS:
+        (sessions / p.name).write_text(p.read_text())
+    dry = {p.name for p in SESSIONS if load_record(p).request.get("dry_run")}
+    launched = {p.name for p in SESSIONS} - dry
+    assert dry and launched
+    assert main(["session", "list", "--json"]) == 0
+    listed = {Path(row["path"]).name for row in json.loads(capsys.readouterr().out)}
+    assert listed == launched
+    assert main(["session", "list", "--all", "--json"]) == 0
+    assert {Path(row["path"]).name for row in json.loads(capsys.readouterr().out)} == dry | launched
+    assert main(["session", "list", "--limit", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and Path(out[0].split()[-1]).name in launched
 
 
 def test_hand_broken_record_part_is_one_line_exit_2(tmp_path, capsys):

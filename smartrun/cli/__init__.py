@@ -8,8 +8,9 @@ the command functions so the CLI starts fast.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from smartrun import __version__
 from smartrun.errors import SmartRunError
@@ -19,10 +20,30 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (`localaistack <cmd>: <problem>`, exit 2), like every other error.
 
     Subparsers inherit the class, so every command behaves the same; `-h` still prints the full usage.
+    Under `--json` the error is also the one JSON object on stdout (`json_errors` is set by `main`).
     """
 
+    json_errors = False
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} -h)\n")
+        text = f"{self.prog}: {message} (see {self.prog} -h)"
+        if OneLineParser.json_errors:
+            print_json_error(text, 2)
+        self.exit(2, text + "\n")
+
+
+def print_json_error(message: str, code: int, session_record: Any = None) -> None:
+    """The one object `--json` prints on stdout when a command fails: {"error", "exit"[, "session_record"]}."""
+    out: dict[str, Any] = {"error": message, "exit": code}
+    if session_record is not None:
+        out["session_record"] = str(session_record)
+    print(json.dumps(out), flush=True)
+
+
+def wants_json(argv: list[str]) -> bool:
+    """`--json` among the options (not a value after `--`, which goes to vllm untouched)."""
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in head
 
 
 def positive_seconds(text: str) -> float:
@@ -72,17 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the command, and turn every deliberate error into one line on stderr (and, under `--json`,
+    one JSON object on stdout naming the error, the exit status and the session record when one was written)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_extra", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    as_json = wants_json(argv)
+    OneLineParser.json_errors = as_json
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "accepts_extra", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    finally:
+        OneLineParser.json_errors = False
     args.extra = extra
     try:
         return int(args.func(args) or 0)
     except SmartRunError as err:
-        print(f"localaistack: {err.message}", file=sys.stderr)
+        print(f"localaistack: {err.message}", file=sys.stderr, flush=True)
+        if as_json:
+            print_json_error(err.message, err.exit_code, getattr(err, "session_record", None))
         return err.exit_code
     except KeyboardInterrupt:
-        print("localaistack: interrupted", file=sys.stderr)
+        print("localaistack: interrupted", file=sys.stderr, flush=True)
+        if as_json:
+            print_json_error("interrupted", 130, getattr(args, "session_record", None))
         return 130

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from smartrun.cli import positive_seconds
+from smartrun.errors import SmartRunError
 from smartrun.rules import GOALS
 
 
@@ -33,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--explain", action="store_true", help="print every bound, decision and rejection with its source")
     p.add_argument("--hardware", metavar="SNAPSHOT.json", help="plan for the machine this snapshot describes")
+    p.add_argument("--gpus", metavar="LIST", help="use only these GPUs: nvidia-smi indices or UUIDs, e.g. 0,2 "
+                   "(also honoured: CUDA_VISIBLE_DEVICES, same numbering; --gpus must lie inside it)")
     p.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
     p.add_argument("--goal", choices=GOALS, default="stable", help="what the plan favours (default stable)")
     p.add_argument("--force", action="store_true", help="accept pins outside other sources' bounds")
@@ -92,10 +96,14 @@ def request_from_args(args: argparse.Namespace) -> Any:
         max_attempts=args.max_attempts, hardware_path=args.hardware, bounds_path=args.bounds, tune=args.tune,
         tune_options=tune_options,
         llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_timeout=args.llm_timeout,
+        gpus=args.gpus, visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
     )
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """Warnings and progress go to stderr as they happen (stdout too for vLLM's log in text mode); the result
+    goes to stdout: the command first, then a short summary (or, under --json, one object); the session
+    record's path always ends on stderr."""
     from smartrun import pipeline
     from smartrun.secrets import redact_text
 
@@ -111,25 +119,35 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = pipeline.run(request, sources, on_event=_printer(args.json), session_out=_path(args.session_out),
                               on_planned=summary, on_started=started.append)
-    except BaseException:  # a failed or interrupted run still names its record (session show FILE explains it)
-        if not args.json:  # stdout: stderr keeps its one `localaistack: ...` line
-            _print_session_path(started[0].session_path if started else None, to_stderr=False)
+    except BaseException as err:  # a failed or interrupted run still names its record (session show FILE explains it)
+        path = _written(started[0].session_path if started else None)
+        if isinstance(err, SmartRunError):
+            err.session_record = path  # type: ignore[attr-defined]  # main puts it in the --json error object
+        else:
+            args.session_record = path
+        _print_session_path(path)
         raise
     if args.json:
-        print(redact_text(json.dumps(result.json_summary(), indent=2), result.secrets))
+        print(redact_text(json.dumps(result.json_summary(), indent=2), result.secrets), flush=True)
     elif not request.dry_run:
         print(f"outcome: {result.record.outcome.get('status')}; final command: "
-              f"{redact_text(result.command or ' '.join(result.argv), result.secrets)}")
-    _print_session_path(result.session_path, to_stderr=args.json)
+              f"{redact_text(result.command or ' '.join(result.argv), result.secrets)}", flush=True)
+    _print_session_path(_written(result.session_path))
     if result.exit_code:
         print(f"localaistack: {result.record.outcome.get('message', 'vllm serve exited')}", file=sys.stderr)
     return result.exit_code
 
 
-def _print_session_path(path: Path | None, to_stderr: bool) -> None:
-    """`session record: PATH`, only when the record is really there (a write can fail: it is warned about)."""
-    if path is not None and path.is_file():
-        print(f"session record: {path}", file=sys.stderr if to_stderr else sys.stdout, flush=True)
+def _written(path: Path | None) -> Path | None:
+    """The record's path, only when the record is really there (a write can fail: it is warned about)."""
+    return path if path is not None and path.is_file() else None
+
+
+def _print_session_path(path: Path | None) -> None:
+    """`session record: PATH` on stderr (a line of its own), in text and --json mode alike."""
+    if path is not None:
+        sys.stdout.flush()
+        print(f"session record: {path}", file=sys.stderr, flush=True)
 
 
 def _path(value: str | None) -> Path | None:
@@ -137,7 +155,8 @@ def _path(value: str | None) -> Path | None:
 
 
 def _printer(quiet: bool):
-    """Progress as it happens: vLLM's own lines as they are, ours marked; all on stderr under --json."""
+    """Progress as it happens: warnings always on stderr; vLLM's own lines as they are and ours marked, on
+    stdout in text mode and stderr under --json (stdout then holds only the JSON object)."""
     seen: set[str] = set()
 
     def show(kind: str, text: str) -> None:
@@ -145,6 +164,7 @@ def _printer(quiet: bool):
             if text in seen:
                 return
             seen.add(text)
+            sys.stdout.flush()
             print(f"warning: {text}", file=sys.stderr, flush=True)
             return
         line = text if kind == "vllm" else f"[smartrun] {text}"
@@ -154,44 +174,118 @@ def _printer(quiet: bool):
 
 
 def render_text(result: Any, explain: bool = False, debug: bool = False) -> str:
-    """The human-readable summary: machine, model, bounds, baseline, chosen plan, final argv."""
+    """What a dry run (or a launch, before it starts) prints: the command to copy, then one line per choice
+    that matters (context, concurrency, GPUs, memory) with where it came from; --explain adds every bound,
+    decision and LLM exchange in full."""
+    out: list[str] = []
+    if result.argv:
+        out.append(" ".join(_quote(a) for a in result.argv))
+    out += summary_lines(result)
+    if result.rejected and not explain:
+        out.append(f"  rejected     {len(result.rejected)} proposed value(s): "
+                   + ", ".join(f"{r.get('knob')}={r.get('value')!r}" for r in result.rejected)
+                   + " (--explain says why)")
+    if debug:
+        why = "baseline (no --smart-run)" if not result.request.smart_run else "baseline"
+        source = result.plan.source if result.plan else "static"
+        out += [f"debug: {line}" for line in result.debug_lines] or [f'debug: source={source} reason="{why}"']
+    if explain:
+        out += explain_lines(result)
+    return "\n".join(out)
+
+
+def summary_lines(result: Any) -> list[str]:
+    """Context, concurrency, GPUs, memory and the plan's source: one line each, with the value's provenance."""
+    plan, est, hw = result.plan, result.estimate, result.hardware
+    if plan is None:
+        return []
+    params, prov = plan.params, plan.provenance
+
+    def where(*knobs: str) -> str:
+        found = [f"{k}: {prov[k]}" if len(knobs) > 1 else prov[k] for k in knobs if prov.get(k)]
+        return f"  <- {'; '.join(found)}" if found else ""
+
+    out = []
+    mml = params.get("max_model_len")
+    if mml is not None:
+        shown = "auto (vLLM fits it)" if mml == -1 else f"{mml:,} tokens per request"
+        out.append(f"  context      {shown}{where('max_model_len')}")
+    seqs = params.get("max_num_seqs")
+    room = (f"; KV cache holds {est.kv_cache_tokens:,} tokens = {est.max_concurrency:.1f} full-length requests"
+            if est is not None else "")
+    out.append(f"  concurrency  {'vLLM default' if seqs is None else f'up to {seqs} requests'} at once{room}"
+               f"{where('max_num_seqs')}")
+    tp, pp = int(params.get("tensor_parallel_size") or 1), int(params.get("pipeline_parallel_size") or 1)
+    if hw is not None:
+        out.append(f"  GPUs         {_gpu_words(result, tp, pp)}{where('tensor_parallel_size', 'pipeline_parallel_size')}")
+    util = params.get("gpu_memory_utilization")
+    if est is not None:
+        fits = "" if est.fits else f"; does NOT fit: {est.reason}"
+        out.append(f"  memory       {util if util is not None else est.requested_gib / est.total_gib:.2f} x "
+                   f"{est.total_gib:.1f} GiB per GPU = weights {est.weights_gib:.2f} + KV cache {est.kv_cache_gib:.2f}"
+                   f" + activations {est.activation_gib:.2f} + CUDA graphs {est.cudagraph_gib:.2f} + other "
+                   f"{est.non_torch_gib:.2f} GiB{fits}{where('gpu_memory_utilization')}")
+    reason = f" ({plan.reason})" if plan.reason else ""
+    out.append(f"  plan         source={plan.source}{reason}")
+    return out
+
+
+def _gpu_words(result: Any, tp: int, pp: int) -> str:
+    """Which GPUs the launch uses (their nvidia-smi indices), how they split the model, and over what link."""
+    from smartrun import hardware, rules
+    from smartrun.errors import SmartRunError
+
+    hw = result.hardware
+    n = tp * pp
+    try:
+        chosen = rules.select_gpus(hw, n)
+    except SmartRunError:
+        return f"{n} needed, {len(hw.gpus)} available"  # the plan then failed: its error says so
+    ids = ",".join(str(hardware.physical_index(hw, g.index)) for g in chosen)
+    split = "whole model on one GPU" if n == 1 else " x ".join(
+        part for part in (f"tensor parallel {tp}" if tp > 1 else "", f"pipeline parallel {pp}" if pp > 1 else "")
+        if part)
+    link = ""
+    if n > 1:
+        linked = all(hw.nvlinked(a.index, b.index) for i, a in enumerate(chosen) for b in chosen[i + 1:])
+        link = ", NVLink" if linked else ", PCIe (no NVLink)"
+    names = sorted({g.name for g in chosen})
+    allowed = (f"allowed {','.join(map(str, hw.physical_indices))}" if hw.physical_indices
+               else f"{len(hw.gpus)} on the machine")
+    return f"{ids} ({allowed}): {' + '.join(names)}{link}; {split}"
+
+
+def explain_lines(result: Any) -> list[str]:
+    """Everything behind the plan, untruncated: machine, model, bounds with sources, baseline, per-knob
+    provenance, every decision (what replay compares), LLM exchanges, rejections, the estimate."""
     out: list[str] = []
     if result.hardware is not None:
         out += ["== hardware", *format_hardware(result.hardware)]
     if result.facts is not None:
         out += ["== model", *format_model(result.facts)]
     if result.bounds is not None:
-        out += ["== effective bounds" + (" (with sources)" if explain else ""),
-                *format_bounds(result.bounds, explain=explain)]
+        out += ["== effective bounds (with sources)", *format_bounds(result.bounds, explain=True)]
     if result.baseline is not None:
         out += ["== baseline (source=static)", "  " + _params(result.baseline.params)]
     if result.plan is not None:
         out += [f"== plan (source={result.plan.source})", "  " + _params(result.plan.params)]
-        if explain:
-            out += ["== provenance (per knob)"]
-            out += [f"  {k} = {result.plan.params[k]!r}  <- {v}" for k, v in sorted(result.plan.provenance.items())
-                    if k in result.plan.params]
-            out += ["== decisions (in order; what replay compares)"]
-            out += [f"  {i:>2}. {d.step:<16} {_short(d.value)}" + (f"  <- {d.provenance}" if d.provenance and
-                                                                    d.step not in ("baseline", "plan") else "")
-                    for i, d in enumerate(result.record.decisions, 1)]
-            out += _advice_lines(result)
-    if explain or result.rejected:
-        out += [f"== rejected ({len(result.rejected)})"]
-        out += [f"  {r.get('knob')}={r.get('value')!r}: {r.get('reason')} [source: {r.get('source')}]"
-                for r in result.rejected]
+        out += ["== provenance (per knob)"]
+        out += [f"  {k} = {result.plan.params[k]!r}  <- {v}" for k, v in sorted(result.plan.provenance.items())
+                if k in result.plan.params]
+        out += ["== decisions (in order; what replay compares)"]
+        out += [f"  {i:>2}. {d.step:<16} {_full(d.value)}" + (f"  <- {d.provenance}" if d.provenance and
+                                                                d.step not in ("baseline", "plan") else "")
+                for i, d in enumerate(result.record.decisions, 1)]
+        out += _advice_lines(result)
+    out += [f"== rejected ({len(result.rejected)})"]
+    out += [f"  {r.get('knob')}={r.get('value')!r}: {r.get('reason')} [source: {r.get('source')}]"
+            for r in result.rejected]
     if result.estimate is not None:
         e = result.estimate
         out += ["== estimate", f"  weights {e.weights_gib:.2f} GiB, KV cache {e.kv_cache_gib:.2f} GiB "
                 f"({e.kv_cache_tokens} tokens), max concurrency {e.max_concurrency:.2f}x at "
                 f"{e.max_model_len} tokens, fits={e.fits}" + (f" ({e.reason})" if e.reason else "")]
-    if debug:
-        why = "baseline (no --smart-run)" if not result.request.smart_run else "baseline"
-        source = result.plan.source if result.plan else "static"
-        out += [f"debug: {line}" for line in result.debug_lines] or [f'debug: source={source} reason="{why}"']
-    if result.argv:
-        out += ["== command", "  " + " ".join(_quote(a) for a in result.argv)]
-    return "\n".join(out)
+    return out
 
 
 def format_hardware(hw: Any) -> list[str]:
@@ -217,9 +311,9 @@ def format_bounds(bounds: Any, explain: bool = False) -> list[str]:
     return ["  " + line for line in rules.format_bounds(bounds, notes=explain)]
 
 
-def _short(value: Any, limit: int = 100) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _full(value: Any) -> str:
+    """A decision's value as one line of JSON, never cut (--explain is where a person reads all of it)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _advice_lines(result: Any) -> list[str]:

@@ -21,9 +21,11 @@ def register(subparsers) -> None:
 
     lst = cmds.add_parser("list", help="list recent sessions (newest first)", allow_abbrev=False,
                           description="List the newest session records in the data dir ($SMARTRUN_HOME/sessions, "
-                          "else the user data dir). Records written with `model run --session-out FILE` are "
-                          "kept only in FILE and are not listed here: open them with `session show FILE`.")
+                          "else the user data dir). Dry runs are recorded too but listed only with --all. "
+                          "Records written with `model run --session-out FILE` are kept only in FILE and are "
+                          "not listed here: open them with `session show FILE`.")
     lst.add_argument("--limit", type=int, default=20, metavar="N")
+    lst.add_argument("--all", action="store_true", help="also list dry runs")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=list_command)
 
@@ -72,12 +74,13 @@ def list_command(args: argparse.Namespace) -> int:
         from smartrun.errors import InputError
 
         raise InputError(f"--limit {args.limit}: must be at least 1")
-    rows = list_sessions(limit=args.limit)
+    rows = list_sessions(limit=args.limit, include_dry_runs=args.all)
     if args.json:
         print(json.dumps([_list_row(path, rec) for path, rec in rows], indent=2))
         return 0
     if not rows:
-        print(f"no sessions in {sessions_dir()}")
+        hidden = "" if args.all or not list_sessions(limit=1) else " (dry runs are listed with --all)"
+        print(f"no sessions in {sessions_dir()}{hidden}")
         return 0
     for path, rec in rows:
         row = _list_row(path, rec)

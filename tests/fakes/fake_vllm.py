@@ -321,7 +321,9 @@ def serve(argv: list[str]) -> None:
 
     params = {"max_num_seqs": max_num_seqs, "tensor_parallel_size": tp, "gpu_memory_utilization": util,
               "max_model_len": mml, "max_num_batched_tokens": mnbt, "enforce_eager": eager}
-    sc["api_key"] = opts.get("--api-key") or os.environ.get("VLLM_API_KEY")
+    keys = opts.get("--api-key") or os.environ.get("VLLM_API_KEY")
+    sc["api_keys"] = [keys] if isinstance(keys, str) else list(keys or [])
+    sc["model_path"] = model
     perf = None
     if os.environ.get("FAKE_VLLM_PERF"):
         sys.path.insert(0, str(HERE))
@@ -340,10 +342,12 @@ def serve(argv: list[str]) -> None:
     if faults.get("never_ready"):
         while True:
             time.sleep(1)
-    run_http(sock, host, port, model, mml, params, perf, sc)
+    names = opts.get("--served-model-name") or [model]  # what vLLM serves the model as (and lists)
+    run_http(sock, host, port, [names] if isinstance(names, str) else list(names), mml, params, perf, sc)
 
 
-def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
+def run_http(sock, host, port, names, mml, params, perf, sc) -> None:
+    model = names[0]
     state = {"in_flight": 0, "count": 0}
     lock = threading.Lock()
 
@@ -363,10 +367,9 @@ def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
 
         def authorized(self) -> bool:
             """Like vLLM with --api-key: /v1 routes need the bearer token; /health does not."""
-            keys = sc.get("api_key")
-            keys = [keys] if isinstance(keys, str) else keys
+            keys = sc.get("api_keys")
             if keys and self.path.startswith("/v1") and self.headers.get("Authorization") not in [
-                    f"Bearer {key}" for key in keys]:
+                    f"Bearer {k}" for k in keys]:
                 self.reply(401, {"error": "Unauthorized"})
                 return False
             return True
@@ -377,9 +380,10 @@ def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
             if self.path == "/health":
                 self.reply(200, None)
             elif self.path == "/v1/models":
-                card = {"id": model, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-                        "root": model, "parent": None, "max_model_len": mml, "permission": []}
-                self.reply(200, {"object": "list", "data": [card]})
+                cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+                          "root": sc.get("model_path", model), "parent": None, "max_model_len": mml,
+                          "permission": []} for name in names]
+                self.reply(200, {"object": "list", "data": cards})
             elif self.path == "/version":
                 self.reply(200, {"version": VERSION})
             else:
@@ -396,6 +400,10 @@ def run_http(sock, host, port, model, mml, params, perf, sc) -> None:
                 return
             if self.path not in ("/v1/completions", "/v1/chat/completions"):
                 self.reply(404, {"detail": "Not Found"})
+                return
+            if body.get("model") and body.get("model") not in names:  # vLLM: no name = its first; else 404
+                self.reply(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                           "type": "NotFoundError", "param": "model", "code": 404}})
                 return
             chat = self.path.endswith("chat/completions")
             prompt = " ".join(m.get("content", "") for m in body.get("messages", [])) if chat else body.get("prompt", "")
