@@ -41,6 +41,7 @@ from smartrun.secrets import MAX_LINE, redact_text
 from smartrun.vllm_log import Failure, Phase, StartupFacts, classify_failure, parse_startup, phase_of
 
 DEFAULT_STARTUP_TIMEOUT = 900.0
+HEARTBEAT_S = 10.0  # a "still starting" line at least this often (plus one poll) while vLLM loads for minutes
 CACHE_FILE = "vllm_info.json"
 PHASE_WORDS: dict[str, str] = {
     "loading_weights": "loading weights",
@@ -324,6 +325,7 @@ class _LogStream(threading.Thread):
         self.collect_startup = True
         self.lock = threading.Lock()
         self.seen: set[Phase] = set()
+        self.phase: Phase | None = None  # the latest startup phase vLLM's log showed
 
     def run(self) -> None:
         for raw in _capped_lines(self.stream):
@@ -335,6 +337,8 @@ class _LogStream(threading.Thread):
             with contextlib.suppress(Exception):
                 self.printer(line)
             phase = phase_of(line)
+            if phase:
+                self.phase = phase
             if phase and phase not in self.seen:
                 self.seen.add(phase)
                 with contextlib.suppress(Exception):
@@ -345,6 +349,12 @@ class _LogStream(threading.Thread):
     def snapshot(self) -> tuple[list[str], list[str]]:
         with self.lock:
             return list(self.tail), list(self.startup)
+
+    def last_line(self, limit: int = 160) -> str:
+        """vLLM's latest non-blank line, shortened for a one-line status."""
+        with self.lock:
+            line = next((ln.strip() for ln in reversed(self.tail) if ln.strip()), "")
+        return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _capped_lines(stream: Any, limit: int = MAX_LINE) -> Iterator[str]:
@@ -524,7 +534,8 @@ class ProcessLauncher:
                  port: int | None = None, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT, *,
                  printer: Callable[[str], None] | None = None, progress: Callable[[str], None] | None = None,
                  poll_interval: float = 0.5, keep_lines: int = 400, stop_grace: float = 10.0,
-                 info: VllmInfo | None = None, cache_dir: str | Path | None = None):
+                 info: VllmInfo | None = None, cache_dir: str | Path | None = None,
+                 heartbeat_s: float | None = None):
         if not (isinstance(startup_timeout, int | float) and 0 < startup_timeout < float("inf")):
             raise InputError(f"--startup-timeout {startup_timeout}: must be a positive number of seconds")
         self.vllm_bin, self.hardware, self.host, self.port = vllm_bin, hardware, host, port
@@ -532,6 +543,7 @@ class ProcessLauncher:
         self.printer = printer or _default_printer
         self.progress = progress or _default_progress
         self.stop_grace, self.cache_dir = stop_grace, cache_dir
+        self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
         self._info = info
         self._warned: set[str] = set()
 
@@ -600,9 +612,13 @@ class ProcessLauncher:
         import httpx
 
         deadline = started + self.startup_timeout
+        next_beat = started + self.heartbeat_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         with httpx.Client(timeout=2.0, trust_env=False, headers=headers) as client:
             while True:
+                if time.monotonic() >= next_beat:  # minutes of loading weights must not look like a hang
+                    next_beat = time.monotonic() + self.heartbeat_s
+                    self.progress(self._heartbeat(stream, started))
                 code = proc.poll()
                 if code is not None:
                     _kill_leftovers(proc.pid)
@@ -631,6 +647,13 @@ class ProcessLauncher:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(self.poll_interval)
 
+
+    def _heartbeat(self, stream: _LogStream, started: float) -> str:
+        """`still starting (loading weights, 45 s of at most 900 s); vLLM last said: ...`."""
+        phase = PHASE_WORDS.get(stream.phase, "starting") if stream.phase else "starting up"
+        last = stream.last_line() or "(nothing yet)"
+        return (f"still starting ({phase}, {time.monotonic() - started:.0f} s of at most "
+                f"{self.startup_timeout:g} s); vLLM last said: {last}")
 
     def _served_card(self, proc: subprocess.Popen, stream: _LogStream, listing: Any,
                      name: str | None) -> tuple[int | None, Failure | None]:

@@ -444,6 +444,7 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     result.plan = plan
     record.final_plan = to_jsonable(plan)
     rec.decide("plan", {"source": plan.source, "params": plan.params}, _provenance_line(plan))
+    _warn_without_nvlink(plan, hw, rec)
 
     model_path = facts.path or request.model
     argv = knobs.build_argv(model_path, plan.params, tuple(passthrough))
@@ -512,6 +513,26 @@ def _security_args(request: Any, passthrough: tuple[str, ...], pins: dict[str, A
 
     defaults = {name: getattr(request, name, None) for name in ("host", "port") if name not in (pins or {})}
     return tuple(argv_mod.with_defaults(passthrough, defaults)[len(passthrough):])
+
+
+def _warn_without_nvlink(plan: Plan, hw: HardwareSnapshot, rec: Recorder) -> None:
+    """Tensor parallelism over GPUs without NVLink is slow (and vLLM's custom all-reduce unsafe): say so, but
+    only when the plan really splits layers (tp > 1); at tp 1 there is no all-reduce to speak of."""
+    from smartrun import hardware, rules
+    from smartrun.errors import SmartRunError
+
+    tp, pp = (int(plan.params.get(k) or 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
+    if tp < 2:
+        return
+    try:
+        gpus = rules.select_gpus(hw, tp * pp)
+    except SmartRunError:
+        return
+    if all(hw.nvlinked(a.index, b.index) for i, a in enumerate(gpus) for b in gpus[i + 1:]):
+        return
+    names = ", ".join(str(hardware.physical_index(hw, g.index)) for g in gpus)
+    all_reduce = " vLLM's custom all-reduce is disabled." if plan.params.get("disable_custom_all_reduce") else ""
+    rec.warn(f"no NVLink between GPUs {names}: tensor parallel {tp} runs its all-reduce over PCIe (slower).{all_reduce}")
 
 
 def launch_passthrough(request: Any) -> tuple[dict[str, Any], tuple[str, ...]]:

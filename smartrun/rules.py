@@ -381,9 +381,7 @@ def _hardware_rules(accs: dict[str, _Acc], facts: ModelFacts, hw: HardwareSnapsh
         need = MIN_CC[facts.quantization.method]
         raise InfeasibleError(f"{facts.name} is {facts.quantization.method}-quantized, which vLLM runs on compute "
                               f"capability >= {need[0]}.{need[1]}; {_gpu_words(hw.gpus)} has {cc[0]}.{cc[1]}")
-    if n > 1 and not _all_linked(hw, hw.gpus) and max(accs["tensor_parallel_size"].choices or [1]) > 1:
-        warnings.append("hardware: no NVLink between some GPUs; tensor parallelism runs over PCIe, so the "
-                        "baseline disables vLLM's custom all-reduce")
+    # no-NVLink: warned by the pipeline only when the chosen plan really splits layers over such GPUs
 
 
 def _util_cap(acc: _Acc, hw: HardwareSnapshot, count: int, builtin_file: bool, warnings: list[str]) -> None:

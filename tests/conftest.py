@@ -24,6 +24,6 @@ def _private_home(tmp_path_factory, monkeypatch):
     for var, sub in (("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config")):
         monkeypatch.setenv(var, str(home / sub))
     for var in ("SMARTRUN_LLM_BASE_URL", "SMARTRUN_LLM_MODEL", "SMARTRUN_LLM_API_KEY", "OPENAI_BASE_URL",
-                "OPENAI_API_KEY", "VLLM_API_KEY", "FAKE_VLLM_SCENARIO", "FAKE_VLLM_PERF"):
+                "OPENAI_API_KEY", "VLLM_API_KEY", "FAKE_VLLM_SCENARIO", "FAKE_VLLM_PERF", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(var, raising=False)
 

@@ -7,6 +7,7 @@ lines, and when up serves /health, /v1/models, /v1/completions and /v1/chat/comp
 127.0.0.1:--port. Like vLLM it binds the port early but only listens once the engine is ready.
 
 Scenario: env FAKE_VLLM_SCENARIO holds JSON or a path to a JSON file; keys are in SCENARIO_DEFAULTS.
+Like vLLM, --served-model-name NAME... names the model in /v1/models and in requests (others get 404).
 Faults: "cudagraph_error" (unless eager / -O0), "nccl_error" (tp > 1 unless
 --disable-custom-all-reduce), "never_ready", "die_after_ready_s". "record" names a file that gets one
 JSON line per start ({"pid", "worker_pid", "argv"}) so tests can check the process table.
@@ -52,6 +53,7 @@ SCENARIO_DEFAULTS = {
     "faults": {},
     "delays": {"import_s": 0.05, "load_s": 0.1, "profile_s": 0.05, "capture_s": 0.05},
     "worker": False,  # spawn an engine-core-like child process (for orphan checks)
+    "list_names": None,  # /v1/models lists these instead of the served names (a misbehaving server)
     "record": None,
 }
 
@@ -382,7 +384,7 @@ def run_http(sock, host, port, names, mml, params, perf, sc) -> None:
             elif self.path == "/v1/models":
                 cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
                           "root": sc.get("model_path", model), "parent": None, "max_model_len": mml,
-                          "permission": []} for name in names]
+                          "permission": []} for name in (sc.get("list_names") or names)]
                 self.reply(200, {"object": "list", "data": cards})
             elif self.path == "/version":
                 self.reply(200, {"version": VERSION})
