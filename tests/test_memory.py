@@ -670,3 +670,11 @@ def test_benchmark_prints_per_profile_gpu_family_and_quantization_tables(capsys)
     out = capsys.readouterr().out
     for words in ("in-sample", "held out", "profile", "GPU", "family", "quantization", "plan-safe band"):
         assert words in out
+
+
+def test_cli_reports_the_profiles_uncertainty_and_the_plan_safe_figure(capsys):
+    rc = cli_main(["model", "estimate", LLAMA_DIR, "--gpu", "T4", "--vllm-version", "0.8.5", "--max-model-len", "4096"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "(0.6)" in out  # 0.8 on a T4 runs the V0 engine
+    assert "plan-safe KV tokens" in out and "uncertainty" in out and "profile 0.6" in out
