@@ -16,6 +16,9 @@ formulas whose few coefficients (Coefficients/FITTED) are the least-squares fit 
 H100 reference logs (benchmarks/estimator_accuracy.py: --fit refits them, --cross-validate
 leaves one model family out, the default run reports the error).
 
+Calibration: `estimate(..., calibration=)` takes a smartrun.calibration.Correction (learned from this
+machine's own startups) and adds its GiB to every GPU's non-KV memory; the caller looks it up.
+
 Profiles: "0.6" (V0 engine, < 0.8), "0.19" (V1, 0.8-0.19), "0.20" (graph estimate subtracted,
 util 0.92, 0.20-0.27), "0.33" (0.28+: 160 GiB tier, group-aware token count).
 """
@@ -32,6 +35,7 @@ from importlib import resources
 from typing import Any
 
 from smartrun import vllm_profiles
+from smartrun.calibration import Correction
 from smartrun.errors import EstimateError
 from smartrun.hardware import GpuInfo, HardwareSnapshot
 from smartrun.model import ModelFacts, QuantFacts
@@ -164,6 +168,7 @@ class MemoryEstimate(Frozen):
     largest_max_model_len_low: int | None = None
     margin_gib: float = 0.0  # non-KV memory kept back per GPU for the band
     uncertainty: str = ""  # the profile, its band and what the band rests on
+    calibration: Correction | None = None  # the correction learned from this machine's startups, if one was applied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -939,6 +944,7 @@ def _budget(
     block_size: int,
     coeffs: Coefficients = FITTED,
     mxfp4_pad: tuple[int, int] | None = None,
+    calibrated: int = 0,
 ) -> _Budget:
     tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
     stages = weights_per_rank(model, dtype, tp, pp, mxfp4_pad)
@@ -976,6 +982,7 @@ def _budget(
                 - activation
                 - non_torch
                 - (graphs if profile.cudagraph_subtracted else 0)
+                - calibrated
             )
             blocks = max(0, kv // bytes_per_block)
             candidate = _Budget(
@@ -1029,10 +1036,13 @@ def estimate(
     flags: EngineFlags,
     vllm_version: str | None = None,
     coefficients: Coefficients = FITTED,
+    calibration: Correction | None = None,
 ) -> MemoryEstimate:
     """Budget one startup. `gpus` are the GPUs the engine will use (first tp*pp of them).
 
     `coefficients` replaces the fitted terms (the benchmark's cross-validation refits them).
+    `calibration` (smartrun.calibration, learned from this machine's own startups) adds its GiB to
+    the non-KV memory of every GPU; the caller looks it up, so the estimate stays a pure function.
     """
     gpu_list = _gpu_list(gpus)
     if not gpu_list:
@@ -1062,14 +1072,17 @@ def estimate(
     seqs, mnbt = effective_batch_defaults(
         flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
     )
-    b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad)
+    calibrated = int(calibration.non_kv_gib * GIB) if calibration is not None else 0
+    b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad,
+                calibrated)
     largest = _largest_len(b, derived, block_size, mnbt)
     if auto and largest > 0:
         max_model_len = largest
         seqs, mnbt = effective_batch_defaults(
             flags, tightest.cuda_total_bytes, tightest.name, profile, max_model_len
         )
-        b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad)
+        b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad,
+                    calibrated)
     per_request = _request_blocks(b, max_model_len, block_size, mnbt)
     concurrency = b.num_blocks / per_request if per_request else 0.0
     tokens = _tokens(b, b.num_blocks, concurrency, profile, block_size, max_model_len)
@@ -1093,6 +1106,7 @@ def estimate(
             f"No available memory for the cache blocks: weights {_gib(b.weights)} + activation {_gib(b.activation)}"
             f" + non-torch {_gib(b.non_torch)}"
             + (f" + CUDA graphs {_gib(b.cudagraph)}" if profile.cudagraph_subtracted else "")
+            + (f" + calibration {_gib(calibrated)}" if calibrated else "")
             + f" GiB exceed the requested {_gib(b.requested)} GiB by {_gib(2 * b.bytes_per_block - b.kv)} GiB"
         )
     elif auto and largest == 0:
@@ -1144,6 +1158,7 @@ def estimate(
             f"profile {profile.name} (vLLM {profile.versions}): plan-safe band keeps back "
             f"{profile.margin:.1%} of the non-KV memory (at least {profile.margin_floor_gib} GiB); {profile.evidence}"
         ),
+        calibration=calibration,
     )
 
 

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from smartrun import __version__
+from smartrun import __version__, calibration
+from smartrun.calibration import Correction, NoCalibration
 from smartrun.errors import InputError, SmartRunError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.model import ModelFacts
@@ -138,6 +139,7 @@ class Sources:
     tune: Callable[..., Any] | None = None  # the --tune stage; None = smartrun.tune.tune_after_launch
     supervise: bool = True  # wait on a healthy server (replay: False)
     replaying: bool = False
+    calibration: Any = field(default_factory=NoCalibration)  # calibration.Store: correction(), add(), problems
 
 
 @dataclass
@@ -163,6 +165,7 @@ class RunResult:
     command: str = ""  # the shell line to rerun the healthy launch by hand (env prefix + argv)
     secrets: tuple[str, ...] = ()  # values the CLI must not print either (API keys)
     debug_lines: list[str] = field(default_factory=list)
+    calibration: Correction | None = None  # the correction every estimate of this run used
 
     def json_summary(self) -> dict[str, Any]:
         """The one object `--json` prints (issue 6 shape, plus warnings and session)."""
@@ -418,21 +421,25 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
         rec.warn("no vLLM version known (vllm not found, no --vllm-version): planning with the estimator's "
                  "default profile")
 
+    correction = _calibration(sources, rec, hw, version)
+    result.calibration = correction
+    estimate_fn = calibration.estimator(correction)
     bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal,
-                                    vllm_version=version, force=request.force)
+                                    vllm_version=version, force=request.force, estimate_fn=estimate_fn)
     result.bounds = bounds
     record.bounds = to_jsonable(bounds.to_json())
     for warning in bounds.warnings:
         rec.warn(warning)
     rec.decide("bounds", record.bounds, bounds_in.path or "builtin")
 
-    baseline, base_estimate = rules.baseline(bounds, facts, hw, request.goal, vllm_version=version)
+    baseline, base_estimate = rules.baseline(bounds, facts, hw, request.goal, vllm_version=version,
+                                             estimate_fn=estimate_fn)
     result.baseline = baseline
     record.baseline = to_jsonable(baseline)
     record.baseline_estimate = to_jsonable(base_estimate)
     rec.decide("baseline", baseline.params, _provenance_line(baseline))
 
-    fit = rules.fit_check(facts, hw, version)
+    fit = rules.fit_check(facts, hw, version, estimate_fn=estimate_fn)
     plan = baseline
     key = CacheKey(model=facts.name, hardware_fingerprint=hw_mod.fingerprint(hw), bounds_sha256=bounds_in.sha256,
                    vllm_version=version, goal=request.goal)
@@ -450,7 +457,7 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     argv = knobs.build_argv(model_path, plan.params, tuple(passthrough))
     result.argv = redact_argv(argv)
     record.final_argv = result.argv
-    result.estimate = _estimate_for(plan, facts, hw, version)
+    result.estimate = _estimate_for(plan, facts, hw, version, correction)
     record.estimate = to_jsonable(result.estimate) if result.estimate is not None else None
     rec.decide("argv", result.argv, plan.source)
     if on_planned is not None:
@@ -560,7 +567,8 @@ def _provenance_line(plan: Plan) -> str:
     return "; ".join(f"{k}: {v}" for k, v in sorted(plan.provenance.items()))
 
 
-def _estimate_for(plan: Plan, facts: ModelFacts, hw: HardwareSnapshot, version: str | None) -> Any:
+def _estimate_for(plan: Plan, facts: ModelFacts, hw: HardwareSnapshot, version: str | None,
+                  correction: Correction | None = None) -> Any:
     """The estimator's numbers for the chosen plan, on the GPUs the rules would pick."""
     from smartrun import memory, rules
 
@@ -568,7 +576,73 @@ def _estimate_for(plan: Plan, facts: ModelFacts, hw: HardwareSnapshot, version: 
     n = max(1, flags.tensor_parallel_size * flags.pipeline_parallel_size)
     gpus = [memory.GpuSpec.from_gpu(g) if not isinstance(g, memory.GpuSpec) else g
             for g in rules.select_gpus(hw, n)]
-    return memory.estimate(facts, gpus, flags, version)
+    return memory.estimate(facts, gpus, flags, version, calibration=correction)
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def _calibration(sources: Sources, rec: Recorder, hw: HardwareSnapshot, version: str | None) -> Correction | None:
+    """This machine's correction (replay: the recorded one), on record and as a decision when there is one.
+
+    Unusable calibration data is a warning, never a failed run: the plan is then made uncalibrated.
+    """
+    try:
+        correction = sources.calibration.correction(*calibration.key(hw, version))
+    except RecordError:  # replay: a hand-edited recorded correction fails like every other recorded part
+        raise
+    except SmartRunError as err:
+        rec.warn(f"calibration not used: {err.message}")
+        correction = None
+    for problem in getattr(sources.calibration, "problems", []) or []:
+        rec.warn(problem)
+    rec.record.calibration.used = to_jsonable(correction) if correction is not None else None
+    if correction is not None:
+        rec.decide("calibration", {"machine": correction.machine, "vllm_version": correction.vllm_version,
+                                   "startups": correction.startups, "non_kv_gib": correction.non_kv_gib,
+                                   "rule": correction.rule}, correction.describe())
+    return correction
+
+
+def _observe_startups(sources: Sources, rec: Recorder, result: RunResult, facts: ModelFacts,
+                      hw: HardwareSnapshot, version: str | None) -> None:
+    """Every healthy start's measured figures next to the uncalibrated estimate: on record and into the
+    calibration data (replay: on record only). A problem is a warning; the server keeps running."""
+    from pydantic import ValidationError
+
+    from smartrun.vllm_log import StartupFacts
+
+    record = rec.record
+    observations = []
+    for entry in record.launch_attempts:
+        startup, params = entry.attempt.get("facts"), entry.attempt.get("params")
+        if not entry.healthy or not isinstance(startup, dict) or not isinstance(params, dict):
+            continue
+        try:
+            raw = _estimate_for(Plan(params=params), facts, hw, version)
+            seen = calibration.observe(raw, StartupFacts.model_validate(startup), model=facts.name, params=params,
+                                       at=record.started_at, tool_version=__version__,
+                                       session=str(result.session_path) if result.session_path else None)
+        except (SmartRunError, ValidationError):
+            continue
+        if seen is not None:
+            observations.append(seen)
+    if not observations:
+        record.calibration.note = "vLLM printed no KV cache figure: nothing to calibrate from"
+        return
+    record.calibration.observations = [to_jsonable(o) for o in observations]
+    try:
+        sources.calibration.add(*calibration.key(hw, version), [g.name for g in hw.gpus], observations)
+    except SmartRunError as err:
+        rec.warn(f"calibration data not stored: {err.message}")
+        return
+    for problem in getattr(sources.calibration, "problems", []) or []:
+        rec.warn(problem)
+    record.calibration.stored = not sources.replaying
+    last = observations[-1]
+    rec.on_event("calibration", f"vLLM measured {last.measured.kv_cache_gib:.2f} GiB KV cache per GPU, the "
+                                f"estimate said {last.estimated.kv_cache_gib:.2f} GiB"
+                                + ("; kept for calibration" if record.calibration.stored else ""))
 
 
 # ---------------------------------------------------------------------------- cache
@@ -771,6 +845,7 @@ def _after_healthy(request: RunRequest, sources: Sources, rec: Recorder, result:
             last = record.launch_attempts[-1]
             result.argv = record.final_argv = last.argv
             result.command = launch.command_line(last.argv, last.env)
+    _observe_startups(sources, rec, result, facts, result.hardware, record.vllm.get("version"))
     if request.smart_run:
         _store(sources, rec, key, final, facts, result)
     record.outcome = {"status": "running", "exit_code": 0}
@@ -805,7 +880,7 @@ def _record_final(rec: Recorder, result: RunResult, report: Any, plan: Plan, fac
     result.argv = record.final_argv = redact_argv(argv)
     result.command = redact_text(getattr(report, "command_line", "") or "", sources_secrets(rec))
     if final.params != plan.params:
-        result.estimate = _estimate_for(final, facts, hw, version)
+        result.estimate = _estimate_for(final, facts, hw, version, result.calibration)
         record.estimate = to_jsonable(result.estimate)
     rec.decide("final", {"healthy": healthy, "source": final.source, "params": final.params},
                _provenance_line(final))
@@ -946,6 +1021,7 @@ def live_sources(request: RunRequest, env: dict[str, str] | None = None,
         launcher=_live_launcher,
         cache=SavedParams(),
         vllm=lambda: _live_vllm(request),
+        calibration=calibration_store(),
         llm_info=llm_info,
         secrets=request_secrets(request, env, secrets),
     )
@@ -1128,6 +1204,26 @@ class RecordedCache:
         return None
 
 
+class RecordedCalibration:
+    """The correction the record planned with (none in records older than calibration); stores go nowhere."""
+
+    problems: list[str] = []
+
+    def __init__(self, record: SessionRecord):
+        self.used = record.calibration.used
+
+    def correction(self, machine: str, vllm_version: str) -> Correction | None:
+        return None if self.used is None else _validated(Correction, self.used, "calibration.used")
+
+    def add(self, *_: Any) -> None:
+        return None
+
+
+def calibration_store() -> Any:
+    """The user's calibration data (calibration.Store under the data dir)."""
+    return calibration.Store()
+
+
 def replay_sources(record: SessionRecord) -> Sources:
     """Sources that serve exactly what the record holds."""
     try:
@@ -1151,6 +1247,7 @@ def replay_sources(record: SessionRecord) -> Sources:
         tune=lambda **_: record.tuning or {},
         supervise=False,
         replaying=True,
+        calibration=RecordedCalibration(record),
     )
 
 

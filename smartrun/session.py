@@ -162,6 +162,15 @@ class CacheRecord(RecordModel):
     stored: bool = False
 
 
+class CalibrationRecord(RecordModel):
+    """Calibration in this session: the correction the plan was made with and what the healthy starts measured."""
+
+    used: dict[str, Any] | None = None  # calibration.Correction the estimates used (replay uses this one)
+    observations: list[dict[str, Any]] = Field(default_factory=list)  # calibration.Observation per healthy start
+    stored: bool = False  # the observations went into the calibration data
+    note: str | None = None
+
+
 class SessionRecord(RecordModel):
     """Everything one `model run` saw, asked, decided and what happened. See docs/session-record.md."""
 
@@ -187,6 +196,7 @@ class SessionRecord(RecordModel):
     final_argv: list[str] | None = None
     estimate: dict[str, Any] | None = None
     tuning: dict[str, Any] | None = None  # filled by the tune stage (issue 10) when --tune ran
+    calibration: CalibrationRecord = Field(default_factory=CalibrationRecord)  # absent in older records
     outcome: dict[str, Any] = Field(default_factory=dict)  # {"status", "exit_code", "message"}
     warnings: list[str] = Field(default_factory=list)
     decisions: list[Decision] = Field(default_factory=list)

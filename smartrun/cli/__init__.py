@@ -60,6 +60,7 @@ def positive_seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from smartrun.cli import (
         bounds_cmd,
+        calibration_cmd,
         estimate_cmd,
         hardware_cmd,
         inspect_cmd,
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"localaistack (smartrun) {__version__}")
-    groups = parser.add_subparsers(dest="group", metavar="{model,hardware,bounds,session,probe}")
+    groups = parser.add_subparsers(dest="group", metavar="{model,hardware,bounds,session,probe,calibration}")
     groups.required = True
 
     model = groups.add_parser("model", help="run, inspect or estimate a model", allow_abbrev=False)
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bounds_cmd.register(groups)
     session_cmd.register(groups)
     probe_cmd.register(groups)
+    calibration_cmd.register(groups)
     return parser
 
 

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     show.add_argument("--force", action="store_true", help="let pins win over other sources' bounds")
     show.add_argument("--vllm-version", metavar="V", help="estimate for this vLLM version")
     show.add_argument("--baseline", action="store_true", help="also print the baseline plan and its argv")
+    show.add_argument("--no-calibration", action="store_true",
+                      help="ignore what this machine's startups taught the estimator")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(func=show_command, accepts_extra=True)
 
@@ -56,27 +58,37 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
-    from smartrun import bounds, hardware, knobs, model, rules
+    import sys
+
+    from smartrun import bounds, calibration, hardware, knobs, model, rules
 
     extra = [a for a in (getattr(args, "extra", None) or []) if a != "--"]
     user = knobs.parse_user_args(extra)
     facts = model.inspect(args.model)
     machine = hardware.load_snapshot(args.hardware) if args.hardware else hardware.detect()
     file = bounds.resolve(args.bounds)
+    correction, problems = (None, []) if args.no_calibration else calibration.for_machine(machine, args.vllm_version)
+    for problem in problems:
+        print(f"localaistack: warning: {problem}", file=sys.stderr)
+    estimate_fn = calibration.estimator(correction)
     effective = rules.effective_bounds(facts, machine, file, user.pins, args.goal, args.vllm_version, args.force,
-                                       pin_flags=user.pin_flags)
+                                       pin_flags=user.pin_flags, estimate_fn=estimate_fn)
     plan = estimate = None
     if args.baseline or args.json:
-        plan, estimate = rules.baseline(effective, facts, machine, args.goal, args.vllm_version)
+        plan, estimate = rules.baseline(effective, facts, machine, args.goal, args.vllm_version,
+                                        estimate_fn=estimate_fn)
     if args.json:
         out = {"model": facts.name, "goal": args.goal, "bounds_file": file.path, "bounds": effective.to_json(),
                "warnings": list(effective.warnings), "params": plan.params, "provenance": plan.provenance,
                "argv": knobs.build_argv(facts.path or args.model, plan.params, user.passthrough),
-               "estimate": estimate.model_dump()}
+               "estimate": estimate.model_dump(),
+               "calibration": correction.model_dump(mode="json") if correction is not None else None}
         print(json.dumps(out, indent=2))
         return 0
     print(f"{facts.name} on {rules.describe_gpus(machine.gpus)} ({args.hardware or 'detected'})")
     print("\n".join(rules.format_bounds(effective)))
+    if correction is not None:
+        print(f"estimate {correction.describe()}")
     if plan is not None:
         print("baseline:")
         for name, value in plan.params.items():

@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--vllm-version", default=None, metavar="V", help="default: the installed vllm, else the newest"
     )
+    p.add_argument("--no-calibration", action="store_true",
+                   help="ignore what this machine's startups taught the estimator (with --hardware)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the MemoryEstimate fields")
     p.set_defaults(func=run)
 
@@ -114,9 +116,24 @@ def _table(est) -> str:
         ("largest max_model_len", f"{est.largest_max_model_len:,}"),
         ("fits", "yes" if est.fits else f"no: {est.reason}"),
         ("uncertainty", est.uncertainty or "-"),
+        ("calibration", est.calibration.describe() if est.calibration is not None else "none"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _correction(args: argparse.Namespace, gpus):
+    """The correction learned from startups on the snapshot's machine (none for a --gpu name: no machine)."""
+    if not args.hardware or args.no_calibration:
+        return None
+    import sys
+
+    from smartrun import calibration
+
+    correction, problems = calibration.for_machine(gpus, args.vllm_version)
+    for problem in problems:
+        print(f"localaistack: warning: {problem}", file=sys.stderr)
+    return correction
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         enforce_eager=args.enforce_eager,
         quantization=args.quantization,
     )
-    est = estimate(facts, _gpus(args), flags, args.vllm_version)
+    gpus = _gpus(args)
+    est = estimate(facts, gpus, flags, args.vllm_version, calibration=_correction(args, gpus))
     if args.json:
         print(json.dumps(est.model_dump()))
     else:

@@ -285,6 +285,8 @@ def explain_lines(result: Any) -> list[str]:
         out += ["== estimate", f"  weights {e.weights_gib:.2f} GiB, KV cache {e.kv_cache_gib:.2f} GiB "
                 f"({e.kv_cache_tokens} tokens), max concurrency {e.max_concurrency:.2f}x at "
                 f"{e.max_model_len} tokens, fits={e.fits}" + (f" ({e.reason})" if e.reason else "")]
+        if getattr(e, "calibration", None) is not None:
+            out += [f"  {e.calibration.describe()}"]
     return out
 
 
