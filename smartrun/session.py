@@ -371,6 +371,7 @@ def timeline(record: SessionRecord) -> list[str]:
             lines.append(f"  why    {att.attempt['evidence']}")
         for line in att.log_excerpt[-3:]:
             lines.append(f"  log    {line}")
+    lines += _calibration_lines(record.calibration)
     if record.final_plan:
         lines.append(f"final    source={record.final_plan.get('source')} {_params(record.final_plan.get('params', {}))}")
     if record.final_argv:
@@ -385,6 +386,20 @@ def timeline(record: SessionRecord) -> list[str]:
         why = d.provenance if len(d.provenance) <= 80 else d.provenance[:77] + "..."
         lines.append(f"  {i:>2}. {d.step:<16} {_short(d.value, 90)}" + (f"  <- {why}" if why else ""))
     return lines
+
+
+def _calibration_lines(cal: CalibrationRecord) -> list[str]:
+    """The correction the run planned with and what its healthy starts measured (hand-edited parts skipped)."""
+    from smartrun.calibration import Correction, Observation
+
+    lines = []
+    for kind, data, model in (("used", cal.used, Correction), *(("measured", o, Observation)
+                                                                 for o in cal.observations)):
+        try:
+            lines.append(f"calib    {model.model_validate(data).describe()}" if data is not None else "")
+        except ValidationError:
+            lines.append(f"calib    {kind}: unreadable")
+    return [line for line in lines if line]
 
 
 def _params(params: dict[str, Any]) -> str:

@@ -148,7 +148,7 @@ def test_a_data_dir_that_is_a_file_is_one_line_error(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_two_launches_calibrate_a_third_configuration_within_2_percent_and_plans_stop_over_asking(tmp_path):
+def test_two_launches_calibrate_a_third_configuration_within_2_percent_and_plans_stop_over_asking(tmp_path, capsys):
     """Done-when of issue 18, against the stand-in with 2.5 GiB of hidden non-KV memory on an L4."""
     hidden = 2.5
     third = {"gpu_memory_utilization": 0.93, "max_model_len": 4096, "max_num_seqs": 8}
@@ -180,6 +180,9 @@ def test_two_launches_calibrate_a_third_configuration_within_2_percent_and_plans
     step = next(d for d in again.record.decisions if d.step == "calibration")
     assert step.provenance.startswith("calibrated from 3 startups on this machine")
     assert first.estimate.kv_cache_tokens > hidden_memory.measured_tokens(first)  # before: it promised more
+
+    assert main(["session", "show", str(tmp_path / "again.json")]) == 0
+    assert "calib    calibrated from 3 startups on this machine" in capsys.readouterr().out
 
     # replay uses the correction the record planned with, whatever was learned since
     assert main(["calibration", "reset"]) == 0
