@@ -9,7 +9,9 @@ that no log line names (so the estimator cannot know it). For each hidden amount
 2. a third configuration (util 0.93, max_model_len 4096, 8 sequences) is estimated before and after
    calibration and then launched: the stand-in's KV tokens are the truth;
 3. the long-context plan is made again: did it ask for more context than the KV cache holds, and how
-   many starts did it take?
+   many starts did it take? (After calibration the plan keeps back the plan-safe band that two agreeing
+   startups support; where even that leaves less than the goal's minimum context, smartrun refuses up
+   front with one line instead of starting a server that would be refused.)
 
     .venv/bin/python benchmarks/calibration.py            # hidden 0.5, 1.0, 1.5, 2.5, 3.0 GiB
     .venv/bin/python benchmarks/calibration.py --hidden 2.5
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fakes import hidden_memory  # noqa: E402
 
 from smartrun import calibration  # noqa: E402
+from smartrun.errors import SmartRunError  # noqa: E402
 
 THIRD = {"gpu_memory_utilization": 0.93, "max_model_len": 4096, "max_num_seqs": 8}
 THIRD_ARGS = ("--gpu-memory-utilization", "0.93", "--max-model-len", "4096", "--max-num-seqs", "8")
@@ -53,9 +56,11 @@ def _held(result) -> str:
     return f"~{first.get('estimated_max_model_len') or 0:,}"
 
 
-def _promised(result) -> int:
-    """The KV tokens the estimate promised for the plan as first launched (the baseline: no --smart-run)."""
-    return result.record.baseline_estimate["kv_cache_tokens"]
+def _promised(result) -> str:
+    """The KV tokens the plan as first launched counted on: the estimate's point and its plan-safe low end."""
+    est = result.record.baseline_estimate  # the baseline: no --smart-run
+    low = est.get("kv_cache_tokens_low")
+    return f"{est['kv_cache_tokens']:,}" + (f"/{min(low, est['kv_cache_tokens']):,}" if low is not None else "")
 
 
 def _starts(result) -> str:
@@ -63,27 +68,32 @@ def _starts(result) -> str:
     return f"{len(outcomes)} ({', '.join(o for o in outcomes if o != 'ready') or 'first try'})"
 
 
+def _long_context(hidden: float) -> dict:
+    """One `--goal long-context` run: the plan as first launched, promised vs held, the starts (or why not)."""
+    try:
+        run = hidden_memory.launch(hidden, goal="long-context")
+    except SmartRunError as err:
+        return {"plan": "refused", "promised": "-", "held": "-", "starts": f"0 ({type(err).__name__})",
+                "why": err.message}
+    return {"plan": _plan(run), "promised": _promised(run), "held": _held(run), "starts": _starts(run),
+            "why": ""}
+
+
 def one(hidden: float) -> dict:
     """The whole story for one hidden amount, on a fresh calibration data dir."""
     with tempfile.TemporaryDirectory() as home:
         os.environ["SMARTRUN_HOME"] = home
         started = time.monotonic()
-        first = hidden_memory.launch(hidden, goal="long-context")
+        before_plan = _long_context(hidden)
         hidden_memory.launch(hidden, goal="stable")
-        machine, version = calibration.key(first.hardware, "0.33.0")
+        machine, version = calibration.key(hidden_memory.snapshot(), "0.33.0")
         correction = calibration.Store().correction(machine, version)
         truth = hidden_memory.measured_tokens(hidden_memory.launch(hidden, args=THIRD_ARGS))
         before = hidden_memory.estimate(THIRD).kv_cache_tokens
         after = hidden_memory.estimate(THIRD, calibration=correction).kv_cache_tokens
-        again = hidden_memory.launch(hidden, goal="long-context")
-        return {
-            "hidden": hidden, "truth": truth, "before": before, "after": after, "correction": correction,
-            "plan_before": _plan(first), "cap_before": _held(first),
-            "starts_before": _starts(first), "asked_before": _promised(first),
-            "plan_after": _plan(again), "cap_after": _held(again),
-            "starts_after": _starts(again), "asked_after": _promised(again),
-            "seconds": time.monotonic() - started,
-        }
+        return {"hidden": hidden, "truth": truth, "before": before, "after": after, "correction": correction,
+                "plan_before": before_plan, "plan_after": _long_context(hidden),
+                "seconds": time.monotonic() - started}
 
 
 def _err(estimate: int, truth: int) -> str:
@@ -107,13 +117,18 @@ def main() -> int:
     print()
     print("--goal long-context plan as first launched: the KV tokens its estimate promised, what the stand-in held, "
           "and the starts it took")
-    print(f"{'hidden GiB':>10} | {'before: plan':<22} {'promised':>8} {'held':>7} {'starts':<26} | "
-          f"{'after: plan':<22} {'promised':>8} {'held':>7} {'starts':<12}")
+    print(f"{'hidden GiB':>10} | {'before: plan':<22} {'promised':>13} {'held':>7} {'starts':<26} | "
+          f"{'after: plan':<22} {'promised':>13} {'held':>7} {'starts':<12}")
     for r in rows:
-        print(f"{r['hidden']:>10.2f} | {r['plan_before']:<22} {r['asked_before']:>8,} {r['cap_before']:>7} "
-              f"{r['starts_before']:<26} | {r['plan_after']:<22} {r['asked_after']:>8,} {r['cap_after']:>7} "
-              f"{r['starts_after']:<12}")
-    print("(~N: the start was refused; N is vLLM's own estimate of the largest length that fits)")
+        b, a = r["plan_before"], r["plan_after"]
+        print(f"{r['hidden']:>10.2f} | {b['plan']:<22} {b['promised']:>13} {b['held']:>7} {b['starts']:<26} | "
+              f"{a['plan']:<22} {a['promised']:>13} {a['held']:>7} {a['starts']:<12}")
+    print("(promised: estimated KV tokens / the plan-safe low end the planner counts on; ~N: vLLM refused the "
+          "start, N is its own estimate of the largest length that fits)")
+    for r in rows:
+        for when in ("before", "after"):
+            if r[f"plan_{when}"]["why"]:
+                print(f"hidden {r['hidden']:.2f} GiB, {when}: {r[f'plan_{when}']['why']}")
     print()
     print(f"anchor: within 2% after two launches (issue 18); wall {sum(r['seconds'] for r in rows):.1f} s")
     return 0

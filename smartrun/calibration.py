@@ -12,7 +12,12 @@ Why these rules (a start that fails costs minutes, a KV cache a little smaller c
 - grow only on agreement: when every recent start left more KV cache than estimated, the estimate
   grows by the smallest surplus, and only once MIN_AGREEING starts agree within AGREE_GIB;
 - bounded: a correction beyond MAX_SHRINK / MAX_GROW of the GPU's memory is clamped and says so
-  (such a difference is another process, another card or a broken start, not the estimator).
+  (such a difference is another process, another card or a broken start, not the estimator);
+- the plan-safe band (memory.plan_safe_*, the profile's margin) narrows to this machine's own once
+  MIN_AGREEING startups back it: the spread of their residuals (at least BAND_FLOOR_GIB), widened by
+  (1 + 2/sqrt(n)) as the profile bands are. A narrower band is a larger plan, so it waits for
+  agreement like growth does; it never widens the profile's band (the correction already covers the
+  largest shortfall seen).
 `memory.estimate(..., calibration=)` applies it; the caller looks it up, so the estimator stays pure.
 A session record keeps the correction it planned with, and replay uses that one, never a later one.
 """
@@ -20,6 +25,7 @@ A session record keeps the correction it planned with, and replay uses that one,
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,6 +43,7 @@ MIN_AGREEING = 2  # startups that must agree before the estimate grows
 AGREE_GIB = 0.25  # ... within this spread of their surpluses (GiB per GPU)
 MAX_SHRINK = 0.25  # most non-KV GiB a correction may add, as a fraction of the GPU's memory
 MAX_GROW = 0.10  # most non-KV GiB a correction may take away, as a fraction of the GPU's memory
+BAND_FLOOR_GIB = 0.1  # the narrowest plan-safe band startups can support (as the measured 0.19 profile's floor)
 TERMS = ("weights", "activation", "non_torch", "cudagraph")  # the non-KV terms vLLM prints in some version
 MEMORY_KNOBS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_model_len",
                 "max_num_seqs", "max_num_batched_tokens", "dtype", "kv_cache_dtype", "enforce_eager",
@@ -95,6 +102,21 @@ class Correction(Frozen):
     terms_gib: dict[str, float] = Field(default_factory=dict)  # mean measured-minus-estimated per printed term
     clamped: bool = False
     note: str = ""
+    band_gib: float = 0.0  # plan-safe band these startups support (see module doc)
+
+    def margin_bytes(self, profile_bytes: int) -> int:
+        """The non-KV memory a plan keeps back: the profile's band, narrowed to this machine's own once
+        MIN_AGREEING startups back it (a narrower band is a larger plan: it waits for agreement)."""
+        if self.startups < MIN_AGREEING:
+            return profile_bytes
+        return min(profile_bytes, int(self.band_gib * (1 << 30)))
+
+    def band_text(self) -> str:
+        """How the plan-safe band follows from the startups, for the estimate's uncertainty line."""
+        if self.startups >= MIN_AGREEING:
+            return (f"calibrated: {self.startups} startups on this machine support a band of {self.band_gib:.2f} GiB "
+                    "(the narrower of the two is kept back)")
+        return f"calibrated from 1 startup: the profile's band stays until {MIN_AGREEING} startups agree"
 
     def describe(self) -> str:
         """`calibrated from N startups on this machine: ...`, the line `model estimate` and --explain print."""
@@ -146,9 +168,10 @@ def learn(observations: Sequence[Observation], machine: str, vllm_version: str) 
         value = limit if value > 0 else -limit
         note += (f"; clamped to {value:+.2f} GiB ({(MAX_SHRINK if value > 0 else MAX_GROW):.0%} of the GPU): a "
                  "larger difference is not the estimator's (another process, another card?)")
+    band = max(worst - best, BAND_FLOOR_GIB) * (1 + 2 / math.sqrt(len(recent)))
     return Correction(machine=machine, vllm_version=vllm_version, startups=len(recent), non_kv_gib=round(value, 3),
                       rule=rule, residuals_gib=tuple(residuals), terms_gib=_mean_terms(recent), clamped=clamped,
-                      note=note)
+                      note=note, band_gib=round(band, 3))
 
 
 def _mean_terms(observations: Sequence[Observation]) -> dict[str, float]:

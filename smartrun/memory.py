@@ -17,7 +17,8 @@ H100 reference logs (benchmarks/estimator_accuracy.py: --fit refits them, --cros
 leaves one model family out, the default run reports the error).
 
 Calibration: `estimate(..., calibration=)` takes a smartrun.calibration.Correction (learned from this
-machine's own startups) and adds its GiB to every GPU's non-KV memory; the caller looks it up.
+machine's own startups), adds its GiB to every GPU's non-KV memory and sets the plan-safe band from
+those startups once enough agree (Correction.margin_bytes); the caller looks it up.
 
 Profiles: "0.6" (V0 engine, < 0.8), "0.19" (V1, 0.8-0.19), "0.20" (graph estimate subtracted,
 util 0.92, 0.20-0.27), "0.33" (0.28+: 160 GiB tier, group-aware token count).
@@ -1089,6 +1090,8 @@ def estimate(
     # The plan-safe low end: the profile's band of non-KV memory kept back (vllm_profiles.Profile.margin).
     non_kv = b.weights + b.activation + b.non_torch + (b.cudagraph if profile.cudagraph_subtracted else 0)
     margin = profile.margin_bytes(non_kv)
+    if calibration is not None:  # this machine's own startups: their band once enough of them agree
+        margin = calibration.margin_bytes(margin)
     low = b.model_copy(update={"kv": b.kv - margin, "num_blocks": max(0, (b.kv - margin) // b.bytes_per_block)})
     concurrency_low = low.num_blocks / per_request if per_request else 0.0
     tokens_low = _tokens(low, low.num_blocks, concurrency_low, profile, block_size, max_model_len)
@@ -1157,6 +1160,7 @@ def estimate(
         uncertainty=(
             f"profile {profile.name} (vLLM {profile.versions}): plan-safe band keeps back "
             f"{profile.margin:.1%} of the non-KV memory (at least {profile.margin_floor_gib} GiB); {profile.evidence}"
+            + (f"; {calibration.band_text()}" if calibration is not None else "")
         ),
         calibration=calibration,
     )

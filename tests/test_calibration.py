@@ -11,7 +11,7 @@ import pytest
 from conftest import FIXTURES
 from fakes import hidden_memory
 
-from smartrun import calibration, pipeline
+from smartrun import calibration, memory, pipeline
 from smartrun.calibration import Correction, Figures, Observation, Store, learn
 from smartrun.cli import main
 from smartrun.session import load_record
@@ -70,6 +70,20 @@ def test_a_correction_is_bounded_and_says_so():
     grow = learn([_seen(-30.0), _seen(-30.1)], MACHINE, "0.33.0")
     assert grow.clamped and grow.non_kv_gib == pytest.approx(-calibration.MAX_GROW * 79.19, abs=1e-3)
     assert learn([], MACHINE, "0.33.0") is None
+
+
+def test_the_plan_safe_band_narrows_only_once_startups_agree():
+    profile_band = int(0.5 * 2**30)
+    one = learn([_seen(1.0)], MACHINE, "0.33.0")
+    assert one.margin_bytes(profile_band) == profile_band  # one startup never narrows it
+    two = learn([_seen(1.0), _seen(1.02)], MACHINE, "0.33.0")
+    assert two.band_gib == pytest.approx(calibration.BAND_FLOOR_GIB * (1 + 2 / 2**0.5), abs=1e-3)
+    assert two.margin_bytes(profile_band) == int(two.band_gib * 2**30) < profile_band
+    spread = learn([_seen(1.0), _seen(-1.0)], MACHINE, "0.33.0")
+    assert spread.margin_bytes(profile_band) == profile_band  # never wider than the profile's band
+    plain = hidden_memory.estimate({"gpu_memory_utilization": 0.93, "max_model_len": 4096})
+    calibrated = hidden_memory.estimate({"gpu_memory_utilization": 0.93, "max_model_len": 4096}, calibration=two)
+    assert calibrated.margin_gib < plain.margin_gib and "2 startups on this machine" in calibrated.uncertainty
 
 
 def test_printed_terms_explain_the_correction():
@@ -177,6 +191,9 @@ def test_two_launches_calibrate_a_third_configuration_within_2_percent_and_plans
     assert [a.outcome for a in again.record.launch_attempts] == ["ready"]  # first try: no over-asking
     assert again.plan.params["max_model_len"] <= hidden_memory.measured_tokens(again)
     assert again.estimate.kv_cache_tokens <= hidden_memory.measured_tokens(again)
+    assert memory.plan_safe_kv_tokens(again.estimate) <= hidden_memory.measured_tokens(again)
+    counted_on = memory.plan_safe_kv_tokens(memory.MemoryEstimate.model_validate(first.record.baseline_estimate))
+    assert counted_on > first.record.launch_attempts[0].attempt["estimated_max_model_len"]  # before: not there
     step = next(d for d in again.record.decisions if d.step == "calibration")
     assert step.provenance.startswith("calibrated from 3 startups on this machine")
     assert first.estimate.kv_cache_tokens > hidden_memory.measured_tokens(first)  # before: it promised more

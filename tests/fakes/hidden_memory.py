@@ -63,6 +63,12 @@ def launch(hidden_gib: float, args: tuple[str, ...] = (), goal: str = "stable", 
     return pipeline.run(request, sources, session_out=session, write=session is not None)
 
 
+def snapshot(hardware: Path = L4) -> Any:
+    from smartrun import hardware as hw_mod
+
+    return hw_mod.load_snapshot(str(hardware))
+
+
 def measured_tokens(result: Any) -> int | None:
     """The KV tokens the stand-in printed on the healthy start."""
     for entry in reversed(result.record.launch_attempts):
