@@ -26,17 +26,21 @@ API:
 - `last(tokens, knob_name)`: the token vLLM would use (the last one wins); `values_of(argv, name)`.
 - `has(tokens, knob_name)`, `with_defaults(argv, {knob: value})`: add a flag only when not given.
 - `normalize(flag)`: the canonical spelling of a flag name.
+- `refuse_unknown(argv, known, own, arity, where)`: InputError (exit 2) for a flag the vLLM that will run
+  does not accept, naming the nearest flag (vLLM's, smartrun's own, LocalAIStack's aliases).
 Redaction built on these lives in smartrun.secrets.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from smartrun.knobs import CATALOGUE, Knob
+from smartrun.errors import InputError
+from smartrun.knobs import CATALOGUE, LOCALAISTACK_ALIASES, LOCALAISTACK_HINTS, Knob
 
 Arity = Literal["0", "1", "?", "+"]
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's own test: such items are values
@@ -203,3 +207,40 @@ def with_defaults(argv: Sequence[str], defaults: Mapping[str, Any]) -> list[str]
         if value is not None and not has(tokens, name):
             out += [CATALOGUE[name].flag, str(value)]
     return out
+
+
+def refuse_unknown(argv: Sequence[str], known: Collection[str], own: Collection[str] = (),
+                   arity: ArityLookup = None, where: str = "vLLM") -> None:
+    """InputError for the flags in argv that neither vLLM (`known`: the flags of the vLLM that will run) nor
+    the catalogue knows, each with the nearest real flag - vLLM would refuse to start on them, and a dry run
+    would print a command that cannot run. A stray positional (a second MODEL, a value after a boolean) too.
+
+    `own` are smartrun's own options of the command (`--llm-model`): a typo of one lands here as well.
+    """
+    problems = []
+    for token in tokenize(argv, arity):
+        if token.flag is None:
+            if token.raw != ("--",):
+                problems.append(f"unexpected argument {token.raw[0]!r} (MODEL is given already; flags start "
+                                "with --)")
+            continue
+        if token.knob is not None or token.flag in known:
+            continue
+        problems.append(f"{token.written}: not a flag of {where}" + _did_you_mean(token.flag, known, own))
+    if problems:
+        unknown = any(": not a flag" in p for p in problems)
+        hint = " (to hand a flag to vllm unchecked, put it after `--`)" if unknown else ""
+        raise InputError("; ".join(problems) + hint)
+
+
+def _did_you_mean(flag: str, known: Collection[str], own: Collection[str]) -> str:
+    """`; did you mean --max-num-seqs?` for the nearest flag, or how to list them when nothing is near."""
+    if flag in LOCALAISTACK_HINTS:
+        return f"; LocalAIStack's {flag} is not a vLLM flag: did you mean {LOCALAISTACK_HINTS[flag]}?"
+    if flag.startswith("--vllm-") and "--" + flag[len("--vllm-"):] in known:  # LocalAIStack-style, not an alias
+        aliases = ", ".join(sorted(LOCALAISTACK_ALIASES))
+        return f"; did you mean {'--' + flag[len('--vllm-'):]}? (the --vllm-* flags read are {aliases})"
+    spellings = {*known, *own, *(f for k in CATALOGUE.values() for f in (k.flag, *k.aliases))}
+    by_name = {f.lstrip("-"): f for f in sorted(spellings, reverse=True)}  # compare names, not the dashes
+    near = difflib.get_close_matches(flag.lstrip("-"), list(by_name), n=1, cutoff=0.7)
+    return f"; did you mean {by_name[near[0]]}?" if near else "; no flag is close (`vllm serve --help=all` lists them)"

@@ -90,11 +90,12 @@ def _k(**kw: Any) -> Knob:
 
 
 _TUNING = [
-    _k(name="max_model_len", flag="--max-model-len", type="int", min=1, special=(AUTO_MAX_MODEL_LEN,),
-       human_int=True, llm_may_change=True,
+    _k(name="max_model_len", flag="--max-model-len", aliases=("--vllm-max-model-len",), type="int", min=1,
+       special=(AUTO_MAX_MODEL_LEN,), human_int=True, llm_may_change=True,
        help="context length (prompt + output) per request; auto or -1 lets vLLM fit it"),
     _k(name="gpu_memory_utilization", flag="--gpu-memory-utilization",
-       aliases=("--device-memory-utilization",), type="float", min=0.0, max=1.0, min_exclusive=True,
+       aliases=("--device-memory-utilization", "--vllm-gpu-memory-utilization"), type="float", min=0.0, max=1.0,
+       min_exclusive=True,
        default=0.92, llm_may_change=True, help="fraction of each GPU's total memory vLLM may use"),
     _k(name="tensor_parallel_size", flag="--tensor-parallel-size", aliases=("-tp",), type="int", min=1,
        default=1, llm_may_change=True, help="GPUs that split every layer"),
@@ -131,7 +132,8 @@ _USER_ONLY = [
     _k(name="api_key", flag="--api-key", type="str", nargs="+", security=True, secret=True, help="keys clients must send"),
     _k(name="hf_token", flag="--hf-token", type="str", nargs="?", security=True, secret=True,
        help="Hugging Face token for downloads (alone: the one saved by `hf auth login`)"),
-    _k(name="trust_remote_code", flag="--trust-remote-code", negative_flags=("--no-trust-remote-code",),
+    _k(name="trust_remote_code", flag="--trust-remote-code", aliases=("--vllm-trust-remote-code",),
+       negative_flags=("--no-trust-remote-code",),
        type="bool", default=False, security=True, help="run Python code shipped with the model"),
     _k(name="served_model_name", flag="--served-model-name", type="str", nargs="+",
        help="model name(s) in the API"),
@@ -161,6 +163,16 @@ _USER_ONLY = [
 ]
 
 CATALOGUE: dict[str, Knob] = {k.name: k for k in _TUNING + _USER_ONLY}
+
+# LocalAIStack's `model run` flags for vLLM (its README "vLLM parameters" and internal/cli/commands/commands.go):
+# aliases above, read by the one tokenizer like any vLLM spelling, so they are pins; argv uses vLLM's own flag.
+LOCALAISTACK_ALIASES: dict[str, str] = {alias: k.flag for k in CATALOGUE.values() for alias in k.aliases
+                                        if alias.startswith("--vllm-")}
+# LocalAIStack flags of its llama.cpp path (or its own) that have a vLLM counterpart: named when refused.
+LOCALAISTACK_HINTS: dict[str, str] = {
+    "--ctx-size": "--max-model-len",
+    "--text-only": "--limit-mm-per-prompt '{\"image\":0,\"video\":0}' --skip-mm-profiling",
+}
 TUNING_KNOBS: tuple[str, ...] = tuple(k.name for k in _TUNING)
 
 
@@ -248,9 +260,13 @@ def parse_user_args(argv: list[str]) -> UserArgs:
             continue
         name = token.flag or k.flag
         if k.type == "bool":
+            positive = not token.negative
             if token.values:
-                raise InputError(f"{name} takes no value (got {token.raw[0]!r})")
-            pins[k.name], typed[k.name] = not token.negative, name
+                cobra = token.written in LOCALAISTACK_ALIASES and token.values[0].lower() in ("true", "false")
+                if not cobra:  # LocalAIStack's own parser takes --vllm-trust-remote-code=false; vLLM's none
+                    raise InputError(f"{name} takes no value (got {token.raw[0]!r})")
+                positive = positive == (token.values[0].lower() == "true")
+            pins[k.name], typed[k.name] = positive, name
             continue
         if not token.values:
             if k.nargs == "?":

@@ -96,6 +96,20 @@ def parse_help_arity(text: str) -> dict[str, str]:
     return flags
 
 
+SHIPPED_HELP = "vllm-0.33.0-serve-help-all.txt"  # smartrun/data: `vllm serve --help=all` of vLLM 0.33.0
+
+
+def shipped_vllm_info() -> VllmInfo:
+    """The flags of vLLM 0.33.0 as shipped with smartrun, for a dry run on a machine without vLLM."""
+    from importlib import resources
+
+    text = resources.files("smartrun").joinpath("data", SHIPPED_HELP).read_text(encoding="utf-8")
+    arity = parse_help_arity(text)
+    return VllmInfo(path=f"smartrun/data/{SHIPPED_HELP}", version="0.33.0",
+                    flags={f: kind != "0" for f, kind in arity.items()},
+                    arity={f: kind for f, kind in arity.items() if kind in ("+", "?")})
+
+
 def _version_tuple(version: str | None) -> tuple[int, ...]:
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version or "")
     return tuple(int(x or 0) for x in m.groups()) if m else ()

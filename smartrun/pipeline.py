@@ -1103,6 +1103,35 @@ def _live_vllm(request: RunRequest) -> tuple[str | None, str | None]:
     return request.vllm_version or found.version, found.path
 
 
+def check_vllm_flags(request: RunRequest, own: tuple[str, ...] = ()) -> None:
+    """Refuse flags typed before `--` that the vLLM which will run does not accept (InputError, exit 2, with
+    the nearest flag), before anything else happens; after `--` flags go to vllm unchecked.
+
+    The flag list is the installed vllm's `serve --help=all` (the one --vllm-bin or PATH names); a dry run
+    without it, or planning for another --vllm-version, uses the 0.33.0 list shipped with smartrun. A launch
+    without vllm is left to fail on that (vllm not found), not on a flag.
+    """
+    from smartrun import argv, launch
+
+    if not request.user_args:
+        return
+    try:
+        found: launch.VllmInfo | None = launch.find_vllm(request.vllm_bin)
+    except SmartRunError:
+        found = None
+    planned_other = request.dry_run and request.vllm_version and found and request.vllm_version != found.version
+    if found is None or not found.flags or planned_other:
+        if not request.dry_run and found is None:
+            return
+        found = launch.shipped_vllm_info()
+        where = "vLLM 0.33.0 (the flag list shipped with smartrun; no vllm " + (
+            f"{request.vllm_version} " if request.vllm_version and request.vllm_version != "0.33.0" else "") + \
+            "installed)"
+    else:
+        where = f"vllm {found.version or '?'} ({found.path})"
+    argv.refuse_unknown(request.user_args, found.flags, own, found.arity_of, where)
+
+
 def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | None,
                    on_event: EventSink = _no_events) -> Any:
     """`vllm serve` as a child process; its log lines and startup phases go to the CLI's event sink."""

@@ -267,3 +267,116 @@ def test_a_heartbeat_names_phase_elapsed_time_and_vllms_last_line_while_it_loads
     assert any(re.match(r"still starting \(loading weights, \d+ s of at most 20 s\); vLLM last said: .*Starting to "
                         r"load model /models/m", b) for b in beats), beats
     assert launch.HEARTBEAT_S <= 15 and REPO.is_dir()
+
+
+# ---------------------------------------------------------------------------- LocalAIStack's flags
+
+
+def test_localaistack_vllm_flags_are_pins_under_vllms_own_names(capsys):
+    """The issue's check: `--vllm-max-model-len 8192 --dry-run --json` shows max_model_len 8192 as a pin."""
+    code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--smart-run", "--vllm-max-model-len", "8192",
+                              "--vllm-gpu-memory-utilization=0.9", "--vllm-trust-remote-code", "--dry-run",
+                              "--json", "--hardware", H100)
+    assert code == 0
+    assert data["params"]["max_model_len"] == 8192 and data["provenance"]["max_model_len"] == "pin"
+    assert data["bounds"]["max_model_len"]["pinned"] is True
+    assert data["params"]["gpu_memory_utilization"] == 0.9 and data["bounds"]["gpu_memory_utilization"]["pinned"]
+    assert data["params"]["trust_remote_code"] is True
+    argv = data["argv"]
+    assert not any(a.startswith("--vllm-") for a in argv)  # vLLM gets its own flags
+    assert argv[argv.index("--max-model-len") + 1] == "8192" and "--trust-remote-code" in argv
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.9"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--vllm_max_model_len=4096"], {"max_model_len": 4096}),  # `_` spelling, like every vLLM flag
+    (["--vllm-trust-remote-code=false"], {"trust_remote_code": False}),  # LocalAIStack's own parser takes =bool
+    (["--vllm-trust-remote-code=true", "--no-vllm-trust-remote-code"], {"trust_remote_code": False}),  # last wins
+    (["--vllm-max-model-len", "32k"], {"max_model_len": 32000}),
+])
+def test_localaistack_aliases_read_every_spelling(flags, expected, capsys):
+    code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--dry-run", "--json", "--hardware", H100, *flags)
+    assert code == 0
+    for knob, value in expected.items():
+        assert data["params"][knob] == value and data["provenance"][knob] == "pin"
+
+
+def test_localaistack_smart_run_flags_work_with_aliases_and_the_llm_cannot_move_the_pin(capsys):
+    from fakes.llm_server import FakeLLM
+
+    proposal = {"changes": [{"knob": "max_model_len", "value": 16384, "reason": "longer"},
+                            {"knob": "max_num_seqs", "value": 6, "reason": "a few more"}], "reason": "try"}
+    with FakeLLM([{"content": json.dumps(proposal)}] * 3) as llm:
+        code = main(["model", "run", str(SMALL), "--smart-run", "--smart-run-debug", "--smart-run-refresh",
+                     "--vllm-max-model-len", "8192", "--dry-run", "--hardware", H100, "--llm-base-url",
+                     llm.base_url, "--llm-model", "fake-model", "--llm-timeout", "10"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "--max-model-len 8192" in out.splitlines()[0] and "debug: source=" in out
+    assert "8,192 tokens per request  <- pin" in out
+
+
+def test_a_launch_hands_vllm_its_own_flag_for_an_alias(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_SCENARIO", json.dumps(FAST))  # the stand-in refuses flags vLLM does not know
+    shim = install_vllm_shim(tmp_path / "bin")
+    request = pipeline.RunRequest(model=str(SMALL), hardware_path=H100, port=free_port(), vllm_bin=str(shim),
+                                  startup_timeout=30, user_args=("--vllm-max-model-len", "8192"))
+    pipeline.check_vllm_flags(request)
+    sources = pipeline.live_sources(request, env={})
+    sources.supervise = False
+    result = pipeline.run(request, sources, session_out=tmp_path / "s.json")
+    attempt = result.record.launch_attempts[-1]
+    assert attempt.healthy and attempt.attempt["served_max_model_len"] == 8192
+
+
+# ---------------------------------------------------------------------------- typos
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--max-num-seq", "8"], "--max-num-seq: not a flag of vLLM 0.33.0 (the flag list shipped with smartrun; no "
+                             "vllm installed); did you mean --max-num-seqs?"),
+    (["--bogus-flag", "3"], "--bogus-flag: not a flag of vLLM 0.33.0"),
+    (["--llm-modle", "x"], "--llm-modle: not a flag of vLLM 0.33.0 (the flag list shipped with smartrun; no vllm "
+                           "installed); did you mean --llm-model?"),
+    (["--vllm-max-num-seqs", "8"], "did you mean --max-num-seqs? (the --vllm-* flags read are "
+                                   "--vllm-gpu-memory-utilization, --vllm-max-model-len, --vllm-trust-remote-code)"),
+    (["--ctx-size", "8192"], "LocalAIStack's --ctx-size is not a vLLM flag: did you mean --max-model-len?"),
+    (["--max-num-seqs", "8", "extra"], "unexpected argument 'extra'"),
+])
+def test_a_typo_is_refused_with_the_nearest_flag_exit_2(flags, words, tmp_path):
+    env = {"SMARTRUN_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    proc = _cli("model", "run", str(SMALL), "--dry-run", "--hardware", H100, *flags, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("localaistack: ") and words in lines[0], lines
+    assert not (tmp_path / "home" / "sessions").exists()  # refused before anything ran
+    proc = _cli("model", "run", str(SMALL), "--dry-run", "--json", "--hardware", H100, *flags, env=env, cwd=tmp_path)
+    data = json.loads(proc.stdout)
+    assert proc.returncode == data["exit"] == 2 and words in data["error"] and "session_record" not in data
+
+
+def test_flags_vllm_accepts_pass_through_and_after_dashdash_nothing_is_checked(capsys):
+    code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--dry-run", "--json", "--hardware", H100,
+                              "--seed", "7", "--lora-modules", "a=/x", "b=/y", "--enable-lora", "--",
+                              "--flag-of-a-newer-vllm", "1")
+    assert code == 0
+    assert data["argv"][-8:] == ["--seed", "7", "--lora-modules", "a=/x", "b=/y", "--enable-lora",
+                                 "--flag-of-a-newer-vllm", "1"]
+
+
+def test_the_installed_vllms_flag_list_is_the_one_checked(tmp_path, capsys):
+    """A vLLM that knows --new-flag accepts it; without vLLM the shipped 0.33 list refuses it."""
+    script = tmp_path / "vllm"
+    help_text = "options:\n  --max-model-len MAX_MODEL_LEN\n  --new-flag NEW_FLAG\n  --port PORT\n"
+    script.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 0.34.0; exit 0; fi\n"
+                      f"cat <<'EOF'\n{help_text}EOF\n")
+    script.chmod(0o755)
+    code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--dry-run", "--json", "--hardware", H100,
+                              "--vllm-bin", str(script), "--new-flag", "1")
+    assert code == 0 and data["argv"][-2:] == ["--new-flag", "1"]
+    code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--dry-run", "--json", "--hardware", H100,
+                              "--vllm-bin", str(script), "--max-num-seq", "8")
+    assert code == 2 and f"not a flag of vllm 0.34.0 ({script})" in data["error"]
+    code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--dry-run", "--json", "--hardware", H100,
+                              "--new-flag", "1")
+    assert code == 2 and "--new-flag: not a flag of vLLM 0.33.0" in data["error"]

@@ -58,7 +58,8 @@ def register(subparsers) -> None:
     from smartrun import tune
 
     tune.add_arguments(p)  # --tune and its --tune-*/--probe-* options, owned by the tune stage
-    p.set_defaults(func=run_command, accepts_extra=True)
+    own = tuple(sorted(flag for action in p._actions for flag in action.option_strings if flag.startswith("--")))
+    p.set_defaults(func=run_command, accepts_extra=True, own_flags=own)
 
 
 def split_extra(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -108,6 +109,7 @@ def run_command(args: argparse.Namespace) -> int:
     from smartrun.secrets import redact_text
 
     request = request_from_args(args)
+    pipeline.check_vllm_flags(request, getattr(args, "own_flags", ()))  # a typo: exit 2, nothing recorded
     sources = pipeline.live_sources(request)
     started: list[Any] = []
 
