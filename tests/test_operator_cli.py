@@ -380,3 +380,8 @@ def test_the_installed_vllms_flag_list_is_the_one_checked(tmp_path, capsys):
     code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--dry-run", "--json", "--hardware", H100,
                               "--new-flag", "1")
     assert code == 2 and "--new-flag: not a flag of vLLM 0.33.0" in data["error"]
+
+
+def test_smart_run_strict_without_smart_run_is_refused_as_localaistack_does(capsys):
+    assert main(["model", "run", str(SMALL), "--smart-run-strict", "--dry-run", "--hardware", H100]) == 2
+    assert "--smart-run-strict: only used with --smart-run" in capsys.readouterr().err

@@ -85,6 +85,8 @@ def request_from_args(args: argparse.Namespace) -> Any:
              "probe_max_requests") if getattr(args, name, None) is not None]
     if given and not args.tune:  # silently not tuning would surprise whoever typed them
         raise InputError(f"{given[0]}: only used with --tune")
+    if args.smart_run_strict and not args.smart_run:  # as LocalAIStack: strict without smart-run is an error
+        raise InputError("--smart-run-strict: only used with --smart-run (it makes a failed LLM consultation fatal)")
     if args.tune:
         from smartrun import tune
 
