@@ -385,3 +385,25 @@ def test_the_installed_vllms_flag_list_is_the_one_checked(tmp_path, capsys):
 def test_smart_run_strict_without_smart_run_is_refused_as_localaistack_does(capsys):
     assert main(["model", "run", str(SMALL), "--smart-run-strict", "--dry-run", "--hardware", H100]) == 2
     assert "--smart-run-strict: only used with --smart-run" in capsys.readouterr().err
+
+
+def test_every_command_with_json_prints_exactly_one_object(capsys, tmp_path):
+    fixture = str(FIXTURES / "sessions" / "llm-accepted.json")
+    commands = [
+        ["model", "run", str(SMALL), "--dry-run", "--hardware", L4],
+        ["model", "inspect", str(SMALL)],
+        ["model", "estimate", str(SMALL), "--hardware", L4],
+        ["hardware", "show", L4],
+        ["bounds", "check"],
+        ["bounds", "show", str(SMALL), "--hardware", L4],
+        ["session", "list"],
+        ["session", "show", fixture],
+        ["session", "replay", fixture],
+        ["model", "smart-run-cache", "list"],
+        ["model", "smart-run-cache", "rm", "nothing-saved"],
+    ]
+    for args in commands:
+        code = main([*args, "--json"])
+        out = capsys.readouterr().out
+        assert code == 0, args
+        assert isinstance(json.loads(out), dict), args

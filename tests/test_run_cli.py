@@ -154,7 +154,7 @@ def test_smart_run_cache_list_and_rm(capsys):
     assert "corrupt smart-run cache entry skipped" in captured.err and "junk.json" in captured.err
     assert main(["model", "smart-run-cache", "list", "qwen2.5-7b-instruct", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [e["key"]["model"] for e in data] == ["qwen2.5-7b-instruct"]
+    assert [e["key"]["model"] for e in data["entries"]] == ["qwen2.5-7b-instruct"]
     assert main(["model", "smart-run-cache", "rm", "/models/qwen2.5-7b-instruct"]) == 0
     assert "removed 1" in capsys.readouterr().out
     assert [e.key.model for _, e in SavedParams().entries()] == ["llama-3.1-8b-instruct"]

@@ -87,10 +87,10 @@ def test_list_hides_dry_runs_unless_all(tmp_path, capsys):
     launched = {p.name for p in SESSIONS} - dry
     assert dry and launched
     assert main(["session", "list", "--json"]) == 0
-    listed = {Path(row["path"]).name for row in json.loads(capsys.readouterr().out)}
+    listed = {Path(row["path"]).name for row in json.loads(capsys.readouterr().out)["sessions"]}
     assert listed == launched
     assert main(["session", "list", "--all", "--json"]) == 0
-    assert {Path(row["path"]).name for row in json.loads(capsys.readouterr().out)} == dry | launched
+    assert {Path(row["path"]).name for row in json.loads(capsys.readouterr().out)["sessions"]} == dry | launched
     assert main(["session", "list", "--limit", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and Path(out[0].split()[-1]).name in launched

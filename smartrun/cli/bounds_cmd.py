@@ -19,6 +19,7 @@ def register(subparsers) -> None:
         description="Check FILE (default: smartrun.toml from the current directory upward, else the built-in "
                     "default). Prints FILE:LINE: problem for each problem and exits 2 if there is any.")
     check.add_argument("file", metavar="FILE", nargs="?", help="bounds file (TOML)")
+    check.add_argument("--json", action="store_true", help="print one JSON object: file, ok, problems")
     check.set_defaults(func=check_command)
 
     show = commands.add_parser(
@@ -47,6 +48,13 @@ def check_command(args: argparse.Namespace) -> int:
         found = bounds.find()
         path, shown = (found, str(found)) if found else (bounds.BUILTIN_PATH, f"builtin ({bounds.BUILTIN_PATH})")
     found_problems = bounds.problems(path)
+    if args.json:
+        loaded = None if found_problems else (bounds.load(path) if args.file or path != bounds.BUILTIN_PATH
+                                              else bounds.builtin())
+        print(json.dumps({"file": shown, "ok": not found_problems, "exit": 2 if found_problems else 0,
+                          "problems": [{"line": line, "message": message} for line, message in found_problems],
+                          "summary": loaded.summary() if loaded is not None else None}, indent=2))
+        return 2 if found_problems else 0
     for line, message in found_problems:
         print(f"{path}:{line}: {message}")
     if found_problems:

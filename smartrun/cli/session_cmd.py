@@ -47,6 +47,7 @@ def register_cache(model_subparsers) -> None:
     lst.set_defaults(func=cache_list_command)
     rm = cmds.add_parser("rm", help="forget the saved parameters of MODEL", allow_abbrev=False)
     rm.add_argument("model", metavar="MODEL")
+    rm.add_argument("--json", action="store_true", help="print one JSON object")
     rm.set_defaults(func=cache_rm_command)
 
 
@@ -75,8 +76,9 @@ def list_command(args: argparse.Namespace) -> int:
 
         raise InputError(f"--limit {args.limit}: must be at least 1")
     rows = list_sessions(limit=args.limit, include_dry_runs=args.all)
-    if args.json:
-        print(json.dumps([_list_row(path, rec) for path, rec in rows], indent=2))
+    if args.json:  # one object, like every --json answer
+        print(json.dumps({"directory": str(sessions_dir()), "dry_runs_included": args.all,
+                          "sessions": [_list_row(path, rec) for path, rec in rows]}, indent=2))
         return 0
     if not rows:
         hidden = "" if args.all or not list_sessions(limit=1) else " (dry runs are listed with --all)"
@@ -124,8 +126,9 @@ def cache_list_command(args: argparse.Namespace) -> int:
     entries = cache.entries(args.model)
     for problem in cache.problems:
         print(f"localaistack: warning: {problem}", file=sys.stderr)
-    if args.json:
-        print(json.dumps([{"path": str(p), **e.model_dump(mode="json")} for p, e in entries], indent=2))
+    if args.json:  # one object, like every --json answer
+        print(json.dumps({"entries": [{"path": str(p), **e.model_dump(mode="json")} for p, e in entries],
+                          "problems": list(cache.problems)}, indent=2))
         return 0
     if not entries:
         print("no saved parameters" + (f" for {args.model}" if args.model else ""))
@@ -142,5 +145,8 @@ def cache_rm_command(args: argparse.Namespace) -> int:
 
     cache = SavedParams()
     removed = cache.remove(args.model)
+    if args.json:
+        print(json.dumps({"model": args.model, "removed": [str(p) for p in removed]}, indent=2))
+        return 0
     print(f"removed {len(removed)} saved parameter set(s) for {args.model}")
     return 0
