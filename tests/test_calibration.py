@@ -207,6 +207,23 @@ def test_two_launches_calibrate_a_third_configuration_within_2_percent_and_plans
     assert main(["session", "replay", str(tmp_path / "again.json")]) == 0
 
 
+def test_a_surplus_grows_the_estimate_only_after_two_agreeing_startups():
+    """The other direction: this machine's vLLM leaves 0.6 GiB more KV cache than estimated."""
+    third = {"gpu_memory_utilization": 0.93, "max_model_len": 4096, "max_num_seqs": 8}
+    first = hidden_memory.launch(-0.6, goal="stable")
+    machine = calibration.key(first.hardware, "0.33.0")[0]
+    held = Store().correction(machine, "0.33.0")
+    assert held.rule == "hold" and held.non_kv_gib == 0.0  # one startup: the estimate does not grow yet
+    second = hidden_memory.launch(-0.6, args=("--gpu-memory-utilization", "0.90", "--max-model-len", "8192"))
+    assert second.record.calibration.used["rule"] == "hold"
+    grown = Store().correction(machine, "0.33.0")
+    assert grown.rule == "grow" and grown.non_kv_gib == pytest.approx(-0.6, abs=0.02)
+    truth = hidden_memory.measured_tokens(hidden_memory.launch(-0.6, args=(
+        "--gpu-memory-utilization", "0.93", "--max-model-len", "4096", "--max-num-seqs", "8")))
+    after = hidden_memory.estimate(third, calibration=grown).kv_cache_tokens
+    assert hidden_memory.estimate(third).kv_cache_tokens < truth and abs(after - truth) / truth <= 0.02
+
+
 def test_a_replayed_record_from_before_calibration_stays_uncalibrated(tmp_path):
     record = load_record(FIXTURES / "sessions" / "kv-too-small-recovered.json")
     assert record.calibration.used is None
@@ -302,6 +319,12 @@ def test_bad_calibration_input_is_one_line_exit_2(args, words, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+
+
+def test_bad_input_under_json_is_one_json_object(capsys):
+    assert main(["calibration", "reset", "--machine", "xyz", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"error": captured.err.strip().removeprefix("localaistack: "), "exit": 2}
 
 
 def test_corrupt_calibration_data_warns_in_one_line_and_never_fails_a_run(capsys, tmp_path):
