@@ -28,6 +28,11 @@ CASES = {
         sys.executable, "-m", "smartrun", "model", "run", str(MODEL),
         "--smart-run", "--dry-run", "--hardware", str(HARDWARE),
     ],
+    "model run --dry-run + vLLM flags (checked)": [  # the unknown-flag check against the shipped 0.33 list
+        sys.executable, "-m", "smartrun", "model", "run", str(MODEL),
+        "--smart-run", "--dry-run", "--hardware", str(HARDWARE), "--vllm-max-model-len", "8192",
+        "--max-num-seqs", "8", "--seed", "1", "--enable-lora",
+    ],
     "import openai (what laziness avoids)": [sys.executable, "-c", "import openai"],
 }
 

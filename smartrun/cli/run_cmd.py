@@ -272,7 +272,9 @@ def explain_lines(result: Any) -> list[str]:
     if result.baseline is not None:
         out += ["== baseline (source=static)", "  " + _params(result.baseline.params)]
     if result.plan is not None:
-        out += [f"== plan (source={result.plan.source})", "  " + _params(result.plan.params)]
+        same = result.baseline is not None and result.plan.params == result.baseline.params
+        out += [f"== plan (source={result.plan.source})",
+                "  the baseline, unchanged" if same else "  " + _params(result.plan.params)]
         out += ["== provenance (per knob)"]
         out += [f"  {k} = {result.plan.params[k]!r}  <- {v}" for k, v in sorted(result.plan.provenance.items())
                 if k in result.plan.params]

@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HELP_FILE = HERE / "vllm-0.33.0-serve-help-all.txt"
+HELP_FILE = HERE.parent.parent / "smartrun" / "data" / "vllm-0.33.0-serve-help-all.txt"  # vLLM 0.33.0's own text
 VERSION = "0.33.0"
 GIB = 2**30
 
