@@ -292,7 +292,7 @@ def check_machine(machine: str) -> str:
     """A hardware fingerprint as `hardware fingerprint` prints it (16 hex digits)."""
     if not _MACHINE.match(machine):
         raise CalibrationError(f"--machine {machine!r}: expected a 16-hex-digit hardware fingerprint "
-                               "(as `calibration show` lists it)")
+                               "(as `calibration show` and `hardware detect` print it)")
     return machine
 
 

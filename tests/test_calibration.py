@@ -296,6 +296,7 @@ def test_calibration_show_and_reset(capsys):
     assert main(["calibration", "show", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {c["machine"] for c in data["calibrations"]} == {MACHINE, "fedcba9876543210"}
+    assert data["problems"] == []
     assert all(c["correction"]["startups"] >= 1 and c["observations"] for c in data["calibrations"])
     assert main(["calibration", "reset", "--vllm-version", "0.19.0", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["removed"]) == 1

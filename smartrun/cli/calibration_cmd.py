@@ -39,7 +39,7 @@ def run_show(args: argparse.Namespace) -> int:
     _warn(store.problems)
     if args.json:
         print(json.dumps({"directory": str(store.directory), "calibrations": [_entry_json(p, d) for p, d in entries],
-                          "warnings": list(store.problems)}, indent=2))
+                          "problems": list(store.problems)}, indent=2))
         return 0
     if not entries:
         print(f"no calibration data in {store.directory}: every healthy `model run` adds vLLM's startup figures")
