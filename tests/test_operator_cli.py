@@ -407,3 +407,18 @@ def test_every_command_with_json_prints_exactly_one_object(capsys, tmp_path):
         out = capsys.readouterr().out
         assert code == 0, args
         assert isinstance(json.loads(out), dict), args
+
+
+def test_a_launch_under_json_prints_one_object_also_when_the_server_dies(tmp_path):
+    scenario = {**FAST, "faults": {"die_after_ready_s": 1.0}}
+    env = {"SMARTRUN_HOME": str(tmp_path / "home"), "FAKE_VLLM_SCENARIO": json.dumps(scenario)}
+    proc = _cli("model", "run", str(SMALL), "--json", "--hardware", H100, "--vllm-bin",
+                str(REPO / "tests" / "fakes" / "fake_vllm.py"), "--port", str(free_port()), "--startup-timeout", "30",
+                "--vllm-max-model-len", "8192", env=env, cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    data = json.loads(proc.stdout)  # vLLM's log and our progress went to stderr
+    assert data["exit"] == 4 and "died after it was ready" in data["error"]
+    assert data["params"]["max_model_len"] == 8192 and data["provenance"]["max_model_len"] == "pin"
+    assert load_record(data["session_record"]).outcome["status"] == "died"
+    assert "Starting to load model" in proc.stderr and proc.stderr.rstrip().splitlines()[-2].startswith(
+        "session record: ")

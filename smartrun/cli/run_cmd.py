@@ -132,7 +132,11 @@ def run_command(args: argparse.Namespace) -> int:
         _print_session_path(path)
         raise
     if args.json:
-        print(redact_text(json.dumps(result.json_summary(), indent=2), result.secrets), flush=True)
+        summary_json = result.json_summary()
+        if result.exit_code:  # a server that died after it was ready: the error keys every --json failure has
+            summary_json.update(error=result.record.outcome.get("message", "vllm serve exited"),
+                                exit=result.exit_code, session_record=str(_written(result.session_path) or "") or None)
+        print(redact_text(json.dumps(summary_json, indent=2), result.secrets), flush=True)
     elif not request.dry_run:
         print(f"outcome: {result.record.outcome.get('status')}; final command: "
               f"{redact_text(result.command or ' '.join(result.argv), result.secrets)}", flush=True)
