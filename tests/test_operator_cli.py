@@ -401,6 +401,7 @@ def test_every_command_with_json_prints_exactly_one_object(capsys, tmp_path):
         ["session", "replay", fixture],
         ["model", "smart-run-cache", "list"],
         ["model", "smart-run-cache", "rm", "nothing-saved"],
+        ["calibration", "show"],
     ]
     for args in commands:
         code = main([*args, "--json"])
