@@ -266,7 +266,7 @@ def test_a_heartbeat_names_phase_elapsed_time_and_vllms_last_line_while_it_loads
     assert len(beats) >= 3, events
     assert any(re.match(r"still starting \(loading weights, \d+ s of at most 20 s\); vLLM last said: .*Starting to "
                         r"load model /models/m", b) for b in beats), beats
-    assert launch.HEARTBEAT_S <= 15 and REPO.is_dir()
+    assert launch.HEARTBEAT_S <= 15  # plus one readiness poll (<= 4.5 s): a line at least every 15 s
 
 
 # ---------------------------------------------------------------------------- LocalAIStack's flags
