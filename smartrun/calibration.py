@@ -13,10 +13,12 @@ Why these rules (a start that fails costs minutes, a KV cache a little smaller c
   grows by the smallest surplus, and only once MIN_AGREEING starts agree within AGREE_GIB;
 - bounded: a correction beyond MAX_SHRINK / MAX_GROW of the GPU's memory is clamped and says so
   (such a difference is another process, another card or a broken start, not the estimator);
-- the plan-safe band (memory.plan_safe_*, the profile's margin) narrows to this machine's own once
-  MIN_AGREEING startups back it: the spread of their residuals (at least BAND_FLOOR_GIB), widened by
-  (1 + 2/sqrt(n)) as the profile bands are. A narrower band is a larger plan, so it waits for
-  agreement like growth does; it never widens the profile's band (the correction already covers the
+- the plan-safe band (memory.plan_safe_*, the profile's margin) narrows to this machine's own: the
+  spread of the startups' residuals (at least BAND_FLOOR_GIB), widened by (1 + 2/sqrt(n)) as the
+  profile bands are. A narrower band is a larger plan, so with one startup the plan-safe estimate may
+  only fall (the shortfall it corrects counts toward the profile's band: a machine with much hidden
+  memory is not refused everything before a second startup can happen); from MIN_AGREEING startups on
+  the machine's own band holds. It never widens the profile's band (the correction already covers the
   largest shortfall seen).
 `memory.estimate(..., calibration=)` applies it; the caller looks it up, so the estimator stays pure.
 A session record keeps the correction it planned with, and replay uses that one, never a later one.
@@ -105,18 +107,25 @@ class Correction(Frozen):
     band_gib: float = 0.0  # plan-safe band these startups support (see module doc)
 
     def margin_bytes(self, profile_bytes: int) -> int:
-        """The non-KV memory a plan keeps back: the profile's band, narrowed to this machine's own once
-        MIN_AGREEING startups back it (a narrower band is a larger plan: it waits for agreement)."""
-        if self.startups < MIN_AGREEING:
-            return profile_bytes
-        return min(profile_bytes, int(self.band_gib * (1 << 30)))
+        """The non-KV memory a plan keeps back: the profile's band narrowed to this machine's own (module doc).
+
+        With fewer than MIN_AGREEING startups the plan-safe estimate may only fall: the correction's
+        shrink counts toward the profile's band, so correction + band never leaves more KV cache than
+        the uncalibrated low end did.
+        """
+        own = int(self.band_gib * (1 << 30))
+        if self.startups >= MIN_AGREEING:
+            return min(profile_bytes, own)
+        taken = int(max(self.non_kv_gib, 0.0) * (1 << 30))
+        return min(profile_bytes, max(own, profile_bytes - taken))
 
     def band_text(self) -> str:
         """How the plan-safe band follows from the startups, for the estimate's uncertainty line."""
         if self.startups >= MIN_AGREEING:
             return (f"calibrated: {self.startups} startups on this machine support a band of {self.band_gib:.2f} GiB "
                     "(the narrower of the two is kept back)")
-        return f"calibrated from 1 startup: the profile's band stays until {MIN_AGREEING} startups agree"
+        return (f"calibrated from 1 startup (band {self.band_gib:.2f} GiB): the plan-safe estimate may only fall "
+                f"until {MIN_AGREEING} startups agree")
 
     def describe(self) -> str:
         """`calibrated from N startups on this machine: ...`, the line `model estimate` and --explain print."""

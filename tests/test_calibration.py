@@ -72,17 +72,25 @@ def test_a_correction_is_bounded_and_says_so():
     assert learn([], MACHINE, "0.33.0") is None
 
 
-def test_the_plan_safe_band_narrows_only_once_startups_agree():
+def test_the_plan_safe_band_narrows_to_the_machines_own_and_one_startup_only_lowers_the_plan():
     profile_band = int(0.5 * 2**30)
-    one = learn([_seen(1.0)], MACHINE, "0.33.0")
-    assert one.margin_bytes(profile_band) == profile_band  # one startup never narrows it
+    small = learn([_seen(0.1)], MACHINE, "0.33.0")
+    assert small.margin_bytes(profile_band) == profile_band - int(0.1 * 2**30)  # correction + band: no growth
+    large = learn([_seen(2.0)], MACHINE, "0.33.0")
+    assert large.margin_bytes(profile_band) == int(large.band_gib * 2**30) < profile_band  # never refused all
+    surplus = learn([_seen(-1.0)], MACHINE, "0.33.0")
+    assert surplus.margin_bytes(profile_band) == profile_band  # one surplus: nothing grows
     two = learn([_seen(1.0), _seen(1.02)], MACHINE, "0.33.0")
     assert two.band_gib == pytest.approx(calibration.BAND_FLOOR_GIB * (1 + 2 / 2**0.5), abs=1e-3)
     assert two.margin_bytes(profile_band) == int(two.band_gib * 2**30) < profile_band
     spread = learn([_seen(1.0), _seen(-1.0)], MACHINE, "0.33.0")
     assert spread.margin_bytes(profile_band) == profile_band  # never wider than the profile's band
-    plain = hidden_memory.estimate({"gpu_memory_utilization": 0.93, "max_model_len": 4096})
-    calibrated = hidden_memory.estimate({"gpu_memory_utilization": 0.93, "max_model_len": 4096}, calibration=two)
+    flags = {"gpu_memory_utilization": 0.93, "max_model_len": 4096}
+    plain = hidden_memory.estimate(flags)
+    for one in (small, large, surplus):
+        calibrated = hidden_memory.estimate(flags, calibration=one)
+        assert memory.plan_safe_kv_tokens(calibrated) <= memory.plan_safe_kv_tokens(plain)
+    calibrated = hidden_memory.estimate(flags, calibration=two)
     assert calibrated.margin_gib < plain.margin_gib and "2 startups on this machine" in calibrated.uncertainty
 
 
