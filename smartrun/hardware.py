@@ -140,6 +140,20 @@ def parse_gpu_list(text: str, what: str) -> tuple[str, ...]:
     return entries
 
 
+def allowed_gpus(snapshot: HardwareSnapshot, gpus: str | None, visible: str | None) -> HardwareSnapshot:
+    """The machine restricted to the GPUs the user allows: CUDA_VISIBLE_DEVICES when set (None: unset), then
+    `--gpus` inside it. Both in nvidia-smi's numbering (PCI bus order, which the launch makes CUDA use too)."""
+    if visible is not None and visible.strip() in ("", "-1"):
+        raise SnapshotError(f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU; unset it or name GPUs (e.g. 0,1)")
+    if visible is not None:
+        snapshot = restrict(snapshot, parse_gpu_list(visible, "CUDA_VISIBLE_DEVICES"),
+                            f"CUDA_VISIBLE_DEVICES={visible}")
+    if gpus is not None:
+        inside = f" (inside CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        snapshot = restrict(snapshot, parse_gpu_list(gpus, "--gpus"), f"--gpus {gpus}{inside}")
+    return snapshot
+
+
 def restrict(snapshot: HardwareSnapshot, entries: tuple[str, ...], what: str) -> HardwareSnapshot:
     """Only the GPUs named (nvidia-smi indices, or UUIDs or their unique prefixes), renumbered 0..k-1 in PCI bus
     order the way CUDA numbers them under CUDA_VISIBLE_DEVICES; `physical_indices` remembers the real indices."""

@@ -470,12 +470,11 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
 
 
 def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> HardwareSnapshot:
-    """The machine restricted to the GPUs the user allows: --gpus, and CUDA_VISIBLE_DEVICES when it was set.
+    """The machine restricted to the GPUs the user allows (--gpus, CUDA_VISIBLE_DEVICES: hardware.allowed_gpus).
 
-    Both use nvidia-smi's numbering (PCI bus order, which the launch makes CUDA use too); --gpus must lie
-    inside CUDA_VISIBLE_DEVICES. A dry run against a --hardware snapshot plans for the machine it describes,
-    so this machine's CUDA_VISIBLE_DEVICES does not apply there (said once). vLLM then sees the chosen GPUs
-    as cuda:0.. and the launch sets CUDA_VISIBLE_DEVICES to the ones the plan uses.
+    A dry run against a --hardware snapshot plans for the machine it describes, so this machine's
+    CUDA_VISIBLE_DEVICES does not apply there (said once). vLLM then sees the allowed GPUs as cuda:0.. and
+    the launch sets CUDA_VISIBLE_DEVICES to the ones the plan uses.
     """
     from smartrun import hardware
 
@@ -484,16 +483,7 @@ def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> H
         rec.warn(f"CUDA_VISIBLE_DEVICES={visible} of this machine ignored: the dry run plans for "
                  f"{request.hardware_path} (use --gpus to restrict it)")
         visible = None
-    if visible is not None and visible.strip() in ("", "-1"):
-        raise InputError(f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU; unset it or name GPUs (e.g. 0,1)")
-    if visible is not None:
-        entries = hardware.parse_gpu_list(visible, "CUDA_VISIBLE_DEVICES")
-        hw = hardware.restrict(hw, entries, f"CUDA_VISIBLE_DEVICES={visible}")
-    if request.gpus is not None:
-        entries = hardware.parse_gpu_list(request.gpus, "--gpus")
-        where = f"--gpus {request.gpus}" + (f" (inside CUDA_VISIBLE_DEVICES={visible})" if visible is not None
-                                            else "")
-        hw = hardware.restrict(hw, entries, where)
+    hw = hardware.allowed_gpus(hw, request.gpus, visible)
     if hw.physical_indices:
         source = "--gpus" if request.gpus is not None else "CUDA_VISIBLE_DEVICES"
         rec.decide("gpus", {"visible": list(hw.physical_indices), "fingerprint": hardware.fingerprint(hw)}, source)

@@ -423,3 +423,11 @@ def test_a_launch_under_json_prints_one_object_also_when_the_server_dies(tmp_pat
     assert load_record(data["session_record"]).outcome["status"] == "died"
     assert "Starting to load model" in proc.stderr and proc.stderr.rstrip().splitlines()[-2].startswith(
         "session record: ")
+
+
+def test_bounds_show_plans_for_the_same_gpus_as_model_run(capsys):
+    seven_b = str(FIXTURES / "models" / "qwen2.5-7b-instruct")  # 28 heads: tp 1, 2 or 4 on four GPUs
+    assert main(["bounds", "show", seven_b, "--hardware", FOUR_H100, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bounds"]["tensor_parallel_size"]["choices"] == [1, 2, 4]
+    assert main(["bounds", "show", seven_b, "--hardware", FOUR_H100, "--gpus", "1,2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bounds"]["tensor_parallel_size"]["choices"] == [1, 2]

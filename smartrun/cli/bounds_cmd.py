@@ -28,6 +28,8 @@ def register(subparsers) -> None:
         description="vLLM flags after MODEL (e.g. --max-model-len 8192) are your pins.")
     show.add_argument("model", metavar="MODEL", help="model directory or cached Hugging Face repo id")
     show.add_argument("--hardware", metavar="SNAPSHOT.json", help="machine snapshot (default: detect with NVML)")
+    show.add_argument("--gpus", metavar="LIST", help="only these GPUs (nvidia-smi indices or UUIDs), as model run "
+                      "--gpus; CUDA_VISIBLE_DEVICES also applies to a detected machine")
     show.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
     show.add_argument("--goal", choices=GOALS, default="stable")
     show.add_argument("--force", action="store_true", help="let pins win over other sources' bounds")
@@ -66,6 +68,7 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
+    import os
     import sys
 
     from smartrun import bounds, calibration, hardware, knobs, model, rules
@@ -74,6 +77,12 @@ def show_command(args: argparse.Namespace) -> int:
     user = knobs.parse_user_args(extra)
     facts = model.inspect(args.model)
     machine = hardware.load_snapshot(args.hardware) if args.hardware else hardware.detect()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and args.hardware:  # a snapshot describes its own machine, as in a model run dry run
+        print(f"localaistack: warning: CUDA_VISIBLE_DEVICES={visible} of this machine ignored for {args.hardware} "
+              "(use --gpus)", file=sys.stderr)
+        visible = None
+    machine = hardware.allowed_gpus(machine, args.gpus, visible)
     file = bounds.resolve(args.bounds)
     correction, problems = (None, []) if args.no_calibration else calibration.for_machine(machine, args.vllm_version)
     for problem in problems:

@@ -23,7 +23,9 @@ def register(subparsers) -> None:
         "run",
         help="plan and start vllm serve for MODEL (smart-run: inside hard bounds)",
         description="Plan `vllm serve` flags for MODEL inside hard bounds and start it. vLLM flags typed with "
-        "vLLM's own names are your pins; everything after `--` is passed to vllm untouched.",
+        "vLLM's own names (or LocalAIStack's --vllm-max-model-len, --vllm-gpu-memory-utilization, "
+        "--vllm-trust-remote-code) are your pins; a flag the vLLM that will run does not accept is refused with the "
+        "nearest one; everything after `--` is passed to vllm untouched and unchecked.",
         allow_abbrev=False,
     )
     p.add_argument("model", metavar="MODEL", help="local model directory or a Hugging Face repo id in the HF cache")
