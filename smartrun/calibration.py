@@ -104,7 +104,7 @@ class Correction(Frozen):
     terms_gib: dict[str, float] = Field(default_factory=dict)  # mean measured-minus-estimated per printed term
     clamped: bool = False
     note: str = ""
-    band_gib: float = 0.0  # plan-safe band these startups support (see module doc)
+    band_gib: float | None = None  # plan-safe band these startups support (module doc); None: the profile's
 
     def margin_bytes(self, profile_bytes: int) -> int:
         """The non-KV memory a plan keeps back: the profile's band narrowed to this machine's own (module doc).
@@ -113,6 +113,8 @@ class Correction(Frozen):
         shrink counts toward the profile's band, so correction + band never leaves more KV cache than
         the uncalibrated low end did.
         """
+        if self.band_gib is None:  # a correction recorded before the band existed planned with the profile's
+            return profile_bytes
         own = int(self.band_gib * (1 << 30))
         if self.startups >= MIN_AGREEING:
             return min(profile_bytes, own)
@@ -121,6 +123,8 @@ class Correction(Frozen):
 
     def band_text(self) -> str:
         """How the plan-safe band follows from the startups, for the estimate's uncertainty line."""
+        if self.band_gib is None:
+            return "calibrated: the profile's band"
         if self.startups >= MIN_AGREEING:
             return (f"calibrated: {self.startups} startups on this machine support a band of {self.band_gib:.2f} GiB "
                     "(the narrower of the two is kept back)")

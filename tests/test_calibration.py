@@ -83,6 +83,7 @@ def test_the_plan_safe_band_narrows_to_the_machines_own_and_one_startup_only_low
     two = learn([_seen(1.0), _seen(1.02)], MACHINE, "0.33.0")
     assert two.band_gib == pytest.approx(calibration.BAND_FLOOR_GIB * (1 + 2 / 2**0.5), abs=1e-3)
     assert two.margin_bytes(profile_band) == int(two.band_gib * 2**30) < profile_band
+    assert two.model_copy(update={"band_gib": None}).margin_bytes(profile_band) == profile_band  # older records
     spread = learn([_seen(1.0), _seen(-1.0)], MACHINE, "0.33.0")
     assert spread.margin_bytes(profile_band) == profile_band  # never wider than the profile's band
     flags = {"gpu_memory_utilization": 0.93, "max_model_len": 4096}
