@@ -348,6 +348,22 @@ def print_grouped(rows: list[dict[str, Any]], title: str) -> None:
             print(f"  {label:12} {value:28} median {med:>7}  worst over {worst:>8}  over>1%: {over}  n={n}")
 
 
+def done_when(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's acceptance figures over the held-out startups with KV tokens: n, median |error|,
+    cases over by > 1% and > 5%, the GPU classes and vLLM versions they span."""
+    held = [r for r in rows if r["subset"] != FIT_SUBSET and r.get("tok_real")]
+    errs = [pct(r["tok_pred"], r["tok_real"]) for r in held]
+    return {
+        "n": len(errs),
+        "median_abs_pct": statistics.median(abs(e) for e in errs) if errs else None,
+        "over_1pct": sum(1 for e in errs if e > 1),
+        "over_5pct": sum(1 for e in errs if e > 5),
+        "worst_over_pct": max(errs) if errs else None,
+        "gpu_classes": sorted({r["gpu_class"] for r in held}),
+        "versions": sorted({r["version"] for r in held}),
+    }
+
+
 def fit_samples(cases: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The physical features and measured figures of every 0.19.0 H100 case, for the fit."""
     samples = []
@@ -707,6 +723,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{subset:12} {label:24} {ours:>36} {theirs:>36}")
     print_grouped([r for r in rows if r["subset"] == "0.19.0 H100"], "in-sample (the 0.19 H100 sweep the terms are fitted on)")
     print_grouped([r for r in rows if r["subset"] != "0.19.0 H100"], "held out (public startups + other shared cases, never fitted on)")
+    done = done_when(rows)
+    print(
+        f"\nissue 21 'Done when' (held out, KV tokens): n={done['n']}, median |err| {done['median_abs_pct']:.2f}% (target <= 3%), "
+        f"over by >1%: {done['over_1pct']} (target <= n/20 = {done['n'] / 20:.2f}), over by >5%: {done['over_5pct']} (target 0), "
+        f"worst over {done['worst_over_pct']:+.2f}%; {len(done['gpu_classes'])} GPU classes (target >= 6): "
+        f"{', '.join(done['gpu_classes'])}; versions: {', '.join(done['versions'])}"
+    )
     bands = profile_bands(rows)
     print("\nper-profile plan-safe band (shipped vs what the startups need), evidence:")
     for name, profile in memory.PROFILES.items():

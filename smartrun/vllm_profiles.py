@@ -80,8 +80,9 @@ PROFILES: dict[str, Profile] = {
         margin=0.06,
         margin_floor_gib=0.35,
         evidence=(
-            "4 public V0 startups with KV tokens (T4 0.7.2/0.8.2, RTX 3090 ~0.6.4, 2x RTX 4090 TP 2 0.7.x): "
-            "KV tokens -19.3% to +1.4%; few cases, so a wide band"
+            "9 held-out V0 startups with KV tokens (4 T4 0.6.6-0.8.2, 2 RTX 3090 ~0.6.4/0.6.6, L40 0.7.2, "
+            "V100 32GB 0.7.1, 2x RTX 4090 TP 2 0.7.x): KV tokens -7.8% to +1.4%, median -2.6%; single-GPU "
+            "non-torch prints 0.01-0.11 GiB from 0.6.6 (0.35 on ~0.6.4), below the 0.25 used (errs low)"
         ),
     ),
     "0.8": Profile(

@@ -612,11 +612,11 @@ def test_shipped_bands_cover_what_every_startup_measured():
 
 def test_the_public_startups_are_there_with_their_provenance():
     cases = bench.load_public()
-    assert len(cases) >= 7 and len({c["id"] for c in cases}) == len(cases)
+    assert len(cases) >= 12 and len({c["id"] for c in cases}) == len(cases)
     for case in cases:
         assert case["source"] and case["log_lines"] and isinstance(case.get("inferred"), list), case["id"]
         assert case["vllm_version"][:1].isdigit(), case["id"]
-    assert {"pub-001", "pub-003", "pub-005", "pub-006"} <= set(HELD_OUT)
+    assert {"pub-001", "pub-003", "pub-005", "pub-006", "pub-008", "pub-009", "pub-010", "pub-011", "pub-012"} <= set(HELD_OUT)
 
 
 @pytest.mark.parametrize("case_id", sorted(cid for cid, row in HELD_OUT.items() if row["tok_real"]))
@@ -640,6 +640,15 @@ def test_held_out_summary_meets_the_0_9_and_0_19_targets():
     ]
     assert len(errs) >= 4
     assert sorted(abs(e) for e in errs)[len(errs) // 2] <= 3 and max(errs) <= 1
+
+
+def test_held_out_set_meets_the_issue_21_figures_it_can_show():
+    """Every held-out startup with KV tokens (V0 and V1, six GPU classes named in their logs): median
+    |error| <= 3%, none over by more than 5%, at most one over by more than 1%. (The issue's "one in
+    twenty" needs >= 20 cases; the set has fewer, so this pins the count it has.)"""
+    done = bench.done_when(ALL_ROWS)
+    assert done["n"] >= 13 and len(done["gpu_classes"]) >= 6
+    assert done["median_abs_pct"] <= 3 and done["over_5pct"] == 0 and done["over_1pct"] <= 1
 
 
 def test_native_topk_topp_sort_is_counted_where_the_wheel_had_no_flashinfer():
