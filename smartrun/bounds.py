@@ -433,7 +433,7 @@ def load(path: str | Path) -> BoundsFile:
 
 
 def builtin() -> BoundsFile:
-    """The default shipped in the package (encodes the tuning guide's ranges)."""
+    """The default shipped in the package: safety margins only (the guide's preferences are in policy.toml)."""
     return load_text(read_text(BUILTIN_PATH), BUILTIN_NAME)
 
 

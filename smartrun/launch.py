@@ -221,7 +221,7 @@ def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str
 
 
 def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """CUDA_VISIBLE_DEVICES for tp*pp GPUs chosen by rules.select_gpus, in NVML's (PCI) order.
+    """CUDA_VISIBLE_DEVICES for tp*pp*dp GPUs chosen by rules.select_gpus, in NVML's (PCI) order.
 
     The indices are nvidia-smi's (a snapshot restricted by --gpus / CUDA_VISIBLE_DEVICES maps its GPUs back),
     and CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA number them the same way, so vLLM's cuda:0.. are exactly these.
@@ -230,8 +230,9 @@ def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any]) -> tuple[
         return {}, []
     from smartrun import rules
     from smartrun.hardware import physical_index
+    from smartrun.plan import gpus_used
 
-    count = int(params.get("tensor_parallel_size") or 1) * int(params.get("pipeline_parallel_size") or 1)
+    count = gpus_used(params)
     chosen = rules.select_gpus(hardware, count)
     indices = ",".join(str(physical_index(hardware, g.index)) for g in chosen)
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": indices}

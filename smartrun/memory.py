@@ -137,6 +137,7 @@ class EngineFlags(Frozen):
     enable_prefix_caching: bool | None = None
     disable_custom_all_reduce: bool = False
     quantization: str | None = None  # --quantization (e.g. "fp8" online) when the checkpoint has none
+    cpu_offload_gb: float = 0.0  # --cpu-offload-gb: GiB of weights per GPU kept in CPU memory (UVA)
 
 
 class MemoryEstimate(Frozen):
@@ -977,6 +978,7 @@ def _budget(
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)
             weights = int(stage.bytes * (1 + coeffs.weight_load_slack))
+            weights = max(0, weights - int(flags.cpu_offload_gb * GIB))  # offloaded weights live in CPU memory
             kv = (
                 requested
                 - weights
@@ -1027,6 +1029,22 @@ def _largest_len(b: _Budget, derived: int, block_size: int, mnbt: int) -> int:
     return lo
 
 
+def _online_quantized(model: ModelFacts, method: str) -> ModelFacts:
+    """The model as vLLM holds it after quantizing a full-precision checkpoint at load time.
+
+    Exact safetensors bytes are of the checkpoint's dtype: they are scaled by what the counted layout
+    says the quantization keeps (Mixtral at --quantization fp8 is ~47 GiB, not its 87 GiB of bf16 files).
+    """
+    quantized = model.model_copy(update={"quantization": QuantFacts(method=method)})
+    if not model.weight_bytes:
+        return quantized
+    ckpt = DTYPE_BYTES.get(DTYPE_ALIASES.get(model.torch_dtype, model.torch_dtype), 2)
+    layers = range(model.num_hidden_layers)
+    full = _rank_weight_bytes(model, ckpt, 1, layers, True, True)
+    kept = _rank_weight_bytes(quantized, ckpt, 1, layers, True, True)
+    return quantized.model_copy(update={"weight_bytes": int(model.weight_bytes * kept / max(1, full))})
+
+
 def _gib(n: float) -> float:
     return round(n / GIB, 2)
 
@@ -1052,7 +1070,7 @@ def estimate(
     if (
         flags.quantization and model.quantization is None
     ):  # online quantization of a full-precision checkpoint
-        model = model.model_copy(update={"quantization": QuantFacts(method=flags.quantization)})
+        model = _online_quantized(model, flags.quantization)
     used = gpu_list[: flags.tensor_parallel_size * flags.pipeline_parallel_size]
     low_cc = min((g.compute_capability for g in used), key=_cc_key)
     version, profile = resolve_version(vllm_version, low_cc, flags.kv_cache_dtype.lower())

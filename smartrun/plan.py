@@ -58,3 +58,9 @@ class Rejection(Frozen):
     bound: str  # e.g. "0.85 <= x <= 0.93", "one of ['bfloat16', 'float16']", "pinned to 8192"
     source: str  # e.g. "pin", "bounds:smartrun.toml:7", "hardware", "catalogue"
     reason: str  # one readable line
+
+
+def gpus_used(params: dict[str, Any]) -> int:
+    """GPUs a plan occupies: tensor x pipeline parallel per replica, times the data-parallel replicas."""
+    return (int(params.get("tensor_parallel_size") or 1) * int(params.get("pipeline_parallel_size") or 1)
+            * int(params.get("data_parallel_size") or 1))

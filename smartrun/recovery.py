@@ -141,9 +141,20 @@ def _more_tp(lad: _Ladder, rung: str) -> Proposal | None:
     options = sorted(v for v in (b.choices or ()) if isinstance(v, int) and v > cur)
     if not options and b.max is not None:
         options = [v for v in (2, 4, 8, 16) if cur < v <= b.max]
+    pp = int(lad.current("pipeline_parallel_size", 1))
+    dp = int(lad.current("data_parallel_size", 1))
+    gpus = lad.bounds.gpu_count
     for value in options:
-        if p := lad.proposal("tensor_parallel_size", value, rung):
-            return p
+        if (p := lad.proposal("tensor_parallel_size", value, rung)) is None:
+            continue
+        if gpus and value * pp * dp > gpus:  # fewer, larger replicas on the same GPUs
+            fewer = max(1, gpus // (value * pp))
+            if lad.pinned("data_parallel_size") or fewer * value * pp > gpus:
+                continue
+            why = f"recovery ladder: {rung}: {_flag('data_parallel_size')} {dp} -> {fewer} to free the GPUs"
+            p = Proposal(changes=(*p.changes, Change(knob="data_parallel_size", value=fewer, reason=why)),
+                         reason=p.reason, source="recovery")
+        return p
     return None
 
 

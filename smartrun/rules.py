@@ -1,17 +1,19 @@
-"""Stage 4, bound: effective hard bounds (each limit with its sources) and a safe baseline plan.
+"""Stage 4, bound: effective hard bounds (each limit with its sources); the baseline plan is sized in sizing.py.
 
 effective bounds = vLLM's domain ∩ bounds file (global, per-model, per-GPU, goal preset)
                    ∩ hardware ∩ model ∩ estimate ∩ user pins.
-A pin outside another source's bound is a PinConflictError naming both (unless force); an empty
-intersection is an InfeasibleError naming the sources that clash. The baseline starts from the
-guide's template for the goal, moves each value to the nearest in-bound value (rule-making, with
-provenance saying so) and is fitted with the estimator so that it starts.
+Limits only: the guide's per-goal preferences live in smartrun/data/policy.toml (smartrun.policy).
+A pin outside the built-in default bounds (safety margins, not limits) is kept with one warning line;
+a pin outside a real limit (the user's bounds file, vLLM's domain, hardware, model, estimate) is a
+PinConflictError naming both (unless force); an empty intersection is an InfeasibleError naming the
+sources that clash, and when nothing fits it lists what would (sizing.no_fit_suggestions).
 
 Choices made here: the utilization cap from free memory is taken over the GPUs of the largest
 allowed tensor-parallel size (so every in-bound utilization is safe at every in-bound tp); the
 max_model_len cap from the estimator is taken at the most generous in-bound plan (top utilization
 and tp, fewest sequences), and combinations beyond it are left to fit_check; kv_cache_dtype is kept
-to what the estimator budgets unless the user pins another.
+to what the estimator budgets unless the user pins another; vLLM's per-model dtype rule (no float16
+for gemma2/gemma3/...) may take float32 beyond the built-in choices, never beyond a user's file.
 """
 
 from __future__ import annotations
@@ -121,31 +123,21 @@ from smartrun.memory import (  # noqa: E402
     EngineFlags,
     GpuSpec,
     MemoryEstimate,
-    plan_safe_fits,
     plan_safe_max_model_len,
 )
 from smartrun.model import ModelFacts  # noqa: E402
-from smartrun.plan import Plan  # noqa: E402
+from smartrun.plan import Plan, gpus_used  # noqa: E402
 from smartrun.secrets import REDACTED  # noqa: E402
 
 EstimateFn = Callable[[ModelFacts, Sequence[GpuSpec], EngineFlags, "str | None"], MemoryEstimate]
 
-# The guide's templates (vllm-run-params-guide.md sections 2 and 3.4), by goal.
-TEMPLATES: dict[str, dict[str, Any]] = {
-    "stable": {"max_model_len": 4096, "gpu_memory_utilization": 0.88, "tensor_parallel_size": 1, "max_num_seqs": 4},
-    "latency": {"max_model_len": 4096, "gpu_memory_utilization": 0.88, "tensor_parallel_size": 1, "max_num_seqs": 2},
-    "long-context": {"max_model_len": 8192, "gpu_memory_utilization": 0.90, "tensor_parallel_size": 1,
-                     "max_num_seqs": 2},
-    "throughput": {"max_model_len": 4096, "gpu_memory_utilization": 0.90, "tensor_parallel_size": 2,
-                   "max_num_seqs": 8},
-}
-COMMON_TEMPLATE: dict[str, Any] = {"pipeline_parallel_size": 1, "kv_cache_dtype": "auto", "enforce_eager": False,
-                                   "optimization_level": 2, "disable_custom_all_reduce": False}
 BUSY_MARGIN = 0.02  # utilization kept back when other processes hold GPU memory
 SHARED_GPU_RANGE = 0.08  # width of the built-in utilization range (0.85-0.93) kept when a shared GPU lowers it
 BUSY_USED_MIB = 1024  # "other processes hold memory": listed processes, or more than this used
 FLOAT16_QUANT = ("awq", "gptq")  # vllm serve --help: "half ... Recommended for AWQ quantization"
 BUDGETED_KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # what the estimator budgets and CUDA supports
+# vLLM 0.33 config/model.py _FLOAT16_NOT_SUPPORTED_MODELS: "Numerical instability. Please use bfloat16 or float32"
+FLOAT16_REFUSED = ("gemma2", "gemma3", "gemma3_text", "plamo2", "glm4")
 MIN_CC = {"awq": (7, 5), "fp8": (7, 5), "gptq": (6, 0)}  # vLLM's minimum capability per quantization method
 
 
@@ -365,6 +357,7 @@ def _hardware_rules(accs: dict[str, _Acc], facts: ModelFacts, hw: HardwareSnapsh
         "model", f"must divide {facts.num_attention_heads} attention heads ({facts.num_kv_heads} KV heads)",
         choices=divisors)
     accs["pipeline_parallel_size"].narrow("hardware", f"{n} usable GPU(s)", hi=n)
+    accs["data_parallel_size"].narrow("hardware", f"{n} usable GPU(s); each replica needs tp x pp of them", hi=n)
     if cc < (8, 0):
         accs["dtype"].narrow("hardware", f"bfloat16 needs compute capability >= 8.0; this GPU has {cc[0]}.{cc[1]}",
                              choices=[c for c in accs["dtype"].choices or [] if c != "bfloat16"])
@@ -429,13 +422,51 @@ def _pin(acc: _Acc, value: Any, typed: str, force: bool, warnings: list[str]) ->
     acc.pin(value)
 
 
+def _passed_builtin(k: Knob, value: Any, typed: str, limits: list[tuple[bounds_mod.Limit, str]]) -> list[str]:
+    """A pin outside a built-in (default) bound is kept: one warning line naming the bound it passes."""
+    out = []
+    for limit, note in limits:
+        acc = _domain(k)
+        try:
+            _apply_limit(acc, limit, note)
+        except InfeasibleError:
+            continue
+        if not acc.contains(value):
+            where = ", ".join(s for s in acc.sources() if s != "vllm")
+            out.append(f"pin {typed} passes the built-in bound {k.name} {acc.describe()} ({where}); "
+                       f"kept because you typed it")
+    return out
+
+
+def _model_dtype_rule(acc: _Acc, facts: ModelFacts, builtin: bool) -> None:
+    """vLLM refuses float16 for some model types (numerical instability): bfloat16 or float32 instead.
+
+    The built-in bounds allow float32 only as a last resort; for these models it is the only way vLLM runs them
+    on GPUs without bfloat16, so float32 is allowed there. A bounds file you write is never widened.
+    """
+    if facts.model_type not in FLOAT16_REFUSED or acc.choices is None or "float16" not in acc.choices:
+        return
+    why = f"vLLM refuses float16 for {facts.model_type} models (numerical instability); use bfloat16 or float32"
+    keep = [c for c in acc.choices if c != "float16"]
+    if not keep and builtin:
+        acc.notes.append(f"model: {why}; float32 allowed beyond the built-in choices")
+        acc.choices, acc.choice_srcs = ["float32"], ["model"]
+        acc.choice_sets = {"model": ["float32"]}
+        return
+    acc.narrow("model", why, choices=[c for c in ("auto", "bfloat16", "float32") if c in (acc.knob.choices or ())])
+
+
 def choose_dtype(bound: KnobBound | _Acc | None, facts: ModelFacts, gpus: Sequence[GpuInfo]) -> tuple[str, str]:
     """bfloat16 when the GPU has cc >= 8.0 and the model is bf16, else float16; (value, why)."""
     model_dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(facts.torch_dtype,
                                                                                  facts.torch_dtype)
     cc = _min_cc(gpus)
     method = facts.quantization.method if facts.quantization else None
-    if method in FLOAT16_QUANT:
+    if facts.model_type in FLOAT16_REFUSED and (cc < (8, 0) or model_dtype not in ("bfloat16", "float32")):
+        want = "bfloat16" if cc >= (8, 0) else "float32"
+        why = (f"model: vLLM refuses float16 for {facts.model_type} (numerical instability); {want}"
+               + (f", as compute capability {cc[0]}.{cc[1]} has no bfloat16" if cc < (8, 0) else ""))
+    elif method in FLOAT16_QUANT:
         want, why = "float16", f"model: {method} checkpoints run in float16 (vLLM's recommendation)"
     elif cc >= (8, 0) and model_dtype == "bfloat16":
         want, why = "bfloat16", "hardware/model: bf16 model on compute capability >= 8.0"
@@ -464,8 +495,10 @@ def _estimate_flags(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFac
     dtype = pins.get("dtype") or choose_dtype(accs["dtype"], facts, hw.gpus)[0]
     kv = pins.get("kv_cache_dtype") or ("auto" if "auto" in (accs["kv_cache_dtype"].choices or ["auto"])
                                          else accs["kv_cache_dtype"].choices[0])
+    pp = low("pipeline_parallel_size") or 1
+    tps = [t for t in (accs["tensor_parallel_size"].choices or [1]) if t * pp <= len(hw.gpus)] or [1]
     return EngineFlags(
-        tensor_parallel_size=top("tensor_parallel_size"), pipeline_parallel_size=low("pipeline_parallel_size") or 1,
+        tensor_parallel_size=max(tps), pipeline_parallel_size=pp,
         gpu_memory_utilization=top("gpu_memory_utilization"), max_num_seqs=low("max_num_seqs"),
         max_num_batched_tokens=pins.get("max_num_batched_tokens"), dtype=dtype, kv_cache_dtype=kv,
         enforce_eager=bool(pins.get("enforce_eager", False)), optimization_level=pins.get("optimization_level"),
@@ -489,7 +522,7 @@ def _shortfall(facts: ModelFacts, gpus: Sequence[GpuInfo], flags: EngineFlags, e
 
 
 def _estimate_rule(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
-                   vllm_version: str | None, estimate_fn: EstimateFn) -> None:
+                   vllm_version: str | None, estimate_fn: EstimateFn, goal: str) -> None:
     acc = accs["max_model_len"]
     flags = _estimate_flags(accs, pins, facts, hw)
     gpus = select_gpus(hw, flags.tensor_parallel_size * flags.pipeline_parallel_size)
@@ -497,14 +530,21 @@ def _estimate_rule(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFact
     largest = plan_safe_max_model_len(est)
     floor = acc.min or 1
     if largest < floor:
+        from smartrun.sizing import suggestions_text
+
+        so_far = Bounds(knobs={name: _bound_of(a) for name, a in accs.items()}, goal=goal, gpu_count=len(hw.gpus))
+        hint = suggestions_text(so_far, facts, hw, goal, vllm_version, estimate_fn,
+                                {**flags.model_dump(exclude_none=True), **pins})
+        if flags.dtype == "float32" and facts.model_type in FLOAT16_REFUSED:
+            hint = f" (float32: vLLM refuses float16 for {facts.model_type} and the GPU has no bfloat16){hint}"
         if largest <= 0:
             at_min = estimate_fn(facts, _specs(gpus), flags.model_copy(update={"max_model_len": floor}),
                                  vllm_version)
-            raise InfeasibleError(_shortfall(facts, gpus, flags, at_min))
+            raise InfeasibleError(_shortfall(facts, gpus, flags, at_min) + hint)
         raise InfeasibleError(
             f"{facts.name} on {_gpu_words(gpus)}: the largest max_model_len that fits at tp "
             f"{flags.tensor_parallel_size}, utilization {flags.gpu_memory_utilization} is {largest}, below the "
-            f"minimum {acc.min} from {acc.min_src}")
+            f"minimum {acc.min} from {acc.min_src}{hint}")
     acc.narrow("estimate", f"largest max_model_len that fits at tp {flags.tensor_parallel_size}, utilization "
                            f"{flags.gpu_memory_utilization} is {largest}", hi=largest)
 
@@ -537,13 +577,22 @@ def effective_bounds(
     warnings: list[str] = []
     accs = {name: _domain(CATALOGUE[name]) for name in TUNING_KNOBS}
     model_names = (facts.name, facts.path and facts.path.rstrip("/").rsplit("/", 1)[-1], facts.path)
+    builtin = file.path == bounds_mod.BUILTIN_NAME
+    passed: dict[str, list[tuple[bounds_mod.Limit, str]]] = {}  # built-in limits a pin may pass (with a warning)
     for name, limit in bounds_mod.layered(file, model_names, tuple(g.name for g in hardware.gpus)).items():
         accs.setdefault(name, _domain(CATALOGUE[name]))
+        if builtin and name in pins:
+            passed.setdefault(name, []).append((limit, ""))
+            continue
         _apply_limit(accs[name], limit)
     for name, limit in file.goals.get(goal, {}).items():
         accs.setdefault(name, _domain(CATALOGUE[name]))
+        if builtin and name in pins:
+            passed.setdefault(name, []).append((limit, f"(goal {goal})"))
+            continue
         _apply_limit(accs[name], limit, f"(goal {goal})")
     _hardware_rules(accs, facts, hardware, warnings)
+    _model_dtype_rule(accs["dtype"], facts, builtin and "dtype" not in pins)
     accs["max_model_len"].narrow("model", f"the model's derived maximum is {facts.derived_max_model_len}",
                                  hi=facts.derived_max_model_len)
     typed = {name: pin_text(name, value) if CATALOGUE[name].secret else (pin_flags or {}).get(name)
@@ -564,9 +613,11 @@ def effective_bounds(
         _pin(accs["gpu_memory_utilization"], pins["gpu_memory_utilization"], typed["gpu_memory_utilization"],
              force, warnings)
     if pins.get("max_model_len") != AUTO_MAX_MODEL_LEN:
-        _estimate_rule(accs, pins, facts, hardware, vllm_version, estimate_fn or _default_estimate())
+        _estimate_rule(accs, pins, facts, hardware, vllm_version, estimate_fn or _default_estimate(), goal)
     if "max_model_len" in pins:
         _pin(accs["max_model_len"], pins["max_model_len"], typed["max_model_len"], force, warnings)
+    for name, limits in passed.items():
+        warnings += _passed_builtin(CATALOGUE[name], pins[name], typed[name], limits)
     return Bounds(knobs={name: _bound_of(acc) for name, acc in accs.items()}, goal=goal,
                   warnings=tuple(warnings), gpu_count=len(hardware.gpus), bounds_file=file.path)
 
@@ -600,50 +651,10 @@ def _place(bounds: Bounds, name: str, value: Any, why: str, params: dict, prov: 
         f"{why}; {value} moved to {placed} to lie inside {bound.describe()} ({', '.join(bound.sources)})")
 
 
-def _round_len(value: int, floor: int) -> int:
-    """Round a fitted context down to a multiple of 256 (but not below the bound's floor)."""
-    return max(floor, value // 256 * 256) if value >= 256 else value
-
-
 def flags_from_params(params: dict[str, Any]) -> EngineFlags:
     """The estimator's view of a plan's knob values (None and unknown-to-the-estimator knobs dropped)."""
     fields = EngineFlags.model_fields
     return EngineFlags(**{k: v for k, v in params.items() if k in fields and v is not None})
-
-
-def _fit_at(bounds: Bounds, facts: ModelFacts, hw: HardwareSnapshot, params: dict, prov: dict,
-            vllm_version: str | None, estimate_fn: EstimateFn, shorten: bool) -> tuple[MemoryEstimate | None, str]:
-    """Try the plan as is, or (shorten) with the context lowered to what fits. Mutates params/prov on success."""
-    gpus = select_gpus(hw, params["tensor_parallel_size"] * params["pipeline_parallel_size"])
-    specs = _specs(gpus)
-    mml_bound = bounds.knobs["max_model_len"]
-    try:
-        est = estimate_fn(facts, specs, flags_from_params(params), vllm_version)
-    except EstimateError as err:
-        return None, err.message
-    # Sized from the low end of the estimate's band (memory.plan_safe_*): no plan counts on cache that is not there.
-    safe_len = plan_safe_max_model_len(est)
-    if not plan_safe_fits(est) and shorten and not mml_bound.pinned and safe_len >= (mml_bound.min or 1):
-        fitted = _round_len(min(params["max_model_len"], safe_len), mml_bound.min or 1)
-        trial = {**params, "max_model_len": fitted}
-        est = estimate_fn(facts, specs, flags_from_params(trial), vllm_version)
-        if plan_safe_fits(est):
-            params.update(trial)
-            prov["max_model_len"] = (f"estimate: largest max_model_len that fits is {plan_safe_max_model_len(est)}"
-                                     f" at the low end of the estimate's band; {fitted} ({prov['max_model_len']})")
-    if plan_safe_fits(est):
-        return est, ""
-    return None, _shortfall(facts, gpus, flags_from_params(params), est)
-
-
-def _fitting_steps(bounds: Bounds, params: dict) -> list[tuple[float, bool]]:
-    """(utilization, shorten context?) in order of preference: the template as is on the fewest GPUs that hold
-    it, then a shorter context, then the bound's top utilization (guide 4.2: context first, then memory)."""
-    util, util_bound = params["gpu_memory_utilization"], bounds.knobs["gpu_memory_utilization"]
-    steps = [(util, False), (util, True)]
-    if not util_bound.pinned and util_bound.max is not None and util_bound.max > util:
-        steps += [(util_bound.max, False), (util_bound.max, True)]
-    return steps
 
 
 def baseline(
@@ -655,44 +666,10 @@ def baseline(
     *,
     estimate_fn: EstimateFn | None = None,
 ) -> tuple[Plan, MemoryEstimate]:
-    """The guide's template for the goal, moved inside the bounds and fitted with the estimator."""
-    goal = goal or bounds.goal
-    estimate_fn = estimate_fn or _default_estimate()
-    template = {**COMMON_TEMPLATE, **TEMPLATES[goal]}
-    params: dict[str, Any] = {}
-    prov: dict[str, str] = {}
-    for name, value in template.items():
-        _place(bounds, name, value, f"goal:{goal} template", params, prov)
-    dtype, why = choose_dtype(bounds.knobs.get("dtype"), facts, hardware.gpus)
-    _place(bounds, "dtype", dtype, why, params, prov)
-    for name, bound in bounds.knobs.items():  # every other pin (user-only knobs too) goes into the plan
-        if bound.pinned and name not in params:
-            params[name], prov[name] = (bound.choices[0] if bound.choices else bound.min), "pin"
-    tp_bound = bounds.knobs["tensor_parallel_size"]
-    choices = sorted(tp_bound.choices or [params["tensor_parallel_size"]])
-    start = params["tensor_parallel_size"]
-    candidates = [start] if tp_bound.pinned else [start, *[t for t in choices if t > start]]
-    failures: list[str] = []
-    for util, shorten in _fitting_steps(bounds, params):
-        for tp in candidates:
-            if tp * params["pipeline_parallel_size"] > len(hardware.gpus):
-                continue
-            trial = {**params, "tensor_parallel_size": tp, "gpu_memory_utilization": util}
-            trial_prov = dict(prov)
-            if tp != start:
-                trial_prov["tensor_parallel_size"] = f"estimate: the smallest tensor parallel size that fits is {tp}"
-            if util != params["gpu_memory_utilization"]:
-                trial_prov["gpu_memory_utilization"] = (
-                    f"estimate: raised to the bound's top {util} so the plan fits "
-                    f"({', '.join(bounds.knobs['gpu_memory_utilization'].sources)})")
-            _custom_all_reduce(bounds, hardware, trial, trial_prov)
-            est, why_not = _fit_at(bounds, facts, hardware, trial, trial_prov, vllm_version, estimate_fn, shorten)
-            if est is not None:
-                trial = {name: trial[name] for name in sorted(trial, key=_catalogue_order)}
-                plan = Plan(params=trial, source="static", provenance=trial_prov, reason=f"goal {goal} baseline")
-                return plan, est
-            failures.append(why_not)
-    raise InfeasibleError(failures[-1] if failures else f"no tensor parallel size fits {facts.name}")
+    """The goal's plan sized from the estimate inside the bounds (smartrun.sizing; preferences in policy.toml)."""
+    from smartrun.sizing import sized_plan
+
+    return sized_plan(bounds, facts, hardware, goal or bounds.goal, vllm_version, estimate_fn or _default_estimate())
 
 
 def _catalogue_order(name: str) -> int:
@@ -718,8 +695,8 @@ def fit_check(facts: ModelFacts, hardware: HardwareSnapshot, vllm_version: str |
     def check(params: dict[str, Any]) -> str | None:
         flags = flags_from_params(params)
         count = flags.tensor_parallel_size * flags.pipeline_parallel_size
-        if count > len(hardware.gpus):
-            return f"tp x pp = {count} GPUs; the machine has {len(hardware.gpus)}"
+        if gpus_used(params) > len(hardware.gpus):
+            return f"tp x pp x dp = {gpus_used(params)} GPUs; the machine has {len(hardware.gpus)}"
         gpus = select_gpus(hardware, count)
         try:
             est = estimate_fn(facts, _specs(gpus), flags, vllm_version)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from smartrun.knobs import CATALOGUE, Knob
-from smartrun.plan import Change, Frozen, Plan, Proposal, Rejection
+from smartrun.plan import Change, Frozen, Plan, Proposal, Rejection, gpus_used
 from smartrun.rules import Bounds, KnobBound
 
 FitCheck = Callable[[dict[str, Any]], "str | None"]
@@ -85,9 +85,10 @@ def _combination(bounds: Bounds, params: dict[str, Any]) -> str | None:
     """Cross-knob limits the per-knob bounds cannot express."""
     if bounds.gpu_count is None:
         return None
-    world = int(params.get("tensor_parallel_size", 1) or 1) * int(params.get("pipeline_parallel_size", 1) or 1)
+    world = gpus_used(params)
     if world > bounds.gpu_count:
-        return f"tensor_parallel_size x pipeline_parallel_size = {world} exceeds the {bounds.gpu_count} usable GPUs"
+        return (f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = {world} exceeds the "
+                f"{bounds.gpu_count} usable GPUs")
     return None
 
 

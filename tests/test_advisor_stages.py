@@ -26,32 +26,32 @@ def test_partly_rejected_proposal_is_repaired_on_real_bounds(fixtures_dir):
     fit = rules.fit_check(ctx.model, ctx.hardware)
     first = reply([
         {"knob": "max_num_seqs", "value": 64, "reason": "many users"},
-        {"knob": "gpu_memory_utilization", "value": 0.92, "reason": "more KV cache"},
+        {"knob": "gpu_memory_utilization", "value": 0.97, "reason": "more KV cache"},
         {"knob": "max_model_len", "value": 16384, "reason": "longer prompts"},
         {"knob": "trust_remote_code", "value": True, "reason": "just in case"},
     ], "throughput first")
-    second = reply([{"knob": "max_num_seqs", "value": 16, "reason": "top of the throughput range"},
-                    {"knob": "gpu_memory_utilization", "value": 0.92, "reason": "more KV cache"}],
+    second = reply([{"knob": "max_num_seqs", "value": 64, "reason": "many users"},
+                    {"knob": "gpu_memory_utilization", "value": 0.9, "reason": "inside the built-in band"}],
                    "throughput first, inside the bounds")
     with FakeLLM([{"content": first}, {"content": second}]) as llm:
         advice = advise(ctx, transport(llm.base_url),
                         lambda p: validate.check(ctx.bounds, ctx.baseline, p, fit_check=fit))
     assert advice.plan.source == "llm"
-    assert advice.plan.params["max_num_seqs"] == 16
-    assert advice.plan.params["gpu_memory_utilization"] == 0.92
+    assert advice.plan.params["max_num_seqs"] == 64
+    assert advice.plan.params["gpu_memory_utilization"] == 0.9
     assert advice.plan.params["max_model_len"] == 8192  # the pin held
     assert "trust_remote_code" not in advice.plan.params
     for name, value in advice.plan.params.items():
         bound = ctx.bounds.knobs.get(name)
         assert bound is None or bound.contains(value) or value is None, (name, value)
     rejected = [r.knob for r in advice.exchanges[0].rejections]
-    assert rejected == ["max_num_seqs"]
+    assert rejected == ["gpu_memory_utilization"]  # the built-in band binds the LLM (only a typed pin passes it)
     assert len(advice.exchanges[0].ignored) == 2
     lines = explain_lines(advice)
     assert lines[0].startswith("LLM propose #1: not accepted")
     assert lines[-1].startswith('source=llm reason="throughput first, inside the bounds"')
     repair = llm.chat_requests[1]["body"]["messages"][-1]["content"]
-    assert "max_num_seqs = 64" in repair and "8 <= x <= 16" in repair
+    assert "gpu_memory_utilization = 0.97" in repair and "0.85 <= x <= 0.93" in repair
     assert FAKE_KEY not in advice.model_dump_json()
 
 

@@ -23,16 +23,16 @@ def _write(tmp_path: Path, text: str, name: str = "smartrun.toml") -> Path:
     return path
 
 
-def test_builtin_encodes_the_guide():
+def test_builtin_keeps_only_safety_margins_and_the_guide_lives_in_the_policy():
     f = bounds.builtin()
     util = f.knobs["gpu_memory_utilization"]
     assert (util.min, util.max, util.oom_floor) == (0.85, 0.93, 0.82)
     assert f.knobs["dtype"].choices == ("bfloat16", "float16") and f.knobs["dtype"].last_resort == ("float32",)
     assert (f.knobs["optimization_level"].min, f.knobs["optimization_level"].max) == (0, 2)
-    assert f.knobs["max_model_len"].min == 2048
-    assert (f.goals["latency"]["max_num_seqs"].min, f.goals["latency"]["max_num_seqs"].max) == (2, 4)
-    assert (f.goals["throughput"]["max_num_seqs"].min, f.goals["throughput"]["max_num_seqs"].max) == (8, 16)
-    assert util.source("min") == "bounds:builtin:8"
+    assert f.knobs["cpu_offload_gb"].max == 0
+    # the guide's per-goal ranges are preferences now, not caps: no goal presets, no seqs/pp/context caps
+    assert f.goals == {} and not {"max_model_len", "max_num_seqs", "pipeline_parallel_size"} & set(f.knobs)
+    assert util.source("min") == "bounds:builtin:10"
     assert bounds.problems(bounds.BUILTIN_PATH) == []
 
 
@@ -169,20 +169,27 @@ def test_bounds_show_prints_every_limit_with_its_source():
 
 def test_bounds_show_json_and_the_builtin_on_two_machines():
     model = str(FIX / "models" / "llama-3.1-8b-instruct")
-    for machine, tp in (("1x-l4", 1), ("2x-a100-80gb-nvlink", 2)):
+    for machine, tp, dp in (("1x-l4", 1, None), ("2x-a100-80gb-nvlink", 1, 2)):
         result = _show(model, "--hardware", str(FIX / "hardware" / f"{machine}.json"), "--json", "--goal",
                        "throughput")
         assert result.returncode == 0, result.stderr
         data = json.loads(result.stdout)
-        assert data["bounds"]["max_num_seqs"]["min"] == 8 and "bounds:builtin:51" in data["bounds"]["max_num_seqs"][
-            "sources"]
+        assert data["bounds"]["max_num_seqs"]["min"] == 1 and data["bounds"]["max_num_seqs"]["sources"] == ["vllm"]
         assert data["params"]["tensor_parallel_size"] == tp and data["estimate"]["fits"]
+        assert data["params"].get("data_parallel_size") == dp
         assert data["argv"][:3] == ["vllm", "serve", model]
 
 
-def test_bounds_show_refuses_a_conflicting_pin_with_exit_2():
-    result = _show(str(FIX / "models" / "qwen2.5-7b-instruct"), "--hardware", str(FIX / "hardware" / "1x-l4.json"),
-                   "--gpu-memory-utilization", "0.97")
+def test_bounds_show_keeps_a_pin_past_the_builtin_band_and_refuses_one_past_the_users_file(tmp_path):
+    model, l4 = str(FIX / "models" / "qwen2.5-7b-instruct"), str(FIX / "hardware" / "1x-l4.json")
+    kept = _show(model, "--hardware", l4, "--json", "--gpu-memory-utilization", "0.97")
+    assert kept.returncode == 0, kept.stderr
+    data = json.loads(kept.stdout)
+    assert data["params"]["gpu_memory_utilization"] == 0.97 and data["provenance"]["gpu_memory_utilization"] == "pin"
+    assert [w for w in data["warnings"] if w.startswith("pin --gpu-memory-utilization 0.97 passes the built-in bound")]
+    mine = tmp_path / "smartrun.toml"
+    mine.write_text("version = 1\n[knobs.gpu_memory_utilization]\nmax = 0.93\n")
+    result = _show(model, "--hardware", l4, "--bounds", str(mine), "--gpu-memory-utilization", "0.97")
     assert result.returncode == 2
-    assert result.stderr.startswith("localaistack: pin --gpu-memory-utilization 0.97 conflicts with ")
+    assert result.stderr.startswith(f"localaistack: pin --gpu-memory-utilization 0.97 conflicts with bounds:{mine}:3")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

@@ -83,7 +83,7 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
         assert SERVED_KEY not in json.dumps(llm.requests)
     output = "".join(lines) + rest
     assert proc.returncode == 130, output[-2000:]
-    assert "attempt 1 failed: oom" in output and "gpu_memory_utilization 0.88 -> 0.85" in output
+    assert "attempt 1 failed: oom" in output and "gpu_memory_utilization 0.92 -> 0.85" in output
 
     starts = [json.loads(x) for x in record_file.read_text().splitlines()]
     assert len(starts) == 2
@@ -142,7 +142,8 @@ def test_tune_hook_after_a_healthy_start_is_recorded_and_replays(tmp_path, monke
     monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FAKE_VLLM_PERF", "kv_bound,time_scale=0.002")
     monkeypatch.setenv("FAKE_VLLM_SCENARIO", "{}")
-    argv = ["model", "run", MODEL, "--hardware", H100, "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()),
+    rtx4090 = str(FIXTURES / "hardware" / "1x-rtx4090.json")  # the kv_bound profile's 24 GiB card
+    argv = ["model", "run", MODEL, "--hardware", rtx4090, "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()),
             "--smart-run", "--tune", "--tune-rounds", "1", "--probe-duration", "0.5", "--probe-concurrency", "2"]
     args, extra = build_parser().parse_known_args(argv)
     args.extra = extra

@@ -116,3 +116,14 @@ def test_not_tunable_failures_stop_with_advice():
                          ("bad_argument", "vllm serve --help"), ("startup_timeout", "--startup-timeout")]:
         stop = next_step(Failure(klass=klass, evidence="the line"), PLAN, bounds())
         assert isinstance(stop, Stop) and words in stop.message() and "the line" in stop.message()
+
+
+def test_more_tp_on_a_machine_full_of_replicas_makes_fewer_larger_replicas():
+    plan = PLAN.with_changes({"data_parallel_size": 2}, "static", {})
+    b = bounds(data_parallel_size=KnobBound(knob="data_parallel_size", min=1, max=2)).model_copy(
+        update={"gpu_count": 2})
+    step = next_step(Failure(klass="oom_loading", evidence="x"), plan, b)
+    assert isinstance(step, Proposal)
+    assert [(c.knob, c.value) for c in step.changes] == [("tensor_parallel_size", 2), ("data_parallel_size", 1)]
+    pinned = b.model_copy(update={"knobs": {**b.knobs, "data_parallel_size": pin("data_parallel_size", 2)}})
+    assert not isinstance(next_step(Failure(klass="oom_loading", evidence="x"), plan, pinned), Proposal)

@@ -56,7 +56,7 @@ def _stub(weights_gib: float = 14.0, tokens_per_gib: int = 8192):
             free_gib=total, weights_gib=round(weights, 2), activation_gib=0.5, non_torch_gib=0.5, cudagraph_gib=0,
             kv_cache_gib=max(kv, 0), kv_cache_tokens=max(0, int(kv * tokens_per_gib)), kv_bytes_per_token=1,
             block_size=16, num_gpu_blocks=1, max_model_len=mml, max_num_seqs=flags.max_num_seqs or 256,
-            max_num_batched_tokens=2048, max_concurrency=1.0, fits=fits,
+            max_num_batched_tokens=2048, max_concurrency=round(max(kv, 0) * tokens_per_gib / mml, 2), fits=fits,
             reason=None if fits else f"short by {(mml - largest) / tokens_per_gib:.2f} GiB", largest_max_model_len=largest)
 
     estimate.calls = calls
@@ -81,12 +81,12 @@ def test_domain_file_hardware_model_and_estimate_each_leave_their_source():
     b = _eff(machine=_machine(_gpu(0), _gpu(1), _gpu(2), links=((0, 1), (0, 2), (1, 2))),
              est=_stub(weights_gib=60, tokens_per_gib=200))
     util = b.knobs["gpu_memory_utilization"]
-    assert (util.min, util.max, util.sources) == (0.85, 0.93, ("bounds:builtin:8", "bounds:builtin:9"))
+    assert (util.min, util.max, util.sources) == (0.85, 0.93, ("bounds:builtin:10", "bounds:builtin:11"))
     assert util.recovery_min == 0.82
     assert b.knobs["tensor_parallel_size"].choices == (1, 2)  # 3 GPUs, but 3 does not divide 32 heads
     assert "model" in b.knobs["tensor_parallel_size"].sources
     mml = b.knobs["max_model_len"]
-    assert mml.min == 2048 and mml.max < 32768 and "estimate" in mml.sources
+    assert mml.min == 1 and mml.max < 32768 and "estimate" in mml.sources  # the 2048 floor is a preference now
     assert any(n.startswith("estimate: largest max_model_len that fits at tp 2") for n in mml.notes)
     assert b.knobs["optimization_level"].max == 2 and b.knobs["enforce_eager"].choices == (False, True)
     assert b.gpu_count == 3 and b.bounds_file == "builtin"
@@ -124,7 +124,7 @@ def test_busy_gpu_caps_utilization_with_a_margin(tmp_path):
     shared = _eff(machine=_machine(busy))
     util = shared.knobs["gpu_memory_utilization"]
     assert (util.min, util.max) == (0.65, 0.73) and util.sources == ("hardware",)
-    assert any("gives way to 0.73" in w and "bounds:builtin:8" in w for w in shared.warnings)
+    assert any("gives way to 0.73" in w and "bounds:builtin:10" in w for w in shared.warnings)
     # a person's bounds file is never relaxed: its floor above what is free is an infeasibility naming both
     strict = _file(tmp_path, "[knobs.gpu_memory_utilization]\nmin = 0.85\nmax = 0.93\n")
     with pytest.raises(InfeasibleError) as err:
@@ -171,24 +171,52 @@ def test_pins_inside_bounds_become_single_values_the_llm_cannot_move():
 
 
 @pytest.mark.parametrize(
-    ("argv", "culprit"),
+    ("argv", "bound"),
     [
-        (["--max-num-seqs", "512"], "bounds:builtin:19"),
-        (["--gpu-memory-utilization", "0.97"], "bounds:builtin:9"),
-        (["-tp", "2"], "hardware"),
-        (["--max-model-len", "65536"], "model"),
-        (["--dtype", "float32"], "bounds:builtin:28"),
+        (["--gpu-memory-utilization", "0.97"], "gpu_memory_utilization 0.85 <= x <= 0.93 (bounds:builtin:10, "
+                                               "bounds:builtin:11)"),
+        (["--dtype", "float32"], "dtype one of ['bfloat16', 'float16'] (bounds:builtin:21)"),
+        (["--cpu-offload-gb", "4"], "cpu_offload_gb 0.0 <= x <= 0 (bounds:builtin:35)"),
     ],
 )
-def test_a_pin_outside_another_bound_is_refused_naming_both_unless_forced(argv, culprit):
+def test_a_pin_past_a_builtin_bound_is_kept_with_one_warning_naming_the_bound(argv, bound):
+    user = parse_user_args(argv)
+    b = rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, pin_flags=user.pin_flags,
+                               estimate_fn=_stub())
+    name, value = next(iter(user.pins.items()))
+    assert b.knobs[name].pinned and b.knobs[name].contains(value)
+    assert b.warnings == (f"pin {' '.join(argv)} passes the built-in bound {bound}; kept because you typed it",)
+    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    assert plan.params[name] == value and plan.provenance[name] == "pin"
+
+
+def test_the_guides_ranges_no_longer_cap_a_pin():
+    user = parse_user_args(["--max-num-seqs", "512", "-pp", "2", "--max-model-len", "1024"])
+    b = rules.effective_bounds(_facts(), _machine(_gpu(0), _gpu(1), links=((0, 1),)), None, user.pins,
+                               pin_flags=user.pin_flags, estimate_fn=_stub())
+    assert b.warnings == () and all(b.knobs[k].pinned for k in user.pins)
+
+
+@pytest.mark.parametrize(
+    ("argv", "culprit"),
+    [
+        (["-tp", "2"], "hardware"),
+        (["--max-model-len", "65536"], "model"),
+        (["--gpu-memory-utilization", "0.97"], "bounds:{file}:3"),
+        (["--max-num-seqs", "512"], "bounds:{file}:5"),
+    ],
+)
+def test_a_pin_outside_a_real_limit_or_the_users_file_is_refused_naming_both_unless_forced(tmp_path, argv, culprit):
+    file = _file(tmp_path, "[knobs.gpu_memory_utilization]\nmax = 0.93\n[knobs.max_num_seqs]\nmax = 256\n")
+    culprit = culprit.format(file=tmp_path / "smartrun.toml")
     user = parse_user_args(argv)
     with pytest.raises(PinConflictError) as err:
-        rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, pin_flags=user.pin_flags,
+        rules.effective_bounds(_facts(), _machine(_gpu(0)), file, user.pins, pin_flags=user.pin_flags,
                                estimate_fn=_stub())
     assert err.value.message.startswith(f"pin {' '.join(argv)} conflicts with {culprit}")
     if culprit == "hardware":
         return
-    b = rules.effective_bounds(_facts(), _machine(_gpu(0)), None, user.pins, force=True, pin_flags=user.pin_flags,
+    b = rules.effective_bounds(_facts(), _machine(_gpu(0)), file, user.pins, force=True, pin_flags=user.pin_flags,
                                estimate_fn=_stub())
     name = next(iter(user.pins))
     assert b.knobs[name].pinned and any("--force" in w for w in b.warnings)
@@ -244,31 +272,54 @@ def test_select_gpus_on_a_32_gpu_machine_finishes_and_still_prefers_nvlink_then_
 
 @pytest.mark.parametrize(
     ("goal", "expected"),
-    [
-        ("stable", {"max_model_len": 4096, "gpu_memory_utilization": 0.88, "tensor_parallel_size": 1, "max_num_seqs": 4}),
-        ("long-context", {"max_model_len": 8192, "gpu_memory_utilization": 0.9, "max_num_seqs": 2}),
-        ("throughput", {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.9, "max_num_seqs": 8,
+    [  # 2 NVLinked 80 GB GPUs, a 14 GiB 7B with 32768 native tokens: ~480K KV tokens per GPU
+        ("stable", {"max_model_len": 32768, "gpu_memory_utilization": 0.92, "tensor_parallel_size": 1,
+                    "data_parallel_size": 2, "max_num_seqs": 232, "max_num_batched_tokens": 2048}),
+        ("long-context", {"max_model_len": 32768, "tensor_parallel_size": 1, "data_parallel_size": 2}),
+        ("throughput", {"tensor_parallel_size": 1, "data_parallel_size": 2, "max_num_seqs": 232,
                         "dtype": "bfloat16"}),
-        ("latency", {"max_num_seqs": 2, "max_model_len": 4096}),
+        ("latency", {"tensor_parallel_size": 2, "max_num_seqs": 64, "max_model_len": 32768}),
     ],
 )
-
-
-def test_baseline_follows_the_guide_template_for_the_goal(goal, expected):
+def test_baseline_is_sized_from_the_estimate_for_the_goal(goal, expected):
     m = _machine(_gpu(0), _gpu(1), links=((0, 1),))
     b = _eff(machine=m, goal=goal)
     plan, est = rules.baseline(b, _facts(), m, goal, estimate_fn=_stub())
-    assert {k: plan.params[k] for k in expected} == expected
+    assert {k: plan.params.get(k) for k in expected} == expected
     assert plan.source == "static" and est.fits
-    assert plan.provenance["max_num_seqs"] == f"goal:{goal} template"
+    assert plan.provenance["max_num_seqs"].startswith("estimate: the cache holds")
+    assert plan.provenance["optimization_level"] == f"policy:{goal} template"
     assert all(b.knobs[k].contains(v) for k, v in plan.params.items() if k in b.knobs)
+    if goal == "latency":  # TP over both GPUs, no replicas
+        assert "data_parallel_size" not in plan.params and "policy:latency keeps batches" in plan.provenance[
+            "max_num_seqs"]
+    else:
+        assert plan.provenance["data_parallel_size"].startswith("placement: 2 replicas of 1 GPU(s)")
 
 
-def test_baseline_moves_template_values_into_the_bounds_and_says_so(tmp_path):
+def test_no_gpu_is_left_idle_without_a_word():
+    three = _machine(_gpu(0), _gpu(1), _gpu(2), links=((0, 1), (0, 2), (1, 2)))
+    est = _stub(weights_gib=100)  # needs tp 2; 3 does not divide 32 heads: one GPU stays idle
+    plan, _ = rules.baseline(_eff(machine=three, est=est, goal="throughput"), _facts(), three, "throughput",
+                             estimate_fn=est)
+    assert plan.params["tensor_parallel_size"] == 2 and plan.params["data_parallel_size"] == 1
+    assert "GPU(s) 2 idle" in plan.provenance["data_parallel_size"]
+
+
+def test_a_bounds_file_limits_the_replicas_and_says_so(tmp_path):
+    four = _machine(*(_gpu(i) for i in range(4)), links=tuple((a, b) for a in range(4) for b in range(a + 1, 4)))
+    file = _file(tmp_path, "[knobs.data_parallel_size]\nmax = 2\n")
+    plan, _ = rules.baseline(_eff(machine=four, file=file), _facts(), four, estimate_fn=_stub())
+    assert plan.params["data_parallel_size"] == 2 and "GPU(s) 2, 3 idle" in plan.provenance["data_parallel_size"]
+    assert "(4 would fit the GPUs;" in plan.provenance["data_parallel_size"]
+
+
+def test_baseline_moves_sized_values_into_the_bounds_and_says_so(tmp_path):
     file = _file(tmp_path, "[knobs.max_num_seqs]\nmin = 16\nmax = 32\n[knobs.gpu_memory_utilization]\nmax = 0.8\n")
     plan, _ = rules.baseline(_eff(file=file), _facts(), _machine(_gpu(0)), estimate_fn=_stub())
-    assert plan.params["max_num_seqs"] == 16 and plan.params["gpu_memory_utilization"] == 0.8
-    assert "4 moved to 16 to lie inside 16 <= x <= 32" in plan.provenance["max_num_seqs"]
+    assert plan.params["max_num_seqs"] == 32 and plan.params["gpu_memory_utilization"] == 0.8
+    assert "moved to 32 to lie inside 16 <= x <= 32" in plan.provenance["max_num_seqs"]
+    assert "0.92 moved to 0.8" in plan.provenance["gpu_memory_utilization"]
 
 
 def test_baseline_grows_tp_when_one_gpu_is_too_small_and_disables_custom_all_reduce_without_nvlink():
@@ -276,26 +327,29 @@ def test_baseline_grows_tp_when_one_gpu_is_too_small_and_disables_custom_all_red
     est = _stub(weights_gib=100)
     plan, fitted = rules.baseline(_eff(machine=m, est=est), _facts(), m, estimate_fn=est)
     assert plan.params["tensor_parallel_size"] == 2 and fitted.fits
-    assert plan.provenance["tensor_parallel_size"] == "estimate: the smallest tensor parallel size that fits is 2"
+    assert plan.provenance["tensor_parallel_size"] == "estimate: the smallest tensor parallel size that holds the model is 2"
     assert plan.params["disable_custom_all_reduce"] is True
     assert plan.provenance["disable_custom_all_reduce"] == "hardware: no NVLink between GPUs 0, 1"
     assert not any("NVLink" in w for w in _eff(machine=m, est=est).warnings)  # the pipeline warns, for tp > 1 only
 
 
 def test_baseline_lowers_the_context_to_what_fits():
-    est = _stub(weights_gib=70, tokens_per_gib=1000)  # 0.88*80 - 71 < 0: needs the top util; ~3400 tokens there
+    est = _stub(weights_gib=70, tokens_per_gib=1000)  # 0.92*80 - 71 = 2.6 GiB of KV: ~2600 tokens
     plan, fitted = rules.baseline(_eff(est=est), _facts(), _machine(_gpu(0)), estimate_fn=est)
-    assert plan.params["gpu_memory_utilization"] == 0.93 and 2048 <= plan.params["max_model_len"] < 4096
+    assert plan.params["gpu_memory_utilization"] == 0.92 and 2048 <= plan.params["max_model_len"] < 4096
     assert fitted.fits and plan.params["max_model_len"] <= fitted.largest_max_model_len
     assert "estimate" in plan.provenance["max_model_len"]
 
 
-def test_nothing_fits_says_what_and_by_how_much():
+def test_nothing_fits_says_what_by_how_much_and_what_would_fit_checked_by_the_estimator():
     with pytest.raises(InfeasibleError) as err:
         _eff(est=_stub(weights_gib=140))
     assert err.value.message == (
         "Org/Test-7B needs 140.0 GiB of weights per GPU at tp 1; the NVIDIA H100 80GB HBM3 offers 74.4 GiB at "
-        "utilization 0.93")
+        "utilization 0.93; would fit: 2x NVIDIA H100 80GB HBM3 with --tensor-parallel-size 2")
+    with pytest.raises(InfeasibleError) as err:  # nothing the estimator accepts: no suggestion is made up
+        _eff(est=_stub(weights_gib=1000))
+    assert err.value.message.endswith("; nothing smartrun knows would fit on this machine")
 
 
 def test_fit_check_feeds_the_validator():
@@ -309,13 +363,13 @@ def test_fit_check_feeds_the_validator():
                                  Change(knob="gpu_memory_utilization", value=0.85)))
     verdict = check(b, plan, too_long, fits)
     assert not verdict.accepted and verdict.rejections[0].source == "estimate"
-    assert fits({**plan.params, "tensor_parallel_size": 2}).startswith("tp x pp = 2 GPUs")
+    assert fits({**plan.params, "tensor_parallel_size": 2}).startswith("tp x pp x dp = 2 GPUs")
 
 
 def test_format_bounds_lists_every_knob_with_sources():
     lines = rules.format_bounds(_eff())
     assert lines[0] == "goal stable; bounds file builtin"
-    assert any(line.startswith("gpu_memory_utilization") and "bounds:builtin:8" in line for line in lines)
+    assert any(line.startswith("gpu_memory_utilization") and "bounds:builtin:10" in line for line in lines)
 
 
 # --- every fixture machine x every fixture model x every goal (real estimator) ------------------
@@ -423,7 +477,7 @@ def test_real_fixtures_prefer_more_gpus_to_a_riskier_utilization_and_float16_for
     h100x4 = machines["4x-h100-80gb-nvlink"]
     big = models["qwen2.5-72b-instruct"]
     plan, est = rules.baseline(rules.effective_bounds(big, h100x4, None, {}, "stable"), big, h100x4, "stable")
-    assert (plan.params["tensor_parallel_size"], plan.params["gpu_memory_utilization"]) == (4, 0.88) and est.fits
+    assert (plan.params["tensor_parallel_size"], plan.params["gpu_memory_utilization"]) == (4, 0.92) and est.fits
     awq = models["qwen2.5-72b-instruct-awq"]
     plan, _ = rules.baseline(rules.effective_bounds(awq, h100x4, None, {}, "stable"), awq, h100x4, "stable")
     assert plan.params["dtype"] == "float16" and plan.provenance["dtype"].startswith("model: awq")

@@ -226,8 +226,10 @@ def summary_lines(result: Any) -> list[str]:
     out.append(f"  concurrency  {'vLLM default' if seqs is None else f'up to {seqs} requests'} at once{room}"
                f"{where('max_num_seqs')}")
     tp, pp = int(params.get("tensor_parallel_size") or 1), int(params.get("pipeline_parallel_size") or 1)
+    dp = int(params.get("data_parallel_size") or 1)
     if hw is not None:
-        out.append(f"  GPUs         {_gpu_words(result, tp, pp)}{where('tensor_parallel_size', 'pipeline_parallel_size')}")
+        out.append(f"  GPUs         {_gpu_words(result, tp, pp, dp)}"
+                   f"{where('tensor_parallel_size', 'pipeline_parallel_size', 'data_parallel_size')}")
     util = params.get("gpu_memory_utilization")
     if est is not None:
         fits = "" if est.fits else f"; does NOT fit: {est.reason}"
@@ -240,20 +242,21 @@ def summary_lines(result: Any) -> list[str]:
     return out
 
 
-def _gpu_words(result: Any, tp: int, pp: int) -> str:
+def _gpu_words(result: Any, tp: int, pp: int, dp: int = 1) -> str:
     """Which GPUs the launch uses (their nvidia-smi indices), how they split the model, and over what link."""
     from smartrun import hardware, rules
     from smartrun.errors import SmartRunError
 
     hw = result.hardware
-    n = tp * pp
+    n = tp * pp * dp
     try:
         chosen = rules.select_gpus(hw, n)
     except SmartRunError:
         return f"{n} needed, {len(hw.gpus)} available"  # the plan then failed: its error says so
     ids = ",".join(str(hardware.physical_index(hw, g.index)) for g in chosen)
     split = "whole model on one GPU" if n == 1 else " x ".join(
-        part for part in (f"tensor parallel {tp}" if tp > 1 else "", f"pipeline parallel {pp}" if pp > 1 else "")
+        part for part in (f"{dp} replicas (data parallel)" if dp > 1 else "",
+                          f"tensor parallel {tp}" if tp > 1 else "", f"pipeline parallel {pp}" if pp > 1 else "")
         if part)
     link = ""
     if n > 1:

@@ -51,7 +51,7 @@ SCENARIO_DEFAULTS = {
     "graph_gib": 0.9,  # CUDA-graph estimate subtracted from the KV budget (not under eager)
     "graph_actual_gib": None,  # memory capture really needs outside the util share; None = graph_gib
     "sampler_gib_per_seq": 0.0,  # sampler warm-up needs this per max_num_seqs outside the util share
-    "derived_max_model_len": 32768,
+    "derived_max_model_len": None,  # None: the model directory's config.json max_position_embeddings, else 32768
     "num_heads": 32,
     "faults": {},
     "delays": {"import_s": 0.05, "load_s": 0.1, "profile_s": 0.05, "capture_s": 0.05},
@@ -115,6 +115,17 @@ def parse_human_int(text: str) -> int:
     value, suffix = float(m.group(1)), m.group(2)
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     return int(value * scale[suffix])
+
+
+def config_max_positions(model: str) -> int | None:
+    """max_position_embeddings from MODEL/config.json (the text config of a multimodal one), as vLLM derives it."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") or {}
+    value = config.get("max_position_embeddings") or text.get("max_position_embeddings")
+    return int(value) if value else None
 
 
 def parse_serve_args(argv: list[str]) -> tuple[str, dict[str, object]]:
@@ -201,7 +212,7 @@ def serve(argv: list[str]) -> None:
     max_num_seqs = num("--max-num-seqs", 1024 if big else 256, int)
     user_mnbt = "--max-num-batched-tokens" in opts
     mnbt = parse_human_int(str(opts["--max-num-batched-tokens"])) if user_mnbt else (8192 if big else 2048)
-    derived = int(sc["derived_max_model_len"])
+    derived = int(sc["derived_max_model_len"] or config_max_positions(model) or 32768)
     mml_arg = parse_human_int(str(opts["--max-model-len"])) if "--max-model-len" in opts else derived
     eager = bool(opts.get("--enforce-eager", False)) or str(opts.get("--optimization-level", "2")) == "0"
     dtype = str(opts.get("--dtype", "auto"))

@@ -1,0 +1,491 @@
+"""Stage 4b, size: the baseline Plan sized from the estimate, for every goal.
+
+Where the guide's templates were written for small cards, the plan here asks the estimator what the
+machine holds and follows the goal's preferences (smartrun/data/policy.toml), always inside the
+effective bounds (rules.effective_bounds) and never past a pin:
+
+- GPUs (`place_gpus`): the smallest tensor-parallel size that holds the model, spare GPUs as
+  data-parallel replicas (throughput, stable), or the largest TP the heads allow (latency), or the
+  TP that holds the native context (long-context). GPUs left idle are said so in the provenance.
+- context (`size_context`): the native context when the cache holds `full_length_requests` of it at
+  once, else the longest that does (at least the preferred minimum while a couple fit); long-context
+  takes the longest that fits one request.
+- concurrency (`size_concurrency`): max_num_seqs from the KV tokens at typical request lengths,
+  capped at vLLM's own per-GPU default; max_num_batched_tokens at vLLM's default, never below it.
+- utilization: vLLM's default 0.92 inside the bounds (free memory, the built-in band).
+Then the estimator checks the whole plan; on a miss the batch, then the context shrink, then TP grows.
+When nothing fits, `no_fit_suggestions` lists what would, each checked by the estimator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from smartrun import memory
+from smartrun.errors import EstimateError, InfeasibleError
+from smartrun.hardware import HardwareSnapshot
+from smartrun.memory import MemoryEstimate, plan_safe_fits, plan_safe_max_model_len
+from smartrun.model import ModelFacts
+from smartrun.plan import Plan
+from smartrun.policy import GoalPolicy, Policy
+from smartrun.policy import load as load_policy
+from smartrun.rules import (
+    Bounds,
+    EstimateFn,
+    KnobBound,
+    _catalogue_order,
+    _custom_all_reduce,
+    _nearest,
+    _place,
+    _shortfall,
+    _specs,
+    choose_dtype,
+    flags_from_params,
+    select_gpus,
+)
+
+
+class _Ctx:
+    """What every sizing step needs: the inputs, the estimator and a cache of its answers."""
+
+    def __init__(self, bounds: Bounds, facts: ModelFacts, hw: HardwareSnapshot, goal: str,
+                 vllm_version: str | None, estimate_fn: EstimateFn, policy: Policy):
+        self.bounds, self.facts, self.hw, self.goal = bounds, facts, hw, goal
+        self.version, self.estimate_fn, self.policy = vllm_version, estimate_fn, policy
+        self.gp: GoalPolicy = policy.goal(goal)
+        self._cache: dict[tuple, MemoryEstimate | None] = {}
+
+    def bound(self, name: str) -> KnobBound | None:
+        return self.bounds.knobs.get(name)
+
+    def pinned(self, name: str) -> bool:
+        bound = self.bound(name)
+        return bound is not None and bound.pinned
+
+    def estimate(self, params: dict[str, Any]) -> MemoryEstimate | None:
+        """The estimate of a replica of this plan on the GPUs it would get (None when it cannot be budgeted)."""
+        flags = flags_from_params(params)
+        key = tuple(sorted(flags.model_dump().items()))
+        if key not in self._cache:
+            count = flags.tensor_parallel_size * flags.pipeline_parallel_size
+            if count > len(self.hw.gpus):
+                self._cache[key] = None
+            else:
+                try:
+                    est = self.estimate_fn(self.facts, _specs(select_gpus(self.hw, count)), flags, self.version)
+                except EstimateError:
+                    est = None
+                self._cache[key] = est
+        return self._cache[key]
+
+
+def _fits(est: MemoryEstimate) -> bool:
+    """Fits even at the low end of the estimate's band (memory.plan_safe_fits): the plan never counts on more."""
+    return plan_safe_fits(est)
+
+
+def _safe_concurrency(est: MemoryEstimate) -> float:
+    """Full-length requests the cache holds at once, at the low end of the estimate's band."""
+    if not est.kv_cache_tokens:
+        return 0.0
+    return est.max_concurrency * memory.plan_safe_kv_tokens(est) / est.kv_cache_tokens
+
+
+def _pinned_value(bound: KnobBound) -> Any:
+    return bound.choices[0] if bound.choices else bound.min
+
+
+def _round_down(value: int, step: int) -> int:
+    return value // step * step if value >= step else value
+
+
+# --- GPUs ----------------------------------------------------------------------------------------
+
+
+def _tp_choices(c: _Ctx, pp: int) -> list[int]:
+    bound = c.bound("tensor_parallel_size")
+    choices = sorted(bound.choices or [1]) if bound is not None else [1]
+    return [t for t in choices if t * pp <= len(c.hw.gpus)]
+
+
+def _holds(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> MemoryEstimate | None:
+    """The estimate at this tp when one request of `context` tokens fits, else None."""
+    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": None,
+                      "max_num_batched_tokens": params.get("max_num_batched_tokens")})
+    return est if est is not None and _fits(est) else None
+
+
+def place_gpus(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int) -> None:
+    """tensor_parallel_size and data_parallel_size from the goal's parallelism; says which GPUs stay idle."""
+    pp = int(params.get("pipeline_parallel_size") or 1)
+    n = len(c.hw.gpus)
+    tps = _tp_choices(c, pp)
+    if not tps:
+        raise InfeasibleError(f"pipeline_parallel_size {pp} needs more GPUs than the {n} the machine has")
+    style = c.gp.parallelism
+    if c.pinned("tensor_parallel_size"):
+        tp = _pinned_value(c.bound("tensor_parallel_size"))
+        why = "pin"
+    else:
+        fitting = [t for t in tps if _holds(c, params, t, min(floor, native)) is not None]
+        if not fitting:
+            tp, why = tps[0], "estimate: no tensor parallel size holds the model (see below)"
+        elif style == "tensor":
+            tp = fitting[-1]
+            why = f"policy:{c.goal}: the largest tensor parallel size the heads and GPUs allow ({tp}) for latency"
+        elif style == "context":
+            holding = [t for t in fitting if _holds(c, params, t, native) is not None]
+            tp = holding[0] if holding else max(fitting, key=lambda t: (_largest(c, params, t), -t))
+            why = (f"estimate: the smallest tensor parallel size that holds the native context {native} is {tp}"
+                   if holding else f"estimate: tensor parallel size {tp} holds the longest context")
+        else:
+            tp = fitting[0]
+            why = ("estimate: one GPU holds the model" if tp == 1 else
+                   f"estimate: the smallest tensor parallel size that holds the model is {tp}")
+            wanted = min(native, c.policy.sizing.context_preferred_min)
+            if c.gp.context_before_replicas and not _offers(c, params, tp, wanted):
+                better = [t for t in fitting if _offers(c, params, t, wanted)]
+                if better:
+                    tp = better[0]
+                    why = (f"policy:{c.goal}: tensor parallel size {tp} offers {wanted} tokens of context to "
+                           f"{c.gp.full_length_requests} requests at once; {fitting[0]} GPU(s) per replica would not")
+    params["tensor_parallel_size"], prov["tensor_parallel_size"] = tp, why
+    _place_replicas(c, params, prov, tp * pp)
+
+
+def _offers(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> bool:
+    """Whether a replica at this tp holds the goal's full-length requests of `context` tokens at once."""
+    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": None})
+    return est is not None and _fits(est) and _safe_concurrency(est) >= c.gp.full_length_requests
+
+
+def _largest(c: _Ctx, params: dict[str, Any], tp: int) -> int:
+    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": None, "max_num_seqs": None})
+    return plan_safe_max_model_len(est) if est is not None else 0
+
+
+def _place_replicas(c: _Ctx, params: dict[str, Any], prov: dict[str, str], per_replica: int) -> None:
+    """data_parallel_size: every spare GPU runs a replica (unless pinned or bounded); idle GPUs are named."""
+    n = len(c.hw.gpus)
+    bound = c.bound("data_parallel_size")
+    if bound is not None and bound.pinned:
+        dp, why = _pinned_value(bound), "pin"
+    else:
+        want = max(1, n // per_replica)
+        dp = _nearest(bound, want) if bound is not None else want
+        while dp > 1 and dp * per_replica > n:
+            dp -= 1
+        why = (f"placement: {dp} replicas of {per_replica} GPU(s) each serve requests side by side"
+               if dp > 1 else f"placement: one replica on {per_replica} GPU(s)")
+        if dp != want and bound is not None:
+            why += f" ({want} would fit the GPUs; {bound.describe()} from {', '.join(bound.sources)})"
+    idle = n - dp * per_replica
+    if idle > 0:
+        used = {g.index for g in select_gpus(c.hw, min(n, dp * per_replica))}
+        names = ", ".join(str(g.index) for g in c.hw.gpus if g.index not in used)
+        why += f"; GPU(s) {names} idle: {_idle_reason(c, params, per_replica, idle)}"
+    if dp > 1 or (bound is not None and bound.pinned) or idle > 0:
+        params["data_parallel_size"], prov["data_parallel_size"] = dp, why
+
+
+def _idle_reason(c: _Ctx, params: dict[str, Any], per_replica: int, idle: int) -> str:
+    tp = params["tensor_parallel_size"]
+    tp_bound = c.bound("tensor_parallel_size")
+    bigger = [t for t in (tp_bound.choices or ()) if t > tp] if tp_bound is not None else []
+    if not bigger:
+        return (f"a replica needs {per_replica} GPU(s) and no larger tensor parallel size divides the model's "
+                f"{c.facts.num_attention_heads} attention heads")
+    return f"{idle} GPU(s) are fewer than one more replica of {per_replica}"
+
+
+# --- context -------------------------------------------------------------------------------------
+
+
+def _concurrency(c: _Ctx, params: dict[str, Any], context: int) -> float:
+    est = c.estimate({**params, "max_model_len": context})
+    return _safe_concurrency(est) if est is not None and _fits(est) else 0.0
+
+
+def _longest_holding(c: _Ctx, params: dict[str, Any], requests: int, lo: int, hi: int) -> int:
+    """The longest context in [lo, hi] (rounded to the policy's step) whose cache holds `requests` of it; 0 if none."""
+    step = c.policy.sizing.context_step
+    if _concurrency(c, params, hi) >= requests:
+        return hi
+    lo_r = max(step, _round_down(lo, step))
+    if _concurrency(c, params, lo_r) < requests:
+        return 0
+    a, b = lo_r // step, hi // step  # a holds, b*step does not (or is hi)
+    while b - a > 1:
+        mid = (a + b) // 2
+        if _concurrency(c, params, mid * step) >= requests:
+            a = mid
+        else:
+            b = mid
+    return a * step
+
+
+def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int) -> None:
+    """max_model_len from the cache: native when it holds the goal's full-length requests, else the longest that does."""
+    if c.pinned("max_model_len"):
+        return
+    sz, requests = c.policy.sizing, c.gp.full_length_requests
+    goal = f"policy:{c.goal}"
+    if c.gp.context == "max":
+        est = c.estimate({**params, "max_model_len": None, "max_num_seqs": None})
+        largest = min(native, plan_safe_max_model_len(est) if est is not None else 0)
+        ctx = native if largest >= native else _round_down(largest, sz.context_step)
+        why = (f"{goal}: the model's native context {native}" if ctx == native else
+               f"estimate: the longest context one request fits is {largest}; {ctx} (native {native})")
+    elif _concurrency(c, params, native) >= requests:
+        ctx = native
+        why = (f"{goal}: the model's native context {native}; the cache holds "
+               f"{_concurrency(c, params, native):.1f} full-length requests (wanted {requests})")
+    else:
+        ctx = _longest_holding(c, params, requests, floor, native)
+        preferred = min(native, sz.context_preferred_min)
+        if ctx < preferred and _concurrency(c, params, preferred) >= sz.min_full_length_requests:
+            ctx = preferred
+            why = (f"{goal}: {ctx} tokens, the preferred minimum; the cache holds "
+                   f"{sz.min_full_length_requests}+ full-length requests (native {native} holds fewer)")
+        elif ctx:
+            traded = " (trades context for concurrency)" if c.goal in ("throughput", "latency") else ""
+            why = (f"estimate: the longest context whose cache holds {requests} full-length requests is {ctx} "
+                   f"(native {native}){traded}")
+        else:
+            est = c.estimate({**params, "max_model_len": None, "max_num_seqs": None})
+            largest = plan_safe_max_model_len(est) if est is not None else 0
+            ctx = min(native, _round_down(largest, sz.context_step)) if largest >= sz.context_step else largest
+            why = f"estimate: only {largest} tokens of context fit one request; {ctx}"
+            if 0 < ctx < floor:
+                why += f", below the preferred floor {floor}"
+    if ctx <= 0:
+        return  # nothing fits; the fitting loop reports it
+    _place(c.bounds, "max_model_len", ctx, why, params, prov)
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+
+
+def size_concurrency(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> None:
+    """max_num_seqs from the KV tokens at typical request lengths, capped at vLLM's default; mnbt at vLLM's."""
+    sz = c.policy.sizing
+    est = c.estimate({**params, "max_num_seqs": None, "max_num_batched_tokens": None})
+    if est is None or not _fits(est):
+        return
+    kv = memory.plan_safe_kv_tokens(est)
+    typical = min(sz.typical_request_tokens, params["max_model_len"])
+    vllm_seqs, vllm_mnbt = est.max_num_seqs, est.max_num_batched_tokens
+    if not c.pinned("max_num_seqs"):
+        by_cache = max(1, kv // typical)
+        seqs = min(vllm_seqs, by_cache)
+        why = (f"estimate: the cache holds {kv} tokens, {by_cache} requests of {typical} tokens; "
+               f"vLLM's default here is {vllm_seqs}")
+        if c.gp.max_num_seqs is not None and c.gp.max_num_seqs < seqs:
+            seqs = c.gp.max_num_seqs
+            why += f"; policy:{c.goal} keeps batches at {seqs} or fewer"
+        seqs = _round_down(seqs, sz.seqs_step)
+        _place(c.bounds, "max_num_seqs", seqs, why, params, prov)
+    if not c.pinned("max_num_batched_tokens"):
+        seqs = int(params["max_num_seqs"])
+        mnbt = max(vllm_mnbt, seqs)
+        why = f"vLLM's default for this GPU ({vllm_mnbt})" + (f", raised to max_num_seqs {seqs}" if mnbt > vllm_mnbt
+                                                              else "")
+        _place(c.bounds, "max_num_batched_tokens", mnbt, why, params, prov)
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+def _start(c: _Ctx) -> tuple[dict[str, Any], dict[str, str]]:
+    """Template knobs, dtype, utilization and every pin, before sizing."""
+    params: dict[str, Any] = {}
+    prov: dict[str, str] = {}
+    for name, value in c.gp.template.items():
+        _place(c.bounds, name, value, f"policy:{c.goal} template", params, prov)
+    dtype, why = choose_dtype(c.bound("dtype"), c.facts, c.hw.gpus)
+    _place(c.bounds, "dtype", dtype, why, params, prov)
+    util = c.policy.sizing.utilization
+    _place(c.bounds, "gpu_memory_utilization", util, f"policy: vLLM's default {util}", params, prov)
+    for name, bound in c.bounds.knobs.items():  # every pin (user-only knobs too) goes into the plan
+        if bound.pinned:
+            params[name], prov[name] = _pinned_value(bound), "pin"
+    return params, prov
+
+
+def _limits(c: _Ctx) -> tuple[int, int]:
+    """(preferred floor, native) context inside the bounds."""
+    bound = c.bound("max_model_len")
+    native = c.facts.derived_max_model_len
+    if bound is not None and bound.max is not None:
+        native = min(native, int(bound.max))
+    floor = min(native, c.policy.sizing.context_floor)
+    if bound is not None and bound.min is not None:
+        floor = max(floor, int(bound.min))
+    return floor, native
+
+
+def sized_plan(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, goal: str,
+               vllm_version: str | None, estimate_fn: EstimateFn, policy: Policy | None = None,
+               ) -> tuple[Plan, MemoryEstimate]:
+    """The goal's plan sized from the estimate (see the module docstring); InfeasibleError when nothing fits."""
+    c = _Ctx(bounds, facts, hardware, goal, vllm_version, estimate_fn, policy or load_policy())
+    params, prov = _start(c)
+    floor, native = _limits(c)
+    if "max_model_len" not in params:
+        params["max_model_len"] = min(floor, native)
+    place_gpus(c, params, prov, floor, native)
+    failures: list[str] = []
+    tps = [params["tensor_parallel_size"]]
+    if not c.pinned("tensor_parallel_size"):
+        tps += [t for t in _tp_choices(c, int(params.get("pipeline_parallel_size") or 1)) if t > tps[0]]
+    for tp in tps:
+        trial, trial_prov = dict(params), dict(prov)
+        if tp != params["tensor_parallel_size"]:
+            trial["tensor_parallel_size"] = tp
+            trial_prov["tensor_parallel_size"] = f"estimate: tensor parallel size {tp} is the smallest that fits"
+            trial.pop("data_parallel_size", None)
+            trial_prov.pop("data_parallel_size", None)
+            _place_replicas(c, trial, trial_prov, tp * int(trial.get("pipeline_parallel_size") or 1))
+        size_context(c, trial, trial_prov, floor, native)
+        size_concurrency(c, trial, trial_prov)
+        _custom_all_reduce(bounds, hardware, trial, trial_prov)
+        est, why_not = _fit(c, trial, trial_prov)
+        if est is not None:
+            ordered = {name: trial[name] for name in sorted(trial, key=_catalogue_order)}
+            reason = f"goal {goal}: sized from the estimate ({c.gp.description})"
+            return Plan(params=ordered, source="static", provenance=trial_prov, reason=reason), est
+        failures.append(why_not)
+    raise InfeasibleError(failures[-1] + no_fit_suggestions(c, params))
+
+
+def _fit(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> tuple[MemoryEstimate | None, str]:
+    """The plan as sized, else with a smaller batch, else with a shorter context; mutates params on success."""
+    est = c.estimate(params)
+    if est is not None and _fits(est):
+        return est, ""
+    if not c.pinned("max_num_seqs") and params.get("max_num_seqs"):
+        seqs = int(params["max_num_seqs"])
+        while seqs > 1:
+            seqs //= 2
+            trial = {**params, "max_num_seqs": seqs}
+            bound = c.bound("max_num_seqs")
+            if bound is not None and not bound.contains(seqs):
+                break
+            e = c.estimate(trial)
+            if e is not None and _fits(e):
+                params.update(trial)
+                prov["max_num_seqs"] = f"estimate: lowered to {seqs} so the activations fit ({prov['max_num_seqs']})"
+                return e, ""
+    bound = c.bound("max_model_len")
+    if not c.pinned("max_model_len") and est is not None and plan_safe_max_model_len(est) > 0:
+        fitted = min(int(params["max_model_len"]), plan_safe_max_model_len(est))
+        fitted = _round_down(fitted, c.policy.sizing.context_step)
+        if bound is None or bound.contains(fitted):
+            trial = {**params, "max_model_len": fitted}
+            e = c.estimate(trial)
+            if e is not None and _fits(e):
+                params.update(trial)
+                prov["max_model_len"] = f"estimate: the longest context that fits is {plan_safe_max_model_len(e)}; {fitted}"
+                return e, ""
+    gpus = select_gpus(c.hw, min(len(c.hw.gpus), params["tensor_parallel_size"]
+                                 * int(params.get("pipeline_parallel_size") or 1)))
+    if est is None:
+        return None, f"{c.facts.name} cannot be budgeted at tp {params['tensor_parallel_size']}"
+    return None, _shortfall(c.facts, gpus, flags_from_params(params), est)
+
+
+# --- when nothing fits ---------------------------------------------------------------------------
+
+
+def suggestions_text(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, goal: str,
+                     vllm_version: str | None, estimate_fn: EstimateFn, params: dict[str, Any]) -> str:
+    """The no-fit suggestions for a plan the bounds stage already knows will not fit (see no_fit_suggestions)."""
+    c = _Ctx(bounds, facts, hardware, goal, vllm_version, estimate_fn, load_policy())
+    return no_fit_suggestions(c, params)
+
+
+def no_fit_suggestions(c: _Ctx, params: dict[str, Any]) -> str:
+    """'; would fit: ...' listing moves the estimator says start, most preferred first (none is applied)."""
+    found = [text for text, _ in suggestions(c, params)]
+    return f"; would fit: {'; '.join(found)}" if found else "; nothing smartrun knows would fit on this machine"
+
+
+def suggestions(c: _Ctx, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(flag text, params) for each move in policy order that the estimator says fits a request of the floor."""
+    floor, native = _limits(c)
+    base = {**params, "max_model_len": min(floor, native), "max_num_seqs": None, "max_num_batched_tokens": None,
+            "data_parallel_size": None}
+    cc = min(tuple(int(x) for x in g.compute_capability.split(".")) for g in c.hw.gpus)
+    need = tuple(int(x) for x in c.policy.no_fit.fp8_min_cc.split("."))
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def fits(trial: dict[str, Any]) -> bool:
+        est = c.estimate(trial)
+        return est is not None and _fits(est)
+
+    for move in c.policy.no_fit.order:
+        if move == "tensor_parallel_size":
+            tp_bound = c.bound("tensor_parallel_size")
+            for tp in sorted(set(tp_bound.choices or ()) if tp_bound else ()):
+                if tp > int(params["tensor_parallel_size"]) and fits({**base, "tensor_parallel_size": tp}):
+                    out.append((f"--tensor-parallel-size {tp}", {**base, "tensor_parallel_size": tp}))
+                    break
+            else:
+                if len(c.hw.gpus) < 8:
+                    out += _more_gpus(c, base)
+        elif move == "quantization_fp8" and c.facts.quantization is None and cc >= need:
+            trial = {**base, "quantization": "fp8"}
+            if fits(trial):
+                out.append(("--quantization fp8 (online fp8 weights)", trial))
+        elif move == "kv_cache_dtype_fp8" and cc >= need and params.get("kv_cache_dtype", "auto") == "auto":
+            trial = {**base, "kv_cache_dtype": "fp8"}
+            if fits(trial):
+                out.append(("--kv-cache-dtype fp8", trial))
+        elif move == "enforce_eager" and not params.get("enforce_eager"):
+            trial = {**base, "enforce_eager": True}
+            if fits(trial):
+                out.append(("--enforce-eager (no CUDA graph memory)", trial))
+        elif move == "cpu_offload_gb":
+            offload = _offload_that_fits(c, base)
+            if offload is not None:
+                out.append((f"--cpu-offload-gb {offload[0]} (slow: weights stream from CPU memory)", offload[1]))
+        elif move == "max_model_len":
+            est = c.estimate({**base, "max_model_len": None})
+            if est is not None and 0 < plan_safe_max_model_len(est) < min(floor, native):
+                out.append((f"--max-model-len {plan_safe_max_model_len(est)}", {**base,
+                            "max_model_len": plan_safe_max_model_len(est)}))
+    return out
+
+
+def _offload_that_fits(c: _Ctx, base: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """The smallest whole GiB of --cpu-offload-gb (tried from the shortfall up) that fits and the host RAM holds."""
+    est = c.estimate(base)
+    if est is None:
+        return None
+    short = est.weights_gib + est.activation_gib + est.non_torch_gib + est.cudagraph_gib - est.requested_gib
+    ram_gib = c.hw.ram_mib / 1024 if c.hw.ram_mib else None
+    ranks = int(base["tensor_parallel_size"]) * int(base.get("pipeline_parallel_size") or 1)
+    gb = max(1, int(short + 1.999))
+    while gb < est.weights_gib and (ram_gib is None or gb * ranks <= 0.8 * ram_gib):
+        trial = {**base, "cpu_offload_gb": float(gb)}
+        got = c.estimate(trial)
+        if got is not None and _fits(got):
+            return gb, trial
+        gb = max(gb + 1, int(gb * 1.25))
+    return None
+
+
+def _more_gpus(c: _Ctx, base: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """More GPUs of the same kind, tried on a copy of the machine (the estimator budgets per GPU)."""
+    gpu = min(c.hw.gpus, key=lambda g: g.memory_total_mib)
+    for tp in (2, 4, 8):
+        if tp <= len(c.hw.gpus) or c.facts.num_attention_heads % tp:
+            continue
+        specs = [memory.GpuSpec.from_gpu(gpu)] * tp
+        try:
+            est = c.estimate_fn(c.facts, specs, flags_from_params({**base, "tensor_parallel_size": tp}), c.version)
+        except EstimateError:
+            continue
+        if _fits(est):
+            return [(f"{tp}x {gpu.name} with --tensor-parallel-size {tp}", {**base, "tensor_parallel_size": tp})]
+    return []
