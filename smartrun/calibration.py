@@ -223,6 +223,8 @@ def observe(estimate: Any, startup: Any, *, model: str, params: dict[str, Any], 
     if measured_kv is None:
         return None
     residual = estimate.kv_cache_gib - (by_tokens if by_tokens is not None else measured_kv)
+    if by_tokens is not None:  # both sides count whole blocks: lean one block toward the safe side
+        residual += estimate.kv_bytes_per_token * estimate.block_size / (1 << 30)
     profile = PROFILES.get(estimate.profile)
     subtracted = profile is None or profile.cudagraph_subtracted
     estimated = Figures(weights_gib=estimate.weights_gib, activation_gib=estimate.activation_gib,

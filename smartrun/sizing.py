@@ -110,8 +110,7 @@ def _tp_choices(c: _Ctx, pp: int) -> list[int]:
 
 def _holds(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> MemoryEstimate | None:
     """The estimate at this tp when one request of `context` tokens fits, else None."""
-    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": None,
-                      "max_num_batched_tokens": params.get("max_num_batched_tokens")})
+    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": 1})
     return est if est is not None and _fits(est) else None
 
 
@@ -155,12 +154,21 @@ def place_gpus(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int
 
 def _offers(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> bool:
     """Whether a replica at this tp holds the goal's full-length requests of `context` tokens at once."""
-    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": None})
+    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context,
+                      "max_num_seqs": _context_seqs(c, params)})
     return est is not None and _fits(est) and _safe_concurrency(est) >= c.gp.full_length_requests
 
 
+def _context_seqs(c: _Ctx, params: dict[str, Any]) -> int:
+    """The batch the context is sized with: the goal's full-length requests (or the pin); the batch is sized after."""
+    if c.pinned("max_num_seqs"):
+        return int(params["max_num_seqs"])
+    return c.gp.full_length_requests
+
+
 def _largest(c: _Ctx, params: dict[str, Any], tp: int) -> int:
-    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": None, "max_num_seqs": None})
+    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": None,
+                      "max_num_seqs": _context_seqs(c, params)})
     return plan_safe_max_model_len(est) if est is not None else 0
 
 
@@ -202,7 +210,7 @@ def _idle_reason(c: _Ctx, params: dict[str, Any], per_replica: int, idle: int) -
 
 
 def _concurrency(c: _Ctx, params: dict[str, Any], context: int) -> float:
-    est = c.estimate({**params, "max_model_len": context})
+    est = c.estimate({**params, "max_model_len": context, "max_num_seqs": _context_seqs(c, params)})
     return _safe_concurrency(est) if est is not None and _fits(est) else 0.0
 
 
@@ -231,7 +239,7 @@ def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: i
     sz, requests = c.policy.sizing, c.gp.full_length_requests
     goal = f"policy:{c.goal}"
     if c.gp.context == "max":
-        est = c.estimate({**params, "max_model_len": None, "max_num_seqs": None})
+        est = c.estimate({**params, "max_model_len": None, "max_num_seqs": _context_seqs(c, params)})
         largest = min(native, plan_safe_max_model_len(est) if est is not None else 0)
         ctx = native if largest >= native else _round_down(largest, sz.context_step)
         why = (f"{goal}: the model's native context {native}" if ctx == native else
@@ -252,7 +260,7 @@ def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: i
             why = (f"estimate: the longest context whose cache holds {requests} full-length requests is {ctx} "
                    f"(native {native}){traded}")
         else:
-            est = c.estimate({**params, "max_model_len": None, "max_num_seqs": None})
+            est = c.estimate({**params, "max_model_len": None, "max_num_seqs": _context_seqs(c, params)})
             largest = plan_safe_max_model_len(est) if est is not None else 0
             ctx = min(native, _round_down(largest, sz.context_step)) if largest >= sz.context_step else largest
             why = f"estimate: only {largest} tokens of context fit one request; {ctx}"
@@ -270,11 +278,15 @@ def size_concurrency(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> N
     """max_num_seqs from the KV tokens at typical request lengths, capped at vLLM's default; mnbt at vLLM's."""
     sz = c.policy.sizing
     est = c.estimate({**params, "max_num_seqs": None, "max_num_batched_tokens": None})
-    if est is None or not _fits(est):
+    if est is None:
         return
-    kv = memory.plan_safe_kv_tokens(est)
-    typical = min(sz.typical_request_tokens, params["max_model_len"])
     vllm_seqs, vllm_mnbt = est.max_num_seqs, est.max_num_batched_tokens
+    typical = min(sz.typical_request_tokens, params["max_model_len"])
+    if not _fits(est):  # vLLM's default batch leaves too little: count the cache at the smallest batch instead
+        est = c.estimate({**params, "max_num_seqs": 1, "max_num_batched_tokens": None})
+        if est is None or not _fits(est):
+            return
+    kv = memory.plan_safe_kv_tokens(est)
     if not c.pinned("max_num_seqs"):
         by_cache = max(1, kv // typical)
         seqs = min(vllm_seqs, by_cache)
@@ -413,7 +425,7 @@ def no_fit_suggestions(c: _Ctx, params: dict[str, Any]) -> str:
 def suggestions(c: _Ctx, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(flag text, params) for each move in policy order that the estimator says fits a request of the floor."""
     floor, native = _limits(c)
-    base = {**params, "max_model_len": min(floor, native), "max_num_seqs": None, "max_num_batched_tokens": None,
+    base = {**params, "max_model_len": min(floor, native), "max_num_seqs": _context_seqs(c, params), "max_num_batched_tokens": None,
             "data_parallel_size": None}
     cc = min(tuple(int(x) for x in g.compute_capability.split(".")) for g in c.hw.gpus)
     need = tuple(int(x) for x in c.policy.no_fit.fp8_min_cc.split("."))
