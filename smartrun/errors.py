@@ -46,6 +46,10 @@ class PinConflictError(InputError):
     """A user pin lies outside another source's bound (names both sources)."""
 
 
+class ClusterError(SmartRunError):
+    """The Ray cluster is unreachable, not installed, or does not match the plan (names what is missing)."""
+
+
 class InfeasibleError(SmartRunError):
     """No plan inside the bounds can start (names what does not fit and by how much)."""
 

@@ -19,6 +19,12 @@ Snapshot file format (schema_version 1; full description in docs/hardware-snapsh
     nvlink_pairs         list of [low, high] GPU index pairs joined by an active NVLink (direct or NVSwitch)
     physical_indices     (optional) the nvidia-smi index of each listed GPU when the snapshot was restricted to
                          some GPUs (`model run --gpus`, CUDA_VISIBLE_DEVICES); empty = each GPU's own index
+    node_ip              optional: the node's IP as the Ray cluster knows it (set by `detect --ray-address`)
+    interconnect         optional list, one per GPU: {index, nvlink_links (active), pcie_gen, pcie_width}
+    nodes                optional list, for a cluster (several machines in one snapshot, the first is the
+                         Ray head): {name, ip, ray_node_id, hostname, driver_version, cuda_driver_version,
+                         cpu_count, ram_mib, source, gpu_indices}; GPUs are numbered across the cluster,
+                         node by node, and NVLink pairs never cross a node (smartrun.cluster builds these)
 
 Unknown fields are rejected, so a typo in a hand-written snapshot is reported, not ignored.
 """
@@ -85,6 +91,30 @@ class GpuInfo(Frozen):
         return self
 
 
+class GpuLinks(Frozen):
+    """The interconnect facts NVML gives for one GPU: active NVLink links and the current PCIe link."""
+
+    index: int = Field(ge=0)
+    nvlink_links: int = Field(default=0, ge=0)
+    pcie_gen: int | None = None
+    pcie_width: int | None = None
+
+
+class NodeInfo(Frozen):
+    """One machine of a cluster snapshot: its host facts and which of the snapshot's GPUs are its own."""
+
+    name: str  # hostname, else IP: what messages and `ray start` lines call the node
+    ip: str | None = None
+    ray_node_id: str | None = None
+    hostname: str | None = None
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    cpu_count: int | None = None
+    ram_mib: int | None = None
+    source: str | None = None  # the file or Ray node it was read from
+    gpu_indices: tuple[int, ...] = ()
+
+
 class HardwareSnapshot(Frozen):
     """The whole machine. `source` is "nvml" when detected live, else where it was loaded from."""
 
@@ -101,6 +131,9 @@ class HardwareSnapshot(Frozen):
     nvlink_pairs: tuple[tuple[int, int], ...] = Field(default=())
     # Set by `restrict`: gpus[i] is the GPU nvidia-smi numbers physical_indices[i] (vLLM sees it as cuda:i)
     physical_indices: tuple[int, ...] = ()
+    node_ip: str | None = None
+    interconnect: tuple[GpuLinks, ...] = ()
+    nodes: tuple[NodeInfo, ...] = ()  # empty for one machine; for a cluster, node 0 is the Ray head
 
     def nvlinked(self, a: int, b: int) -> bool:
         return (min(a, b), max(a, b)) in self.nvlink_pairs
@@ -119,6 +152,14 @@ class HardwareSnapshot(Frozen):
         if self.physical_indices and (len(self.physical_indices) != len(self.gpus)
                                       or len(set(self.physical_indices)) != len(self.physical_indices)):
             raise ValueError("physical_indices must name one distinct index per listed GPU")
+        if self.nodes:
+            listed = [i for node in self.nodes for i in node.gpu_indices]
+            if listed != list(range(len(self.gpus))):
+                raise ValueError("nodes must list every GPU once, node by node in index order (0..n-1)")
+            node_of = {i: n for n, node in enumerate(self.nodes) for i in node.gpu_indices}
+            for low, high in self.nvlink_pairs:
+                if node_of[low] != node_of[high]:
+                    raise ValueError(f"nvlink pair [{low}, {high}] joins two nodes; NVLink stays inside a node")
         return self
 
 
@@ -221,6 +262,26 @@ def _read_machine(nvml: Any) -> HardwareSnapshot:
         ram_mib=_host_ram_mib(),
         gpus=tuple(gpus),
         nvlink_pairs=_nvlink_pairs(nvml, handles, gpus),
+        interconnect=tuple(_links(nvml, i, h) for i, h in enumerate(handles)),
+    )
+
+
+def _links(nvml: Any, index: int, handle: Any) -> GpuLinks:
+    """Active NVLink links and the PCIe link in use: what NVML says about how this GPU talks to others."""
+    active = 0
+    for link in range(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 0)):
+        try:
+            if nvml.nvmlDeviceGetNvLinkState(handle, link) == nvml.NVML_FEATURE_ENABLED:
+                active += 1
+        except nvml.NVMLError_NotSupported:
+            break
+        except nvml.NVMLError:
+            continue
+    return GpuLinks(
+        index=index,
+        nvlink_links=active,
+        pcie_gen=_optional(nvml, lambda: int(nvml.nvmlDeviceGetCurrPcieLinkGeneration(handle))),
+        pcie_width=_optional(nvml, lambda: int(nvml.nvmlDeviceGetCurrPcieLinkWidth(handle))),
     )
 
 
@@ -386,6 +447,8 @@ def fingerprint(snapshot: HardwareSnapshot) -> str:
         "gpus": [[g.name, g.memory_total_mib, g.compute_capability] for g in snapshot.gpus],
         "nvlink_pairs": [list(p) for p in sorted(snapshot.nvlink_pairs)],
     }
+    if snapshot.nodes:  # a cluster: the same GPUs split over other nodes is another plan
+        canonical["nodes"] = [len(node.gpu_indices) for node in snapshot.nodes]
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -408,6 +471,10 @@ def _first_problem(err: ValidationError) -> str:
 
 def summary(snapshot: HardwareSnapshot) -> str:
     """A readable table of the snapshot, for `hardware detect` / `hardware show` and --explain."""
+    if snapshot.nodes:
+        from smartrun import cluster
+
+        return cluster.summary(snapshot)
     rows = [("#", "name", "total MiB", "free MiB", "used MiB", "cc", "processes")]
     for g in snapshot.gpus:
         procs = ", ".join(_process_text(p) for p in g.processes) or "-"

@@ -933,7 +933,7 @@ class _Budget(Frozen):
     groups: tuple[KVGroup, ...]
 
 
-def _budget(
+def _stage_budgets(
     model: ModelFacts,
     gpus: list[GpuSpec],
     flags: EngineFlags,
@@ -947,12 +947,13 @@ def _budget(
     coeffs: Coefficients = FITTED,
     mxfp4_pad: tuple[int, int] | None = None,
     calibrated: int = 0,
-) -> _Budget:
+) -> list[_Budget]:
+    """The tightest GPU's budget of each PP stage, in stage order (a stage's TP ranks hold the same layers)."""
     tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
     stages = weights_per_rank(model, dtype, tp, pp, mxfp4_pad)
     kinds = layer_kinds(model)
     page = kv_bytes_per_token_layer(model, kv_elem, tp, profile.mla_latent_cache)
-    best: _Budget | None = None
+    out: list[_Budget] = []
     for stage_idx, stage in enumerate(stages):
         stage_kinds = [kinds[i] for i in stage.layers]
         groups = kv_groups(stage_kinds)
@@ -974,6 +975,7 @@ def _budget(
         graphs = cudagraph_bytes(
             model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level, coeffs
         )
+        best: _Budget | None = None
         for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)
@@ -1004,8 +1006,18 @@ def _budget(
             )
             if best is None or (candidate.num_blocks, candidate.kv) < (best.num_blocks, best.kv):
                 best = candidate
-    assert best is not None
-    return best
+        assert best is not None
+        out.append(best)
+    return out
+
+
+def _budget(model: ModelFacts, gpus: list[GpuSpec], flags: EngineFlags, profile: Profile, dtype: str,
+            kv_elem: int, util: float, seqs: int, mnbt: int, block_size: int, coeffs: Coefficients = FITTED,
+            mxfp4_pad: tuple[int, int] | None = None, calibrated: int = 0) -> _Budget:
+    """The engine's budget: the rank with the fewest KV blocks decides (vLLM takes the minimum)."""
+    stages = _stage_budgets(model, gpus, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coeffs,
+                            mxfp4_pad, calibrated)
+    return min(stages, key=lambda b: (b.num_blocks, b.kv))
 
 
 def _request_blocks(b: _Budget, max_model_len: int, block_size: int, mnbt: int) -> int:
@@ -1063,6 +1075,47 @@ def estimate(
     `calibration` (smartrun.calibration, learned from this machine's own startups) adds its GiB to
     the non-KV memory of every GPU; the caller looks it up, so the estimate stays a pure function.
     """
+    return _estimate(model, gpus, flags, vllm_version, coefficients, calibration)[0]
+
+
+class StageMemory(Frozen):
+    """One pipeline stage's budget on its tightest GPU (GiB per GPU): what `stage_memory` reports per stage."""
+
+    stage: int
+    layers: tuple[int, int]  # first and last decoder layer (inclusive)
+    first: bool  # holds the embeddings (and, multimodal, the encoder outputs)
+    last: bool  # holds the LM head and the sampler
+    gpus: tuple[int, ...]  # positions in the `gpus` given (stage i uses [i*tp, (i+1)*tp))
+    requested_gib: float
+    weights_gib: float
+    activation_gib: float
+    non_torch_gib: float
+    cudagraph_gib: float
+    kv_cache_gib: float
+    num_gpu_blocks: int
+    fits: bool  # room for at least one block beyond the null block, and util x total free at start
+
+
+def stage_memory(
+    model: ModelFacts,
+    gpus: Sequence[GpuSpec] | HardwareSnapshot,
+    flags: EngineFlags,
+    vllm_version: str | None = None,
+    calibration: Correction | None = None,
+) -> tuple[MemoryEstimate, tuple[StageMemory, ...]]:
+    """The engine's estimate and each PP stage's own budget (the same budgets `estimate` takes the minimum of)."""
+    return _estimate(model, gpus, flags, vllm_version, FITTED, calibration, stages=True)
+
+
+def _estimate(
+    model: ModelFacts,
+    gpus: Sequence[GpuSpec] | HardwareSnapshot,
+    flags: EngineFlags,
+    vllm_version: str | None,
+    coefficients: Coefficients,
+    calibration: Correction | None,
+    stages: bool = False,
+) -> tuple[MemoryEstimate, tuple[StageMemory, ...]]:
     gpu_list = _gpu_list(gpus)
     if not gpu_list:
         raise EstimateError("no GPU given: pass --gpu NAME or a hardware snapshot with GPUs")
@@ -1149,6 +1202,22 @@ def estimate(
             f"({_gib(need)} GiB KV cache is needed, which is larger than the available KV cache memory "
             f"({_gib(b.kv)} GiB); short by {_gib(need - b.kv)} GiB.{estimated}"
         )
+    per_stage: tuple[StageMemory, ...] = ()
+    if stages:
+        budgets = _stage_budgets(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size,
+                                 coefficients, mxfp4_pad, calibrated)
+        ranges = pp_layer_ranges(model.num_hidden_layers, flags.pipeline_parallel_size)
+        tp = flags.tensor_parallel_size
+        per_stage = tuple(
+            StageMemory(
+                stage=i, layers=(r[0], r[-1]), first=i == 0, last=i == len(budgets) - 1,
+                gpus=tuple(range(i * tp, (i + 1) * tp)), requested_gib=_gib(sb.requested),
+                weights_gib=_gib(sb.weights), activation_gib=_gib(sb.activation), non_torch_gib=_gib(sb.non_torch),
+                cudagraph_gib=_gib(sb.cudagraph), kv_cache_gib=_gib(max(0, sb.kv)), num_gpu_blocks=int(sb.num_blocks),
+                fits=sb.kv > 0 and sb.num_blocks > 1 and (profile.v0_engine or sb.free >= sb.requested),
+            )
+            for i, (sb, r) in enumerate(zip(budgets, ranges, strict=True))
+        )
     return MemoryEstimate(
         vllm_version=version,
         profile=profile.name,
@@ -1181,7 +1250,7 @@ def estimate(
             + (f"; {calibration.band_text()}" if calibration is not None else "")
         ),
         calibration=calibration,
-    )
+    ), per_stage
 
 
 def _tokens(b: _Budget, blocks: int, concurrency: float, profile: Profile, block_size: int, max_model_len: int) -> int:

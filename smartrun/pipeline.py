@@ -74,6 +74,8 @@ class RunRequest(Frozen):
     startup_timeout: float = 900.0
     max_attempts: int = 3
     hardware_path: str | None = None
+    more_hardware: tuple[str, ...] = ()  # the other nodes' snapshots (--hardware given once per node)
+    ray_address: str | None = None  # --ray-address: launch on this Ray cluster
     bounds_path: str | None = None
     tune: bool = False
     tune_options: dict[str, Any] = {}  # TuneSettings fields from the --tune-*/--probe-* flags
@@ -98,6 +100,10 @@ class RunRequest(Frozen):
             if value == getattr(defaults, name):
                 continue
             out += [flag] if value is True else [flag, str(value)]
+        for path in self.more_hardware:
+            out += ["--hardware", path]
+        if self.ray_address:
+            out += ["--ray-address", self.ray_address]
         out += list(self.user_args)
         return out + (["--", *self.extra_args] if self.extra_args else [])
 
@@ -1024,9 +1030,15 @@ def request_secrets(request: RunRequest, env: dict[str, str] | None = None, more
 
 
 def _live_hardware(request: RunRequest) -> HardwareSnapshot:
-    from smartrun import hardware
+    """--hardware (once per node: a cluster), else the Ray cluster at --ray-address, else NVML here."""
+    from smartrun import cluster, hardware
 
-    return hardware.load_snapshot(request.hardware_path) if request.hardware_path else hardware.detect()
+    if request.hardware_path:
+        paths = (request.hardware_path, *request.more_hardware)
+        return cluster.combine([hardware.load_snapshot(path) for path in paths])
+    if request.ray_address:
+        return cluster.detect_cluster(request.ray_address)
+    return hardware.detect()
 
 
 def _live_model(model: str) -> ModelFacts:

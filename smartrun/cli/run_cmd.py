@@ -36,7 +36,13 @@ def register(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the vllm serve command; start nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--explain", action="store_true", help="print every bound, decision and rejection with its source")
-    p.add_argument("--hardware", metavar="SNAPSHOT.json", help="plan for the machine this snapshot describes")
+    p.add_argument("--hardware", metavar="SNAPSHOT.json", action="append",
+                   help="plan for the machine this snapshot describes; give it once per node (the first is the Ray "
+                        "head) to plan across a cluster")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster to launch on (HOST:PORT of its head): checked against the plan, then "
+                        "vllm serve starts with --distributed-executor-backend ray; without --hardware its nodes "
+                        "are read through Ray")
     p.add_argument("--gpus", metavar="LIST", help="use only these GPUs: nvidia-smi indices or UUIDs, e.g. 0,2 "
                    "(also honoured: CUDA_VISIBLE_DEVICES, same numbering; --gpus must lie inside it)")
     p.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
@@ -98,7 +104,8 @@ def request_from_args(args: argparse.Namespace) -> Any:
         debug=args.smart_run_debug, refresh=args.smart_run_refresh, strict=args.smart_run_strict,
         dry_run=args.dry_run, goal=args.goal, force=args.force, host=args.host, port=args.port,
         vllm_version=args.vllm_version, vllm_bin=args.vllm_bin, startup_timeout=args.startup_timeout,
-        max_attempts=args.max_attempts, hardware_path=args.hardware, bounds_path=args.bounds, tune=args.tune,
+        max_attempts=args.max_attempts, hardware_path=(args.hardware or [None])[0],
+        more_hardware=tuple((args.hardware or [])[1:]), ray_address=args.ray_address, bounds_path=args.bounds, tune=args.tune,
         tune_options=tune_options,
         llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_timeout=args.llm_timeout,
         gpus=args.gpus, visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
