@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from smartrun.errors import ClusterError, InfeasibleError, SnapshotError
+from smartrun.errors import ClusterError, InfeasibleError, InputError, SmartRunError, SnapshotError
 from smartrun.hardware import GpuInfo, HardwareSnapshot, NodeInfo
 from smartrun.model import ModelFacts
-from smartrun.plan import Frozen
+from smartrun.plan import Frozen, Plan
 
 RAY_HINT = "install it with `pip install 'smartrun[ray]'` (the same Ray version as on the cluster)"
 DEFAULT_RAY_PORT = 6379
@@ -180,14 +180,15 @@ class ClusterPlacement(Frozen):
 
 
 def placement(facts: ModelFacts, hw: HardwareSnapshot, params: dict[str, Any],
-              vllm_version: str | None = None) -> ClusterPlacement:
+              vllm_version: str | None = None, calibration: Any = None) -> ClusterPlacement:
     """Which node holds which stage, with each stage's memory from the one estimator."""
     from smartrun import memory, rules
 
     flags = rules.flags_from_params(params)
     tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
     gpus = select_gpus(hw, tp * pp)
-    _, stages = memory.stage_memory(facts, [memory.GpuSpec.from_gpu(g) for g in gpus], flags, vllm_version)
+    _, stages = memory.stage_memory(facts, [memory.GpuSpec.from_gpu(g) for g in gpus], flags, vllm_version,
+                                    calibration)
     per_node = gpus_per_node(hw)
     out = []
     for st in stages:
@@ -214,6 +215,13 @@ def placement(facts: ModelFacts, hw: HardwareSnapshot, params: dict[str, Any],
                             pipeline_parallel_size=pp, replicas=replicas, data_parallel_size=dp,
                             executor=str(params.get("distributed_executor_backend") or "ray"),
                             stages=tuple(out), notes=tuple(notes))
+
+
+def placement_nodes(hw: HardwareSnapshot, params: dict[str, Any]) -> int:
+    """How many nodes one replica of these params uses."""
+    tp = int(params.get("tensor_parallel_size") or 1)
+    pp = int(params.get("pipeline_parallel_size") or 1)
+    return max(1, math.ceil(tp * pp / gpus_per_node(hw)))
 
 
 def placement_lines(p: ClusterPlacement) -> list[str]:
@@ -252,7 +260,8 @@ def parallel_layouts(facts: ModelFacts, hw: HardwareSnapshot) -> tuple[int, list
 
 def smallest_cluster(facts: ModelFacts, node: HardwareSnapshot, params: dict[str, Any],
                      vllm_version: str | None = None, limit: int = MAX_NODES_SUGGESTED) -> tuple[int, int, int] | None:
-    """(nodes, tp, pp) of the fewest nodes like `node` that hold the model at these settings; None up to `limit`."""
+    """(nodes, tp, pp) of the fewest nodes like `node` (its head) whose largest fitting context reaches
+    params["max_model_len"] at these settings; None up to `limit` nodes."""
     from smartrun import memory, rules
 
     base = split(node)[0][0]
@@ -262,35 +271,117 @@ def smallest_cluster(facts: ModelFacts, node: HardwareSnapshot, params: dict[str
         return None
     tp = fitting[0]
     per = per_node // tp
+    need = int(params.get("max_model_len") or 1)
     for k in range(1, limit + 1):
         pp = per * k
         if pp > facts.num_hidden_layers:
             return None
-        flags = rules.flags_from_params({**params, "tensor_parallel_size": tp, "pipeline_parallel_size": pp})
+        flags = rules.flags_from_params({**params, "max_model_len": None, "tensor_parallel_size": tp,
+                                         "pipeline_parallel_size": pp})
         specs = [memory.GpuSpec.from_gpu(g) for g in base.gpus] * k
         try:
-            if memory.estimate(facts, specs, flags, vllm_version).fits:
+            if memory.estimate(facts, specs, flags, vllm_version).largest_max_model_len >= need:
                 return k, tp, pp
-        except Exception:  # a setting the estimator refuses at this size: try the next
+        except SmartRunError:  # a setting the estimator refuses at this size: try the next
             continue
     return None
 
 
-def too_small_message(facts: ModelFacts, hw: HardwareSnapshot, params: dict[str, Any], why: str,
-                      vllm_version: str | None = None) -> str:
-    """The refusal for a model that needs more nodes: the reason, then the smallest cluster that would fit."""
-    node = split(hw)[0][0]
-    found = smallest_cluster(facts, node, params, vllm_version)
-    names = sorted({g.name for g in node.gpus})
-    kind = f"{len(node.gpus)}x {' / '.join(names)}"
-    if found is None:
-        return f"{why}; no cluster of up to {MAX_NODES_SUGGESTED} nodes of {kind} holds it at these settings"
-    nodes, tp, pp = found
-    have = max(1, len(hw.nodes))
-    if nodes <= have:
+# --------------------------------------------------------------------------- the rule engine's one call
+
+
+def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot, pins: dict[str, Any],
+                  builtin_file: bool, estimate: Callable[[Any], Any], generous: Callable[[], Any]) -> None:
+    """Bounds for a cluster (rules.effective_bounds calls this once): tp fixed inside a node, pp whole nodes'
+    worth of stages from the fewest nodes that hold the model. `estimate(flags)` budgets flags on the GPUs
+    the rules select; `generous()` is the most generous in-bound flags so far (top utilization, fewest seqs)."""
+    tp, pps = parallel_layouts(facts, hw)
+    per_node, n = gpus_per_node(hw), len(hw.nodes)
+    tp_acc, pp_acc = accs["tensor_parallel_size"], accs["pipeline_parallel_size"]
+    tp_acc.narrow("cluster", f"tensor parallelism stays inside a node: {tp} is the largest size dividing the "
+                             f"{per_node} GPUs per node and the model's heads", choices=[tp])
+    if builtin_file and pp_acc.max_src and pp_acc.max_src.startswith("bounds:") and (pp_acc.max or 0) < max(pps):
+        pp_acc.notes.append(f"cluster: the built-in single-node limit <= {pp_acc.max} ({pp_acc.max_src}) gives way "
+                            f"on a cluster of {n} nodes (a bounds file you write is never relaxed)")
+        pp_acc.max, pp_acc.max_src = None, None
+        pp_acc.narrow("hardware", f"{len(hw.gpus)} GPUs on {n} nodes", hi=len(hw.gpus) // tp)
+    pp_acc.narrow("cluster", f"pipeline stages fill whole nodes ({per_node // tp} per node x 1..{n} nodes)",
+                  choices=pps)
+    floor = accs["max_model_len"].min or 1
+    best = None
+    free_share = int(min(g.memory_free_mib / g.memory_total_mib for g in hw.gpus) * 100) / 100
+    top_flags = generous()
+    util = min(top_flags.gpu_memory_utilization or free_share, free_share)  # vLLM needs util x total free
+    for pp in pp_acc.choices or []:
+        flags = top_flags.model_copy(update={"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
+                                             "gpu_memory_utilization": util})
+        est = estimate(flags)
+        best = est
+        if est.largest_max_model_len >= floor:
+            pp_acc.narrow("estimate", f"the fewest nodes that hold the model: {pp * tp // per_node} of {n} "
+                                      f"(tp {tp} x pp {pp}; the largest max_model_len there is "
+                                      f"{est.largest_max_model_len})", lo=pp)
+            return
+    top = max(pp_acc.choices or [1])
+    capped = f" (pipeline_parallel_size is bounded to <= {pp_acc.max} by {pp_acc.max_src})" \
+        if pp_acc.max_src and pp_acc.max_src.startswith("bounds:") and top < max(pps) else ""
+    why = (f"{facts.name} does not fit on {top * tp // per_node} of {n} node(s) of {per_node}x "
+           f"{' / '.join(sorted({g.name for g in hw.gpus}))} at tp {tp} x pp {top}{capped}: "
+           + (best.reason if best is not None and best.reason else "no KV cache left")
+           + (f"; the largest max_model_len there is {best.largest_max_model_len}, below the minimum {floor}"
+              if best is not None and 0 < best.largest_max_model_len < floor else ""))
+    raise InfeasibleError(refusal(why, facts, hw, pins, None, util=util, min_len=floor))
+
+
+REFUSAL_UTIL = 0.93  # the built-in bounds' top utilization: what the rules plan with when nothing says less
+REFUSAL_LEN = 2048  # the built-in bounds' smallest max_model_len
+
+
+def refusal(why: str, facts: ModelFacts, hw: HardwareSnapshot, pins: dict[str, Any],
+            vllm_version: str | None = None, util: float | None = None, min_len: int | None = None) -> str:
+    """`why`, plus the smallest cluster of nodes like this one that would hold the model when more nodes
+    would help: at the pins, else at `util`/`min_len` (the bounds' top utilization and least context)."""
+    if "smallest cluster that fits" in why:
         return why
+    params = {**pins, "gpu_memory_utilization": pins.get("gpu_memory_utilization") or util or REFUSAL_UTIL,
+              "max_model_len": pins.get("max_model_len") or min_len or REFUSAL_LEN}
+    if params["max_model_len"] <= 0:  # auto: any context that fits
+        params["max_model_len"] = 1
+    try:
+        found = smallest_cluster(facts, hw, params, vllm_version)
+    except SmartRunError:
+        return why
+    have = max(1, len(hw.nodes))
+    if found is None or found[0] == 1:
+        return why
+    nodes, tp, pp = found
+    if nodes <= have:
+        return f"{why}; it fits on {nodes} of these {have} nodes (tp {tp}, pp {pp}) where the bounds allow that"
+    node = split(hw)[0][0]
+    kind = f"{len(node.gpus)}x {' / '.join(sorted({g.name for g in node.gpus}))}"
     return (f"{why}; the smallest cluster that fits is {nodes} nodes of {kind} (tp {tp} inside each node, pp {pp} "
-            f"across nodes, --distributed-executor-backend ray): pass one --hardware snapshot per node")
+            f"across nodes, --distributed-executor-backend ray, at max_model_len {params['max_model_len']}, "
+            f"utilization {params['gpu_memory_utilization']}): pass one --hardware snapshot per node")
+
+
+def finish_plan(plan: Plan, hw: HardwareSnapshot, pins: dict[str, Any]) -> Plan:
+    """A plan whose stages span nodes runs on Ray: --distributed-executor-backend ray (vLLM's multi-node path)."""
+    if not is_cluster(hw):
+        return plan
+    tp = int(plan.params.get("tensor_parallel_size") or 1)
+    pp = int(plan.params.get("pipeline_parallel_size") or 1)
+    if tp * pp <= gpus_per_node(hw):
+        return plan
+    pinned = pins.get("distributed_executor_backend")
+    if pinned is not None and pinned != "ray":
+        raise InputError(f"--distributed-executor-backend {pinned}: the plan spans {tp * pp // gpus_per_node(hw)} "
+                         f"nodes (tp {tp} x pp {pp}); smartrun launches across nodes with ray only")
+    if pinned == "ray":
+        return plan
+    nodes = tp * pp // gpus_per_node(hw)
+    return plan.with_changes({"distributed_executor_backend": "ray"}, plan.source, {
+        "distributed_executor_backend": f"cluster: {pp} pipeline stages on {nodes} nodes; vLLM runs a model across "
+                                        f"nodes through Ray, started on the head"})
 
 
 # --------------------------------------------------------------------------- starting a cluster
@@ -355,7 +446,6 @@ def _connect(ray: Any, address: str) -> None:
 
     if ray.is_initialized():
         return
-    _reachable(address)
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError, SystemExit) as err:
@@ -365,6 +455,7 @@ def _connect(ray: Any, address: str) -> None:
 
 def live_nodes(address: str) -> list[LiveNode]:
     """The alive nodes and their GPUs, from Ray's cluster state (head first)."""
+    _reachable(address)
     ray = _ray()
     _connect(ray, address)
     try:
@@ -389,6 +480,7 @@ def _node_snapshot() -> dict[str, Any]:
 
 def detect_cluster(address: str, timeout: float = 120.0) -> HardwareSnapshot:
     """One NVML snapshot per GPU node, each read by a small Ray task pinned to its node; head first."""
+    _reachable(address)
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -474,9 +566,12 @@ def summary(hw: HardwareSnapshot) -> str:
         where = ", ".join(x for x in (f"ip {info.ip}" if info.ip else "",
                                       f"ray node {info.ray_node_id[:12]}" if info.ray_node_id else "") if x)
         lines.append(f"== node {n}: {info.name}{role}" + (f" ({where})" if where else ""))
-        links = ", ".join(f"{link.index}: {link.nvlink_links} NVLink"
-                          + (f", PCIe gen{link.pcie_gen} x{link.pcie_width}" if link.pcie_gen else "")
-                          for link in snap.interconnect)
+        kinds: dict[str, list[int]] = {}
+        for link in snap.interconnect:
+            text = f"{link.nvlink_links} NVLink links" + (f", PCIe gen{link.pcie_gen} x{link.pcie_width}"
+                                                         if link.pcie_gen else "")
+            kinds.setdefault(text, []).append(link.index)
+        links = "; ".join(f"GPU {','.join(map(str, gpus))}: {text}" for text, gpus in kinds.items())
         body = hardware.summary(snap).splitlines()
         lines += ["  " + line for line in body if not line.startswith("source:")]
         if links:

@@ -162,6 +162,9 @@ _USER_ONLY = [
        help="loads a Python file"),
     _k(name="ssl_keyfile", flag="--ssl-keyfile", type="str", security=True, help="TLS key file"),
     _k(name="ssl_certfile", flag="--ssl-certfile", type="str", security=True, help="TLS certificate file"),
+    _k(name="distributed_executor_backend", flag="--distributed-executor-backend", type="choice",
+       choices=("external_launcher", "mp", "ray", "uni"),
+       help="how workers start: ray for a plan across nodes (set by the cluster rules), else vLLM's choice"),
     _k(name="quantization", flag="--quantization", aliases=("-q",), type="str",
        help="quantization method (default: from the model's config)"),
 ]

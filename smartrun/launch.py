@@ -220,12 +220,16 @@ def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str
     return out, warnings
 
 
-def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """CUDA_VISIBLE_DEVICES for tp*pp*dp GPUs chosen by rules.select_gpus, in NVML's (PCI) order.
+def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any],
+            ray_address: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """CUDA_VISIBLE_DEVICES for tp*pp*dp GPUs chosen by rules.select_gpus, in NVML's (PCI) order; on a Ray cluster
+    RAY_ADDRESS instead (Ray gives every worker its GPU on its own node).
 
     The indices are nvidia-smi's (a snapshot restricted by --gpus / CUDA_VISIBLE_DEVICES maps its GPUs back),
     and CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA number them the same way, so vLLM's cuda:0.. are exactly these.
     """
+    if ray_address:
+        return {"RAY_ADDRESS": ray_address}, []
     if hardware is None or not hardware.gpus:
         return {}, []
     from smartrun import rules
@@ -550,7 +554,7 @@ class ProcessLauncher:
                  printer: Callable[[str], None] | None = None, progress: Callable[[str], None] | None = None,
                  poll_interval: float = 0.5, keep_lines: int = 400, stop_grace: float = 10.0,
                  info: VllmInfo | None = None, cache_dir: str | Path | None = None,
-                 heartbeat_s: float | None = None):
+                 heartbeat_s: float | None = None, ray_address: str | None = None):
         if not (isinstance(startup_timeout, int | float) and 0 < startup_timeout < float("inf")):
             raise InputError(f"--startup-timeout {startup_timeout}: must be a positive number of seconds")
         self.vllm_bin, self.hardware, self.host, self.port = vllm_bin, hardware, host, port
@@ -559,6 +563,7 @@ class ProcessLauncher:
         self.progress = progress or _default_progress
         self.stop_grace, self.cache_dir = stop_grace, cache_dir
         self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self.ray_address = ray_address  # launching on a Ray cluster: vllm serve finds it through RAY_ADDRESS
         self._info = info
         self._warned: set[str] = set()
 
@@ -576,7 +581,7 @@ class ProcessLauncher:
             argv[0] = info.path
         argv = with_defaults(argv, {"host": self.host, "port": self.port})
         argv, warnings = adapt_argv(argv, info)
-        env, env_warnings = gpu_env(self.hardware, plan.params)
+        env, env_warnings = gpu_env(self.hardware, plan.params, self.ray_address)
         fresh = [w for w in warnings + env_warnings if w not in self._warned]  # once per launcher, not per attempt
         self._warned.update(fresh)
         return argv, env, fresh

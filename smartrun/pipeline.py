@@ -172,6 +172,7 @@ class RunResult:
     secrets: tuple[str, ...] = ()  # values the CLI must not print either (API keys)
     debug_lines: list[str] = field(default_factory=list)
     calibration: Correction | None = None  # the correction every estimate of this run used
+    placement: Any = None  # cluster.ClusterPlacement when the hardware is a cluster
 
     def json_summary(self) -> dict[str, Any]:
         """The one object `--json` prints (issue 6 shape, plus warnings and session)."""
@@ -182,6 +183,7 @@ class RunResult:
             "bounds": to_jsonable(self.bounds.to_json()) if self.bounds is not None else {},
             "rejected": self.rejected,
             "estimate": to_jsonable(self.estimate) if self.estimate is not None else None,
+            **({"placement": to_jsonable(self.placement)} if self.placement is not None else {}),
             "provenance": dict(self.plan.provenance) if self.plan else {},
             "warnings": list(self.record.warnings),
             "outcome": self.record.outcome,
@@ -430,16 +432,26 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     correction = _calibration(sources, rec, hw, version)
     result.calibration = correction
     estimate_fn = calibration.estimator(correction)
-    bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal,
-                                    vllm_version=version, force=request.force, estimate_fn=estimate_fn)
+    from smartrun import cluster
+    from smartrun.errors import InfeasibleError
+
+    try:
+        bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal,
+                                        vllm_version=version, force=request.force, estimate_fn=estimate_fn)
+    except InfeasibleError as err:  # a model too big for these nodes: say how many would hold it
+        raise InfeasibleError(cluster.refusal(err.message, facts, hw, pins, version)) from err
     result.bounds = bounds
     record.bounds = to_jsonable(bounds.to_json())
     for warning in bounds.warnings:
         rec.warn(warning)
     rec.decide("bounds", record.bounds, bounds_in.path or "builtin")
 
-    baseline, base_estimate = rules.baseline(bounds, facts, hw, request.goal, vllm_version=version,
-                                             estimate_fn=estimate_fn)
+    try:
+        baseline, base_estimate = rules.baseline(bounds, facts, hw, request.goal, vllm_version=version,
+                                                 estimate_fn=estimate_fn)
+    except InfeasibleError as err:
+        raise InfeasibleError(cluster.refusal(err.message, facts, hw, pins, version)) from err
+    baseline = cluster.finish_plan(baseline, hw, pins)
     result.baseline = baseline
     record.baseline = to_jsonable(baseline)
     record.baseline_estimate = to_jsonable(base_estimate)
@@ -465,11 +477,14 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     record.final_argv = result.argv
     result.estimate = _estimate_for(plan, facts, hw, version, correction)
     record.estimate = to_jsonable(result.estimate) if result.estimate is not None else None
+    if cluster.is_cluster(hw):  # which node holds which stage, with each stage's memory
+        result.placement = cluster.placement(facts, hw, plan.params, version, correction)
     rec.decide("argv", result.argv, plan.source)
     if on_planned is not None:
         on_planned(result)
     if request.dry_run:
         return
+    _check_cluster(request, hw, plan)
 
     _launch(request, sources, rec, result, bounds, baseline, fit, hw, facts, plan, key, tuple(passthrough),
             model_path, version, on_event)
@@ -494,6 +509,20 @@ def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> H
         source = "--gpus" if request.gpus is not None else "CUDA_VISIBLE_DEVICES"
         rec.decide("gpus", {"visible": list(hw.physical_indices), "fingerprint": hardware.fingerprint(hw)}, source)
     return hw
+
+
+def _check_cluster(request: RunRequest, hw: HardwareSnapshot, plan: Plan) -> None:
+    """Before a launch: a plan across nodes needs a Ray cluster that is up and holds it."""
+    from smartrun import cluster
+    from smartrun.errors import ClusterError
+
+    spans = plan.params.get("distributed_executor_backend") == "ray"
+    if request.ray_address:
+        cluster.check_live(hw, plan.params, request.ray_address)
+    elif spans:
+        starts = "; ".join(cluster.ray_start_commands(hw, cluster.placement_nodes(hw, plan.params)))
+        raise ClusterError(f"the plan spans {cluster.placement_nodes(hw, plan.params)} nodes and starts on a Ray "
+                           f"cluster: pass --ray-address HEAD:PORT (to bring the cluster up run: {starts})")
 
 
 def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
@@ -1140,7 +1169,7 @@ def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | Non
     from smartrun import launch
 
     return launch.ProcessLauncher(vllm_bin=request.vllm_bin, hardware=hw, host=request.host, port=request.port,
-                                  startup_timeout=request.startup_timeout,
+                                  startup_timeout=request.startup_timeout, ray_address=request.ray_address,
                                   printer=lambda line: on_event("vllm", line),
                                   progress=lambda text: on_event("phase", text))
 

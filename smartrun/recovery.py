@@ -249,6 +249,12 @@ _ADVICE = {
     "bad_argument": "vLLM rejected an argument: check the flags for this vLLM version (`vllm serve --help`)",
     "tp_not_divisible": "--tensor-parallel-size must divide the model's attention heads",
     "not_enough_gpus": "more GPUs were asked for than this machine has: lower --tensor-parallel-size / --pipeline-parallel-size",
+    "ray_not_running": "vLLM found no Ray cluster: start it (`ray start --head` on the head, `ray start --address` "
+                       "on each node) and pass --ray-address HEAD:PORT",
+    "ray_placement_group_timeout": "Ray could not place tp x pp GPU workers: a node is missing or its GPUs are "
+                                   "busy; check `ray status` (every node started with --num-gpus)",
+    "ray_node_died": "a Ray node died or the head has no GPU for vLLM: check `ray status` and the node's raylet "
+                     "log; restart the node with `ray start --address`",
     "startup_timeout": "vLLM did not become ready in time: raise --startup-timeout (big models load slowly)",
     "died_after_ready": "vLLM died after it was ready: see the log excerpt",
 }

@@ -282,9 +282,13 @@ def select_gpus(hardware: HardwareSnapshot, count: int) -> list[GpuInfo]:
     """The `count` GPUs to run on, in index order: an NVLink-connected set when one exists, then the
     set with the most free memory (its tightest GPU first, then in total). One place, so that the
     bounds, the estimate and launch's CUDA_VISIBLE_DEVICES agree."""
-    gpus = sorted(hardware.gpus, key=lambda g: g.index)
     if count < 1:
         raise InputError(f"cannot select {count} GPUs")
+    if len(hardware.nodes) > 1:  # a cluster: whole nodes in order, so no stage straddles two nodes
+        from smartrun import cluster
+
+        return cluster.select_gpus(hardware, count)
+    gpus = sorted(hardware.gpus, key=lambda g: g.index)
     if count > len(gpus):
         raise InfeasibleError(f"{count} GPUs needed; the machine has {len(gpus)}")
 
@@ -521,6 +525,13 @@ def _shortfall(facts: ModelFacts, gpus: Sequence[GpuInfo], flags: EngineFlags, e
            f"{flags.gpu_memory_utilization}: {est.reason or 'no KV cache left'}"
 
 
+def _estimate_fits(flags: EngineFlags, facts: ModelFacts, hw: HardwareSnapshot, vllm_version: str | None,
+                   estimate_fn: EstimateFn) -> MemoryEstimate:
+    """The estimate of `flags` on the GPUs select_gpus picks for them (for the cluster rules)."""
+    gpus = select_gpus(hw, flags.tensor_parallel_size * flags.pipeline_parallel_size)
+    return estimate_fn(facts, _specs(gpus), flags, vllm_version)
+
+
 def _estimate_rule(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
                    vllm_version: str | None, estimate_fn: EstimateFn, goal: str) -> None:
     acc = accs["max_model_len"]
@@ -593,6 +604,13 @@ def effective_bounds(
         _apply_limit(accs[name], limit, f"(goal {goal})")
     _hardware_rules(accs, facts, hardware, warnings)
     _model_dtype_rule(accs["dtype"], facts, builtin and "dtype" not in pins)
+    if len(hardware.nodes) > 1:  # the one call into cross-node placement: TP inside a node, PP across nodes
+        from smartrun import cluster
+
+        cluster.narrow_bounds(accs, facts, hardware, pins, file.path == bounds_mod.BUILTIN_NAME,
+                              lambda flags: _estimate_fits(flags, facts, hardware, vllm_version,
+                                                           estimate_fn or _default_estimate()),
+                              lambda: _estimate_flags(accs, pins, facts, hardware))
     accs["max_model_len"].narrow("model", f"the model's derived maximum is {facts.derived_max_model_len}",
                                  hi=facts.derived_max_model_len)
     typed = {name: pin_text(name, value) if CATALOGUE[name].secret else (pin_flags or {}).get(name)
@@ -682,7 +700,8 @@ def _custom_all_reduce(bounds: Bounds, hw: HardwareSnapshot, params: dict, prov:
         return
     tp = params["tensor_parallel_size"]
     gpus = select_gpus(hw, tp * params["pipeline_parallel_size"])
-    if tp > 1 and not _all_linked(hw, gpus) and (bound is None or bound.contains(True)):
+    groups = [gpus[i:i + tp] for i in range(0, len(gpus), tp)]  # all-reduce runs inside each stage's TP group
+    if tp > 1 and not all(_all_linked(hw, g) for g in groups) and (bound is None or bound.contains(True)):
         params["disable_custom_all_reduce"] = True
         prov["disable_custom_all_reduce"] = f"hardware: no NVLink between GPUs {', '.join(str(g.index) for g in gpus)}"
 

@@ -39,6 +39,9 @@ FailureClass = Literal[
     "max_model_len_too_large",
     "compile_error",
     "nccl_error",
+    "ray_not_running",
+    "ray_placement_group_timeout",
+    "ray_node_died",
     "port_in_use",
     "model_not_found",
     "bad_argument",
@@ -223,6 +226,14 @@ _NCCL = re.compile(
     r"|custom[ _]?all[ _-]?reduce.*(?:error|fail)|CustomAllreduce.*(?:error|fail)",
     re.IGNORECASE,
 )
+# Ray (multi-node, --distributed-executor-backend ray): wording from ray's worker/GCS and vLLM's ray_utils.py
+_RAY_CONNECT = re.compile(r"Could not find any running Ray instance|Failed to connect to GCS at address"
+                          r"|Unable to connect to GCS|Failed to get the system config from raylet")
+_RAY_PG = re.compile(r"Cannot provide a placement group (?:of|requiring)")
+_RAY_NODE = re.compile(
+    r"has been marked dead because the detector has missed too many heartbeats|NodeDiedError"
+    r"|The actor died because its node has died|Ray does not allocate any GPUs on the driver node"
+)
 _PORT = re.compile(r"\[Errno (?:98|48|10048)\] (?:error while attempting to bind on address .*: )?[Aa]ddress already in use"
                    r"|address already in use", re.IGNORECASE)
 _MODEL = re.compile(
@@ -308,6 +319,12 @@ def classify_failure(text: str | Iterable[str], exit_code: int | None) -> Failur
     if hit := _first(lines, _TP_HEADS):
         m = hit[1]
         return fail("tp_not_divisible", hit[0], num_heads=int(m.group(1)), tensor_parallel_size=int(m.group(2)))
+    if hit := _first(lines, _RAY_CONNECT):
+        return fail("ray_not_running", hit[0])
+    if hit := _first(lines, _RAY_PG):
+        return fail("ray_placement_group_timeout", hit[0])
+    if hit := _first(lines, _RAY_NODE):
+        return fail("ray_node_died", hit[0])
     if hit := _first(lines, _WORLD):
         m = hit[1]
         nums = [int(g) for g in m.groups() if g]

@@ -25,6 +25,7 @@ from smartrun import cluster, hardware
 from smartrun.cli import main
 from smartrun.errors import ClusterError
 from smartrun.hardware import load_snapshot
+from smartrun.session import load_record
 
 ray = pytest.importorskip("ray", reason="the optional extra smartrun[ray] is not installed")
 
@@ -33,6 +34,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 HERE = Path(__file__).resolve().parent
 CLUSTERS = HERE.parent / "fixtures" / "hardware" / "clusters"
 NODE = CLUSTERS / "2x8-h100-node0.json"
+BIG = str(HERE.parent / "fixtures" / "models" / "llama-3.1-405b-instruct")
+FAKE_VLLM = HERE / "fakes" / "fake_vllm.py"
 START_TIMEOUT_S = 90
 
 
@@ -46,34 +49,59 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def _ports(*names: str) -> list[str]:
+    return [f"--{name}={_free_port()}" for name in names]
+
+
+NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "metrics-export-port", "runtime-env-agent-port")
+
+
+def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`ray start ... --block` in its own session; returns once it says it is up (it stays in the foreground)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    started = time.monotonic()
+    while "This command will now block" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
+            _stop(proc)
+            pytest.fail(f"{' '.join(argv[:3])} failed:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A Ray head with 8 declared GPUs whose workers import the fake pynvml (answering from NODE)."""
+    """A two-node local Ray cluster (a head and one more raylet, 8 declared GPUs each) whose workers import the
+    fake pynvml (answering from NODE). Yields the head's address."""
     tmp = tmp_path_factory.mktemp("ray")
     temp_dir = Path("/tmp") / f"sr{os.getpid()}-{tmp.name[-6:]}"  # Ray's socket paths must stay short
     port = _free_port()
     env = {**os.environ, "FAKE_NVML_SNAPSHOT": str(NODE), "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(HERE / "fakes" / "nvml_module"), os.environ.get("PYTHONPATH", "")])}
-    low = _free_port()
-    argv = [_ray_bin(), "start", "--head", "--block", f"--port={port}", "--num-gpus=8", "--num-cpus=1",
-            f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
-            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-            f"--min-worker-port={low}", f"--max-worker-port={low + 200}"]
-    log = (tmp / "ray-start.log").open("w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    started = time.monotonic()
+    procs: list[subprocess.Popen] = []
     try:
-        while "This command will now block" not in (tmp / "ray-start.log").read_text():
-            if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
-                pytest.fail(f"ray start --head failed:\n{(tmp / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+        for role in ("head", "worker"):
+            low = _free_port()
+            first = (["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]
+                     if role == "head" else [f"--address=127.0.0.1:{port}"])
+            argv = [_ray_bin(), "start", *first, "--block", "--num-gpus=8", "--num-cpus=1", "--disable-usage-stats",
+                    *_ports(*NODE_PORTS), f"--min-worker-port={low}", f"--max-worker-port={low + 100}"]
+            procs.append(_start(argv, tmp / f"ray-{role}.log", env))
+        _wait_for_nodes(f"127.0.0.1:{port}", 2)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)
-        log.close()
+        for proc in reversed(procs):
+            _stop(proc)
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+
+
+def _wait_for_nodes(address: str, count: int) -> None:
+    started = time.monotonic()
+    while len([n for n in cluster.live_nodes(address) if n.gpus]) < count:
+        if time.monotonic() - started > START_TIMEOUT_S:
+            pytest.fail(f"the local Ray cluster did not reach {count} nodes")
+        time.sleep(0.5)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -91,33 +119,69 @@ def test_detect_reads_each_gpu_node_through_a_ray_task(ray_head, tmp_path, capsy
     out = tmp_path / "cluster.json"
     assert main(["hardware", "detect", "--ray-address", ray_head, "--save", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "cluster: 1 node(s), 8 GPUs" in printed and "NVIDIA H100 80GB HBM3" in printed
+    assert "cluster: 2 node(s), 16 GPUs" in printed and "NVIDIA H100 80GB HBM3" in printed
     saved = load_snapshot(out)
-    assert len(saved.gpus) == 8 and len(saved.nodes) == 1
-    node = saved.nodes[0]
-    assert node.ray_node_id and node.ip and node.hostname == socket.gethostname()
-    assert saved.node_ip == node.ip
+    assert len(saved.gpus) == 16 and len(saved.nodes) == 2
+    assert len({n.ray_node_id for n in saved.nodes}) == 2 and all(n.ip for n in saved.nodes)
+    assert saved.nodes[0].hostname == socket.gethostname() and saved.node_ip == saved.nodes[0].ip
+    assert [n.gpu_indices for n in saved.nodes] == [tuple(range(8)), tuple(range(8, 16))]
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(load_snapshot(NODE)))
-    here = hardware.detect()  # the same fake NVML read in this process: the task must have read the same
-    assert saved.gpus == here.gpus and saved.nvlink_pairs == here.nvlink_pairs
-    assert saved.interconnect == here.interconnect and saved.interconnect[0].nvlink_links > 0
-    assert json.loads(out.read_text())["nodes"][0]["gpu_indices"] == list(range(8))
+    here = hardware.detect()  # the same fake NVML read in this process: each task must have read the same
+    for node_snap, _ in cluster.split(saved):
+        assert node_snap.gpus == here.gpus and node_snap.nvlink_pairs == here.nvlink_pairs
+        assert node_snap.interconnect == here.interconnect and node_snap.interconnect[0].nvlink_links > 0
+    assert json.loads(out.read_text())["nodes"][1]["gpu_indices"] == list(range(8, 16))
 
 
 def test_live_check_refuses_a_plan_for_more_nodes_and_prints_ray_start(ray_head):
-    hw = load_snapshot(CLUSTERS / "2x8-h100.json")
+    hw = load_snapshot(CLUSTERS / "4x8-a100.json")
     with pytest.raises(ClusterError) as err:
-        cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 2}, ray_head)
+        cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 3}, ray_head)
     message = err.value.message
-    assert "the plan needs 2 node(s) with 8 GPUs each; Ray reports 1 alive node(s) with GPUs" in message
-    assert "ray start --head --port=6379 --num-gpus=8" in message
-    assert "on 2x8-h100-node1: ray start --address=10.0.0.1:6379 --num-gpus=8" in message
+    assert "the plan needs 3 node(s) with 8 GPUs each; Ray reports 2 alive node(s) with GPUs" in message
+    assert "on 4x8-a100-node0 (head): ray start --head --port=6379 --num-gpus=8" in message
+    assert "on 4x8-a100-node2: ray start --address=10.0.0.1:6379 --num-gpus=8" in message
 
 
 def test_live_check_accepts_a_plan_the_cluster_holds(ray_head):
     hw = load_snapshot(CLUSTERS / "2x8-h100.json")
-    live = cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 1}, ray_head)
-    assert len(live) == 1 and live[0].head and live[0].gpus == 8
+    live = cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 2}, ray_head)
+    assert len(live) == 2 and live[0].head and [n.gpus for n in live] == [8, 8]
+
+
+def _run(tmp_path: Path, scenario: dict, *extra: str) -> tuple[int, str, str, Path]:
+    session = tmp_path / "session.json"
+    env = {**os.environ, "FAKE_VLLM_SCENARIO": json.dumps(scenario), "SMARTRUN_HOME": str(tmp_path / "home")}
+    args = [sys.executable, "-m", "smartrun", "model", "run", BIG, "--hardware", str(CLUSTERS / "2x8-h100.json"),
+            "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()), "--startup-timeout", "60",
+            "--session-out", str(session), *extra]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    return done.returncode, done.stdout, done.stderr, session
+
+
+def test_launch_on_the_live_cluster_starts_vllm_with_ray_on_the_head(ray_head, tmp_path):
+    starts = tmp_path / "starts.jsonl"
+    scenario = {"gpus": 8, "ray_gpus": 16, "weights_gib": 700.0, "record": str(starts),
+                "faults": {"die_after_ready_s": 2.0}}
+    _, out, err, session = _run(tmp_path, scenario, "--ray-address", ray_head)
+    assert "is ready at" in out, out + err
+    start = json.loads(starts.read_text().splitlines()[0])
+    assert start["ray_address"] == ray_head  # vllm serve finds the cluster through RAY_ADDRESS
+    argv = start["argv"]
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
+    assert argv[argv.index("--pipeline-parallel-size") + 1] == "2" and argv[argv.index("--tensor-parallel-size") + 1] == "8"
+    record = load_record(session)
+    assert record.launch_attempts[0].healthy and record.launch_attempts[0].env["RAY_ADDRESS"] == ray_head
+    assert "CUDA_VISIBLE_DEVICES" not in record.launch_attempts[0].env
+
+
+def test_a_placement_group_timeout_is_classified_and_stops_with_what_to_do(ray_head, tmp_path):
+    scenario = {"gpus": 8, "ray_gpus": 8, "weights_gib": 700.0}  # Ray offers one node's GPUs: no placement
+    code, out, err, session = _run(tmp_path, scenario, "--ray-address", ray_head, "--max-attempts", "2")
+    assert code == 4, out + err
+    record = load_record(session)
+    assert [a.outcome for a in record.launch_attempts] == ["ray_placement_group_timeout"]
+    assert "ray status" in err
 
 
 def test_detect_names_an_address_without_a_cluster(capsys):

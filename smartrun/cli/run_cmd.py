@@ -237,6 +237,12 @@ def summary_lines(result: Any) -> list[str]:
     if hw is not None:
         out.append(f"  GPUs         {_gpu_words(result, tp, pp, dp)}"
                    f"{where('tensor_parallel_size', 'pipeline_parallel_size', 'data_parallel_size')}")
+    if getattr(result, "placement", None) is not None:  # a cluster: which node holds which stage
+        from smartrun import cluster
+
+        lines = cluster.placement_lines(result.placement)
+        out += [f"  nodes        {lines[0]}{where('distributed_executor_backend')}",
+                *[f"               {line}" for line in lines[1:]]]
     util = params.get("gpu_memory_utilization")
     if est is not None:
         fits = "" if est.fits else f"; does NOT fit: {est.reason}"

@@ -11,7 +11,9 @@ Like vLLM, --served-model-name NAME... names the model in /v1/models and in requ
 "hidden_non_kv_gib" is non-KV memory particular to this machine (a larger CUDA context, a driver's
 carve-out) that no printed figure names, so an estimator cannot know it: only the KV cache shows it.
 Faults: "cudagraph_error" (unless eager / -O0), "nccl_error" (tp > 1 unless
---disable-custom-all-reduce), "never_ready", "die_after_ready_s". "record" names a file that gets one
+--disable-custom-all-reduce), "never_ready", "die_after_ready_s", and with --distributed-executor-backend ray
+"ray_not_running", "ray_node_died" (a node lost while loading); scenario "ray_gpus" is what the Ray cluster
+offers (default: "gpus"), too few ends in vLLM's placement-group timeout. "record" names a file that gets one
 JSON line per start ({"pid", "worker_pid", "argv"}) so tests can check the process table.
 Env FAKE_VLLM_PERF names a tests/fakes/perf_model.py profile: its startup_error() and
 completion_timing() then decide startup and request timing.
@@ -58,6 +60,7 @@ SCENARIO_DEFAULTS = {
     "worker": False,  # spawn an engine-core-like child process (for orphan checks)
     "list_names": None,  # /v1/models lists these instead of the served names (a misbehaving server)
     "record": None,
+    "ray_gpus": None,  # GPUs the Ray cluster offers under --distributed-executor-backend ray (None = "gpus")
 }
 
 LOG_PREFIX = "(EngineCore pid={pid}) INFO {ts} [{src}] "
@@ -229,7 +232,21 @@ def serve(argv: list[str]) -> None:
     if sc["num_heads"] % tp:
         fail([f"ValueError: Total number of attention heads ({sc['num_heads']}) must be divisible by tensor "
               f"parallel size ({tp})."])
-    if tp * pp > int(sc["gpus"]):
+    ray_backend = opts.get("--distributed-executor-backend") == "ray"
+    if ray_backend:  # vLLM connects to the cluster (RAY_ADDRESS) and asks Ray for one GPU bundle per worker
+        if faults.get("ray_not_running") or not os.environ.get("RAY_ADDRESS"):
+            fail(["ConnectionError: Could not find any running Ray instance. Please specify the one to connect to "
+                  "by setting `--address` flag or `RAY_ADDRESS` environment variable."])
+        ray_gpus = int(sc["ray_gpus"] if sc["ray_gpus"] is not None else sc["gpus"])
+        if tp * pp > ray_gpus:
+            specs = [{"GPU": 1.0, "node:10.0.0.1": 0.001}] + [{"GPU": 1.0}] * (tp * pp - 1)
+            log(f"Waiting for creating a placement group of specs for 10 seconds. specs={specs}. Check `ray status` "
+                "and `ray list nodes` to see if you have enough resources, and make sure the IP addresses used by "
+                "ray cluster are the same as VLLM_HOST_IP environment variable specified in each node if you are "
+                "running on a multi-node.", "ray_utils.py:242", proc="APIServer")
+            fail([f"ValueError: Cannot provide a placement group of placement_group_specs={specs} within 1800 "
+                  "seconds. See `ray status` and `ray list nodes` to make sure the cluster has enough resources."])
+    elif tp * pp > int(sc["gpus"]):
         fail([f"ValueError: World size ({tp * pp}) is larger than the number of available GPUs ({sc['gpus']}) in "
               "this node. If this is intentional and you are using:",
               "- ray, set '--distributed-executor-backend ray'.", "- multiprocessing, set '--nnodes' appropriately."])
@@ -256,7 +273,7 @@ def serve(argv: list[str]) -> None:
     if sc.get("record"):
         with open(sc["record"], "a") as fh:
             fh.write(json.dumps({"pid": os.getpid(), "worker_pid": worker.pid if worker else None,
-                                 "argv": argv}) + "\n")
+                                 "argv": argv, "ray_address": os.environ.get("RAY_ADDRESS")}) + "\n")
 
     mnbt = min(mnbt, max_num_seqs * mml)
     log(f"Chunked prefill is enabled with max_num_batched_tokens={mnbt}.", "config/scheduler.py:309",
@@ -277,6 +294,11 @@ def serve(argv: list[str]) -> None:
 
     log(f"Starting to load model {model}...", "gpu_model_runner.py:5060")
     start_sleep(delays["load_s"])
+    if ray_backend and faults.get("ray_node_died"):
+        print("(raylet) WARNING worker.py:2012 -- The node with node id: 5ad7fa5dd64f and address: 10.0.0.2 and node "
+              "name: 10.0.0.2 has been marked dead because the detector has missed too many heartbeats from it. "
+              "This can happen when a (1) raylet crashes unexpectedly (OOM, preempted node, etc.)", flush=True)
+        fail(["ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."])
     weights = float(sc["weights_gib"]) / (tp * pp)
     non_torch = float(sc["non_torch_gib"]) + float(sc["hidden_non_kv_gib"])
     if weights + non_torch > free:
