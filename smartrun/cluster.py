@@ -280,7 +280,7 @@ def smallest_cluster(facts: ModelFacts, node: HardwareSnapshot, params: dict[str
                                          "pipeline_parallel_size": pp})
         specs = [memory.GpuSpec.from_gpu(g) for g in base.gpus] * k
         try:
-            if memory.estimate(facts, specs, flags, vllm_version).largest_max_model_len >= need:
+            if memory.plan_safe_max_model_len(memory.estimate(facts, specs, flags, vllm_version)) >= need:
                 return k, tp, pp
         except SmartRunError:  # a setting the estimator refuses at this size: try the next
             continue
@@ -291,10 +291,13 @@ def smallest_cluster(facts: ModelFacts, node: HardwareSnapshot, params: dict[str
 
 
 def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot, pins: dict[str, Any],
-                  builtin_file: bool, estimate: Callable[[Any], Any], generous: Callable[[], Any]) -> None:
+                  builtin_file: bool, estimate: Callable[[Any], Any], generous: Callable[[], Any],
+                  vllm_version: str | None = None) -> None:
     """Bounds for a cluster (rules.effective_bounds calls this once): tp fixed inside a node, pp whole nodes'
     worth of stages from the fewest nodes that hold the model. `estimate(flags)` budgets flags on the GPUs
     the rules select; `generous()` is the most generous in-bound flags so far (top utilization, fewest seqs)."""
+    from smartrun import memory
+
     tp, pps = parallel_layouts(facts, hw)
     per_node, n = gpus_per_node(hw), len(hw.nodes)
     tp_acc, pp_acc = accs["tensor_parallel_size"], accs["pipeline_parallel_size"]
@@ -317,10 +320,10 @@ def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
                                              "gpu_memory_utilization": util})
         est = estimate(flags)
         best = est
-        if est.largest_max_model_len >= floor:
+        if memory.plan_safe_max_model_len(est) >= floor:  # the low end of the band, as the rules plan
             pp_acc.narrow("estimate", f"the fewest nodes that hold the model: {pp * tp // per_node} of {n} "
                                       f"(tp {tp} x pp {pp}; the largest max_model_len there is "
-                                      f"{est.largest_max_model_len})", lo=pp)
+                                      f"{memory.plan_safe_max_model_len(est)})", lo=pp)
             return
     top = max(pp_acc.choices or [1])
     capped = f" (pipeline_parallel_size is bounded to <= {pp_acc.max} by {pp_acc.max_src})" \
@@ -328,23 +331,25 @@ def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
     why = (f"{facts.name} does not fit on {top * tp // per_node} of {n} node(s) of {per_node}x "
            f"{' / '.join(sorted({g.name for g in hw.gpus}))} at tp {tp} x pp {top}{capped}: "
            + (best.reason if best is not None and best.reason else "no KV cache left")
-           + (f"; the largest max_model_len there is {best.largest_max_model_len}, below the minimum {floor}"
-              if best is not None and 0 < best.largest_max_model_len < floor else ""))
-    raise InfeasibleError(refusal(why, facts, hw, pins, None, util=util, min_len=floor))
+           + (f"; the largest max_model_len there is {memory.plan_safe_max_model_len(best)}, below the minimum "
+              f"{floor}" if best is not None and 0 < memory.plan_safe_max_model_len(best) < floor else ""))
+    raise InfeasibleError(refusal(why, facts, hw, pins, vllm_version, {
+        "gpu_memory_utilization": util, "max_model_len": floor, "max_num_seqs": top_flags.max_num_seqs,
+        "dtype": top_flags.dtype, "kv_cache_dtype": top_flags.kv_cache_dtype}))
 
 
-REFUSAL_UTIL = 0.93  # the built-in bounds' top utilization: what the rules plan with when nothing says less
-REFUSAL_LEN = 2048  # the built-in bounds' smallest max_model_len
+# What the rules plan with when nothing says otherwise: the built-in bounds' top utilization, least context
+# and fewest sequences (the most generous in-bound plan, as the estimate rule takes it).
+REFUSAL_DEFAULTS = {"gpu_memory_utilization": 0.93, "max_model_len": 2048, "max_num_seqs": 1}
 
 
 def refusal(why: str, facts: ModelFacts, hw: HardwareSnapshot, pins: dict[str, Any],
-            vllm_version: str | None = None, util: float | None = None, min_len: int | None = None) -> str:
+            vllm_version: str | None = None, base: dict[str, Any] | None = None) -> str:
     """`why`, plus the smallest cluster of nodes like this one that would hold the model when more nodes
-    would help: at the pins, else at `util`/`min_len` (the bounds' top utilization and least context)."""
+    would help: at the pins, else at `base` (default REFUSAL_DEFAULTS)."""
     if "smallest cluster that fits" in why:
         return why
-    params = {**pins, "gpu_memory_utilization": pins.get("gpu_memory_utilization") or util or REFUSAL_UTIL,
-              "max_model_len": pins.get("max_model_len") or min_len or REFUSAL_LEN}
+    params = {**REFUSAL_DEFAULTS, **{k: v for k, v in (base or {}).items() if v is not None}, **pins}
     if params["max_model_len"] <= 0:  # auto: any context that fits
         params["max_model_len"] = 1
     try:

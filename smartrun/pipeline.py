@@ -500,6 +500,13 @@ def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> H
     from smartrun import hardware
 
     visible = request.visible_devices
+    if len(hw.nodes) > 1:  # a cluster: Ray gives each worker its GPU on its node; whole nodes are planned
+        if request.gpus is not None:
+            raise InputError(f"--gpus {request.gpus}: a plan across nodes uses whole nodes; pass the snapshots of "
+                             f"the nodes to use instead")
+        if visible is not None:
+            rec.warn(f"CUDA_VISIBLE_DEVICES={visible} of this machine ignored: the plan spans a cluster's nodes")
+        return hw
     if visible is not None and request.dry_run and request.hardware_path:
         rec.warn(f"CUDA_VISIBLE_DEVICES={visible} of this machine ignored: the dry run plans for "
                  f"{request.hardware_path} (use --gpus to restrict it)")
@@ -560,7 +567,8 @@ def _warn_without_nvlink(plan: Plan, hw: HardwareSnapshot, rec: Recorder) -> Non
         gpus = rules.select_gpus(hw, tp * pp)
     except SmartRunError:
         return
-    if all(hw.nvlinked(a.index, b.index) for i, a in enumerate(gpus) for b in gpus[i + 1:]):
+    groups = [gpus[i:i + tp] for i in range(0, len(gpus), tp)]  # the all-reduce runs inside each stage's TP group
+    if all(hw.nvlinked(a.index, b.index) for g in groups for i, a in enumerate(g) for b in g[i + 1:]):
         return
     names = ", ".join(str(hardware.physical_index(hw, g.index)) for g in gpus)
     all_reduce = " vLLM's custom all-reduce is disabled." if plan.params.get("disable_custom_all_reduce") else ""

@@ -610,7 +610,7 @@ def effective_bounds(
         cluster.narrow_bounds(accs, facts, hardware, pins, file.path == bounds_mod.BUILTIN_NAME,
                               lambda flags: _estimate_fits(flags, facts, hardware, vllm_version,
                                                            estimate_fn or _default_estimate()),
-                              lambda: _estimate_flags(accs, pins, facts, hardware))
+                              lambda: _estimate_flags(accs, pins, facts, hardware), vllm_version)
     accs["max_model_len"].narrow("model", f"the model's derived maximum is {facts.derived_max_model_len}",
                                  hi=facts.derived_max_model_len)
     typed = {name: pin_text(name, value) if CATALOGUE[name].secret else (pin_flags or {}).get(name)

@@ -31,7 +31,7 @@ def _hw(*args: str) -> list[str]:
 def _dry_run(capsys, model: str, nodes: list[str], *extra: str) -> tuple[int, dict | None, str]:
     code = main(["model", "run", model, *_hw(*nodes), "--dry-run", "--json", "--vllm-version", "0.19.0", *extra])
     out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 else None), err
+    return code, json.loads(out), err
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -96,11 +96,11 @@ def test_405b_on_two_h100_nodes_plans_tp_in_node_pp_across_with_ray(capsys):
 
 
 def test_405b_on_one_node_refuses_with_the_reason_and_the_smallest_cluster(capsys):
-    code, _, err = _dry_run(capsys, BIG, H100_NODES[:1])
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1
-    assert "needs 94.5 GiB of weights per GPU at tp 8" in lines[0]
-    assert "the smallest cluster that fits is 2 nodes of 8x NVIDIA H100 80GB HBM3 (tp 8 inside each node, pp 2" in lines[0]
+    code, out, err = _dry_run(capsys, BIG, H100_NODES[:1])
+    assert code == 2 and out["exit"] == 2 and err.strip().splitlines()[-1] == f"localaistack: {out['error']}"
+    assert "needs 94.7 GiB of weights per GPU at tp 8; 8x NVIDIA H100 80GB HBM3 offers 73.7 GiB" in out["error"]
+    assert ("the smallest cluster that fits is 2 nodes of 8x NVIDIA H100 80GB HBM3 (tp 8 inside each node, pp 2 "
+            "across nodes, --distributed-executor-backend ray" in out["error"])
 
 
 def test_405b_on_a100_40gb_takes_the_fewest_nodes_that_hold_it(capsys):
@@ -109,6 +109,7 @@ def test_405b_on_a100_40gb_takes_the_fewest_nodes_that_hold_it(capsys):
     assert (out["params"]["tensor_parallel_size"], out["params"]["pipeline_parallel_size"]) == (8, 3)
     placement = out["placement"]
     assert placement["nodes_used"] == 3 and [s["node_index"] for s in placement["stages"]] == [0, 1, 2]
+    assert all(s["fits"] for s in placement["stages"])
     code, _, err = _dry_run(capsys, BIG, A100_NODES[:2])
     assert code == 2 and "smallest cluster that fits is 3 nodes of 8x NVIDIA A100-SXM4-40GB" in err
 
@@ -150,9 +151,10 @@ def test_the_builtin_pp_limit_still_holds_on_one_machine(capsys):
 def test_text_summary_names_the_node_of_each_stage(capsys):
     code = main(["model", "run", BIG, *_hw(*H100_NODES), "--dry-run", "--vllm-version", "0.19.0"])
     out = capsys.readouterr().out
-    assert code == 0 and "== placement (cluster)" in out
+    assert code == 0 and "nodes        2 of 2 node(s) x 8 GPUs: tp 8 inside a node, pp 2 across nodes" in out
     assert "stage 0 on 2x8-h100-node0 GPUs 0,1,2,3,4,5,6,7: layers 0-62 (embeddings)" in out
     assert "stage 1 on 2x8-h100-node1 GPUs 0,1,2,3,4,5,6,7: layers 63-125 (lm head)" in out
+    assert "(16 on 2 nodes): NVIDIA H100 80GB HBM3, NVLink inside each node" in out
 
 
 def test_launch_of_a_plan_across_nodes_needs_ray_address_and_prints_ray_start(capsys):
@@ -215,10 +217,12 @@ def test_recovery_never_moves_a_stage_across_the_pinned_node_boundary():
 def test_smallest_cluster_search_uses_the_one_estimator():
     facts = inspect(BIG)
     node = load_snapshot(H100_NODES[0])
-    assert cluster.smallest_cluster(facts, node, {"max_model_len": 4096, "gpu_memory_utilization": 0.9}) == (2, 8, 2)
-    a100 = load_snapshot(A100_NODES[0])  # more context or less memory: more nodes
-    assert cluster.smallest_cluster(facts, a100, {"max_model_len": 2048, "gpu_memory_utilization": 0.93})[0] == 3
-    assert cluster.smallest_cluster(facts, a100, {"max_model_len": 4096, "gpu_memory_utilization": 0.9})[0] == 4
+    assert cluster.smallest_cluster(facts, node, {"max_model_len": 4096, "gpu_memory_utilization": 0.9},
+                                    "0.19.0") == (2, 8, 2)
+    a100 = load_snapshot(A100_NODES[0])  # less memory: more nodes
+    tight = {"max_model_len": 2048, "gpu_memory_utilization": 0.93, "max_num_seqs": 1}
+    assert cluster.smallest_cluster(facts, a100, tight, "0.19.0")[0] == 3
+    assert cluster.smallest_cluster(facts, a100, {**tight, "gpu_memory_utilization": 0.85}, "0.19.0")[0] == 4
 
 
 def test_ray_start_lines_for_each_node():

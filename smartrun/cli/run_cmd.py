@@ -273,11 +273,12 @@ def _gpu_words(result: Any, tp: int, pp: int, dp: int = 1) -> str:
         if part)
     link = ""
     if n > 1:
-        linked = all(hw.nvlinked(a.index, b.index) for i, a in enumerate(chosen) for b in chosen[i + 1:])
-        link = ", NVLink" if linked else ", PCIe (no NVLink)"
+        groups = [chosen[i:i + tp] for i in range(0, n, tp)] if len(hw.nodes) > 1 else [chosen]
+        linked = all(hw.nvlinked(a.index, b.index) for g in groups for i, a in enumerate(g) for b in g[i + 1:])
+        link = (", NVLink" if linked else ", PCIe (no NVLink)") + (" inside each node" if len(groups) > 1 else "")
     names = sorted({g.name for g in chosen})
     allowed = (f"allowed {','.join(map(str, hw.physical_indices))}" if hw.physical_indices
-               else f"{len(hw.gpus)} on the machine")
+               else f"{len(hw.gpus)} on {len(hw.nodes)} nodes" if len(hw.nodes) > 1 else f"{len(hw.gpus)} on the machine")
     return f"{ids} ({allowed}): {' + '.join(names)}{link}; {split}"
 
 
