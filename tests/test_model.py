@@ -51,6 +51,9 @@ FIXTURE_FACTS = [
     # text_config; vocab 262208 and max 131072 from Gemma3TextConfig defaults; linear x8 not applied (gemma3)
     ("gemma-3-27b-it", 62, 5376, 32, 16, 128, 262208, 131072, True, 54_864_813_280, "safetensors-index"),
     ("qwen2.5-72b-instruct", 80, 8192, 64, 8, 128, 152064, 32768, False, 145_412_407_296, "safetensors-index"),
+    # 16384/128 = 128; llama3 rope keeps 131072; 405,853,388,800 params x 2 (the cluster planning fixture)
+    ("llama-3.1-405b-instruct", 126, 16384, 128, 8, 128, 128256, 131072, False, 811_706_777_600,
+     "safetensors-index"),
 ]
 
 
