@@ -174,7 +174,7 @@ class ClusterPlacement(Frozen):
     pipeline_parallel_size: int
     replicas: int  # copies that fit on the cluster (data parallel when one fits in a node)
     data_parallel_size: int  # what the plan launches (1 unless vLLM can place the replicas)
-    executor: str  # "ray"
+    executor: str  # "ray" when stages span nodes
     stages: tuple[StagePlacement, ...]
     notes: tuple[str, ...] = ()
 
@@ -213,22 +213,23 @@ def placement(facts: ModelFacts, hw: HardwareSnapshot, params: dict[str, Any],
         notes.append(f"{replicas} replicas of tp {tp} x pp {pp} fit the cluster; the plan runs {dp}")
     return ClusterPlacement(nodes=node_count, nodes_used=used, gpus_per_node=per_node, tensor_parallel_size=tp,
                             pipeline_parallel_size=pp, replicas=replicas, data_parallel_size=dp,
-                            executor=str(params.get("distributed_executor_backend") or "ray"),
+                            executor=str(params.get("distributed_executor_backend") or "mp (inside one node)"),
                             stages=tuple(out), notes=tuple(notes))
 
 
 def placement_nodes(hw: HardwareSnapshot, params: dict[str, Any]) -> int:
-    """How many nodes one replica of these params uses."""
+    """How many nodes the plan uses (every replica)."""
     tp = int(params.get("tensor_parallel_size") or 1)
     pp = int(params.get("pipeline_parallel_size") or 1)
-    return max(1, math.ceil(tp * pp / gpus_per_node(hw)))
+    dp = int(params.get("data_parallel_size") or 1)
+    return max(1, math.ceil(tp * pp * dp / gpus_per_node(hw)))
 
 
 def placement_lines(p: ClusterPlacement) -> list[str]:
     """The placement for the text summary, one stage per line."""
-    lines = [f"{p.nodes_used} of {p.nodes} node(s) x {p.gpus_per_node} GPUs: tp {p.tensor_parallel_size} inside a "
-             f"node, pp {p.pipeline_parallel_size} across nodes, executor {p.executor}, "
-             f"{p.replicas} replica(s) fit, dp {p.data_parallel_size}"]
+    lines = [f"{p.nodes_used} of {p.nodes} node(s) x {p.gpus_per_node} GPUs per replica: tp {p.tensor_parallel_size} "
+             f"inside a node, pp {p.pipeline_parallel_size} across nodes, executor {p.executor}; {p.replicas} "
+             f"replica(s) fit, the plan runs {p.data_parallel_size}"]
     for s in p.stages:
         role = "+".join(r for r, on in (("embeddings", s.first), ("lm head", s.last)) if on)
         lines.append(f"stage {s.stage} on {s.node} GPUs {','.join(map(str, s.gpus))}: layers {s.layers[0]}-"
@@ -324,6 +325,10 @@ def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
             pp_acc.narrow("estimate", f"the fewest nodes that hold the model: {pp * tp // per_node} of {n} "
                                       f"(tp {tp} x pp {pp}; the largest max_model_len there is "
                                       f"{memory.plan_safe_max_model_len(est)})", lo=pp)
+            if tp * pp > per_node and "data_parallel_size" in accs:  # vLLM's Ray DP keeps a replica in one node
+                accs["data_parallel_size"].narrow(
+                    "cluster", "a replica spans nodes; vLLM's Ray data-parallel backend places each replica inside "
+                               "one node, so further replicas run as separate servers", hi=1)
             return
     top = max(pp_acc.choices or [1])
     capped = f" (pipeline_parallel_size is bounded to <= {pp_acc.max} by {pp_acc.max_src})" \
@@ -370,12 +375,19 @@ def refusal(why: str, facts: ModelFacts, hw: HardwareSnapshot, pins: dict[str, A
 
 
 def finish_plan(plan: Plan, hw: HardwareSnapshot, pins: dict[str, Any]) -> Plan:
-    """A plan whose stages span nodes runs on Ray: --distributed-executor-backend ray (vLLM's multi-node path)."""
+    """A plan across nodes runs on Ray: stages that span nodes with --distributed-executor-backend ray (vLLM's
+    multi-node path), replicas on several nodes with --data-parallel-backend ray (one replica per node group)."""
     if not is_cluster(hw):
         return plan
     tp = int(plan.params.get("tensor_parallel_size") or 1)
     pp = int(plan.params.get("pipeline_parallel_size") or 1)
-    if tp * pp <= gpus_per_node(hw):
+    dp = int(plan.params.get("data_parallel_size") or 1)
+    per_node = gpus_per_node(hw)
+    if tp * pp <= per_node < tp * pp * dp and "data_parallel_backend" not in pins:
+        return plan.with_changes({"data_parallel_backend": "ray"}, plan.source, {
+            "data_parallel_backend": f"cluster: {dp} replicas on {placement_nodes(hw, plan.params)} nodes; vLLM's Ray "
+                                     f"data-parallel backend starts each replica on its node"})
+    if tp * pp <= per_node:
         return plan
     pinned = pins.get("distributed_executor_backend")
     if pinned is not None and pinned != "ray":

@@ -165,6 +165,8 @@ _USER_ONLY = [
     _k(name="distributed_executor_backend", flag="--distributed-executor-backend", type="choice",
        choices=("external_launcher", "mp", "ray", "uni"),
        help="how workers start: ray for a plan across nodes (set by the cluster rules), else vLLM's choice"),
+    _k(name="data_parallel_backend", flag="--data-parallel-backend", aliases=("-dpb",), type="choice",
+       choices=("mp", "ray"), help="how data-parallel replicas start: ray for replicas on several nodes"),
     _k(name="quantization", flag="--quantization", aliases=("-q",), type="str",
        help="quantization method (default: from the model's config)"),
 ]

@@ -523,7 +523,7 @@ def _check_cluster(request: RunRequest, hw: HardwareSnapshot, plan: Plan) -> Non
     from smartrun import cluster
     from smartrun.errors import ClusterError
 
-    spans = plan.params.get("distributed_executor_backend") == "ray"
+    spans = cluster.is_cluster(hw) and cluster.placement_nodes(hw, plan.params) > 1
     if request.ray_address:
         cluster.check_live(hw, plan.params, request.ray_address)
     elif spans:

@@ -114,11 +114,21 @@ def test_405b_on_a100_40gb_takes_the_fewest_nodes_that_hold_it(capsys):
     assert code == 2 and "smallest cluster that fits is 3 nodes of 8x NVIDIA A100-SXM4-40GB" in err
 
 
-def test_a_model_that_fits_one_node_runs_there_and_reports_the_replicas(capsys):
+def test_a_model_that_fits_one_node_gets_one_replica_per_node_through_ray_dp(capsys):
     code, out, err = _dry_run(capsys, QWEN72, A100_NODES)
     assert code == 0, err
-    assert out["params"]["pipeline_parallel_size"] == 1 and "distributed_executor_backend" not in out["params"]
+    params = out["params"]
+    assert (params["tensor_parallel_size"], params["pipeline_parallel_size"], params["data_parallel_size"]) == (8, 1, 4)
+    assert params["data_parallel_backend"] == "ray" and "distributed_executor_backend" not in params
+    assert "cluster:" in out["provenance"]["data_parallel_backend"]
     assert out["placement"]["replicas"] == 4 and out["placement"]["nodes_used"] == 1
+
+
+def test_replicas_that_span_nodes_are_not_data_parallel(capsys):
+    code, out, err = _dry_run(capsys, BIG, A100_NODES)
+    assert code == 0, err
+    assert out["params"].get("data_parallel_size", 1) == 1
+    assert out["bounds"]["data_parallel_size"]["max"] == 1 and "cluster" in out["bounds"]["data_parallel_size"]["sources"]
 
 
 def test_heterogeneous_nodes_are_refused_with_what_differs(capsys):
@@ -143,15 +153,17 @@ def test_a_bounds_file_bounds_pipeline_parallel_size_on_a_cluster(tmp_path, caps
     assert code == 0 and out["params"]["pipeline_parallel_size"] == 2
 
 
-def test_the_builtin_pp_limit_still_holds_on_one_machine(capsys):
-    code, _, err = _dry_run(capsys, QWEN72, [str(FIXTURES / "hardware" / "4x-h100-80gb-nvlink.json")], "-pp", "2")
-    assert code == 2 and "bounds:builtin" in err
+def test_one_machine_plans_as_before_without_pipeline_stages_or_ray(capsys):
+    code, out, err = _dry_run(capsys, QWEN72, [str(FIXTURES / "hardware" / "4x-h100-80gb-nvlink.json")])
+    assert code == 0, err
+    assert out["params"]["pipeline_parallel_size"] == 1 and "distributed_executor_backend" not in out["params"]
+    assert "placement" not in out and "cluster" not in out["bounds"]["tensor_parallel_size"]["sources"]
 
 
 def test_text_summary_names_the_node_of_each_stage(capsys):
     code = main(["model", "run", BIG, *_hw(*H100_NODES), "--dry-run", "--vllm-version", "0.19.0"])
     out = capsys.readouterr().out
-    assert code == 0 and "nodes        2 of 2 node(s) x 8 GPUs: tp 8 inside a node, pp 2 across nodes" in out
+    assert code == 0 and "nodes        2 of 2 node(s) x 8 GPUs per replica: tp 8 inside a node, pp 2 across nodes" in out
     assert "stage 0 on 2x8-h100-node0 GPUs 0,1,2,3,4,5,6,7: layers 0-62 (embeddings)" in out
     assert "stage 1 on 2x8-h100-node1 GPUs 0,1,2,3,4,5,6,7: layers 63-125 (lm head)" in out
     assert "(16 on 2 nodes): NVIDIA H100 80GB HBM3, NVLink inside each node" in out

@@ -241,7 +241,7 @@ def summary_lines(result: Any) -> list[str]:
         from smartrun import cluster
 
         lines = cluster.placement_lines(result.placement)
-        out += [f"  nodes        {lines[0]}{where('distributed_executor_backend')}",
+        out += [f"  nodes        {lines[0]}{where('distributed_executor_backend', 'data_parallel_backend')}",
                 *[f"               {line}" for line in lines[1:]]]
     util = params.get("gpu_memory_utilization")
     if est is not None:
