@@ -889,16 +889,23 @@ def kv_groups(kinds: list[tuple[str, int | None]]) -> list[KVGroup]:
     return groups
 
 
-def kv_bytes_per_token_layer(model: ModelFacts, kv_elem_bytes: int, tp: int, mla_latent: bool = True) -> int:
+def kv_bytes_per_token_layer(
+    model: ModelFacts, kv_elem_bytes: int, tp: int, mla_latent: bool = True, mla_align_elems: int = 0
+) -> int:
     """Bytes per token per layer on one GPU: MLA latent (replicated) or K+V of the rank's KV heads.
 
     Before vLLM 0.7.1 (V0, no MLA backend) DeepSeek's attention cached every head's K and V padded
     to 256 (vllm/model_executor/models/deepseek_v2.py, 0.6.6.post1 l.266-312): 2 x heads/TP x 256.
+    `mla_align_elems`: V0 0.7.2-0.7.3 rounds the latent entry up to 256 bytes of the model dtype
+    (vllm/worker/cache_engine.py get_cache_block_size, align_to_256bytes; 576 -> 640 for 16-bit).
     """
     if model.mla is not None and not mla_latent:
         return 2 * max(1, model.num_attention_heads // tp) * 256 * kv_elem_bytes
     if model.mla is not None:
-        return (model.mla.kv_lora_rank + model.mla.qk_rope_head_dim) * kv_elem_bytes
+        entry = model.mla.kv_lora_rank + model.mla.qk_rope_head_dim
+        if mla_align_elems:
+            entry = -(-entry // mla_align_elems) * mla_align_elems
+        return entry * kv_elem_bytes
     heads_rank = max(1, model.num_kv_heads // tp)
     return 2 * heads_rank * model.head_dim * kv_elem_bytes
 
@@ -952,7 +959,8 @@ def _stage_budgets(
     tp, pp = flags.tensor_parallel_size, flags.pipeline_parallel_size
     stages = weights_per_rank(model, dtype, tp, pp, mxfp4_pad)
     kinds = layer_kinds(model)
-    page = kv_bytes_per_token_layer(model, kv_elem, tp, profile.mla_latent_cache)
+    align = 256 // DTYPE_BYTES.get(dtype, 2) if profile.mla_align_bytes else 0
+    page = kv_bytes_per_token_layer(model, kv_elem, tp, profile.mla_latent_cache, align)
     out: list[_Budget] = []
     for stage_idx, stage in enumerate(stages):
         stage_kinds = [kinds[i] for i in stage.layers]

@@ -38,6 +38,9 @@ class Profile(Frozen):
     non_torch_tp_gib: float | None = None
     big_tier_includes_a100: bool = False  # 0.8: >= 70 GiB gets 8192/1024 whatever the name
     mla_latent_cache: bool = True  # False before 0.7.1: DeepSeek MLA cached full heads padded to 256
+    # V0 0.7.2-0.7.3 (VLLM_CUDA_MEM_ALIGN_KV_CACHE, default on) pads the MLA entry to 256 bytes of the
+    # model dtype: 576 -> 640 elements (vllm/worker/cache_engine.py; absent in 0.7.1 and 0.8.5.post1)
+    mla_align_bytes: int = 0
     checked_in: tuple[str, ...] = ()  # vLLM releases whose source this profile was read from
     source: str = ""  # what the budget is, in vLLM's own terms
     # Plan-safe band: fraction of the predicted non-KV memory (weights + activation + non-torch
@@ -72,7 +75,7 @@ PROFILES: dict[str, Profile] = {
         sampler_extra_bytes=36.8,
         non_torch_single_gib=0.25,
         non_torch_tp_gib=0.25,  # vsl-019: "non_torch_memory takes 0.25GiB" at TP 2 (4090, 0.7.x)
-        checked_in=("0.6.6.post1", "0.7.3", "0.8.5.post1", "0.10.1.1"),
+        checked_in=("0.6.6.post1", "0.7.1", "0.7.2", "0.7.3", "0.8.5.post1", "0.10.1.1"),
         source=(
             "vllm/worker/worker.py determine_num_available_blocks: KV = total x util - (weights + "
             "non_torch_increase + torch_peak_increase); baseline snapshot before NCCL init; no free-memory check"
@@ -207,6 +210,8 @@ def resolve(
         profile = PROFILES["0.6"]
         if v < (0, 7, 1):
             profile = profile.model_copy(update={"mla_latent_cache": False})
+        elif (0, 7, 2) <= v < (0, 8, 0):
+            profile = profile.model_copy(update={"mla_align_bytes": 256})
         return profile
     if v < (0, 9, 0):
         return PROFILES["0.8"]

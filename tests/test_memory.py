@@ -543,11 +543,15 @@ def test_a100_80gb_gets_the_big_defaults_only_in_0_8():
 
 
 def test_mla_cache_entry_per_engine():
-    """Before 0.7.1 DeepSeek cached every head's K and V padded to 256; from 0.7.1 the 576 latent."""
+    """Before 0.7.1 DeepSeek cached every head's K and V padded to 256; from 0.7.1 the 576 latent,
+    padded to 640 (256 bytes) by V0 in 0.7.2-0.7.3 only."""
     old = estimate(DSV2, [H100], EngineFlags(max_model_len=4096), "0.6.6")
-    new = estimate(DSV2, [H100], EngineFlags(max_model_len=4096), "0.7.3")
+    new = estimate(DSV2, [H100], EngineFlags(max_model_len=4096), "0.7.1")
+    padded = estimate(DSV2, [H100], EngineFlags(max_model_len=4096), "0.7.3")
+    v1 = estimate(DSV2, [H100], EngineFlags(max_model_len=4096), "0.8.5")
     assert old.kv_bytes_per_token == 2 * 16 * 256 * 2 * 27
-    assert new.kv_bytes_per_token == 576 * 2 * 27
+    assert new.kv_bytes_per_token == 576 * 2 * 27 == v1.kv_bytes_per_token
+    assert padded.kv_bytes_per_token == 640 * 2 * 27
 
 
 def _gpt_oss(layers: int, experts: int):
@@ -649,6 +653,24 @@ def test_held_out_set_meets_the_issue_21_figures_it_can_show():
     done = bench.done_when(ALL_ROWS)
     assert done["n"] >= 13 and len(done["gpu_classes"]) >= 6
     assert done["median_abs_pct"] <= 3 and done["over_5pct"] == 0 and done["over_1pct"] <= 1
+
+
+def test_v0_0_7_2_and_0_7_3_pad_the_mla_entry_to_256_bytes():
+    """vllm/worker/cache_engine.py (0.7.2, 0.7.3; not 0.7.1 nor 0.8.5.post1) rounds the MLA latent up
+    to 256 bytes of the model dtype: 576 -> 640 elements. Two public startups print KV GiB and blocks:
+    DeepSeek-V2-Lite on an L40S, 0.7.2 (search-index file 57044493590: 14.96 GiB / 29055 blocks) and
+    DeepSeek-R1 on 8x H200, 0.7.3 (file 20903468563: 21.43 GiB / 18418 blocks, 61 layers)."""
+    aligned = {v: resolve_version(v, "8.9")[1].mla_align_bytes for v in ("0.7.1", "0.7.2", "0.7.3")}
+    assert aligned == {"0.7.1": 0, "0.7.2": 256, "0.7.3": 256}
+    assert resolve_version("0.8.5", "7.5")[1].mla_align_bytes == 0  # V0 fallback on 0.8: no padding
+    assert kv_bytes_per_token_layer(DSV2, 2, 1, True, 128) == 640 * 2
+    for layers, gib, blocks in ((27, 14.96, 29055), (61, 21.43, 18418)):
+        per_block = layers * 16 * 640 * 2
+        assert abs(gib * GIB / blocks - per_block) <= 0.005 * GIB / blocks  # within the print's rounding
+        assert abs(gib * GIB / blocks - per_block * 576 / 640) > 0.05 * per_block  # the unpadded 576 is not
+    padded = estimate(DSV2, [GpuSpec.from_name("L40S")], EngineFlags(max_model_len=4096), "0.7.2")
+    plain = estimate(DSV2, [GpuSpec.from_name("L40S")], EngineFlags(max_model_len=4096), "0.7.1")
+    assert plain.kv_cache_tokens / padded.kv_cache_tokens == pytest.approx(640 / 576, rel=0.01)
 
 
 def test_native_topk_topp_sort_is_counted_where_the_wheel_had_no_flashinfer():
