@@ -84,6 +84,19 @@ class GpuSpec(Frozen):
     memory_total_mib: int  # NVML memory.total
     memory_free_mib: int | None = None  # None = all free
     compute_capability: str = "9.0"
+    # NVLink to its TP peers: None = unknown (the GPU table's figure where it has one). TP groups
+    # without NVLink measured far less non-torch growth on 0.8 (Profile.non_torch_tp_no_nvlink_gib).
+    nvlink: bool | None = None
+
+    @property
+    def without_nvlink(self) -> bool:
+        """True only where known: said so, or a GPU model the table lists as having no NVLink."""
+        if self.nvlink is not None:
+            return not self.nvlink
+        try:
+            return _match_gpu(self.name).get("nvlink") is False
+        except EstimateError:
+            return False
 
     @classmethod
     def from_gpu(cls, gpu: GpuInfo) -> GpuSpec:
@@ -782,7 +795,12 @@ def activation_terms(
 
 
 def non_torch_bytes(
-    tp: int, pp: int, v0_engine: bool = False, coeffs: Coefficients = FITTED, profile: Profile | None = None
+    tp: int,
+    pp: int,
+    v0_engine: bool = False,
+    coeffs: Coefficients = FITTED,
+    profile: Profile | None = None,
+    without_nvlink: bool = False,
 ) -> int:
     """Non-torch growth during profiling: CUDA context/cuBLAS workspaces (~0.25 GiB on one GPU).
 
@@ -790,8 +808,12 @@ def non_torch_bytes(
     with the group size (0.19 logs: 2.06-2.11 GiB at tp2, 2.13-2.21 at tp4). With PP only, NCCL
     is set up before the snapshot, so the growth is smaller (0.07 GiB). Older eras measured other
     figures (their profile's `non_torch_*_gib`, from their public startups): 0.9-0.10 grew far
-    less with TP, 0.8 counts the whole CUDA context.
+    less with TP, 0.8 counts the whole CUDA context. A TP group known to have no NVLink uses its
+    profile's `non_torch_tp_no_nvlink_gib` where one was measured (NCCL over PCIe/shared memory,
+    no custom all-reduce without P2P); elsewhere the fitted NVLink-class figure (errs low).
     """
+    if tp >= 2 and without_nvlink and profile is not None and profile.non_torch_tp_no_nvlink_gib is not None:
+        return int(profile.non_torch_tp_no_nvlink_gib * GIB)
     if profile is not None and (profile.non_torch_single_gib is not None or profile.non_torch_tp_gib is not None):
         single = profile.non_torch_single_gib
         single = coeffs.non_torch_single if single is None else single
@@ -979,7 +1001,10 @@ def _stage_budgets(
             pp,
             coeffs.pp_hidden_buffers,
         )
-        non_torch = non_torch_bytes(tp, pp, profile.v0_engine, coeffs, profile)
+        group = gpus[stage_idx * tp : (stage_idx + 1) * tp]
+        non_torch = non_torch_bytes(
+            tp, pp, profile.v0_engine, coeffs, profile, bool(group) and all(g.without_nvlink for g in group)
+        )
         graphs = cudagraph_bytes(
             model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level, coeffs
         )

@@ -36,6 +36,9 @@ class Profile(Frozen):
     # Non-torch growth counted in the budget (GiB per GPU); None = the fitted 0.19 terms.
     non_torch_single_gib: float | None = None
     non_torch_tp_gib: float | None = None
+    # TP >= 2 on GPUs known to have no NVLink (None = use the figure above / the fitted one)
+    non_torch_tp_no_nvlink_gib: float | None = None
+    no_nvlink_fitted_on: tuple[str, ...] = ()  # public startups that figure was read from (in-sample)
     big_tier_includes_a100: bool = False  # 0.8: >= 70 GiB gets 8192/1024 whatever the name
     mla_latent_cache: bool = True  # False before 0.7.1: DeepSeek MLA cached full heads padded to 256
     # V0 0.7.2-0.7.3 (VLLM_CUDA_MEM_ALIGN_KV_CACHE, default on) pads the MLA entry to 256 bytes of the
@@ -97,8 +100,14 @@ PROFILES: dict[str, Profile] = {
         has_160gib_tier=False,
         big_tier_includes_a100=True,
         # 0.8 counts the whole device use minus torch's as non-KV, so the CUDA context (~0.5 GiB)
-        # is in it; not measured on a public startup. TP keeps the fitted 0.19 terms (errs safe).
+        # is in it (pub-013, one RTX 3090: KV tokens +0.7% with it). TP over PCIe without P2P
+        # (custom all-reduce off, NCCL over shared memory): 0.96 GiB, the larger of the two figures
+        # two TP 2 startups on RTX 3090s need (pub-014 0.96, pub-015 0.72; fitted on them, so those
+        # two are in-sample for this term: leave-one-out +2.4% / -2.4%). NVLink-class TP keeps the
+        # fitted 0.19 terms (NCCL/NVLS buffers there; errs low).
         non_torch_single_gib=0.55,
+        non_torch_tp_no_nvlink_gib=0.96,
+        no_nvlink_fitted_on=("pub-014", "pub-015"),
         native_topk_topp_bytes=16.0,
         checked_in=("0.8.5.post1",),
         source=(
@@ -107,7 +116,10 @@ PROFILES: dict[str, Profile] = {
         ),
         margin=0.06,
         margin_floor_gib=0.35,
-        evidence="no public 0.8 startup with every setting known: the widest band",
+        evidence=(
+            "3 public 0.8.4 startups on RTX 3090s (TP 1 and TP 2 without P2P; the TP figure is fitted on the "
+            "two TP 2 ones): KV tokens -2.4% to +0.7%; few cases, so the widest band"
+        ),
     ),
     "0.9": Profile(
         name="0.9",

@@ -601,7 +601,7 @@ ALL_ROWS = [
 HELD_OUT = {row["id"]: row for row in ALL_ROWS if row["subset"] != "0.19.0 H100"}
 # Stated tolerance per profile for the held-out public startups: KV tokens (under, over) in %.
 # V0 under-predicts on purpose (one non-torch figure for every GPU, LoRA buffers not modelled).
-HELD_OUT_TOLERANCE = {"0.6": (-20.0, 2.0), "0.9": (-3.0, 1.0), "0.19": (-3.0, 1.0)}
+HELD_OUT_TOLERANCE = {"0.6": (-20.0, 2.0), "0.8": (-3.0, 1.0), "0.9": (-3.0, 1.0), "0.19": (-3.0, 1.0)}
 
 
 def test_shipped_bands_cover_what_every_startup_measured():
@@ -620,7 +620,7 @@ def test_the_public_startups_are_there_with_their_provenance():
     for case in cases:
         assert case["source"] and case["log_lines"] and isinstance(case.get("inferred"), list), case["id"]
         assert case["vllm_version"][:1].isdigit(), case["id"]
-    assert {"pub-001", "pub-003", "pub-005", "pub-006", "pub-008", "pub-009", "pub-010", "pub-011", "pub-012"} <= set(HELD_OUT)
+    assert {f"pub-{i:03d}" for i in (1, 3, 5, 6, *range(8, 16))} <= set(HELD_OUT)
 
 
 @pytest.mark.parametrize("case_id", sorted(cid for cid, row in HELD_OUT.items() if row["tok_real"]))
@@ -647,12 +647,14 @@ def test_held_out_summary_meets_the_0_9_and_0_19_targets():
 
 
 def test_held_out_set_meets_the_issue_21_figures_it_can_show():
-    """Every held-out startup with KV tokens (V0 and V1, six GPU classes named in their logs): median
-    |error| <= 3%, none over by more than 5%, at most one over by more than 1%. (The issue's "one in
-    twenty" needs >= 20 cases; the set has fewer, so this pins the count it has.)"""
-    done = bench.done_when(ALL_ROWS)
-    assert done["n"] >= 13 and len(done["gpu_classes"]) >= 6
-    assert done["median_abs_pct"] <= 3 and done["over_5pct"] == 0 and done["over_1pct"] <= 1
+    """Every held-out startup with KV tokens (V0 and V1, six GPU classes named in their logs), the two
+    the 0.8 no-NVLink TP figure was read from counted leave-one-out: median |error| <= 3%, none over
+    by more than 5%. Over by more than 1%: vsl-019 (V0 TP 2, +1.4%) and pub-014 leave-one-out (+2.4%);
+    the issue's "at most one in twenty" is not met with 16 cases (PARTIAL), so this pins the count."""
+    done = bench.done_when(ALL_ROWS, bench.leave_one_out_errors(CONFIGS))
+    assert set(done["leave_one_out"]) == {"pub-014", "pub-015"}  # the 0.8 no-NVLink TP figure's sources
+    assert done["n"] >= 16 and len(done["gpu_classes"]) >= 6
+    assert done["median_abs_pct"] <= 3 and done["over_5pct"] == 0 and done["over_1pct"] <= 2
 
 
 def test_v0_0_7_2_and_0_7_3_pad_the_mla_entry_to_256_bytes():
@@ -671,6 +673,25 @@ def test_v0_0_7_2_and_0_7_3_pad_the_mla_entry_to_256_bytes():
     padded = estimate(DSV2, [GpuSpec.from_name("L40S")], EngineFlags(max_model_len=4096), "0.7.2")
     plain = estimate(DSV2, [GpuSpec.from_name("L40S")], EngineFlags(max_model_len=4096), "0.7.1")
     assert plain.kv_cache_tokens / padded.kv_cache_tokens == pytest.approx(640 / 576, rel=0.01)
+
+
+def test_tp_without_nvlink_on_0_8_uses_the_measured_pcie_figure():
+    """0.8.4 TP 2 on RTX 3090s without P2P (pub-014/015) grew ~1 GiB of non-torch memory, not the
+    ~2.1 GiB the 0.19 H100 (NVLink) sweep fitted. Applied only where NVLink is known to be absent:
+    the case says so, or the GPU table lists the model without NVLink (L40S, L4); unknown keeps
+    the NVLink-class figure (errs low), as does every other era."""
+    flags = EngineFlags(tensor_parallel_size=2, max_model_len=4096)
+    l40s, h100 = [GpuSpec.from_name("L40S")] * 2, [H100] * 2
+    rtx = GpuSpec.from_name("RTX 3090")
+    assert estimate(LLAMA8, l40s, flags, "0.8.5").non_torch_gib == 0.96
+    assert estimate(LLAMA8, h100, flags, "0.8.5").non_torch_gib > 2
+    assert estimate(LLAMA8, [rtx] * 2, flags, "0.8.5").non_torch_gib > 2  # NVLink unknown
+    no_p2p = [rtx.model_copy(update={"nvlink": False})] * 2
+    assert estimate(LLAMA8, no_p2p, flags, "0.8.5").non_torch_gib == 0.96
+    assert estimate(LLAMA8, no_p2p, flags, "0.9.2").non_torch_gib > 2  # no 0.9 evidence: fitted
+    for cid in ("pub-014", "pub-015"):  # the term is the larger need of the two: neither over
+        row = HELD_OUT[cid]
+        assert -3 <= 100 * (row["tok_pred"] - row["tok_real"]) / row["tok_real"] <= 0.1
 
 
 def test_native_topk_topp_sort_is_counted_where_the_wheel_had_no_flashinfer():
