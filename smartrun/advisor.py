@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from smartrun.deadline import within
 from smartrun.errors import AdvisorError, InputError, SmartRunError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.knobs import CATALOGUE
@@ -77,9 +78,13 @@ def _read_llm_table(path: Path) -> dict[str, Any]:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
+    from smartrun import fileio
+
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as err:
+        data = tomllib.loads(fileio.read_text(path, 1 << 20))  # regular file, size-capped: no FIFO hang
+    except InputError as err:
+        raise InputError(f"cannot read LLM settings: {err.message}") from None
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError) as err:
         raise InputError(f"{path}: cannot read LLM settings: {err}") from None
     table = data.get("llm", {})
     if not isinstance(table, dict):
@@ -306,7 +311,10 @@ class OpenAITransport:
         return self._call(lambda: self._create(messages, None, timeout))
 
     def _discover_model(self, timeout: float) -> str:
-        models = self.client().models.list(timeout=timeout)
+        try:
+            models = within(timeout + 0.5, lambda: self.client().models.list(timeout=timeout))
+        except TimeoutError:
+            raise _Transient(f"timed out ({shown_url(self.settings.base_url)}/models)") from None
         ids = [m.id for m in getattr(models, "data", None) or [] if getattr(m, "id", None)]
         if not ids:
             raise LLMUnavailable(f"LLM endpoint {shown_url(self.settings.base_url)} lists no models")
@@ -320,9 +328,12 @@ class OpenAITransport:
                 "json_schema": {"name": "smartrun_proposal", "schema": schema, "strict": False},
             }
         sent = time.monotonic()
-        completion = self.client().chat.completions.create(
-            model=self._model, messages=messages, timeout=timeout, **kwargs
-        )
+        try:  # the whole exchange within `timeout` of wall clock: a reply trickled byte by byte is cut off
+            completion = within(timeout + 0.5, lambda: self.client().chat.completions.create(
+                model=self._model, messages=messages, timeout=timeout, **kwargs))
+        except TimeoutError:
+            raise _Transient(f"timed out ({shown_url(self.settings.base_url)}: no complete reply within "
+                             f"{timeout:g} s)") from None
         latency = time.monotonic() - sent
         choices = getattr(completion, "choices", None)
         if isinstance(completion, str) or not choices:
@@ -367,6 +378,8 @@ class OpenAITransport:
             raise LLMUnavailable(f"LLM endpoint answered HTTP {status}: {message}") from None
         except openai.OpenAIError as err:
             raise LLMUnavailable(f"LLM client error: {self._scrub(str(err))}") from None
+        except (ValueError, RecursionError) as err:  # a truncated or hostile JSON body: a bad reply, fall back
+            raise LLMUnavailable(f"LLM endpoint sent a body that is not JSON ({self._scrub(str(err))[:80]})") from None
 
 
 class _Unstructured(Exception):

@@ -99,6 +99,22 @@ class BoundsFile(Frozen):
     gpus: tuple[Override, ...] = ()
     goals: dict[str, dict[str, Limit]] = {}
 
+    def ineffective(self) -> list[str]:
+        """One line per limit on a knob only the user sets (host, port, trust-remote-code...): bounds narrow
+        what the rules and the LLM may choose, and nobody but the user chooses these, so such a limit does
+        little. Said out loud, so nobody believes a bounds file locks down a security setting."""
+        tables = [self.knobs, *(o.knobs for o in (*self.models, *self.gpus)), *self.goals.values()]
+        out = []
+        for table in tables:
+            for name, limit in table.items():
+                k = CATALOGUE.get(name)
+                if k is not None and not k.llm_may_change:
+                    kind = "security setting" if k.security else "user-only setting"
+                    out.append(f"{limit.source()}: {name} is a {kind}: only your own flags set it, never the "
+                               "rules or the LLM, so this limit does not lock it down (at most it refuses a pin "
+                               "typed before `--`; flags after `--`, --host and --port pass by it)")
+        return out
+
     def summary(self) -> str:
         return (f"{len(self.knobs)} knobs, {len(self.models)} model overrides, {len(self.gpus)} GPU overrides, "
                 f"{len(self.goals)} goal presets")
@@ -349,6 +365,8 @@ def _problems_in_text(text: str) -> tuple[list[tuple[int, str]], dict | None]:
         return [(_syntax_line(err), f"TOML syntax error: {err}")], None
     except RecursionError:
         return [(1, "TOML syntax error: arrays or tables nested too deeply")], None
+    except ValueError as err:  # an integer over 4300 digits
+        return [(1, f"not a number smartrun accepts: {err}")], None
     out = _Problems(line_index(text))
     if data.get("version") != 1:
         out.add("version", f"version must be 1 (got {data.get('version')!r})" if "version" in data
@@ -366,13 +384,16 @@ def _problems_in_text(text: str) -> tuple[list[tuple[int, str]], dict | None]:
 
 
 def read_text(path: Path) -> str:
-    """A bounds file's text; one BoundsError line naming the file when it is missing or unreadable."""
+    """A bounds file's text; one BoundsError line naming the file when it is missing, unreadable, not a
+    regular file (a FIFO would hang the read) or too large."""
+    from smartrun import fileio
+
+    if not path.exists() and not path.is_symlink():
+        raise BoundsError(f"{path}: bounds file not found")
     try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BoundsError(f"{path}: bounds file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise BoundsError(f"{path}: cannot read bounds file ({err.__class__.__name__}: {err})") from None
+        return fileio.read_text(path, 4 * 1024 * 1024, BoundsError)
+    except BoundsError as err:
+        raise BoundsError(f"{err.message} (bounds file)") from None
 
 
 def problems(path: str | Path) -> list[tuple[int, str]]:
@@ -450,7 +471,7 @@ def find(start_dir: str | Path | None = None) -> Path | None:
 def resolve(explicit: str | Path | None = None, start_dir: str | Path | None = None) -> BoundsFile:
     """`--bounds FILE`, else smartrun.toml from cwd upward, else the built-in default."""
     if explicit is not None:
-        if not Path(explicit).is_file():
+        if not Path(explicit).exists():
             raise BoundsError(f"{explicit}: bounds file not found")
         return load(explicit)
     found = find(start_dir)

@@ -395,21 +395,23 @@ def load_snapshot(path: str | Path) -> HardwareSnapshot:
     The returned snapshot's `source` is the path it was read from (whatever the file says), so
     a plan or session record tells a planned-for machine from the live one.
     """
+    from smartrun import fileio
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise SnapshotError(f"hardware snapshot {path}: no such file") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise SnapshotError(f"hardware snapshot {path}: cannot read: {err}") from err
+        text = fileio.read_text(path, error=SnapshotError)  # a FIFO or /dev/zero: one error, no hang
+    except SnapshotError as err:
+        raise SnapshotError(f"hardware snapshot {err.message}") from None
     try:
-        data = json.loads(text)
+        data = fileio.loads_json(text)
     except json.JSONDecodeError as err:
         raise SnapshotError(
             f"hardware snapshot {path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
         ) from err
     except RecursionError:
         raise SnapshotError(f"hardware snapshot {path}: invalid JSON: nested too deeply") from None
+    except ValueError as err:
+        raise SnapshotError(f"hardware snapshot {path}: invalid JSON: {err}") from None
     if not isinstance(data, dict):
         raise SnapshotError(f"hardware snapshot {path}: expected a JSON object, got {type(data).__name__}")
     if "schema_version" not in data:

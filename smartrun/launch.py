@@ -133,10 +133,12 @@ def _cache_path(cache_dir: str | Path | None) -> Path:
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
+    from smartrun import fileio
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}  # missing or corrupt: ignored, rebuilt
+        data = fileio.loads_json(fileio.read_bytes(path, 16 * 1024 * 1024))
+    except (InputError, ValueError, RecursionError):
+        return {}  # missing, not a regular file, or corrupt: ignored, rebuilt
     return data if isinstance(data, dict) else {}
 
 
@@ -148,6 +150,8 @@ def find_vllm(vllm_bin: str | None = None, *, cache_dir: str | Path | None = Non
     binary = Path(where)
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise InputError(f"--vllm-bin {where}: not an executable file")
+    # the very file checked: `./vllm` made `vllm` (Path drops "./") and then ran whatever PATH had
+    binary = Path(os.path.abspath(binary))
     real = binary.resolve()
     stat = real.stat()
     key = f"{binary.absolute()}|{real}|{stat.st_mtime_ns}|{stat.st_size}"
@@ -155,7 +159,7 @@ def find_vllm(vllm_bin: str | None = None, *, cache_dir: str | Path | None = Non
     cache = _read_cache(cache_file)
     if isinstance(cache.get(key), dict):
         with contextlib.suppress(ValueError):
-            return VllmInfo.model_validate(cache[key])
+            return VllmInfo.model_validate(cache[key]).model_copy(update={"path": str(binary)})
     _, out = _run_text([str(binary), "--version"], timeout)
     versions = re.findall(r"\b(\d+\.\d+\.\d+[\w.+-]*|\d+\.\d+)\b", out)
     version = versions[-1] if versions else None
@@ -598,9 +602,12 @@ class ProcessLauncher:
                                                             "starting vllm): [Errno 98] Address already in use")
             return _failed(failure, **common), None
         _ensure_sigterm_handler()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env}, start_new_session=True, text=True, errors="replace",
-                                bufsize=1)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env}, start_new_session=True, text=True, errors="replace",
+                                    bufsize=1)
+        except OSError as err:  # not executable after all, a bad interpreter line, gone since find_vllm
+            raise InputError(f"cannot start {argv[0]}: {err.strerror or err}") from None
         _LIVE.add(proc)
         stream = _LogStream(proc.stdout, self.printer, self.progress, self.keep_lines, launch_secrets(argv, env))
         stream.start()
@@ -625,8 +632,10 @@ class ProcessLauncher:
 
     def _await_ready(self, proc: subprocess.Popen, stream: _LogStream, base_url: str, started: float,
                      api_key: str | None = None, name: str | None = None) -> tuple[int | None, Failure | None]:
-        """Poll /health then /v1/models; refused connections are normal while vllm loads.
+        """Poll /health then /v1/models until ready, the child's death or the startup deadline.
 
+        Refused connections are normal while vllm loads. Each check runs in a daemon thread, one at a time,
+        so a server that trickles its answers cannot stretch the wait past the deadline.
         Ready means /v1/models lists `name` (the --served-model-name clients will ask for), when one is given.
         """
         import httpx
@@ -634,6 +643,7 @@ class ProcessLauncher:
         deadline = started + self.startup_timeout
         next_beat = started + self.heartbeat_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        check = _Background()
         with httpx.Client(timeout=2.0, trust_env=False, headers=headers) as client:
             while True:
                 if time.monotonic() >= next_beat:  # minutes of loading weights must not look like a hang
@@ -657,13 +667,11 @@ class ProcessLauncher:
                     return None, Failure(klass="startup_timeout", exit_code=proc.returncode,
                                          evidence=f"not ready after {self.startup_timeout:g} s; last line: {last}",
                                          details={"startup_timeout_s": self.startup_timeout})
-                try:
-                    if client.get(base_url + "/health").status_code == 200:
-                        models = client.get(base_url + "/v1/models")
-                        if models.status_code == 200 and proc.poll() is None:
-                            return self._served_card(proc, stream, models.json(), name)
-                except (httpx.TransportError, ValueError, AttributeError):
-                    pass
+                done, listing = check.take()
+                if done and listing is not None and proc.poll() is None:
+                    return self._served_card(proc, stream, listing[0], name)
+                if not check.running():
+                    check.start(lambda: _ready_check(client, base_url))
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(self.poll_interval)
 
@@ -690,6 +698,65 @@ class ProcessLauncher:
         stream.join(5)
         return None, Failure(klass="unknown", exit_code=proc.returncode,
                              evidence=f"vllm serve came up but /v1/models lists {listed}, not the served name {name}")
+
+
+MAX_MODELS_BYTES = 4 * 1024 * 1024  # a /v1/models answer larger than this is not vLLM's
+
+
+def _ready_check(client: Any, base_url: str) -> tuple[dict[str, Any]] | None:
+    """(the /v1/models listing,) when /health is 200 and /v1/models answers a JSON object; None when not yet."""
+    import httpx
+
+    from smartrun import fileio
+
+    try:
+        if client.get(base_url + "/health").status_code != 200:
+            return None
+        with client.stream("GET", base_url + "/v1/models") as models:
+            if models.status_code != 200:
+                return None
+            body = bytearray()
+            for chunk in models.iter_bytes():
+                body += chunk
+                if len(body) > MAX_MODELS_BYTES:
+                    return None
+        data = fileio.loads_json(bytes(body))
+        if not isinstance(data, dict) or not isinstance(data.get("data") or [], list):
+            return None
+        return (data,)
+    except (httpx.HTTPError, ValueError, RecursionError, UnicodeDecodeError):
+        return None
+
+
+class _Background:
+    """One call at a time in a daemon thread; `take()` hands over a finished call's result once."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._result: Any = None
+        self._done = False
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, fn: Callable[[], Any]) -> None:
+        self._done = False
+
+        def work() -> None:
+            try:
+                self._result = fn()
+            except Exception:  # a check that broke is a check that said "not yet"
+                self._result = None
+            self._done = True
+
+        self._thread = threading.Thread(target=work, name="smartrun-readiness", daemon=True)
+        self._thread.start()
+
+    def take(self) -> tuple[bool, Any]:
+        if self._thread is None or self.running() or not self._done:
+            return False, None
+        self._thread, done, result = None, self._done, self._result
+        return done, result
 
 
 # ------------------------------------------------------------------------------ the recovery loop

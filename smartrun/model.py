@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from smartrun import fileio
 from smartrun.errors import ModelError
 from smartrun.plan import Frozen
 
@@ -536,8 +537,12 @@ def _cached_snapshot(repo_id: str, hub: Path) -> Path | None:
     snapshots = repo_dir / "snapshots"
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if candidate.is_dir():
+        try:
+            revision = fileio.read_text(ref, 4096, ModelError).strip()
+        except ModelError:
+            revision = ""
+        candidate = snapshots / revision
+        if revision and _inside(revision) and candidate.is_dir():
             return candidate
     if not snapshots.is_dir():
         return None
@@ -562,21 +567,22 @@ def resolve_model_dir(model: str) -> Path:
 # --- reading files -----------------------------------------------------------------------------------
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_WEIGHT_BYTES = 1 << 60  # an index claiming more (an exabyte) is broken or hostile
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 def _read_json(path: Path) -> Any:
+    """A JSON file of the model: regular file, size-capped; no Infinity/NaN, no 4300-digit integers."""
+    data = fileio.read_bytes(path, error=ModelError)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: file not found") from None
+        return fileio.loads_json(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{path}: not valid JSON ({err})") from None
     except RecursionError:
         raise ModelError(f"{path}: not valid JSON (nested too deeply)") from None
-    except OSError as err:
-        raise ModelError(f"{path}: cannot read ({err.strerror})") from None
+    except ValueError as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -602,8 +608,8 @@ class TensorTotals(Frozen):
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file; reads 8 + header bytes only (tensor data may be absent)."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
+    with fileio.open_regular(path, ModelError) as fh:  # a FIFO, directory or dangling link: one error line
+        size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
         if len(head) < 8:
             raise ModelError(f"corrupt safetensors header in {path}: file is {size} bytes, shorter than 8")
@@ -616,8 +622,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             )
         raw = fh.read(length)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        header = fileio.loads_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
         raise ModelError(f"corrupt safetensors header in {path}: header is not JSON ({err})") from None
     except RecursionError:
         raise ModelError(f"corrupt safetensors header in {path}: header JSON is nested too deeply") from None
@@ -663,10 +669,15 @@ def _weight_facts(model_dir: Path) -> dict[str, Any]:
         if not isinstance(index, dict) or not isinstance(index.get("weight_map", {}), dict):
             raise ModelError(f"{index_path}: expected a JSON object with a 'weight_map' object")
         files = tuple(sorted(set(map(str, index.get("weight_map", {}).values()))))
+        for name in files:  # "../../etc/passwd" or "/etc/passwd" would read outside the model directory
+            if not _inside(name):
+                raise ModelError(f"{index_path}: weight_map names {name!r}, outside the model directory")
         meta = index.get("metadata") or {}
         if not isinstance(meta, dict):
             raise ModelError(f"{index_path}: 'metadata' must be a JSON object, got {type(meta).__name__}")
         total = meta.get("total_size")
+        if isinstance(total, bool) or (isinstance(total, int | float) and not 0 <= total <= MAX_WEIGHT_BYTES):
+            raise ModelError(f"{index_path}: metadata.total_size {_short(total)} is not a plausible size in bytes")
         if isinstance(total, int | float) and total > 0:
             params = meta.get("total_parameters")
             return {"weight_bytes": int(total), "weight_bytes_source": "safetensors-index",
@@ -687,14 +698,28 @@ def _weight_facts(model_dir: Path) -> dict[str, Any]:
 
 
 def _optional_json(path: Path) -> dict[str, Any] | None:
-    """A side file (tokenizer_config.json, hf_quant_config.json): None when absent or unusable."""
+    """A side file (tokenizer_config.json, hf_quant_config.json): None when absent or unusable (a FIFO too)."""
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        value = fileio.read_json(path, ModelError)
+    except ModelError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _inside(name: str) -> bool:
+    """A weight file name from an index stays inside the model directory: relative, no `..`, no drive."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts \
+        and not PureWindowsPath(name).drive and "\\" not in name
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _model_name(model: str, model_dir: Path) -> str:

@@ -423,6 +423,11 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     bounds_in = sources.bounds()
     record.bounds_file = {"path": bounds_in.path, "text": bounds_in.text, "sha256": bounds_in.sha256,
                           "builtin": bounds_in.builtin}
+    if bounds_in.path and not request.bounds_path and not sources.replaying:  # found by searching upward
+        on_event("bounds", f"bounds file in force: {bounds_in.path} (smartrun.toml found from {Path.cwd()}; "
+                           "--bounds FILE picks another)")
+    for line in getattr(bounds_in.loaded, "ineffective", lambda: [])():
+        rec.warn(line)
     version, vllm_bin = sources.vllm()
     record.vllm = {"version": version, "bin": vllm_bin}
     if version is None:
@@ -1207,20 +1212,20 @@ class ReplayTransport:
         return _validated(advisor.LLMReply, item.reply, "llm_exchanges[].reply")
 
 
-def _rebuild_error(error: dict[str, str]) -> Exception:
-    import importlib
+def _replayable_errors() -> dict[str, type[Exception]]:
+    """The only errors a recorded LLM exchange may name: what the advisor's transport raises on purpose."""
+    from smartrun import advisor, errors
 
-    module_name, _, name = error.get("type", "").rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-        if isinstance(cls, type) and issubclass(cls, Exception):
-            try:
-                return cls(error.get("message", ""))
-            except TypeError:
-                pass
-    except (ImportError, AttributeError, ValueError):
-        pass
-    return _RecordedLLMError(error.get("message", "recorded LLM error"))
+    classes = (errors.AdvisorError, advisor.LLMUnavailable, advisor.ReplyParseError)
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes}
+
+
+def _rebuild_error(error: dict[str, str]) -> Exception:
+    """The recorded error, rebuilt from an allow-list by name: a record is data, so nothing it names is
+    imported or instantiated (`os.system`, `builtins.OSError`...); anything else replays as a recorded error."""
+    message = str(error.get("message", "recorded LLM error"))
+    cls = _replayable_errors().get(str(error.get("type", "")))
+    return cls(message) if cls is not None else _RecordedLLMError(message)
 
 
 class ReplayServer:

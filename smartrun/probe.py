@@ -140,21 +140,44 @@ def prompt_text(tokens: int, index: int) -> str:
     return f"{index} " + " ".join(["hello"] * max(0, tokens - 1))
 
 
-async def first_model(client: Any, root: str) -> str:
-    """The first model id /v1/models lists (what vLLM serves)."""
+MAX_MODELS_BYTES = 4 * 1024 * 1024  # a model list larger than this is not a server's honest answer
+
+
+async def first_model(client: Any, root: str, timeout_s: float = 60.0) -> str:
+    """The first model id /v1/models lists (what vLLM serves); the whole exchange within `timeout_s` of wall
+    clock (a server that trickles its answer a byte at a time defeats per-read timeouts), the body capped."""
+    import asyncio
+
     import httpx
 
+    from smartrun import fileio
+
+    async def fetch() -> tuple[int, bytes]:
+        async with client.stream("GET", f"{root}/v1/models", timeout=timeout_s) as reply:
+            body = bytearray()
+            async for chunk in reply.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MODELS_BYTES:
+                    raise ValueError(f"answer larger than {MAX_MODELS_BYTES // (1024 * 1024)} MiB")
+            return reply.status_code, bytes(body)
+
     try:
-        reply = await client.get(f"{root}/v1/models")
+        status, body = await asyncio.wait_for(fetch(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ProbeError(f"{root}/v1/models: no complete answer within {timeout_s:g} s; pass --model") from None
     except httpx.HTTPError as err:
         detail = f"{type(err).__name__}: {err}" if str(err) else f"{type(err).__name__}; not an HTTP server?"
         raise ProbeError(f"{root}: cannot reach the server ({detail})") from None
+    except ValueError as err:
+        raise ProbeError(f"{root}/v1/models: {err}; pass --model") from None
     try:
-        reply.raise_for_status()
-        models = reply.json().get("data") or []
-        return str(models[0]["id"])
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
-        raise ProbeError(f"{root}/v1/models: no model listed ({type(err).__name__}: {err}); pass --model") from None
+        if status != 200:
+            raise ValueError(f"HTTP {status}")
+        models = _object(fileio.loads_json(body)).get("data") or []
+        return str(_object(_list(models)[0])["id"])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as err:
+        name = "nested too deeply" if isinstance(err, RecursionError) else f"{type(err).__name__}: {err}"
+        raise ProbeError(f"{root}/v1/models: no model listed ({name}); pass --model") from None
 
 
 class _Run:
@@ -201,13 +224,46 @@ def _list(value: Any) -> list[Any]:
     return value
 
 
-def _token_count(usage_tokens: Any, chunk_tokens: int) -> int:
-    """The server's completion_tokens when it is a sane count, else the text chunks seen."""
+def _token_count(usage_tokens: Any, chunk_tokens: int, max_tokens: int | None = None) -> int:
+    """The server's completion_tokens when it is a sane count, else the text chunks seen.
+
+    A count far above the max_tokens asked for (10**12 from a broken or lying server) is a bad reply: one such
+    answer would otherwise dominate the tokens/s the tuner compares. vLLM never exceeds max_tokens; the slack
+    (2x + 16) leaves room for servers that count special tokens."""
     if usage_tokens is None:
         return chunk_tokens
     if isinstance(usage_tokens, bool) or not isinstance(usage_tokens, int) or usage_tokens < 0:
         raise TypeError(f"usage.completion_tokens {usage_tokens!r} is not a count")
+    if max_tokens is not None and usage_tokens > 2 * max_tokens + 16:
+        raise ValueError(f"usage.completion_tokens {usage_tokens} is far more than the {max_tokens} asked for")
     return usage_tokens
+
+
+MAX_REPLY_BYTES = 16 * 1024 * 1024  # one completion's answer (or one event line) larger than this is a bad reply
+
+
+async def _capped_body(reply: Any, limit: int = MAX_REPLY_BYTES) -> bytes:
+    body = bytearray()
+    async for chunk in reply.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ValueError(f"answer larger than {limit} bytes")
+    return bytes(body)
+
+
+async def _capped_lines(reply: Any, limit: int = MAX_REPLY_BYTES) -> Any:
+    """The answer's lines as text, none longer than `limit` bytes (a server never sending a newline cannot
+    fill memory)."""
+    pending = bytearray()
+    async for chunk in reply.aiter_bytes():
+        pending += chunk
+        while (cut := pending.find(b"\n")) >= 0:
+            yield pending[:cut].decode("utf-8", "replace").rstrip("\r")
+            del pending[:cut + 1]
+        if len(pending) > limit:
+            raise ValueError(f"an event line longer than {limit} bytes")
+    if pending:
+        yield pending.decode("utf-8", "replace").rstrip("\r")
 
 
 async def _one_request(client: Any, url: str, model: str, run: _Run, index: int) -> None:
@@ -234,7 +290,7 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
                     run.errors[f"HTTP {reply.status_code}"] += 1
                     return
                 if "text/event-stream" in reply.headers.get("content-type", ""):
-                    async for line in reply.aiter_lines():
+                    async for line in _capped_lines(reply):
                         if not line.startswith("data:"):
                             continue
                         data = line[5:].strip()
@@ -250,17 +306,17 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
                                     ttft = time.perf_counter() - start
                     run.streamed_any = True
                 else:
-                    payload = _object(json.loads(await reply.aread()))
+                    payload = _object(json.loads(await _capped_body(reply)))
                     usage_tokens = _object(payload.get("usage") or {}).get("completion_tokens")
                     chunk_tokens = 1 if any(_text_of(c) for c in _list(payload.get("choices"))) else 0
-                tokens = _token_count(usage_tokens, chunk_tokens)
+                tokens = _token_count(usage_tokens, chunk_tokens, s.output_tokens)
         except httpx.TimeoutException:
             run.errors["timeout"] += 1
             return
         except httpx.HTTPError as err:
             run.errors[type(err).__name__] += 1
             return
-        except (ValueError, TypeError, AttributeError):  # not JSON, or JSON not shaped like a completion
+        except (ValueError, TypeError, AttributeError, RecursionError):  # not JSON, or not shaped like a completion
             run.errors["bad reply"] += 1
             return
         latency = time.perf_counter() - start
@@ -273,6 +329,8 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
 
 
 async def _worker(client: Any, url: str, model: str, run: _Run, started: float) -> None:
+    import asyncio
+
     s = run.settings
     while True:
         if time.perf_counter() - started >= s.duration_s:
@@ -283,8 +341,10 @@ async def _worker(client: Any, url: str, model: str, run: _Run, started: float) 
         index = run.issued
         run.issued += 1
         run.in_flight += 1
-        try:
-            await _one_request(client, url, model, run, index)
+        try:  # the whole request within its timeout of wall clock, even when the server trickles
+            await asyncio.wait_for(_one_request(client, url, model, run, index), s.request_timeout_s)
+        except asyncio.TimeoutError:
+            run.errors["timeout"] += 1
         finally:
             run.in_flight -= 1
 
@@ -309,7 +369,7 @@ async def run_probe_async(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s, trust_env=False,
                                  headers=headers) as client:
-        model = settings.model or await first_model(client, root)
+        model = settings.model or await first_model(client, root, settings.request_timeout_s)
         run = _Run(settings)
         started = time.perf_counter()
 

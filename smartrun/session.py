@@ -223,16 +223,22 @@ def write_record(record: SessionRecord, path: Path, secrets: Iterable[str] = ())
 def load_record(path: str | Path) -> SessionRecord:
     """Read a session record; InputError names the file and what is wrong with it."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"{path}: no such session record")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: no such session record") from err
-    except (OSError, UnicodeDecodeError) as err:
+        raw = fileio.read_bytes(path, error=InputError)  # a FIFO, /dev/zero, a directory: one line, no hang
+    except InputError as err:
+        raise InputError(f"{err.message} (session record)") from None
+    try:
+        data = fileio.loads_json(raw.decode("utf-8"), allow_nonfinite=True)
+    except UnicodeDecodeError as err:
         raise InputError(f"{path}: cannot read session record ({err})") from err
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not JSON (line {err.lineno}: {err.msg})") from err
     except RecursionError:
         raise InputError(f"{path}: JSON nested too deeply to be a session record") from None
+    except ValueError as err:  # an integer over 4300 digits
+        raise InputError(f"{path}: not a session record ({err})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a session record is a JSON object")
     version = data.get("schema_version")
@@ -314,8 +320,21 @@ def _short(value: Any, limit: int = 160) -> str:
 # ---------------------------------------------------------------------------- timeline
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text from a record made safe for a terminal: control characters (escape sequences, newlines, bidi
+    overrides) shown as \\xNN / \\uNNNN instead of acting on the screen or faking extra lines."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def timeline(record: SessionRecord) -> list[str]:
-    """`session show`: what happened, in order, one line per event."""
+    """`session show`: what happened, in order, one line per event (control characters escaped)."""
+    return [printable(line) for line in _timeline(record)]
+
+
+def _timeline(record: SessionRecord) -> list[str]:
     req = record.request
     lines = [
         f"session  {record.started_at}  smartrun {record.tool_version}  schema {record.schema_version}",
@@ -492,8 +511,8 @@ class SavedParams:
 
     def _read(self, path: Path) -> CacheEntry | None:
         try:
-            return CacheEntry.model_validate_json(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValidationError, ValueError) as err:
+            return CacheEntry.model_validate(fileio.loads_json(fileio.read_bytes(path, 1 << 20)))
+        except (OSError, UnicodeDecodeError, ValidationError, ValueError, RecursionError, InputError) as err:
             detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
             self.problems.append(f"{path}: corrupt smart-run cache entry skipped ({detail})")
             return None

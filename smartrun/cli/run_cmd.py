@@ -121,6 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     pipeline.check_vllm_flags(request, getattr(args, "own_flags", ()))  # a typo: exit 2, nothing recorded
+    session_out = _path(args.session_out)
     sources = pipeline.live_sources(request)
     started: list[Any] = []
 
@@ -130,7 +131,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(redact_text(text, planned.secrets), flush=True)
 
     try:
-        result = pipeline.run(request, sources, on_event=_printer(args.json), session_out=_path(args.session_out),
+        result = pipeline.run(request, sources, on_event=_printer(args.json), session_out=session_out,
                               on_planned=summary, on_started=started.append)
     except BaseException as err:  # a failed or interrupted run still names its record (session show FILE explains it)
         path = _written(started[0].session_path if started else None)
@@ -168,7 +169,20 @@ def _print_session_path(path: Path | None) -> None:
 
 
 def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
+    """--session-out FILE: its folder must exist (a typo must not create directories), checked before the run."""
+    if not value:
+        return None
+    path = Path(value)
+    if not path.parent.is_dir():
+        from smartrun.errors import InputError
+
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise InputError(f"--session-out {value}: folder {path.parent} {what} (create it first)")
+    if path.is_dir():
+        from smartrun.errors import InputError
+
+        raise InputError(f"--session-out {value}: is a directory; name a file")
+    return path
 
 
 def _printer(quiet: bool):

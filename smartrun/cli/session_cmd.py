@@ -84,10 +84,12 @@ def list_command(args: argparse.Namespace) -> int:
         hidden = "" if args.all or not list_sessions(limit=1) else " (dry runs are listed with --all)"
         print(f"no sessions in {sessions_dir()}{hidden}")
         return 0
+    from smartrun.session import printable
+
     for path, rec in rows:
         row = _list_row(path, rec)
-        print(f"{row['started_at'] or '?':<26} {row['status'] or '?':<12} {row['source'] or '-':<8} "
-              f"{row['model'] or '?':<32} {path}")
+        print(printable(f"{row['started_at'] or '?':<26} {row['status'] or '?':<12} {row['source'] or '-':<8} "
+                        f"{row['model'] or '?':<32} {path}"))
     return 0
 
 

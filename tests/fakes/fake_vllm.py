@@ -11,9 +11,11 @@ Like vLLM, --served-model-name NAME... names the model in /v1/models and in requ
 "hidden_non_kv_gib" is non-KV memory particular to this machine (a larger CUDA context, a driver's
 carve-out) that no printed figure names, so an estimator cannot know it: only the KV cache shows it.
 Faults: "cudagraph_error" (unless eager / -O0), "nccl_error" (tp > 1 unless
---disable-custom-all-reduce), "never_ready", "die_after_ready_s", and with --distributed-executor-backend ray
-"ray_not_running", "ray_node_died" (a node lost while loading); scenario "ray_gpus" is what the Ray cluster
-offers (default: "gpus"), too few ends in vLLM's placement-group timeout. "record" names a file that gets one
+--disable-custom-all-reduce), "never_ready", "die_after_ready_s", "giant_line_mib" (one log line that
+long), "trickle_models" (/v1/models answers a byte every half second, for ever), and with
+--distributed-executor-backend ray "ray_not_running", "ray_node_died" (a node lost while loading); scenario
+"ray_gpus" is what the Ray cluster offers (default: "gpus"), too few ends in vLLM's placement-group timeout.
+"record" names a file that gets one
 JSON line per start ({"pid", "worker_pid", "argv"}) so tests can check the process table.
 Env FAKE_VLLM_PERF names a tests/fakes/perf_model.py profile: its startup_error() and
 completion_timing() then decide startup and request timing.
@@ -417,6 +419,18 @@ def run_http(sock, host, port, names, mml, params, perf, sc) -> None:
                 return
             if self.path == "/health":
                 self.reply(200, None)
+            elif self.path == "/v1/models" and sc.get("faults", {}).get("trickle_models"):
+                self.send_response(200)  # a server that answers one byte a second, for ever
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                try:
+                    while True:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.5)
+                except OSError:
+                    return
             elif self.path == "/v1/models":
                 cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
                           "root": sc.get("model_path", model), "parent": None, "max_model_len": mml,

@@ -27,6 +27,7 @@ Script format: a JSON list of steps, or an object {"model": "fake-model", "struc
     finish_reason  default "stop" ("length" for a truncated answer)
     times          serve this step this many times in a row (default 1)
     headers        extra response headers, e.g. {"Retry-After": "0"}
+    trickle_s      send the answer one byte every trickle_s seconds (a server that never quite stops)
 
 When the script is used up every further request gets HTTP 410 "fake LLM script exhausted" (not a
 status the advisor retries, so a test that asks more than it scripted fails fast and visibly).
@@ -133,7 +134,7 @@ class FakeLLM:
                 pass
 
             def _send(self, status: int, body: str, content_type: str = "application/json",
-                      headers: dict[str, str] | None = None) -> None:
+                      headers: dict[str, str] | None = None, trickle_s: float = 0.0) -> None:
                 data = body.encode("utf-8")
                 try:
                     self.send_response(status)
@@ -142,7 +143,14 @@ class FakeLLM:
                     for name, value in (headers or {}).items():
                         self.send_header(name, str(value))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not trickle_s:
+                        self.wfile.write(data)
+                        return
+                    for i in range(len(data)):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        if fake._closing.wait(trickle_s):
+                            return
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout): nothing to answer
 
@@ -177,7 +185,7 @@ class FakeLLM:
                     return
                 if step.get("delay_s"):
                     fake._closing.wait(float(step["delay_s"]))
-                self._send(*_answer(step, fake.model))
+                self._send(*_answer(step, fake.model), trickle_s=float(step.get("trickle_s", 0.0)))
 
         return Handler
 
