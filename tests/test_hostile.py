@@ -208,7 +208,7 @@ def _cli(args, cwd, timeout=30, env_extra=None):
 
 def _one_line_exit_2(proc, *words):
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("session record: ")]
     assert len(lines) == 1 and lines[0].startswith("localaistack: ") and "Traceback" not in proc.stderr, proc.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
@@ -328,11 +328,11 @@ def test_integers_over_4300_digits_are_one_line_and_session_list_survives_them(t
 # ---------------------------------------------------------------------------- records are data, not code
 
 
-def _crafted_record(tmp_path, error_type: str, message: str) -> Path:
+def _crafted_record(tmp_path, error_type: str, message: str | None) -> Path:
     record = json.loads((FIXTURES / "sessions" / "llm-unreachable-fallback.json").read_text())
     for exchange in record["llm_exchanges"]:
         if exchange.get("error"):
-            exchange["error"] = {"type": error_type, "message": message}
+            exchange["error"] = {"type": error_type, "message": message or exchange["error"]["message"]}
     path = tmp_path / "crafted.json"
     path.write_text(json.dumps(record))
     return path
@@ -351,13 +351,11 @@ def test_replay_never_imports_or_instantiates_what_a_record_names(tmp_path, erro
     assert not marker.exists()
     assert "Traceback" not in proc.stderr and proc.returncode in (0, 2, 5), proc.stderr
     if proc.returncode:
-        assert len(proc.stderr.strip().splitlines()) == 1
+        assert len([ln for ln in proc.stderr.strip().splitlines() if ln.startswith("localaistack: ")]) == 1
 
 
 def test_replay_of_an_allowed_error_type_still_matches(tmp_path):
-    path = _crafted_record(tmp_path, "smartrun.advisor.LLMUnavailable",
-                           "LLM endpoint http://127.0.0.1:57055/v1 failed 4 time(s) in 2.9s; last error: connection "
-                           "failed (http://127.0.0.1:57055/v1)")
+    path = _crafted_record(tmp_path, "smartrun.advisor.LLMUnavailable", None)
     proc = _cli(["session", "replay", str(path)], tmp_path)
     assert proc.returncode == 0, proc.stderr
 
@@ -528,7 +526,7 @@ def test_a_truncated_json_body_from_the_llm_counts_as_a_bad_reply_and_falls_back
                      llm.base_url, "--llm-model", "m", "--session-out", str(tmp_path / "s.json")])
     captured = capsys.readouterr()
     assert code == 0 and "Traceback" not in captured.err
-    assert "== plan (source=static)" in captured.out and "not JSON" in captured.err
+    assert _plan_source(tmp_path / "s.json") == "static" and "not JSON" in captured.out + captured.err
 
 
 def test_an_llm_that_trickles_its_reply_is_cut_off_at_the_llm_timeout(tmp_path, capsys):
@@ -541,6 +539,12 @@ def test_an_llm_that_trickles_its_reply_is_cut_off_at_the_llm_timeout(tmp_path, 
                      llm.base_url, "--llm-model", "m", "--llm-timeout", "1", "--session-out",
                      str(tmp_path / "s.json")])
         elapsed = time.monotonic() - started
-    captured = capsys.readouterr()
-    assert code == 0 and "== plan (source=static)" in captured.out
+    capsys.readouterr()
+    assert code == 0 and _plan_source(tmp_path / "s.json") == "static"
     assert elapsed < 30, elapsed  # 4 tries of 1 s plus backoff; it waited out the whole trickle (minutes)
+
+
+def _plan_source(record_path) -> str:
+    from smartrun.session import load_record
+
+    return load_record(record_path).final_plan["source"]
