@@ -138,6 +138,7 @@ def case_flags(case: dict[str, Any]) -> EngineFlags:
         kv_cache_dtype=case.get("kv_cache_dtype") or "auto",
         enforce_eager=bool(case.get("enforce_eager")),
         quantization="fp8" if quant == "fp8" else None,
+        cpu_offload_gb=case.get("cpu_offload_gb") or 0.0,
     )
 
 

@@ -64,6 +64,15 @@ CUDA_RESERVED_MIB_BY_GPU = {
     "NVIDIA L40": 46068 - 44.39 * 1024,
 }
 
+# GPU models whose cards have no peer access to each other with the stock driver (so neither NVLink
+# nor custom all-reduce; NCCL goes through host memory), with where that was seen.
+NO_PEER_ACCESS = {
+    "NVIDIA GeForce RTX 4090": (
+        "https://github.com/sgl-project/sglang/issues/4814 (8x RTX 4090: 'peer access is not supported "
+        "between these two devices'); vsl-019's 2x4090 TP 2 grew 0.25 GiB non-torch"
+    ),
+}
+
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DTYPE_ALIASES = {
     "half": "float16",
@@ -90,9 +99,12 @@ class GpuSpec(Frozen):
 
     @property
     def without_nvlink(self) -> bool:
-        """True only where known: said so, or a GPU model the table lists as having no NVLink."""
+        """True only where known: said so, a GPU model the table lists as having no NVLink, or one
+        without peer access between cards at all (NO_PEER_ACCESS)."""
         if self.nvlink is not None:
             return not self.nvlink
+        if self.name in NO_PEER_ACCESS:
+            return True
         try:
             return _match_gpu(self.name).get("nvlink") is False
         except EstimateError:
@@ -696,6 +708,38 @@ def weights_per_rank(
     ]
 
 
+def _mla_absorbed_bytes(model: ModelFacts, dtype: str, tp: int, layers: int, profile: Profile) -> int:
+    """V0 0.7.1-0.7.3 MLA keeps matrix-absorbed copies beside the raw weights for decode
+    (vllm/attention/backends/mla/utils.py process_weights_after_loading, VLLM_MLA_PERFORM_MATRIX_
+    ABSORPTION on): W_Q_UK (q_in x heads*kv_lora), W_UV_O (heads*kv_lora x hidden) and W_QR (q_in x
+    heads*rope) per layer, heads split by TP; counted in "Loading model weights took" (pub-017:
+    3.97 GiB printed, 0.22 GiB of it these). Gone in 0.8 (views of kv_b_proj instead)."""
+    if model.mla is None or not profile.mla_absorbed_weights:
+        return 0
+    m = model.mla
+    heads = max(1, model.num_attention_heads // tp)
+    q_in = m.q_lora_rank or model.hidden_size
+    per_layer = heads * (q_in * m.kv_lora_rank + m.kv_lora_rank * model.hidden_size + q_in * m.qk_rope_head_dim)
+    return per_layer * layers * DTYPE_BYTES.get(dtype, 2)
+
+
+def _after_cpu_offload(
+    weights: int, absorbed: int, offload_gib: float, model: ModelFacts, dtype: str, tp: int, stage: RankWeights
+) -> int:
+    """Weight bytes left on the GPU with --cpu-offload-gb: vLLM offloads the decoder layers'
+    parameters only (models/utils.py make_layers -> maybe_offload_to_cpu, 0.7.2 and on), so the
+    embeddings, LM head, final norm and the RoPE buffer stay (pub-016: 0.80 GiB of DeepSeek-V2-Lite
+    stayed with 30 GiB of offload). MLA copies derived from an offloaded layer (`absorbed`) are made
+    where its weights are, so they leave with it."""
+    if offload_gib <= 0:
+        return weights + absorbed
+    kept = min(weights, _rank_weight_bytes(model, DTYPE_BYTES[dtype], tp, range(0), stage.first, stage.last))
+    layer_bytes = weights - kept
+    off = min(layer_bytes, int(offload_gib * GIB))
+    share_left = 1 - off / layer_bytes if layer_bytes else 1.0
+    return kept + layer_bytes - off + int(absorbed * share_left)
+
+
 # ---------------------------------------------------------------------------------------------
 # Activation, non-torch, CUDA graphs
 
@@ -1013,7 +1057,8 @@ def _stage_budgets(
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)
             weights = int(stage.bytes * (1 + coeffs.weight_load_slack))
-            weights = max(0, weights - int(flags.cpu_offload_gb * GIB))  # offloaded weights live in CPU memory
+            absorbed = _mla_absorbed_bytes(model, dtype, tp, len(stage.layers), profile)
+            weights = _after_cpu_offload(weights, absorbed, flags.cpu_offload_gb, model, dtype, tp, stage)
             kv = (
                 requested
                 - weights

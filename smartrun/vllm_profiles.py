@@ -44,6 +44,7 @@ class Profile(Frozen):
     # V0 0.7.2-0.7.3 (VLLM_CUDA_MEM_ALIGN_KV_CACHE, default on) pads the MLA entry to 256 bytes of the
     # model dtype: 576 -> 640 elements (vllm/worker/cache_engine.py; absent in 0.7.1 and 0.8.5.post1)
     mla_align_bytes: int = 0
+    mla_absorbed_weights: bool = False  # V0 0.7.1-0.7.3: absorbed W_Q_UK / W_UV_O / W_QR copies (mla/utils.py)
     checked_in: tuple[str, ...] = ()  # vLLM releases whose source this profile was read from
     source: str = ""  # what the budget is, in vLLM's own terms
     # Plan-safe band: fraction of the predicted non-KV memory (weights + activation + non-torch
@@ -77,7 +78,10 @@ PROFILES: dict[str, Profile] = {
         # per element beyond the fp16 copy (each predicts the other within 0.1 B).
         sampler_extra_bytes=36.8,
         non_torch_single_gib=0.25,
-        non_torch_tp_gib=0.25,  # vsl-019: "non_torch_memory takes 0.25GiB" at TP 2 (4090, 0.7.x)
+        # TP: over PCIe without peer access 0.25 GiB (vsl-019: 2x RTX 4090, 0.7.x); with NVLink the
+        # NVLink-class fitted figure (pub-017: 8x A100 SXM4 40GB, 0.7.1, TP 8 printed 2.10 GiB; the
+        # earlier 0.25 for every TP group over-predicted that startup's KV cache by 7%)
+        non_torch_tp_no_nvlink_gib=0.25,
         checked_in=("0.6.6.post1", "0.7.1", "0.7.2", "0.7.3", "0.8.5.post1", "0.10.1.1"),
         source=(
             "vllm/worker/worker.py determine_num_available_blocks: KV = total x util - (weights + "
@@ -86,9 +90,11 @@ PROFILES: dict[str, Profile] = {
         margin=0.06,
         margin_floor_gib=0.35,
         evidence=(
-            "9 held-out V0 startups with KV tokens (4 T4 0.6.6-0.8.2, 2 RTX 3090 ~0.6.4/0.6.6, L40 0.7.2, "
-            "V100 32GB 0.7.1, 2x RTX 4090 TP 2 0.7.x): KV tokens -7.8% to +1.4%, median -2.6%; single-GPU "
-            "non-torch prints 0.01-0.11 GiB from 0.6.6 (0.35 on ~0.6.4), below the 0.25 used (errs low)"
+            "11 held-out V0 startups with KV tokens (4 T4 0.6.6-0.8.2, 2 RTX 3090 ~0.6.4/0.6.6, L40 0.7.2, "
+            "V100 32GB 0.7.1, 2x RTX 4090 TP 2 0.7.x, DeepSeek-V2-Lite MLA on an L40S 0.7.2 and on 8x A100 "
+            "TP 8 0.7.1): KV tokens -14.8% to +1.4%, median -2.6%; single-GPU non-torch prints 0.01-0.11 GiB "
+            "from 0.6.6 (0.35 on ~0.6.4), below the 0.25 used (errs low); MLA activation at 40k batched "
+            "tokens over-counted (pub-016 -12.7%)"
         ),
     ),
     "0.8": Profile(
@@ -222,8 +228,9 @@ def resolve(
         profile = PROFILES["0.6"]
         if v < (0, 7, 1):
             profile = profile.model_copy(update={"mla_latent_cache": False})
-        elif (0, 7, 2) <= v < (0, 8, 0):
-            profile = profile.model_copy(update={"mla_align_bytes": 256})
+        elif v < (0, 8, 0):
+            align = 256 if v >= (0, 7, 2) else 0
+            profile = profile.model_copy(update={"mla_align_bytes": align, "mla_absorbed_weights": True})
         return profile
     if v < (0, 9, 0):
         return PROFILES["0.8"]
