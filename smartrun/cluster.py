@@ -311,6 +311,21 @@ def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
         pp_acc.narrow("hardware", f"{len(hw.gpus)} GPUs on {n} nodes", hi=len(hw.gpus) // tp)
     pp_acc.narrow("cluster", f"pipeline stages fill whole nodes ({per_node // tp} per node x 1..{n} nodes)",
                   choices=pps)
+    nodes_acc = accs.get("nodes")
+    if "nodes" in pins:  # a pin is checked against the bounds with the other pins, later; plan with it here
+        from smartrun.knobs import CATALOGUE
+        from smartrun.rules import _domain
+
+        nodes_acc = _domain(CATALOGUE["nodes"])
+        nodes_acc.narrow("pin", f"--nodes {pins['nodes']}", lo=pins["nodes"], hi=pins["nodes"])
+    if nodes_acc is not None:  # a bounds file (or a pin) bounds the nodes the plan may use
+        nodes_acc.narrow("hardware", f"the cluster has {n} nodes", hi=n)
+        allowed = [pp for pp in pp_acc.choices or [] if pp * tp // per_node <= (nodes_acc.max or n)]
+        if not allowed:
+            raise InfeasibleError(f"nodes: {nodes_acc.culprit(0)} allows {nodes_acc.describe()}, but a plan on this "
+                                  f"cluster uses 1..{n} whole nodes")
+        pp_acc.narrow("cluster", f"stages on {nodes_acc.describe().replace('x', 'nodes')} "
+                                 f"({', '.join(nodes_acc.sources())})", choices=allowed)
     floor = accs["max_model_len"].min or 1
     best = None
     free_share = int(min(g.memory_free_mib / g.memory_total_mib for g in hw.gpus) * 100) / 100
@@ -329,10 +344,13 @@ def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
                 accs["data_parallel_size"].narrow(
                     "cluster", "a replica spans nodes; vLLM's Ray data-parallel backend places each replica inside "
                                "one node, so further replicas run as separate servers", hi=1)
+            _nodes_rule(accs, nodes_acc, pp_acc, tp, pp, per_node)
             return
     top = max(pp_acc.choices or [1])
     capped = f" (pipeline_parallel_size is bounded to <= {pp_acc.max} by {pp_acc.max_src})" \
         if pp_acc.max_src and pp_acc.max_src.startswith("bounds:") and top < max(pps) else ""
+    if nodes_acc is not None and nodes_acc.max is not None and nodes_acc.max_src.startswith("bounds:"):
+        capped += f" (nodes is bounded to <= {nodes_acc.max} by {nodes_acc.max_src})"
     why = (f"{facts.name} does not fit on {top * tp // per_node} of {n} node(s) of {per_node}x "
            f"{' / '.join(sorted({g.name for g in hw.gpus}))} at tp {tp} x pp {top}{capped}: "
            + (best.reason if best is not None and best.reason else "no KV cache left")
@@ -345,6 +363,20 @@ def narrow_bounds(accs: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
 
 # What the rules plan with when nothing says otherwise: the built-in bounds' top utilization, least context
 # and fewest sequences (the most generous in-bound plan, as the estimate rule takes it).
+def _nodes_rule(accs: dict[str, Any], nodes_acc: Any, pp_acc: Any, tp: int, pp: int, per_node: int) -> None:
+    """`nodes` bounds every node the plan uses: replicas (one per node) when a replica fits one node, else
+    the stages of the one replica."""
+    if nodes_acc is None or (nodes_acc.min is None and nodes_acc.max is None):
+        return
+    lo, hi = nodes_acc.min, nodes_acc.max
+    where = ", ".join(nodes_acc.sources())
+    if tp * pp <= per_node and "data_parallel_size" in accs:
+        accs["data_parallel_size"].narrow("cluster", f"one replica per node on {nodes_acc.describe()} nodes ({where})",
+                                          lo=lo if lo and lo > 1 else None, hi=hi)
+    elif lo is not None and lo * per_node // tp > pp:
+        pp_acc.narrow("cluster", f"stages on at least {lo} nodes ({where})", lo=lo * per_node // tp)
+
+
 REFUSAL_DEFAULTS = {"gpu_memory_utilization": 0.93, "max_model_len": 2048, "max_num_seqs": 1}
 
 
@@ -352,7 +384,7 @@ def refusal(why: str, facts: ModelFacts, hw: HardwareSnapshot, pins: dict[str, A
             vllm_version: str | None = None, base: dict[str, Any] | None = None) -> str:
     """`why`, plus the smallest cluster of nodes like this one that would hold the model when more nodes
     would help: at the pins, else at `base` (default REFUSAL_DEFAULTS)."""
-    if "smallest cluster that fits" in why:
+    if "smallest cluster that fits" in why or ("of these" in why and "nodes (tp" in why):
         return why
     params = {**REFUSAL_DEFAULTS, **{k: v for k, v in (base or {}).items() if v is not None}, **pins}
     if params["max_model_len"] <= 0:  # auto: any context that fits

@@ -61,6 +61,7 @@ class Knob(Frozen):
     nargs: Literal["one", "+", "?", "append"] = "one"  # "+": --x a b; "?": --x [a] (alone: True);
     # "append": --x a --x b (value is a tuple)
     secret: bool = False  # its value never appears in bounds, notes, messages or records
+    vllm_flag: bool = True  # False: smartrun's own planning knob (bounds files may bound it), never in argv
 
     def domain_text(self) -> str:
         """vLLM's domain in words, for messages."""
@@ -165,6 +166,8 @@ _USER_ONLY = [
     _k(name="distributed_executor_backend", flag="--distributed-executor-backend", type="choice",
        choices=("external_launcher", "mp", "ray", "uni"),
        help="how workers start: ray for a plan across nodes (set by the cluster rules), else vLLM's choice"),
+    _k(name="nodes", flag="--nodes", type="int", min=1, vllm_flag=False,
+       help="cluster nodes a plan may use (smartrun's own: bound it in a bounds file; not a vLLM flag)"),
     _k(name="data_parallel_backend", flag="--data-parallel-backend", aliases=("-dpb",), type="choice",
        choices=("mp", "ray"), help="how data-parallel replicas start: ray for replicas on several nodes"),
     _k(name="quantization", flag="--quantization", aliases=("-q",), type="str",
@@ -342,6 +345,6 @@ def build_argv(model_path: str, params: dict[str, Any], passthrough: tuple[str, 
     if unknown:
         raise InputError(f"cannot build vllm argv: unknown knob(s) {unknown}")
     for name, k in CATALOGUE.items():
-        if name in params:
+        if name in params and k.vllm_flag:
             argv += _argv_for(k, params[name])
     return argv + list(passthrough)

@@ -248,3 +248,22 @@ def test_ray_start_lines_for_each_node():
 def test_ray_address_must_be_host_and_port(capsys):
     assert main(["hardware", "detect", "--ray-address", "nowhere"]) == 2
     assert "expected HOST:PORT of the Ray head" in capsys.readouterr().err
+
+
+def test_nodes_is_bounded_like_any_knob(tmp_path, capsys):
+    bounds = tmp_path / "smartrun.toml"
+    bounds.write_text('version = 1\n[knobs.nodes]\nmax = 2\nwhy = "half the cluster"\n')
+    code, out, err = _dry_run(capsys, BIG, A100_NODES, "--bounds", str(bounds))
+    assert code == 2 and f"(nodes is bounded to <= 2 by bounds:{bounds}:3)" in out["error"]
+    assert "it fits on 3 of these 4 nodes (tp 8, pp 3) where the bounds allow that" in out["error"]
+    code, out, err = _dry_run(capsys, QWEN72, A100_NODES, "--bounds", str(bounds))
+    assert code == 0 and out["params"]["data_parallel_size"] == 2 and out["bounds"]["nodes"]["max"] == 2
+
+
+def test_a_nodes_pin_sets_how_many_nodes_the_plan_uses_and_never_reaches_vllm(capsys):
+    code, out, err = _dry_run(capsys, QWEN72, A100_NODES, "--nodes", "3")
+    assert code == 0, err
+    assert out["params"]["data_parallel_size"] == 3 and out["params"]["nodes"] == 3
+    assert "--nodes" not in out["argv"]
+    code, out, err = _dry_run(capsys, BIG, A100_NODES, "--nodes", "4")
+    assert code == 0 and out["params"]["pipeline_parallel_size"] == 4 and out["placement"]["nodes_used"] == 4
