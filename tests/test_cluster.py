@@ -257,7 +257,8 @@ def test_nodes_is_bounded_like_any_knob(tmp_path, capsys):
     assert code == 2 and f"(nodes is bounded to <= 2 by bounds:{bounds}:3)" in out["error"]
     assert "it fits on 3 of these 4 nodes (tp 8, pp 3) where the bounds allow that" in out["error"]
     code, out, err = _dry_run(capsys, QWEN72, A100_NODES, "--bounds", str(bounds))
-    assert code == 0 and out["params"]["data_parallel_size"] == 2 and out["bounds"]["nodes"]["max"] == 2
+    assert code == 0, err
+    assert out["params"]["data_parallel_size"] == 2 and out["bounds"]["nodes"]["max"] == 2
 
 
 def test_a_nodes_pin_sets_how_many_nodes_the_plan_uses_and_never_reaches_vllm(capsys):
