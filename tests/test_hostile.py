@@ -548,3 +548,9 @@ def _plan_source(record_path) -> str:
     from smartrun.session import load_record
 
     return load_record(record_path).final_plan["source"]
+
+
+def test_usage_errors_and_error_lines_never_echo_a_secret(tmp_path):
+    """argparse echoes what it did not recognise (`unrecognized arguments: --api-key K`)."""
+    proc = _cli(["hardware", "show", "x.json", "--api_key", K1, K2], tmp_path)
+    assert proc.returncode == 2 and K1 not in proc.stderr and K2 not in proc.stderr and "REDACTED" in proc.stderr

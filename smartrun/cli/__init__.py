@@ -24,12 +24,20 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     json_errors = False
+    secrets: tuple[str, ...] = ()  # secret values on the command line (`probe URL --api-key K` echoes K)
 
     def error(self, message: str) -> NoReturn:
-        text = f"{self.prog}: {message} (see {self.prog} -h)"
+        text = _hidden(f"{self.prog}: {message} (see {self.prog} -h)", OneLineParser.secrets)
         if OneLineParser.json_errors:
             print_json_error(text, 2)
         self.exit(2, text + "\n")
+
+
+def _hidden(text: str, secrets: tuple[str, ...]) -> str:
+    """A message for the terminal: the command line's secret values and key-shaped text redacted."""
+    from smartrun.secrets import redact_text
+
+    return redact_text(text, secrets)
 
 
 def print_json_error(message: str, code: int, session_record: Any = None) -> None:
@@ -100,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(argv)
     OneLineParser.json_errors = as_json
+    from smartrun.secrets import secret_values
+
+    hidden = OneLineParser.secrets = secret_values(argv)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -111,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SmartRunError as err:
-        print(f"localaistack: {err.message}", file=sys.stderr, flush=True)
+        message = _hidden(err.message, hidden)
+        print(f"localaistack: {message}", file=sys.stderr, flush=True)
         if as_json:
-            print_json_error(err.message, err.exit_code, getattr(err, "session_record", None))
+            print_json_error(message, err.exit_code, getattr(err, "session_record", None))
         return err.exit_code
     except KeyboardInterrupt:
         print("localaistack: interrupted", file=sys.stderr, flush=True)
