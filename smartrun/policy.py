@@ -30,6 +30,7 @@ class Sizing(Frozen):
 
     utilization: float = Field(gt=0, le=1)
     context_floor: int = Field(ge=1)
+    context_min: int = Field(ge=1)
     context_preferred_min: int = Field(ge=1)
     min_full_length_requests: int = Field(ge=1)
     context_step: int = Field(ge=1)
@@ -46,6 +47,9 @@ class GoalPolicy(Frozen):
     parallelism: Literal["data", "tensor", "context"]
     max_num_seqs: int | None = Field(None, ge=1)  # a preferred ceiling below what the cache holds
     context_before_replicas: bool = False  # data parallelism: grow TP first while the context falls short
+    replica_min_batch: int | None = Field(None, ge=1)  # data parallelism: grow TP first while a replica holds fewer
+    starved_utilization: bool = False  # a replica below replica_min_batch takes the band's top utilization
+    prefer_min_context: bool = True  # offer at least min(native, context_preferred_min) while one request fits
     template: dict[str, Any] = {}
 
 

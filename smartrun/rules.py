@@ -533,13 +533,18 @@ def _estimate_fits(flags: EngineFlags, facts: ModelFacts, hw: HardwareSnapshot, 
 
 
 def _estimate_rule(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
-                   vllm_version: str | None, estimate_fn: EstimateFn, goal: str) -> None:
+                   vllm_version: str | None, estimate_fn: EstimateFn, goal: str, warnings: list[str]) -> None:
     acc = accs["max_model_len"]
     flags = _estimate_flags(accs, pins, facts, hw)
     gpus = select_gpus(hw, flags.tensor_parallel_size * flags.pipeline_parallel_size)
     est = estimate_fn(facts, _specs(gpus), flags, vllm_version)
     largest = plan_safe_max_model_len(est)
     floor = acc.min or 1
+    if largest < floor <= est.largest_max_model_len:  # only the point estimate fits: try it, and say so
+        warnings.append(f"estimate: {facts.name} fits {_gpu_words(gpus)} only at the estimate's point value "
+                        f"({est.largest_max_model_len} tokens of context); the low end of its band holds "
+                        f"{largest}: vLLM may refuse the first start, and recovery then steps down")
+        largest = est.largest_max_model_len
     if largest < floor:
         from smartrun.sizing import suggestions_text
 
@@ -631,7 +636,7 @@ def effective_bounds(
         _pin(accs["gpu_memory_utilization"], pins["gpu_memory_utilization"], typed["gpu_memory_utilization"],
              force, warnings)
     if pins.get("max_model_len") != AUTO_MAX_MODEL_LEN:
-        _estimate_rule(accs, pins, facts, hardware, vllm_version, estimate_fn or _default_estimate(), goal)
+        _estimate_rule(accs, pins, facts, hardware, vllm_version, estimate_fn or _default_estimate(), goal, warnings)
     if "max_model_len" in pins:
         _pin(accs["max_model_len"], pins["max_model_len"], typed["max_model_len"], force, warnings)
     for name, limits in passed.items():

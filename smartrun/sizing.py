@@ -55,6 +55,25 @@ class _Ctx:
         self.gp: GoalPolicy = policy.goal(goal)
         self._cache: dict[tuple, MemoryEstimate | None] = {}
 
+    # The estimate is read at the low end of its band (memory.plan_safe_*): a plan never counts on cache that
+    # may not be there. Only when nothing fits there does sized_plan retry at the point estimate (point=True).
+    point = False
+
+    def fits(self, est: MemoryEstimate) -> bool:
+        return est.fits if self.point else plan_safe_fits(est)
+
+    def largest(self, est: MemoryEstimate) -> int:
+        return est.largest_max_model_len if self.point else plan_safe_max_model_len(est)
+
+    def kv_tokens(self, est: MemoryEstimate) -> int:
+        return est.kv_cache_tokens if self.point else memory.plan_safe_kv_tokens(est)
+
+    def concurrency(self, est: MemoryEstimate) -> float:
+        """Full-length requests the cache holds at once (at the low end of the band unless point)."""
+        if not est.kv_cache_tokens:
+            return 0.0
+        return est.max_concurrency * self.kv_tokens(est) / est.kv_cache_tokens
+
     def bound(self, name: str) -> KnobBound | None:
         return self.bounds.knobs.get(name)
 
@@ -79,16 +98,10 @@ class _Ctx:
         return self._cache[key]
 
 
-def _fits(est: MemoryEstimate) -> bool:
-    """Fits even at the low end of the estimate's band (memory.plan_safe_fits): the plan never counts on more."""
-    return plan_safe_fits(est)
-
-
-def _safe_concurrency(est: MemoryEstimate) -> float:
-    """Full-length requests the cache holds at once, at the low end of the estimate's band."""
-    if not est.kv_cache_tokens:
-        return 0.0
-    return est.max_concurrency * memory.plan_safe_kv_tokens(est) / est.kv_cache_tokens
+def _round_context(c: _Ctx, tokens: int) -> int:
+    """A fitted context rounded down to the policy's step, or to whole 16-token blocks when that would cost much."""
+    step = c.policy.sizing.context_step
+    return _round_down(tokens, step) if tokens >= 8 * step else _round_down(tokens, 16)
 
 
 def _pinned_value(bound: KnobBound) -> Any:
@@ -111,7 +124,7 @@ def _tp_choices(c: _Ctx, pp: int) -> list[int]:
 def _holds(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> MemoryEstimate | None:
     """The estimate at this tp when one request of `context` tokens fits, else None."""
     est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": 1})
-    return est if est is not None and _fits(est) else None
+    return est if est is not None and c.fits(est) else None
 
 
 def place_gpus(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int) -> None:
@@ -141,6 +154,7 @@ def place_gpus(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int
             tp = fitting[0]
             why = ("estimate: one GPU holds the model" if tp == 1 else
                    f"estimate: the smallest tensor parallel size that holds the model is {tp}")
+            tp, why = _replica_batch_rule(c, params, fitting, tp, why, floor, native)
             wanted = min(native, c.policy.sizing.context_preferred_min)
             if c.gp.context_before_replicas and not _offers(c, params, tp, wanted):
                 better = [t for t in fitting if _offers(c, params, t, wanted)]
@@ -152,11 +166,41 @@ def place_gpus(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int
     _place_replicas(c, params, prov, tp * pp)
 
 
+def _replica_batch(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> int:
+    """Typical requests one replica's cache holds at once (point estimate, smallest batch)."""
+    est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": 1})
+    if est is None or not c.fits(est):
+        return 0
+    return est.kv_cache_tokens // min(c.policy.sizing.typical_request_tokens, context)
+
+
+def _replica_batch_rule(c: _Ctx, params: dict[str, Any], fitting: list[int], tp: int, why: str, floor: int,
+                        native: int) -> tuple[int, str]:
+    """Larger replicas before more of them while a replica's cache holds fewer than the policy's batch."""
+    need = c.gp.replica_min_batch
+    context = min(floor, native)
+    have = _replica_batch(c, params, tp, context)
+    if not need or have >= need:
+        return tp, why
+    pp = int(params.get("pipeline_parallel_size") or 1)
+    batches = {t: _replica_batch(c, params, t, context) for t in fitting if t >= tp}
+    for bigger, got in batches.items():
+        if bigger > tp and got >= need:
+            return bigger, (f"policy:{c.goal}: a replica of {bigger} GPUs holds {got} typical requests at once; "
+                            f"{tp} GPU(s) would hold {have} (a replica should hold {need}): larger replicas first")
+    # no replica reaches the batch: the layout whose replicas hold the most requests together
+    best = max(batches, key=lambda t: (len(c.hw.gpus) // (t * pp) * batches[t], -t))
+    if best != tp:
+        return best, (f"policy:{c.goal}: no replica holds {need} typical requests; {best} GPUs per replica hold the "
+                      f"most together ({len(c.hw.gpus) // (best * pp)} x {batches[best]})")
+    return tp, why
+
+
 def _offers(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> bool:
     """Whether a replica at this tp holds the goal's full-length requests of `context` tokens at once."""
     est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context,
                       "max_num_seqs": _context_seqs(c, params)})
-    return est is not None and _fits(est) and _safe_concurrency(est) >= c.gp.full_length_requests
+    return est is not None and c.fits(est) and c.concurrency(est) >= c.gp.full_length_requests
 
 
 def _context_seqs(c: _Ctx, params: dict[str, Any]) -> int:
@@ -169,7 +213,7 @@ def _context_seqs(c: _Ctx, params: dict[str, Any]) -> int:
 def _largest(c: _Ctx, params: dict[str, Any], tp: int) -> int:
     est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": None,
                       "max_num_seqs": _context_seqs(c, params)})
-    return plan_safe_max_model_len(est) if est is not None else 0
+    return c.largest(est) if est is not None else 0
 
 
 def _place_replicas(c: _Ctx, params: dict[str, Any], prov: dict[str, str], per_replica: int) -> None:
@@ -211,7 +255,7 @@ def _idle_reason(c: _Ctx, params: dict[str, Any], per_replica: int, idle: int) -
 
 def _concurrency(c: _Ctx, params: dict[str, Any], context: int) -> float:
     est = c.estimate({**params, "max_model_len": context, "max_num_seqs": _context_seqs(c, params)})
-    return _safe_concurrency(est) if est is not None and _fits(est) else 0.0
+    return c.concurrency(est) if est is not None and c.fits(est) else 0.0
 
 
 def _longest_holding(c: _Ctx, params: dict[str, Any], requests: int, lo: int, hi: int) -> int:
@@ -240,8 +284,8 @@ def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: i
     goal = f"policy:{c.goal}"
     if c.gp.context == "max":
         est = c.estimate({**params, "max_model_len": None, "max_num_seqs": _context_seqs(c, params)})
-        largest = min(native, plan_safe_max_model_len(est) if est is not None else 0)
-        ctx = native if largest >= native else _round_down(largest, sz.context_step)
+        largest = min(native, c.largest(est) if est is not None else 0)
+        ctx = native if largest >= native else _round_context(c, largest)
         why = (f"{goal}: the model's native context {native}" if ctx == native else
                f"estimate: the longest context one request fits is {largest}; {ctx} (native {native})")
     elif _concurrency(c, params, native) >= requests:
@@ -251,23 +295,26 @@ def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: i
     else:
         ctx = _longest_holding(c, params, requests, floor, native)
         preferred = min(native, sz.context_preferred_min)
-        if ctx < preferred and _concurrency(c, params, preferred) >= sz.min_full_length_requests:
+        model_native = c.facts.derived_max_model_len
+        if (c.gp.prefer_min_context and ctx < preferred
+                and _concurrency(c, params, preferred) >= sz.min_full_length_requests):
             ctx = preferred
-            why = (f"{goal}: {ctx} tokens, the preferred minimum; the cache holds "
-                   f"{sz.min_full_length_requests}+ full-length requests (native {native} holds fewer)")
+            why = (f"{goal}: {ctx} tokens (at least min(native, {sz.context_preferred_min}) while the cache holds "
+                   f"{sz.min_full_length_requests} full-length request; the model's native {model_native} holds "
+                   f"fewer than {requests})")
         elif ctx:
             traded = " (trades context for concurrency)" if c.goal in ("throughput", "latency") else ""
             why = (f"estimate: the longest context whose cache holds {requests} full-length requests is {ctx} "
-                   f"(native {native}){traded}")
+                   f"(native {model_native}){traded}")
         else:
             est = c.estimate({**params, "max_model_len": None, "max_num_seqs": _context_seqs(c, params)})
-            largest = plan_safe_max_model_len(est) if est is not None else 0
-            ctx = min(native, _round_down(largest, sz.context_step)) if largest >= sz.context_step else largest
+            largest = c.largest(est) if est is not None else 0
+            ctx = min(native, _round_context(c, largest))
             why = f"estimate: only {largest} tokens of context fit one request; {ctx}"
             if 0 < ctx < floor:
                 why += f", below the preferred floor {floor}"
-    if ctx <= 0:
-        return  # nothing fits; the fitting loop reports it
+    if ctx < sz.context_min:
+        return  # nothing useful fits; the fitting loop reports it
     _place(c.bounds, "max_model_len", ctx, why, params, prov)
 
 
@@ -275,33 +322,45 @@ def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: i
 
 
 def size_concurrency(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> None:
-    """max_num_seqs from the KV tokens at typical request lengths, capped at vLLM's default; mnbt at vLLM's."""
+    """max_num_seqs from the KV tokens at typical request lengths, capped at vLLM's default; mnbt at vLLM's.
+
+    The cache is counted at vLLM's default batch first (its sampler buffers are the largest), then again at
+    the batch that gives, which frees memory for a little more cache. The batch is a ceiling vLLM fills as
+    blocks allow (a smaller cache queues or preempts, it does not fail to start), so it is sized at the point
+    estimate; everything a start depends on (fit, context) is sized at the plan-safe low end.
+    """
     sz = c.policy.sizing
     est = c.estimate({**params, "max_num_seqs": None, "max_num_batched_tokens": None})
     if est is None:
         return
     vllm_seqs, vllm_mnbt = est.max_num_seqs, est.max_num_batched_tokens
     typical = min(sz.typical_request_tokens, params["max_model_len"])
-    if not _fits(est):  # vLLM's default batch leaves too little: count the cache at the smallest batch instead
-        est = c.estimate({**params, "max_num_seqs": 1, "max_num_batched_tokens": None})
-        if est is None or not _fits(est):
-            return
-    kv = memory.plan_safe_kv_tokens(est)
     if not c.pinned("max_num_seqs"):
-        by_cache = max(1, kv // typical)
-        seqs = min(vllm_seqs, by_cache)
-        why = (f"estimate: the cache holds {kv} tokens, {by_cache} requests of {typical} tokens; "
+        if not c.fits(est):  # vLLM's default batch leaves too little: count the cache at the smallest batch instead
+            est = c.estimate({**params, "max_num_seqs": 1, "max_num_batched_tokens": None})
+            if est is None or not c.fits(est):
+                return
+        kv = est.kv_cache_tokens
+        seqs = min(vllm_seqs, max(1, kv // typical))
+        again = c.estimate({**params, "max_num_seqs": seqs, "max_num_batched_tokens": None})
+        if again is not None and c.fits(again) and again.kv_cache_tokens > kv:
+            kv = again.kv_cache_tokens
+            seqs = min(vllm_seqs, max(1, kv // typical))
+        why = (f"estimate: the cache holds {kv} tokens, {kv // typical} requests of {typical} tokens; "
                f"vLLM's default here is {vllm_seqs}")
         if c.gp.max_num_seqs is not None and c.gp.max_num_seqs < seqs:
             seqs = c.gp.max_num_seqs
             why += f"; policy:{c.goal} keeps batches at {seqs} or fewer"
-        seqs = _round_down(seqs, sz.seqs_step)
+        if seqs >= 8 * sz.seqs_step:
+            seqs = _round_down(seqs, sz.seqs_step)
         _place(c.bounds, "max_num_seqs", seqs, why, params, prov)
     if not c.pinned("max_num_batched_tokens"):
         seqs = int(params["max_num_seqs"])
+        at_seqs = c.estimate({**params, "max_num_batched_tokens": None})  # vLLM's default at this batch
+        vllm_mnbt = at_seqs.max_num_batched_tokens if at_seqs is not None else vllm_mnbt
         mnbt = max(vllm_mnbt, seqs)
-        why = f"vLLM's default for this GPU ({vllm_mnbt})" + (f", raised to max_num_seqs {seqs}" if mnbt > vllm_mnbt
-                                                              else "")
+        why = (f"vLLM's default for this GPU and batch ({vllm_mnbt})"
+               + (f", raised to max_num_seqs {seqs}" if mnbt > vllm_mnbt else ""))
         _place(c.bounds, "max_num_batched_tokens", mnbt, why, params, prov)
 
 
@@ -345,8 +404,39 @@ def sized_plan(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, go
     floor, native = _limits(c)
     if "max_model_len" not in params:
         params["max_model_len"] = min(floor, native)
-    place_gpus(c, params, prov, floor, native)
+        bound = c.bound("max_model_len")
+        prov["max_model_len"] = (
+            f"policy: the preferred floor {floor}" if floor < native or bound is None else
+            f"estimate: {native}, the longest context the bounds allow ({', '.join(bound.sources)})")
     failures: list[str] = []
+    util_bound = c.bound("gpu_memory_utilization")
+    utils = [params["gpu_memory_utilization"]]
+    if util_bound is not None and not util_bound.pinned and util_bound.max is not None and util_bound.max > utils[0]:
+        utils.append(util_bound.max)  # guide 4.2: context first, then memory
+    # the plan-safe low end of the estimate first (at vLLM's utilization, then the band's top); its point value
+    # only when nothing fits there
+    for point, util in [(False, u) for u in utils] + [(True, u) for u in utils]:
+        c.point = point
+        start, start_prov = {**params, "gpu_memory_utilization": util}, dict(prov)
+        if util != params["gpu_memory_utilization"]:
+            start_prov["gpu_memory_utilization"] = (f"estimate: raised to the band's top {util} so the plan fits "
+                                                    f"({', '.join(util_bound.sources)})")
+        found = _sized_at(c, start, start_prov, floor, native, failures)
+        if found is not None:
+            plan, est = found
+            if point:
+                why = ("fits only at the estimate's point value, not at the low end of its band: vLLM may refuse "
+                       "the first start, and recovery then steps down")
+                plan = plan.model_copy(update={"reason": f"{plan.reason}; {why}"})
+            return plan, est
+    params.setdefault("tensor_parallel_size", 1)
+    raise InfeasibleError(failures[0] + no_fit_suggestions(c, params))
+
+
+def _sized_at(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int,
+              failures: list[str]) -> tuple[Plan, MemoryEstimate] | None:
+    """GPUs, context and batch at the smallest TP that fits, else at each larger one; None when none fits."""
+    place_gpus(c, params, prov, floor, native)
     tps = [params["tensor_parallel_size"]]
     if not c.pinned("tensor_parallel_size"):
         tps += [t for t in _tp_choices(c, int(params.get("pipeline_parallel_size") or 1)) if t > tps[0]]
@@ -360,20 +450,41 @@ def sized_plan(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, go
             _place_replicas(c, trial, trial_prov, tp * int(trial.get("pipeline_parallel_size") or 1))
         size_context(c, trial, trial_prov, floor, native)
         size_concurrency(c, trial, trial_prov)
-        _custom_all_reduce(bounds, hardware, trial, trial_prov)
+        trial, trial_prov = _starved_utilization(c, trial, trial_prov, floor, native)
+        _custom_all_reduce(c.bounds, c.hw, trial, trial_prov)
         est, why_not = _fit(c, trial, trial_prov)
         if est is not None:
             ordered = {name: trial[name] for name in sorted(trial, key=_catalogue_order)}
-            reason = f"goal {goal}: sized from the estimate ({c.gp.description})"
+            reason = f"goal {c.goal}: sized from the estimate ({c.gp.description})"
             return Plan(params=ordered, source="static", provenance=trial_prov, reason=reason), est
         failures.append(why_not)
-    raise InfeasibleError(failures[-1] + no_fit_suggestions(c, params))
+    return None
+
+
+def _starved_utilization(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int,
+                         ) -> tuple[dict[str, Any], dict[str, str]]:
+    """When a replica's cache holds fewer typical requests than the goal's batch, the band's top utilization
+    (guide 4.3: memory is the last rung) if the plan still fits there; else the plan as it is."""
+    need, bound = c.gp.replica_min_batch, c.bound("gpu_memory_utilization")
+    util, seqs = params.get("gpu_memory_utilization"), params.get("max_num_seqs")
+    if (not c.gp.starved_utilization or not need or seqs is None or seqs >= need or bound is None or bound.pinned or bound.max is None
+            or util is None or bound.max <= util):
+        return params, prov
+    raised, raised_prov = {**params, "gpu_memory_utilization": bound.max}, dict(prov)
+    raised_prov["gpu_memory_utilization"] = (f"estimate: the band's top {bound.max} ({', '.join(bound.sources)}): at "
+                                             f"{util} a replica's cache holds only {seqs} typical requests")
+    size_context(c, raised, raised_prov, floor, native)
+    size_concurrency(c, raised, raised_prov)
+    est = c.estimate(raised)
+    if est is not None and c.fits(est) and int(raised.get("max_num_seqs") or 0) > int(seqs):
+        return raised, raised_prov
+    return params, prov
 
 
 def _fit(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> tuple[MemoryEstimate | None, str]:
     """The plan as sized, else with a smaller batch, else with a shorter context; mutates params on success."""
     est = c.estimate(params)
-    if est is not None and _fits(est):
+    if est is not None and c.fits(est):
         return est, ""
     if not c.pinned("max_num_seqs") and params.get("max_num_seqs"):
         seqs = int(params["max_num_seqs"])
@@ -384,20 +495,20 @@ def _fit(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> tuple[MemoryE
             if bound is not None and not bound.contains(seqs):
                 break
             e = c.estimate(trial)
-            if e is not None and _fits(e):
+            if e is not None and c.fits(e):
                 params.update(trial)
                 prov["max_num_seqs"] = f"estimate: lowered to {seqs} so the activations fit ({prov['max_num_seqs']})"
                 return e, ""
     bound = c.bound("max_model_len")
-    if not c.pinned("max_model_len") and est is not None and plan_safe_max_model_len(est) > 0:
-        fitted = min(int(params["max_model_len"]), plan_safe_max_model_len(est))
-        fitted = _round_down(fitted, c.policy.sizing.context_step)
-        if bound is None or bound.contains(fitted):
+    if not c.pinned("max_model_len") and est is not None and c.largest(est) > 0:
+        fitted = min(int(params["max_model_len"]), c.largest(est))
+        fitted = _round_context(c, fitted)
+        if fitted >= c.policy.sizing.context_min and (bound is None or bound.contains(fitted)):
             trial = {**params, "max_model_len": fitted}
             e = c.estimate(trial)
-            if e is not None and _fits(e):
+            if e is not None and c.fits(e):
                 params.update(trial)
-                prov["max_model_len"] = f"estimate: the longest context that fits is {plan_safe_max_model_len(e)}; {fitted}"
+                prov["max_model_len"] = f"estimate: the longest context that fits is {c.largest(e)}; {fitted}"
                 return e, ""
     gpus = select_gpus(c.hw, min(len(c.hw.gpus), params["tensor_parallel_size"]
                                  * int(params.get("pipeline_parallel_size") or 1)))
@@ -433,7 +544,7 @@ def suggestions(c: _Ctx, params: dict[str, Any]) -> list[tuple[str, dict[str, An
 
     def fits(trial: dict[str, Any]) -> bool:
         est = c.estimate(trial)
-        return est is not None and _fits(est)
+        return est is not None and c.fits(est)
 
     for move in c.policy.no_fit.order:
         if move == "tensor_parallel_size":
@@ -463,9 +574,9 @@ def suggestions(c: _Ctx, params: dict[str, Any]) -> list[tuple[str, dict[str, An
                 out.append((f"--cpu-offload-gb {offload[0]} (slow: weights stream from CPU memory)", offload[1]))
         elif move == "max_model_len":
             est = c.estimate({**base, "max_model_len": None})
-            if est is not None and 0 < plan_safe_max_model_len(est) < min(floor, native):
-                out.append((f"--max-model-len {plan_safe_max_model_len(est)}", {**base,
-                            "max_model_len": plan_safe_max_model_len(est)}))
+            if est is not None and 0 < c.largest(est) < min(floor, native):
+                out.append((f"--max-model-len {c.largest(est)}", {**base,
+                            "max_model_len": c.largest(est)}))
     return out
 
 
@@ -481,7 +592,7 @@ def _offload_that_fits(c: _Ctx, base: dict[str, Any]) -> tuple[int, dict[str, An
     while gb < est.weights_gib and (ram_gib is None or gb * ranks <= 0.8 * ram_gib):
         trial = {**base, "cpu_offload_gb": float(gb)}
         got = c.estimate(trial)
-        if got is not None and _fits(got):
+        if got is not None and c.fits(got):
             return gb, trial
         gb = max(gb + 1, int(gb * 1.25))
     return None
@@ -498,6 +609,6 @@ def _more_gpus(c: _Ctx, base: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
             est = c.estimate_fn(c.facts, specs, flags_from_params({**base, "tensor_parallel_size": tp}), c.version)
         except EstimateError:
             continue
-        if _fits(est):
+        if c.fits(est):
             return [(f"{tp}x {gpu.name} with --tensor-parallel-size {tp}", {**base, "tensor_parallel_size": tp})]
     return []

@@ -123,3 +123,26 @@ def test_no_fit_suggestions_are_each_checked_by_the_estimator_and_none_is_applie
     # a pinned suggestion is what starts it
     plan, est = _plan("1x-h100-80gb", "mixtral-8x7b-v0.1", pins=["--quantization", "fp8"])
     assert est.fits and plan.params["quantization"] == "fp8"
+
+
+def test_throughput_grows_replicas_before_adding_starved_ones_and_says_why():
+    plan, _ = _plan("4x-h100-80gb-nvlink", "qwen2.5-72b-instruct-awq", "throughput")
+    assert (plan.params["tensor_parallel_size"], plan.params["data_parallel_size"]) == (2, 2)
+    assert "larger replicas first" in plan.provenance["tensor_parallel_size"]
+
+
+def test_a_starved_throughput_replica_takes_the_bands_top_utilization_and_says_so():
+    plan, est = _plan("1x-l4", "llama-3.1-8b-instruct", "throughput")
+    assert plan.params["gpu_memory_utilization"] == 0.93 and est.fits
+    assert plan.provenance["gpu_memory_utilization"].startswith("estimate: the band's top 0.93")
+    stable, _ = _plan("1x-l4", "llama-3.1-8b-instruct", "stable")  # the default goal keeps vLLM's 0.92
+    assert stable.params["gpu_memory_utilization"] == 0.92
+
+
+def test_a_plan_that_fits_only_at_the_point_estimate_is_tried_and_says_so():
+    hw, facts = _load("2x-a100-80gb-nvlink", "qwen2.5-72b-instruct")  # plain vLLM at its defaults would not start
+    b = rules.effective_bounds(facts, hw, None, {}, "stable")
+    plan, est = rules.baseline(b, facts, hw, "stable")
+    assert est.fits and not memory.plan_safe_fits(est)
+    assert "fits only at the estimate's point value" in plan.reason
+    assert any("only at the estimate's point value" in w for w in b.warnings)

@@ -14,6 +14,10 @@ Shape of the model (per profile, in "real" seconds; `time_scale` shrinks what th
   max_num_seqs exceeds what the KV cache holds, so p95 rises for large batches even when tokens/s does not fall.
 - OOM cliff: CUDA graphs and the sampler need `reserve + graph_per_seq * max_num_seqs` outside the
   util share; above that util/seqs combination the server fails to start.
+- Data parallelism (`data_parallel_size`): dp independent replicas of tp GPUs each; the C clients spread
+  evenly over them, each replica has its own KV cache and batch, and tokens/s add up.
+- `kv_capacity_tokens` (per replica) replaces the KV formula with a figure from outside (the estimator, in
+  benchmarks/plan_quality.py); startup is then judged there too.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
-DEFAULTS = {"max_num_seqs": 256, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9}
+DEFAULTS = {"max_num_seqs": 256, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "data_parallel_size": 1}
 
 
 @dataclass(frozen=True)
@@ -115,9 +119,18 @@ def profile(spec: str | None = None) -> Profile:
 
 def _knobs(params: dict[str, Any]) -> tuple[int, int, float]:
     """max_num_seqs, tensor_parallel_size, gpu_memory_utilization from catalogue or flag-style keys."""
-    norm = {str(k).lstrip("-").replace("-", "_"): v for k, v in params.items() if v is not None}
+    norm = _norm(params)
     get = lambda k: norm.get(k, DEFAULTS[k])  # noqa: E731
     return int(get("max_num_seqs")), int(get("tensor_parallel_size")), float(get("gpu_memory_utilization"))
+
+
+def _norm(params: dict[str, Any]) -> dict[str, Any]:
+    return {str(k).lstrip("-").replace("-", "_"): v for k, v in params.items() if v is not None}
+
+
+def replicas(params: dict[str, Any]) -> int:
+    """data_parallel_size (1 when unset)."""
+    return int(_norm(params).get("data_parallel_size", DEFAULTS["data_parallel_size"]))
 
 
 def _kv_gib_per_gpu(p: Profile, seqs: int, tp: int, util: float) -> float:
@@ -128,8 +141,8 @@ def startup_error(params: dict[str, Any], prof: Profile | None = None) -> str | 
     """vLLM's error line when this configuration cannot start on the profile's machine, else None."""
     p = prof or profile()
     seqs, tp, util = _knobs(params)
-    if tp > p.gpus:
-        return (f"ValueError: World size ({tp}) is larger than the number of available GPUs "
+    if tp * replicas(params) > p.gpus:
+        return (f"ValueError: World size ({tp * replicas(params)}) is larger than the number of available GPUs "
                 f"({p.gpus}) in this node.")
     if _kv_gib_per_gpu(p, seqs, tp, util) <= 0:
         return ("ValueError: No available memory for the cache blocks. Try increasing "
@@ -153,16 +166,33 @@ def _service(p: Profile, tp: int, active: float, prompt_tokens: int, output_toke
 
 
 def expected(
-    params: dict[str, Any], prof: Profile | str, prompt_tokens: int, output_tokens: int, concurrency: int
+    params: dict[str, Any], prof: Profile | str, prompt_tokens: int, output_tokens: int, concurrency: int,
+    kv_capacity_tokens: float | None = None,
 ) -> Expected:
-    """Steady-state tokens/s and latency percentiles for `concurrency` closed-loop clients (real units)."""
+    """Steady-state tokens/s and latency percentiles for `concurrency` closed-loop clients (real units).
+
+    With data_parallel_size dp, each replica serves concurrency/dp clients; tokens/s are the replicas' sum.
+    """
     p = profile(prof) if isinstance(prof, str) else prof
-    err = startup_error(params, p)
-    if err:
-        return Expected(False, err, 0.0, 0.0, 0.0, 0.0, 0.0)
+    dp = replicas(params)
+    if dp > 1:
+        one = expected({**_norm(params), "data_parallel_size": 1}, replace(p, gpus=p.gpus // dp), prompt_tokens,
+                       output_tokens, max(1, -(-concurrency // dp)), kv_capacity_tokens)
+        if not one.starts or dp * _knobs(params)[1] > p.gpus:
+            return Expected(False, one.error or startup_error(params, p), 0.0, 0.0, 0.0, 0.0, 0.0)
+        return replace(one, tokens_per_s=one.tokens_per_s * concurrency / max(1, -(-concurrency // dp) * dp) * dp,
+                       kv_capacity_seqs=one.kv_capacity_seqs * dp)
     seqs, tp, util = _knobs(params)
-    kv_gib_total = _kv_gib_per_gpu(p, seqs, tp, util) * tp
-    cap = kv_gib_total * 1024.0 / (p.kv_mib_per_token * (prompt_tokens + output_tokens))
+    if kv_capacity_tokens is None:
+        err = startup_error(params, p)
+        if err:
+            return Expected(False, err, 0.0, 0.0, 0.0, 0.0, 0.0)
+        kv_gib_total = _kv_gib_per_gpu(p, seqs, tp, util) * tp
+        cap = kv_gib_total * 1024.0 / (p.kv_mib_per_token * (prompt_tokens + output_tokens))
+    elif tp > p.gpus:
+        return Expected(False, startup_error(params, p), 0.0, 0.0, 0.0, 0.0, 0.0)
+    else:
+        cap = kv_capacity_tokens / (prompt_tokens + output_tokens)
     active = max(1.0, min(float(concurrency), float(seqs), cap))
     prefill, decode = _service(p, tp, active, prompt_tokens, output_tokens)
     service = prefill + decode
