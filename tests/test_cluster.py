@@ -268,3 +268,21 @@ def test_a_nodes_pin_sets_how_many_nodes_the_plan_uses_and_never_reaches_vllm(ca
     assert "--nodes" not in out["argv"]
     code, out, err = _dry_run(capsys, BIG, A100_NODES, "--nodes", "4")
     assert code == 0 and out["params"]["pipeline_parallel_size"] == 4 and out["placement"]["nodes_used"] == 4
+
+
+def test_bounds_show_takes_one_snapshot_per_node(capsys):
+    code = main(["bounds", "show", BIG, *_hw(*H100_NODES), "--vllm-version", "0.19.0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["params"]["pipeline_parallel_size"] == 2
+    assert out["params"]["distributed_executor_backend"] == "ray" and "ray" in out["argv"]
+
+
+def test_a_cluster_dry_run_record_replays(tmp_path, capsys):
+    session = tmp_path / "cluster.json"
+    code = main(["model", "run", BIG, *_hw(*H100_NODES), "--dry-run", "--vllm-version", "0.19.0",
+                 "--session-out", str(session)])
+    assert code == 0
+    record = json.loads(session.read_text())
+    assert len(record["hardware"]["nodes"]) == 2 and record["request"]["more_hardware"] == [H100_NODES[1]]
+    capsys.readouterr()
+    assert main(["session", "replay", str(session)]) == 0

@@ -184,6 +184,14 @@ def test_a_placement_group_timeout_is_classified_and_stops_with_what_to_do(ray_h
     assert "ray status" in err
 
 
+def test_a_dry_run_with_only_ray_address_plans_for_the_live_cluster(ray_head, capsys):
+    code = main(["model", "run", BIG, "--ray-address", ray_head, "--dry-run", "--json", "--vllm-version", "0.19.0"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    assert (out["params"]["tensor_parallel_size"], out["params"]["pipeline_parallel_size"]) == (8, 2)
+    assert [s["node_index"] for s in out["placement"]["stages"]] == [0, 1]
+
+
 def test_detect_names_an_address_without_a_cluster(capsys):
     port = _free_port()  # nothing listens there
     assert main(["hardware", "detect", "--ray-address", f"127.0.0.1:{port}", "--timeout", "5"]) != 0

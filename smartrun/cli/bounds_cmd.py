@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         allow_abbrev=False,
         description="vLLM flags after MODEL (e.g. --max-model-len 8192) are your pins.")
     show.add_argument("model", metavar="MODEL", help="model directory or cached Hugging Face repo id")
-    show.add_argument("--hardware", metavar="SNAPSHOT.json", help="machine snapshot (default: detect with NVML)")
+    show.add_argument("--hardware", metavar="SNAPSHOT.json", action="append",
+                      help="machine snapshot (default: detect with NVML); once per node (head first) for a cluster")
     show.add_argument("--gpus", metavar="LIST", help="only these GPUs (nvidia-smi indices or UUIDs), as model run "
                       "--gpus; CUDA_VISIBLE_DEVICES also applies to a detected machine")
     show.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
@@ -78,13 +79,18 @@ def show_command(args: argparse.Namespace) -> int:
     extra = [a for a in (getattr(args, "extra", None) or []) if a != "--"]
     user = knobs.parse_user_args(extra)
     facts = model.inspect(args.model)
-    machine = hardware.load_snapshot(args.hardware) if args.hardware else hardware.detect()
+    from smartrun import cluster
+
+    shown = " + ".join(args.hardware or [])
+    machine = cluster.combine([hardware.load_snapshot(p) for p in args.hardware]) if args.hardware \
+        else hardware.detect()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and args.hardware:  # a snapshot describes its own machine, as in a model run dry run
-        print(f"localaistack: warning: CUDA_VISIBLE_DEVICES={visible} of this machine ignored for {args.hardware} "
+        print(f"localaistack: warning: CUDA_VISIBLE_DEVICES={visible} of this machine ignored for {shown} "
               "(use --gpus)", file=sys.stderr)
         visible = None
-    machine = hardware.allowed_gpus(machine, args.gpus, visible)
+    if not cluster.is_cluster(machine):  # a cluster plans whole nodes
+        machine = hardware.allowed_gpus(machine, args.gpus, visible)
     file = bounds.resolve(args.bounds)
     correction, problems = (None, []) if args.no_calibration else calibration.for_machine(machine, args.vllm_version)
     for problem in problems:
@@ -96,6 +102,7 @@ def show_command(args: argparse.Namespace) -> int:
     if args.baseline or args.json:
         plan, estimate = rules.baseline(effective, facts, machine, args.goal, args.vllm_version,
                                         estimate_fn=estimate_fn)
+        plan = cluster.finish_plan(plan, machine, user.pins)
     if args.json:
         out = {"model": facts.name, "goal": args.goal, "bounds_file": file.path, "bounds": effective.to_json(),
                "warnings": list(effective.warnings), "params": plan.params, "provenance": plan.provenance,
@@ -104,7 +111,7 @@ def show_command(args: argparse.Namespace) -> int:
                "calibration": correction.model_dump(mode="json") if correction is not None else None}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{facts.name} on {rules.describe_gpus(machine.gpus)} ({args.hardware or 'detected'})")
+    print(f"{facts.name} on {rules.describe_gpus(machine.gpus)} ({shown or 'detected'})")
     print("\n".join(rules.format_bounds(effective)))
     if correction is not None:
         print(f"estimate {correction.describe()}")
