@@ -231,7 +231,8 @@ def _check_limit_table(name: str, table: Any, path: str, out: _Problems) -> None
         out.add(path, f"{name}: expected a table with min/max, choices or fixed, got {table!r}")
         return
     if k.nargs != "one":
-        out.add(path, f"{name}: takes several values and cannot be bounded in a bounds file")
+        what = "an optional value" if k.nargs == "?" else "several values"
+        out.add(path, f"{name}: takes {what} and cannot be bounded in a bounds file")
         return
     for key in table:
         if key not in LIMIT_KEYS:

@@ -3,6 +3,7 @@ in argv, text and JSON in linear time. Property tests (hypothesis) where the cla
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -199,3 +200,40 @@ def test_the_catalogue_is_the_source_of_secret_flags():
     assert secret_knobs == {"api_key", "hf_token"}
     for name in secret_knobs:
         assert argv_mod.tokenize([CATALOGUE[name].flag, "v"])[0].secret
+
+
+# ---------------------------------------------------------------------------- properties of the readers
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_loads_json_only_ever_raises_value_or_recursion_errors(text):
+    from smartrun import fileio
+
+    with contextlib.suppress(ValueError, RecursionError):  # anything else would be a traceback
+        fileio.loads_json(text)
+
+
+@given(st.text(max_size=300), st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=4, max_size=30),
+       st.integers(min_value=0, max_value=300))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_a_known_secret_never_survives_redact_text(text, secret, at):
+    at = min(at, len(text))
+    assert secret not in redact_text(text[:at] + secret + text[at:], [secret])
+
+
+knob_flags = st.sampled_from(sorted(argv_mod.FLAGS))
+values = st.sampled_from(["1", "0.9", "auto", "-1", "8k", "x", "", "--", "bf16", "true"])
+
+
+@given(st.lists(st.one_of(knob_flags, values, knob_flags.map(lambda f: f + "=1")), max_size=8))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_parse_user_args_is_typed_pins_or_one_input_error(argv):
+    from smartrun.errors import InputError
+
+    try:
+        parsed = parse_user_args(argv)
+    except InputError as err:
+        assert "\n" not in err.message
+        return
+    assert set(parsed.pins) <= set(CATALOGUE)
