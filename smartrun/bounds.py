@@ -100,18 +100,17 @@ class BoundsFile(Frozen):
     goals: dict[str, dict[str, Limit]] = {}
 
     def ineffective(self) -> list[str]:
-        """One line per limit on a knob only the user sets (host, port, trust-remote-code...): bounds narrow
-        what the rules and the LLM may choose, and nobody but the user chooses these, so such a limit does
-        little. Said out loud, so nobody believes a bounds file locks down a security setting."""
+        """One line per limit on a security knob (host, port, trust-remote-code...). Bounds narrow what the rules
+        and the LLM may choose; only the user sets these, so such a limit does little. Said out loud, so
+        nobody believes a bounds file locks down a security setting."""
         tables = [self.knobs, *(o.knobs for o in (*self.models, *self.gpus)), *self.goals.values()]
         out = []
         for table in tables:
             for name, limit in table.items():
                 k = CATALOGUE.get(name)
-                if k is not None and not k.llm_may_change:
-                    kind = "security setting" if k.security else "user-only setting"
-                    out.append(f"{limit.source()}: {name} is a {kind}: only your own flags set it, never the "
-                               "rules or the LLM, so this limit does not lock it down (at most it refuses a pin "
+                if k is not None and k.security:
+                    out.append(f"{limit.source()}: {name} is a security setting: only your own flags set it, "
+                               "never the rules or the LLM, so this limit does not lock it down (at most it refuses a pin "
                                "typed before `--`; flags after `--`, --host and --port pass by it)")
         return out
 
