@@ -388,6 +388,9 @@ def test_bounds_on_security_knobs_are_called_out(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("warning: ")
     assert "b.toml:2: host is a security setting" in proc.stdout and "trust_remote_code" in proc.stdout
     assert "does not lock it down" in proc.stdout
+    planning = tmp_path / "n.toml"
+    planning.write_text("version = 1\n[knobs.nodes]\nmax = 2\n")  # a knob the rules use: no warning
+    assert _cli(["bounds", "check", str(planning)], tmp_path).stdout.startswith("OK ")
 
 
 def test_a_smartrun_toml_from_a_parent_folder_is_named(tmp_path):
