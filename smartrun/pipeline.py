@@ -185,10 +185,27 @@ class RunResult:
             "estimate": to_jsonable(self.estimate) if self.estimate is not None else None,
             **({"placement": to_jsonable(self.placement)} if self.placement is not None else {}),
             "provenance": dict(self.plan.provenance) if self.plan else {},
+            "reason": self.plan.reason if self.plan else None,
+            "llm": [_advice_summary(a) for a in self.advice],
             "warnings": list(self.record.warnings),
             "outcome": self.record.outcome,
             "session": str(self.session_path) if self.session_path else None,
         }
+
+
+def _advice_summary(advice: Any) -> dict[str, Any]:
+    """One LLM decision for --json: outcome, budget, and each exchange's size, finish reason and latency."""
+    exchanges = []
+    for ex in advice.exchanges:
+        reply = ex.reply
+        exchanges.append({"kind": ex.kind, "accepted": ex.accepted, "error": ex.error, "max_tokens": ex.max_tokens,
+                          "prompt_tokens_est": ex.prompt_tokens_est,
+                          "prompt_tokens": reply.prompt_tokens if reply else None,
+                          "completion_tokens": reply.completion_tokens if reply else None,
+                          "finish_reason": reply.finish_reason if reply else None,
+                          "latency_s": reply.latency_s if reply else None})
+    return {"source": advice.plan.source, "kept_baseline": advice.kept_baseline, "fallback": advice.fallback_reason,
+            "budget_s": advice.budget_s, "spent_s": advice.spent_s, "exchanges": exchanges}
 
 
 # ---------------------------------------------------------------------------- recording
@@ -212,30 +229,54 @@ class Recorder:
 
 
 class RecordingTransport:
-    """Wraps the advisor's transport: every call's messages, reply or error, latency and tokens go on record."""
+    """Wraps the advisor's transport: every call's messages, max_tokens, reply or error, latency and tokens go
+    on record, then what the advisor made of the reply (`judged`): accepted, or why not."""
 
     def __init__(self, inner: Any, recorder: Recorder, monotonic: Callable[[], float]):
         self.inner = inner
         self.recorder = recorder
         self.monotonic = monotonic
         self.kind = "propose"
+        self._last: LLMExchangeRecord | None = None
 
-    def complete(self, messages: Any, schema: Any = None) -> Any:
+    def complete(self, messages: Any, schema: Any = None, **options: Any) -> Any:
         messages = redact_tree(list(messages), self.recorder.secrets)  # nothing secret goes to the LLM
         entry = LLMExchangeRecord(kind=self.kind, messages=to_jsonable(list(messages)),
-                                  schema=to_jsonable(schema) if schema is not None else None)
+                                  schema=to_jsonable(schema) if schema is not None else None,
+                                  max_tokens=options.get("max_tokens"))
         self.recorder.record.llm_exchanges.append(entry)
+        self._last = entry
         started = self.monotonic()
         try:
-            reply = self.inner.complete(messages, schema)
+            reply = self.inner.complete(messages, schema, **options)
         except Exception as err:
             entry.error = {"type": f"{type(err).__module__}.{type(err).__qualname__}", "message": str(err)}
             entry.latency_s = _recorded_latency(err, self.monotonic() - started)
             raise
+        finally:
+            self._note_model()
         entry.reply = to_jsonable(reply)
         entry.latency_s = _recorded_latency(reply, self.monotonic() - started)
         entry.tokens = _tokens_of(reply)
         return reply
+
+    def judged(self, exchange: Any) -> None:
+        """The advisor's verdict on the last reply: a reply it did not use carries why, as an error."""
+        entry = self._last
+        if entry is None or entry.reply is None:
+            return
+        entry.accepted = bool(exchange.accepted)
+        if not exchange.accepted or exchange.error:
+            from smartrun import advisor
+
+            entry.error = {"type": "smartrun.advisor.ReplyRejected", "message": advisor.rejection_text(exchange)}
+
+    def _note_model(self) -> None:
+        """The model name into the record once the transport knows it (discovered from /models)."""
+        name = getattr(self.inner, "model_name", None)
+        if isinstance(name, str) and name and not self.recorder.record.llm.get("model"):
+            self.recorder.record.llm["model"] = name
+            self.recorder.record.llm["model_origin"] = "discovered from the server's /models"
 
     def __getattr__(self, name: str) -> Any:  # settings, model name etc. of the inner transport
         return getattr(self.inner, name)
@@ -804,17 +845,21 @@ def _take_advice(advice: Any, rec: Recorder, result: RunResult, base: Plan, kind
     from smartrun import advisor
 
     plan = advice.plan if advice.plan is not None and advice.plan.source == "llm" else base  # the full base
+    if advice.kept_baseline:  # the LLM's answer: no change. Said so, with its reason, not as source=llm
+        plan = base.model_copy(update={"reason": advice.plan.reason})
     steps = [{"proposal": to_jsonable(ex.proposal), "ignored": list(ex.ignored),
               "rejections": [to_jsonable(r) for r in ex.rejections], "accepted": ex.accepted,
-              "error": ex.error} for ex in advice.exchanges]
+              "kept_baseline": ex.kept_baseline, "error": ex.error, "max_tokens": ex.max_tokens,
+              "prompt_tokens_est": ex.prompt_tokens_est} for ex in advice.exchanges]
     rejections = [r for step in steps for r in step["rejections"]]
     result.rejected.extend(rejections)
     fallback = advice.fallback_reason
     last = next((step["proposal"] for step in reversed(steps) if step["proposal"] is not None), None)
     entry = AdviceRecord(kind=kind, source=str(plan.source), reason=str(plan.reason or fallback or ""),
-                         proposal=last, rejections=rejections, accepted=plan.source == "llm",
+                         proposal=last, rejections=rejections, accepted=plan.source == "llm" or advice.kept_baseline,
                          fallback=fallback, detail={"exchanges": steps, "latency_s": advice.latency_s,
-                                                    "tokens": list(advice.tokens)})
+                                                    "tokens": list(advice.tokens), "kept_baseline": advice.kept_baseline,
+                                                    "budget_s": advice.budget_s, "spent_s": advice.spent_s})
     rec.record.advice.append(entry)
     result.advice.append(advice)
     result.debug_lines.append(advisor.debug_line(advice))
@@ -1128,7 +1173,7 @@ def _live_transport(request: RunRequest, env: dict[str, str],
     key = getattr(settings, "api_key", None)
     key_text = key.get_secret_value() if hasattr(key, "get_secret_value") else key
     info = {"configured": True, "base_url": getattr(settings, "base_url", None),
-            "model": getattr(settings, "model", None)}
+            "model": getattr(settings, "model", None), "timeout_s": getattr(settings, "timeout_s", None)}
     return advisor.OpenAITransport(settings), info, [key_text] if key_text else []
 
 
@@ -1197,17 +1242,19 @@ class _RecordedLLMError(SmartRunError):
 class ReplayTransport:
     """Serves the recorded LLM replies (or errors) in order; asking for more than was recorded diverges."""
 
-    def __init__(self, exchanges: list[LLMExchangeRecord]):
+    def __init__(self, exchanges: list[LLMExchangeRecord], budget_s: float | None = None):
         self._items: Iterator[LLMExchangeRecord] = iter(list(exchanges))
+        if isinstance(budget_s, int | float) and budget_s > 0:
+            self.budget_s = float(budget_s)  # the recorded --llm-timeout: the advisor charges the same times
 
-    def complete(self, messages: Any, schema: Any = None) -> Any:
+    def complete(self, messages: Any, schema: Any = None, **_options: Any) -> Any:
         from smartrun import advisor
         from smartrun.errors import ReplayDivergence
 
         item = next(self._items, None)
         if item is None:
             raise ReplayDivergence("replay diverged: the pipeline asked the LLM more often than the record holds")
-        if item.error is not None:
+        if item.error is not None and item.reply is None:  # with a reply, the error is the advisor's verdict
             raise _rebuild_error(item.error)
         return _validated(advisor.LLMReply, item.reply, "llm_exchanges[].reply")
 
@@ -1310,7 +1357,8 @@ def replay_sources(record: SessionRecord) -> Sources:
         hardware=lambda: _recorded(HardwareSnapshot, record.hardware, record),
         model=lambda _model: _recorded(ModelFacts, record.model, record),
         bounds=lambda: _recorded_bounds(record),
-        transport=ReplayTransport(record.llm_exchanges) if record.llm.get("configured") else None,
+        transport=(ReplayTransport(record.llm_exchanges, record.llm.get("timeout_s"))
+                   if record.llm.get("configured") else None),
         launcher=lambda *_: ReplayLauncher(record.launch_attempts),
         cache=RecordedCache(record.cache),
         vllm=lambda: (record.vllm.get("version"), record.vllm.get("bin")),

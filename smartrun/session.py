@@ -116,10 +116,14 @@ class LLMExchangeRecord(RecordModel):
     kind: str = "propose"  # "propose" | "recover" (as the advisor was called)
     messages: list[dict[str, Any]] = Field(default_factory=list)
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    reply: dict[str, Any] | None = None  # the transport's LLMReply, as JSON
-    error: dict[str, str] | None = None  # {"type": class path, "message": ...} when the call raised
+    reply: dict[str, Any] | None = None  # the transport's LLMReply (model, finish_reason, tokens...), as JSON
+    # {"type": class path, "message": ...}: the call raised (no reply), or the advisor did not use the reply
+    # (cut off, no JSON, rejected by the bounds...; type smartrun.advisor.ReplyRejected)
+    error: dict[str, str] | None = None
     latency_s: float | None = None
     tokens: dict[str, int] | None = None
+    max_tokens: int | None = None  # the reply's cap the request carried
+    accepted: bool | None = None  # whether the advisor used the reply (None: not judged, e.g. a tune step)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -370,6 +374,9 @@ def _timeline(record: SessionRecord) -> list[str]:
             lines.append(f"  fallback: {advice.fallback}")
     for ex in exchanges:
         state = f"error {ex.error.get('type')}: {ex.error.get('message')}" if ex.error else "reply"
+        if ex.reply is not None:
+            finish = ex.reply.get("finish_reason") if isinstance(ex.reply, dict) else None
+            state = f"reply (finish {finish}, max_tokens {ex.max_tokens})" + (f"; {state}" if ex.error else "")
         tokens = f" tokens={ex.tokens}" if ex.tokens else ""
         lines.append(f"llm      [{ex.kind}] {state} latency={_fmt_s(ex.latency_s)}{tokens}")
     previous: dict[str, Any] | None = None

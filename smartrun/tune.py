@@ -517,9 +517,11 @@ def llm_proposer(transport: Any, *, goal: str = "throughput", facts: dict[str, A
         messages = tune_messages(state, goal=goal, facts=facts or {})
         exchange: dict[str, Any] = {"kind": "tune", "round": len(state.rounds), "messages": messages}
         try:
-            reply = transport.complete(messages, advisor.reply_schema(state.bounds))
+            reply = transport.complete(messages, advisor.reply_schema(state.bounds),
+                                       max_tokens=advisor.reply_max_tokens(state.bounds))
             exchange["reply"] = reply.content
-            proposal, ignored = advisor.screen(advisor.parse_reply(reply.content), state.bounds)
+            proposal, ignored = advisor.screen(advisor.parse_reply(reply.content, advisor.reply_model(state.bounds)),
+                                               state.bounds)
             exchange["ignored"] = list(ignored)
         except SmartRunError as err:
             exchange["error"] = err.message

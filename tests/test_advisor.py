@@ -190,7 +190,7 @@ def test_500_until_give_up_is_bounded_and_falls_back():
 
 def test_total_time_bound_stops_retries_before_the_attempt_count():
     with FakeLLM([{"status": 503, "times": 50}]) as llm:
-        tr = transport(llm.base_url, max_attempts=50, max_total_s=0.3)
+        tr = transport(llm.base_url, max_attempts=50, timeout_s=1.0)
         tr.backoff_s = tr.backoff_max_s = 0.1
         with pytest.raises(LLMUnavailable, match="HTTP 503"):
             tr.complete([{"role": "user", "content": "hi"}], {})
@@ -269,7 +269,7 @@ def test_the_key_is_sent_as_a_header_but_never_in_prompts_or_records():
     bodies = json.dumps([r["body"] for r in llm.requests])
     assert FAKE_KEY not in bodies
     assert FAKE_KEY not in advice.model_dump_json()
-    assert "max_model_len" in bodies and "bounds:smartrun.toml:3" in bodies
+    assert "max_model_len" in bodies and "gpu_memory_utilization" in bodies
 
 
 def test_recover_prompt_carries_the_failure_and_the_log_excerpt():
@@ -283,7 +283,7 @@ def test_recover_prompt_carries_the_failure_and_the_log_excerpt():
     assert advice.plan.params["max_model_len"] == 6144
     assert advice.exchanges[0].kind == "recover"
     system, user = (m["content"] for m in llm.chat_requests[0]["body"]["messages"])
-    assert "The last launch failed" in system
+    assert "the last start of `vllm serve` failed" in system
     assert "kv_cache_too_small" in user and "max seq len (8192)" in user and "6144" in user
 
 
@@ -306,3 +306,85 @@ def test_nothing_listening_is_retried_then_falls_back():
                     check_for(ctx.bounds, ctx.baseline))
     assert_fallback(advice, "failed 2 time(s)", "connection failed")
     assert "secret" not in advice.fallback_reason
+
+
+# ---------------------------------------------------------------- issue 15: bounded replies, one budget
+
+
+def test_every_request_carries_max_tokens_and_the_derived_schema():
+    bad = reply([{"knob": "gpu_memory_utilization", "value": 0.99, "reason": "more KV"}])
+    advice, llm = run([{"content": bad}, {"content": GOOD}])
+    assert advice.plan.source == "llm"
+    for request in llm.chat_requests:
+        body = request["body"]
+        assert isinstance(body["max_tokens"], int) and 50 < body["max_tokens"] < 1000
+        assert body["temperature"] == 0  # the same facts get the same advice
+        changes = body["response_format"]["json_schema"]["schema"]["properties"]["changes"]
+        assert changes["maxItems"] == len(changes["items"]["anyOf"]) <= 3
+    assert [e.max_tokens for e in advice.exchanges] == [r["body"]["max_tokens"] for r in llm.chat_requests]
+
+
+def test_an_empty_proposal_keeps_the_baseline_and_says_so():
+    advice, _ = run([{"content": reply([], "the baseline already suits the goal")}], strict=True)
+    assert advice.kept_baseline and advice.fallback_reason is None
+    assert advice.plan.params == baseline().params and advice.plan.source == "static"
+    assert advice.plan.reason == "the LLM kept the baseline: the baseline already suits the goal"
+    assert debug_line(advice).startswith('source=static reason="the LLM kept the baseline: the baseline already')
+    assert explain_lines(advice)[0].startswith("LLM propose #1: the LLM kept the baseline: the baseline already")
+
+
+def test_a_proposal_that_repeats_the_baseline_also_keeps_it():
+    same = reply([{"knob": "max_num_seqs", "value": 4, "reason": "already right"}], "no change needed")
+    advice, _ = run([{"content": same}])
+    assert advice.kept_baseline and advice.plan.reason == "the LLM kept the baseline: no change needed"
+
+
+def test_llm_timeout_is_the_whole_decision_budget_and_a_timed_out_request_is_not_resent():
+    import time
+
+    bad = reply([{"knob": "max_model_len", "value": 131072, "reason": "more context"}])
+    started = time.monotonic()
+    advice, llm = run([{"content": bad, "delay_s": 0.6}, {"content": GOOD, "delay_s": 30}],
+                      timeout_s=1.5, max_attempts=4)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.5, elapsed  # 1.5 s budget: the repair got what was left, not a fresh 1.5 s
+    assert len(llm.chat_requests) == 2  # the timed-out repair was not sent again
+    assert_fallback(advice, "timed out", "not resent")
+    assert advice.spent_s >= 0.5 and advice.budget_s == 1.5
+
+
+def test_a_trickled_reply_is_abandoned_at_the_deadline():
+    import time
+
+    started = time.monotonic()
+    advice, llm = run([{"content": GOOD, "trickle_s": 0.2, "times": 3}], timeout_s=1.0, max_attempts=3)
+    assert time.monotonic() - started < 2.0  # a per-read socket timeout would wait for the whole body
+    assert_fallback(advice, "timed out")
+    assert len(llm.chat_requests) == 1
+
+
+def test_a_cut_off_reply_is_not_pasted_back_whole():
+    long_cut = '{"changes": [{"knob": "max_num_seqs", "value": 16, "reason": "' + "very long " * 60
+    advice, llm = run([{"content": long_cut, "finish_reason": "length"}, {"content": GOOD}])
+    assert advice.plan.source == "llm"
+    assert "cut off at max_tokens=" in advice.exchanges[0].error
+    repair = llm.chat_requests[1]["body"]["messages"]
+    assert [m["role"] for m in repair] == ["system", "user", "assistant", "user"]
+    assert len(repair[2]["content"]) < 200 and repair[2]["content"].endswith("[cut off]")
+    assert "shorter" in repair[3]["content"]
+
+
+def test_repairs_do_not_grow_the_prompt():
+    bad = reply([{"knob": "max_num_seqs", "value": 1000, "reason": "max"}])
+    _, llm = run([{"content": bad, "times": 3}])
+    sizes = [len(json.dumps(r["body"]["messages"])) for r in llm.chat_requests]
+    assert len(sizes) == 3 and sizes[1] == sizes[2]  # only the last answer and its problems are carried
+
+
+def test_a_server_refusing_temperature_zero_gets_its_default():
+    with FakeLLM([{"status": 400, "error": "Unsupported value: 'temperature' does not support 0"},
+                  {"content": GOOD}]) as llm:
+        ctx = context()
+        advice = advise(ctx, transport(llm.base_url), check_for(ctx.bounds, ctx.baseline))
+    assert advice.plan.source == "llm"
+    assert ["temperature" in r["body"] for r in llm.chat_requests] == [True, False]

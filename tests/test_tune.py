@@ -309,7 +309,8 @@ def test_llm_proposer_renders_measurements_and_falls_back_to_rules():
         def __init__(self, texts):
             self.texts, self.messages = list(texts), []
 
-        def complete(self, messages, schema):
+        def complete(self, messages, schema, *, max_tokens=None, budget_s=None):
+            assert isinstance(max_tokens, int) and max_tokens > 0  # every request is bounded
             self.messages.append(messages)
             return LLMReply(content=self.texts.pop(0), latency_s=0.01)
 
@@ -374,7 +375,7 @@ def test_pipeline_hook_reads_the_request_options_and_records_llm_exchanges():
     from smartrun.session import to_jsonable
 
     class OneStep:
-        def complete(self, messages, schema):
+        def complete(self, messages, schema, *, max_tokens=None, budget_s=None):
             return LLMReply(content='{"changes": [{"knob": "max_num_seqs", "value": 8, "reason": "r"}], "reason": "x"}',
                             latency_s=0.01)
 

@@ -310,7 +310,8 @@ def explain_lines(result: Any) -> list[str]:
         out += ["== baseline (source=static)", "  " + _params(result.baseline.params)]
     if result.plan is not None:
         same = result.baseline is not None and result.plan.params == result.baseline.params
-        out += [f"== plan (source={result.plan.source})",
+        why = f": {result.plan.reason}" if result.plan.reason else ""
+        out += [f"== plan (source={result.plan.source}){why}",
                 "  the baseline, unchanged" if same else "  " + _params(result.plan.params)]
         out += ["== provenance (per knob)"]
         out += [f"  {k} = {result.plan.params[k]!r}  <- {v}" for k, v in sorted(result.plan.provenance.items())

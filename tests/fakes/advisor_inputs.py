@@ -97,7 +97,7 @@ def check_for(b: Bounds, base: Plan):
 def transport(base_url: str, **settings: Any) -> OpenAITransport:
     """A transport with quick backoff so retry tests take well under a second."""
     fields = {"base_url": base_url, "model": "fake-model", "api_key": FAKE_KEY, "timeout_s": 5.0,
-              "max_attempts": 3, "max_total_s": 10.0, **settings}
+              "max_attempts": 3, **settings}
     return OpenAITransport(LLMSettings(**fields), backoff_s=0.01, backoff_max_s=0.02)
 
 
