@@ -85,7 +85,6 @@ def test_real_prompt_is_compact_and_lists_every_open_knob_with_its_range(fixture
         assert row["now"] == ctx.baseline.params.get(name)
         assert row.get("one_of") == (list(bound.choices) if bound.choices is not None else None)
         assert (row.get("min"), row.get("max")) == ((bound.min, bound.max) if bound.choices is None else (None, None))
-        assert row["from"] == ", ".join(bound.sources)
     assert facts["fixed"]["max_model_len"] == 8192  # the pin: a value, not a range the LLM may use
     assert "max_model_len" not in facts["open"]
     assert facts["estimate"]["kv_cache_tokens"] == ctx.estimate.kv_cache_tokens

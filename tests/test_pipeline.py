@@ -174,3 +174,39 @@ def test_served_api_key_never_reaches_the_llm_or_the_record(tmp_path):
     assert served_key not in (tmp_path / "served-key.json").read_text()
     assert result.plan.params["api_key"] == (served_key,)  # still served: the user asked for it
     pipeline.replay(record)
+
+
+def test_llm_record_keeps_model_finish_tokens_latency_and_why_each_reply_was_rejected(tmp_path):
+    cut = {"content": '{"changes": [{"knob": "max_num_seqs", "val', "finish_reason": "length",
+           "usage": {"prompt_tokens": 700, "completion_tokens": 300}}
+    bad = _reply([{"knob": "max_num_seqs", "value": 999, "reason": "all of them"}])
+    good = _reply([{"knob": "max_num_seqs", "value": 6, "reason": "a few more"}])
+    with FakeLLM([cut, bad, good], model="local-model") as llm:
+        request = _request(llm_base_url=llm.base_url, llm_timeout=5.0)  # no --llm-model: asked from /models
+        sources = pipeline.live_sources(request, env={}, config_path="/nonexistent/config.toml")
+        result, record = _run(tmp_path, "story", request, sources)
+    assert result.plan.source == "llm" and result.plan.params["max_num_seqs"] == 6
+    assert record.llm["model"] == "local-model" and "discovered" in record.llm["model_origin"]
+    first, second, third = record.llm_exchanges
+    assert all(isinstance(e.max_tokens, int) and e.max_tokens > 0 for e in record.llm_exchanges)
+    assert first.reply["finish_reason"] == "length" and first.tokens == {"prompt_tokens": 700,
+                                                                         "completion_tokens": 300}
+    assert first.error["type"] == "smartrun.advisor.ReplyRejected" and "cut off" in first.error["message"]
+    assert second.error and "max_num_seqs=999" in second.error["message"] and second.accepted is False
+    assert third.error is None and third.accepted is True and third.latency_s is not None
+    out = pipeline.replay(record)  # a judged reply replays as a reply, not as a transport error
+    assert out.divergence is None and out.replayed.final_plan == record.final_plan
+    summary = result.json_summary()["llm"][0]
+    assert [e["finish_reason"] for e in summary["exchanges"]] == ["length", "stop", "stop"]
+
+
+def test_an_empty_llm_proposal_is_shown_as_kept_baseline(tmp_path):
+    with FakeLLM([_reply([], "the baseline suits a stable goal")]) as llm:
+        request, sources = _sources(_request(strict=True), llm.base_url)
+        result, record = _run(tmp_path, "kept", request, sources)
+    assert result.plan.source == "static" and result.plan.params == result.baseline.params
+    assert result.plan.reason == "the LLM kept the baseline: the baseline suits a stable goal"
+    assert record.advice[0].accepted and not record.advice[0].fallback
+    assert record.advice[0].reason == result.plan.reason
+    assert not any("LLM advice not used" in w for w in record.warnings)
+    pipeline.replay(record)
