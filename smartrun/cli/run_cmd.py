@@ -60,7 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--llm-base-url", metavar="URL",
                    help="OpenAI-compatible endpoint (else SMARTRUN_LLM_BASE_URL, OPENAI_BASE_URL, [llm] config)")
     p.add_argument("--llm-model", metavar="NAME", help="model name at that endpoint (default: its first)")
-    p.add_argument("--llm-timeout", type=positive_seconds, metavar="S", help="seconds per LLM request")
+    p.add_argument("--llm-timeout", type=positive_seconds, metavar="S",
+                   help="seconds for one whole LLM decision: every request, retry and repair (default 60)")
     p.add_argument("--session-out", metavar="FILE", help="write the session record here instead of the data dir "
                    "(`session list` shows only the data dir; use `session show FILE`)")
     from smartrun import tune

@@ -80,7 +80,13 @@ class FakeLLM:
         self._log_path = Path(log_path) if log_path else None
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
+        self._server.handle_error = self._handle_error  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
+
+    def _handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (it gave up on a slow or trickled answer) is expected, not a traceback."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            ThreadingHTTPServer.handle_error(self._server, request, client_address)
 
     @property
     def port(self) -> int:
