@@ -210,3 +210,24 @@ def test_an_empty_llm_proposal_is_shown_as_kept_baseline(tmp_path):
     assert record.advice[0].reason == result.plan.reason
     assert not any("LLM advice not used" in w for w in record.warnings)
     pipeline.replay(record)
+
+
+def test_strict_llm_failure_under_json_is_one_object_naming_the_error_exit_and_record(tmp_path, capsys):
+    from smartrun.cli import main
+
+    prose = {"content": "Raise the memory utilization a lot.", "times": 3}
+    out = tmp_path / "strict.json"
+    with FakeLLM([prose]) as llm:
+        code = main(["model", "run", MODEL, "--hardware", H100, "--vllm-version", "0.33.0", "--smart-run",
+                     "--smart-run-strict", "--dry-run", "--json", "--llm-base-url", llm.base_url,
+                     "--llm-model", "fake-model", "--llm-timeout", "10", "--session-out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 3
+    answer = json.loads(captured.out)  # stdout is exactly one JSON object
+    assert answer["exit"] == 3 and answer["error"].startswith("--smart-run-strict: LLM advice not used after 3")
+    assert answer["session_record"] == str(out)
+    record = load_record(out)
+    assert record.outcome["exit_code"] == 3
+    assert [e.error["type"] for e in record.llm_exchanges] == ["smartrun.advisor.ReplyRejected"] * 3
+    assert all(e.max_tokens for e in record.llm_exchanges)
+    assert f"session record: {out}" in captured.err.splitlines()
