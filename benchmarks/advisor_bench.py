@@ -131,7 +131,7 @@ def real(runs: int) -> None:
     print("before (the issue's anchors): propose prompt ~3,000 tokens, no max_tokens, each dry run blocked ~120 s "
           "and fell back to the baseline")
     print(f"{'model / machine / goal':56} {'wall s':>6} {'trips':>5} {'LLM s':>6} {'prompt tok':>10} "
-          f"{'reply/max':>10} {'finish':>12}  outcome")
+          f"{'reply/max':>10} {'prefill s':>9} {'gen s':>6} {'finish':>12}  outcome")
     with tempfile.TemporaryDirectory() as tmp, LlamaServer(n_ctx=2048, threads=2) as llm:
         for _ in range(runs):
             for model_dir, machine, goal in REAL_RUNS:
@@ -154,7 +154,14 @@ def real(runs: int) -> None:
                 print(f"{model_dir + ' / ' + machine + ' / ' + goal:56} {wall:>6.1f} {len(ex):>5} "
                       f"{decision['spent_s']:>6.1f} {'/'.join(str(e['prompt_tokens']) for e in ex):>10} "
                       f"{'/'.join(str(e['completion_tokens']) + ':' + str(e['max_tokens']) for e in ex):>10} "
+                      f"{_split(ex, 'prompt_ms'):>9} {_split(ex, 'predicted_ms'):>6} "
                       f"{','.join(str(e['finish_reason']) for e in ex):>12}  {outcome}")
+
+
+def _split(exchanges: list[dict], key: str) -> str:
+    """Seconds the server spent on prompts or on generating, summed over the decision (llama.cpp's timings)."""
+    ms = [(e.get("server_timings") or {}).get(key) for e in exchanges]
+    return f"{sum(m for m in ms if m) / 1000:.1f}" if any(ms) else "-"
 
 
 def main() -> int:

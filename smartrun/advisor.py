@@ -48,8 +48,8 @@ MAX_REPLY_CHARS = 200_000  # a longer reply is refused unparsed
 LOG_EXCERPT_CHARS = 1_000  # the tail of vLLM's log the recover prompt quotes
 DEFAULT_BUDGET_S = 60.0  # --llm-timeout: seconds for one whole decision (every request, retry and repair)
 CONNECT_TIMEOUT_S = 10.0  # a connect that takes longer is retried (inside the budget): nothing was sent
-REASON_CHARS = 40  # the longest reason of one change the schema allows (a few words: they cost tokens)
-SUMMARY_CHARS = 100  # the longest reason of the whole reply
+REASON_CHARS = 32  # the longest reason of one change the schema allows (a few words: each costs tokens)
+SUMMARY_CHARS = 80  # the longest reason of the whole reply
 FLOAT_STEP = 0.01  # fractions are offered on this grid (an enum every server enforces, unlike a float's min/max)
 AdviceKind = Literal["propose", "recover"]
 
@@ -208,6 +208,7 @@ class LLMReply(Frozen):
     structured: bool = False
     finish_reason: str | None = None
     max_tokens: int | None = None  # what the request allowed
+    server_timings: dict[str, float] | None = None  # llama.cpp's own split: prompt_ms, predicted_ms, ...
 
 
 class Transport(Protocol):
@@ -408,6 +409,7 @@ class OpenAITransport:
             structured=structured,
             finish_reason=choices[0].finish_reason,
             max_tokens=max_tokens,
+            server_timings=_timings(completion),
         )
 
     def _call(self, deadline: float, request: Callable[[Any], Any]) -> Any:
@@ -444,6 +446,17 @@ class OpenAITransport:
             raise LLMUnavailable(f"LLM client error: {self._scrub(str(err))}") from None
         except (ValueError, RecursionError) as err:  # a truncated or hostile JSON body: a bad reply, fall back
             raise LLMUnavailable(f"LLM endpoint sent a body that is not JSON ({self._scrub(str(err))[:80]})") from None
+
+
+def _timings(completion: Any) -> dict[str, float] | None:
+    """The server's own timing split when it sends one (llama.cpp: prompt and generation time, tokens)."""
+    extra = getattr(completion, "model_extra", None) or {}
+    timings = extra.get("timings") if isinstance(extra, dict) else None
+    if not isinstance(timings, dict):
+        return None
+    keep = ("prompt_n", "prompt_ms", "predicted_n", "predicted_ms")
+    found = {k: float(timings[k]) for k in keep if isinstance(timings.get(k), int | float)}
+    return found or None
 
 
 class _Unstructured(Exception):

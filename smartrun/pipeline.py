@@ -203,7 +203,8 @@ def _advice_summary(advice: Any) -> dict[str, Any]:
                           "prompt_tokens": reply.prompt_tokens if reply else None,
                           "completion_tokens": reply.completion_tokens if reply else None,
                           "finish_reason": reply.finish_reason if reply else None,
-                          "latency_s": reply.latency_s if reply else None})
+                          "latency_s": reply.latency_s if reply else None,
+                          "server_timings": reply.server_timings if reply else None})
     return {"source": advice.plan.source, "kept_baseline": advice.kept_baseline, "fallback": advice.fallback_reason,
             "budget_s": advice.budget_s, "spent_s": advice.spent_s, "exchanges": exchanges}
 

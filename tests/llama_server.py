@@ -163,6 +163,7 @@ def main() -> int:
     if why:
         print(f"llama_server: {why}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave through `with`: the server stops too
     with LlamaServer(args.port or None, n_ctx=args.n_ctx, threads=args.threads) as llm:
         print(f"serving {MODEL_ALIAS} at {llm.base_url} (ready in {llm.started_s:.1f}s); Ctrl+C stops it", flush=True)
         try:

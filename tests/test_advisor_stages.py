@@ -109,7 +109,8 @@ def test_reply_schema_is_derived_from_the_open_bounds(fixtures_dir):
     assert changes["maxItems"] == len(entries)
     seqs = entries["max_num_seqs"]["properties"]
     bound = ctx.bounds.knobs["max_num_seqs"]
-    assert seqs["value"] == {"type": "integer", "minimum": bound.min, "maximum": bound.max}
+    limits = {k: v for k, v in (("minimum", bound.min), ("maximum", bound.max)) if v is not None}
+    assert seqs["value"] == {"type": "integer", **limits}
     assert entries["dtype"]["properties"]["value"]["enum"] == list(ctx.bounds.knobs["dtype"].choices)
     assert entries["gpu_memory_utilization"]["properties"]["value"]["type"] == "number"
     assert all(e["properties"]["reason"]["maxLength"] <= 100 for e in entries.values())

@@ -179,7 +179,7 @@ def test_served_api_key_never_reaches_the_llm_or_the_record(tmp_path):
 def test_llm_record_keeps_model_finish_tokens_latency_and_why_each_reply_was_rejected(tmp_path):
     cut = {"content": '{"changes": [{"knob": "max_num_seqs", "val', "finish_reason": "length",
            "usage": {"prompt_tokens": 700, "completion_tokens": 300}}
-    bad = _reply([{"knob": "max_num_seqs", "value": 999, "reason": "all of them"}])
+    bad = _reply([{"knob": "gpu_memory_utilization", "value": 0.99, "reason": "all of it"}])
     good = _reply([{"knob": "max_num_seqs", "value": 6, "reason": "a few more"}])
     with FakeLLM([cut, bad, good], model="local-model") as llm:
         request = _request(llm_base_url=llm.base_url, llm_timeout=5.0)  # no --llm-model: asked from /models
@@ -192,7 +192,7 @@ def test_llm_record_keeps_model_finish_tokens_latency_and_why_each_reply_was_rej
     assert first.reply["finish_reason"] == "length" and first.tokens == {"prompt_tokens": 700,
                                                                          "completion_tokens": 300}
     assert first.error["type"] == "smartrun.advisor.ReplyRejected" and "cut off" in first.error["message"]
-    assert second.error and "max_num_seqs=999" in second.error["message"] and second.accepted is False
+    assert second.error and "gpu_memory_utilization=0.99" in second.error["message"] and second.accepted is False
     assert third.error is None and third.accepted is True and third.latency_s is not None
     out = pipeline.replay(record)  # a judged reply replays as a reply, not as a transport error
     assert out.divergence is None and out.replayed.final_plan == record.final_plan
