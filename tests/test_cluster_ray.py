@@ -36,7 +36,7 @@ CLUSTERS = HERE.parent / "fixtures" / "hardware" / "clusters"
 NODE = CLUSTERS / "2x8-h100-node0.json"
 BIG = str(HERE.parent / "fixtures" / "models" / "llama-3.1-405b-instruct")
 FAKE_VLLM = HERE / "fakes" / "fake_vllm.py"
-START_TIMEOUT_S = 90
+START_TIMEOUT_S = 120
 
 
 def _free_port() -> int:
@@ -57,6 +57,10 @@ NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-liste
               "metrics-export-port", "runtime-env-agent-port")
 
 
+class _NotUp(Exception):
+    """A `ray start` that did not come up (its log tail says why)."""
+
+
 def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """`ray start ... --block` in its own session; returns once it says it is up (it stays in the foreground)."""
     with log.open("w") as out:
@@ -65,43 +69,68 @@ def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     while "This command will now block" not in log.read_text():
         if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
             _stop(proc)
-            pytest.fail(f"{' '.join(argv[:3])} failed:\n{log.read_text()[-2000:]}")
+            raise _NotUp(f"{' '.join(argv[:4])} did not come up:\n{log.read_text()[-2000:]}")
         time.sleep(0.2)
     return proc
+
+
+def _start_cluster(tmp: Path, temp_dir: Path, env: dict[str, str], procs: list[subprocess.Popen]) -> str:
+    """Head, then one more raylet, on ports free a moment ago; the address once Ray reports both nodes."""
+    port = _free_port()
+    for role in ("head", "worker"):
+        low = _free_port()
+        first = (["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]
+                 if role == "head" else [f"--address=127.0.0.1:{port}"])
+        argv = [_ray_bin(), "start", *first, "--block", "--num-gpus=8", "--num-cpus=1", "--disable-usage-stats",
+                *_ports(*NODE_PORTS), f"--min-worker-port={low}", f"--max-worker-port={low + 100}"]
+        procs.append(_start(argv, tmp / f"ray-{role}.log", env))
+    _wait_for_nodes(f"127.0.0.1:{port}", 2)
+    return f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A two-node local Ray cluster (a head and one more raylet, 8 declared GPUs each) whose workers import the
-    fake pynvml (answering from NODE). Yields the head's address."""
+    fake pynvml (answering from NODE). Yields the head's address. A start that fails (a port taken between
+    choosing and binding it, on a loaded machine) is stopped and tried once more on other ports."""
     tmp = tmp_path_factory.mktemp("ray")
-    temp_dir = Path("/tmp") / f"sr{os.getpid()}-{tmp.name[-6:]}"  # Ray's socket paths must stay short
-    port = _free_port()
     env = {**os.environ, "FAKE_NVML_SNAPSHOT": str(NODE), "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(HERE / "fakes" / "nvml_module"), os.environ.get("PYTHONPATH", "")])}
     procs: list[subprocess.Popen] = []
+    temp_dirs: list[Path] = []
     try:
-        for role in ("head", "worker"):
-            low = _free_port()
-            first = (["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]
-                     if role == "head" else [f"--address=127.0.0.1:{port}"])
-            argv = [_ray_bin(), "start", *first, "--block", "--num-gpus=8", "--num-cpus=1", "--disable-usage-stats",
-                    *_ports(*NODE_PORTS), f"--min-worker-port={low}", f"--max-worker-port={low + 100}"]
-            procs.append(_start(argv, tmp / f"ray-{role}.log", env))
-        _wait_for_nodes(f"127.0.0.1:{port}", 2)
-        yield f"127.0.0.1:{port}"
+        for attempt in (1, 2):
+            temp_dirs.append(Path("/tmp") / f"sr{os.getpid()}-{tmp.name[-6:]}-{attempt}")  # short socket paths
+            try:
+                address = _start_cluster(tmp, temp_dirs[-1], env, procs)
+                break
+            except _NotUp as err:
+                for proc in reversed(procs):
+                    _stop(proc)
+                procs.clear()
+                if attempt == 2:
+                    pytest.fail(str(err))
+        yield address
     finally:
         for proc in reversed(procs):
             _stop(proc)
-        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+        for temp_dir in temp_dirs:
+            subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
 
 def _wait_for_nodes(address: str, count: int) -> None:
     started = time.monotonic()
-    while len([n for n in cluster.live_nodes(address) if n.gpus]) < count:
+    while len([n for n in _live_or_none(address) if n.gpus]) < count:
         if time.monotonic() - started > START_TIMEOUT_S:
-            pytest.fail(f"the local Ray cluster did not reach {count} nodes")
+            raise _NotUp(f"the local Ray cluster at {address} did not reach {count} nodes")
         time.sleep(0.5)
+
+
+def _live_or_none(address: str) -> list:
+    try:
+        return cluster.live_nodes(address)
+    except ClusterError:  # the head's GCS not answering yet
+        return []
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -112,7 +141,8 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
 
 
 def test_detect_reads_each_gpu_node_through_a_ray_task(ray_head, tmp_path, capsys, monkeypatch):
