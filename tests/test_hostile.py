@@ -557,3 +557,16 @@ def test_usage_errors_and_error_lines_never_echo_a_secret(tmp_path):
     """argparse echoes what it did not recognise (`unrecognized arguments: --api-key K`)."""
     proc = _cli(["hardware", "show", "x.json", "--api_key", K1, K2], tmp_path)
     assert proc.returncode == 2 and K1 not in proc.stderr and K2 not in proc.stderr and "REDACTED" in proc.stderr
+
+
+def test_a_giant_log_line_through_the_whole_cli_leaves_a_small_record_and_no_orphan(tmp_path):
+    """The freeze was in the pipeline: the record's log excerpt went through a quadratic pattern."""
+    starts = tmp_path / "starts.jsonl"
+    started = time.monotonic()
+    output, _, record = _run_cli_until_ready(tmp_path, [], {"faults": {"giant_line_mib": 30}, "worker": True,
+                                                           "record": str(starts)}, [_reply([], "fine")] * 2)
+    assert "final command:" in output and time.monotonic() - started < 60
+    assert max(len(line) for line in output.splitlines()) < 20_000
+    assert record and max(len(line) for line in record.splitlines()) < 20_000
+    rows = [json.loads(x) for x in starts.read_text().splitlines()]
+    assert rows and all(process_gone(pid) for row in rows for pid in (row["pid"], row["worker_pid"]) if pid)
