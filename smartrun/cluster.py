@@ -490,13 +490,13 @@ def _reachable(address: str) -> None:
                            f"head with `ray start --head --port={port}` or check the address") from err
 
 
-def _connect(ray: Any, address: str) -> None:
+def _connect(ray: Any, address: str, runtime_env: dict[str, Any] | None = None) -> None:
     import logging
 
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=runtime_env)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError, SystemExit) as err:
         raise ClusterError(f"--ray-address {address}: cannot connect to a Ray cluster there: "
                            f"{' '.join(str(err).split())[:300]}") from err
@@ -533,9 +533,12 @@ def detect_cluster(address: str, timeout: float = 120.0) -> HardwareSnapshot:
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    import smartrun
     from smartrun import hardware
 
-    _connect(ray, address)
+    # smartrun travels with the job (Ray's py_modules), so a node needs only what a vLLM install has: Ray,
+    # pydantic and nvidia-ml-py
+    _connect(ray, address, {"py_modules": [str(Path(smartrun.__file__).parent)]})
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         gpu_nodes = [n for n in alive if (n.get("Resources") or {}).get("GPU", 0) > 0]

@@ -286,3 +286,9 @@ def test_a_cluster_dry_run_record_replays(tmp_path, capsys):
     assert len(record["hardware"]["nodes"]) == 2 and record["request"]["more_hardware"] == [H100_NODES[1]]
     capsys.readouterr()
     assert main(["session", "replay", str(session)]) == 0
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused_with_the_reason(capsys):
+    code, out, _ = _dry_run(capsys, BIG, H100_NODES, "-tp", "3")
+    assert code == 2 and "pin --tensor-parallel-size 3 conflicts with model, cluster" in out["error"]
+    assert "tensor_parallel_size must be one of [8]" in out["error"]
