@@ -292,3 +292,17 @@ def test_tp_that_does_not_divide_the_heads_is_refused_with_the_reason(capsys):
     code, out, _ = _dry_run(capsys, BIG, H100_NODES, "-tp", "3")
     assert code == 2 and "pin --tensor-parallel-size 3 conflicts with model, cluster" in out["error"]
     assert "tensor_parallel_size must be one of [8]" in out["error"]
+
+
+def test_detect_without_the_ray_extra_says_how_to_install_it(monkeypatch, capsys):
+    import socket
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with socket.socket() as head:  # something listens at the address, as a Ray head would
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        assert main(["hardware", "detect", "--ray-address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Ray is not installed" in err[0] and "pip install 'smartrun[ray]'" in err[0]
