@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -297,11 +298,20 @@ class OpenAITransport:
         return self._client
 
     def _drop_client(self) -> None:
-        """Close the client after an abandoned request (its connection is in an unknown state)."""
+        """After an abandoned request: shut its sockets down, so the server sees the client go and stops
+        generating (llama.cpp frees its slot for the next decision) and the waiting thread wakes up; then
+        close the client. Best effort: it reaches into httpx's pool, and any failure leaves the socket to
+        its own timeout."""
         client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):  # closing under a request in flight: nothing more to do
-                client.close()
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            pool = client._client._transport._pool  # openai -> httpx.Client -> HTTPTransport -> httpcore pool
+            for connection in list(pool.connections):
+                sock = connection._connection._network_stream._sock
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):  # closing under a request in flight: nothing more to do
+            client.close()
 
     def complete(self, messages: list[dict], schema: dict, *, max_tokens: int | None = None,
                  budget_s: float | None = None) -> LLMReply:

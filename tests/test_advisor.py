@@ -6,6 +6,7 @@ Every case ends in an accepted in-bounds plan, a fallback to the baseline with i
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from fakes.advisor_inputs import FAKE_KEY, baseline, bounds, check_for, context, reply, transport
@@ -361,6 +362,11 @@ def test_a_trickled_reply_is_abandoned_at_the_deadline():
     assert time.monotonic() - started < 2.0  # a per-read socket timeout would wait for the whole body
     assert_fallback(advice, "timed out")
     assert len(llm.chat_requests) == 1
+    for _ in range(10):  # the abandoned request's socket was shut down: its thread ends, not at its timeout
+        if not any(t.name == "smartrun-deadline" for t in threading.enumerate()):
+            break
+        time.sleep(0.05)
+    assert not any(t.name == "smartrun-deadline" for t in threading.enumerate())
 
 
 def test_a_cut_off_reply_is_not_pasted_back_whole():
