@@ -12,9 +12,13 @@ parallelism), with KV capacity from the estimator and the decode step from the w
 token over its memory bandwidth (smartrun/data/gpus.json). The workload is closed-loop: WORKLOAD below.
 
 Printed: one row per case (start, tokens/s ratio to plain vLLM and to the best, context offered), then the
-issue 13 done-when checks with their medians.
+issue 13 done-when checks with their medians. With --tune N, the real tuning loop (smartrun.tune.run_tuning,
+rules ladder, real validator with the estimator's fit check) climbs N rounds from each --goal throughput plan
+on the same model (restart = does the estimator say it starts, probe = the throughput model), and its result
+is printed against the starting plan, plain vLLM and the exhaustive best.
 
     .venv/bin/python benchmarks/plan_quality.py [--goals stable throughput] [--models ...] [--machines ...]
+                                                [--clients N] [--tune ROUNDS]
 """
 
 from __future__ import annotations
@@ -167,6 +171,77 @@ def run_case(case: Case, goal: str) -> dict[str, Any]:
     return row
 
 
+class _Server:
+    def __init__(self, params: dict[str, Any]):
+        self.params, self.base_url = dict(params), "sim://"
+
+    def stop(self) -> None:
+        pass
+
+
+def tune_case(case: Case, rounds: int) -> dict[str, Any] | None:
+    """The tuning loop from the --goal throughput plan: (start, tuned, vllm, best) tokens/s and the steps taken."""
+    from smartrun import validate
+    from smartrun.plan import Plan
+    from smartrun.probe import ProbeResult, ProbeSettings
+    from smartrun.tune import TuneSettings, run_tuning
+
+    try:
+        bounds = rules.effective_bounds(case.facts, case.hw, None, {}, "throughput", VERSION)
+        plan, _ = rules.baseline(bounds, case.facts, case.hw, "throughput", VERSION)
+    except SmartRunError:
+        return None
+    prompt, output, clients = WORKLOAD
+    settings = ProbeSettings(concurrency=clients, prompt_tokens=prompt, output_tokens=output, duration_s=10.0)
+
+    def restart(next_plan: Plan) -> tuple[bool, Any]:
+        return (True, _Server(next_plan.params)) if case.starts(next_plan.params) else (False, "does not start")
+
+    def probe(server: _Server) -> ProbeResult:
+        tps = case.tokens_per_s(server.params)
+        n = max(1, round(tps * 10.0 / output))
+        return ProbeResult(url="sim://", model="sim", settings=settings, requests=n, ok=n, errors=0,
+                           output_tokens=n * output, elapsed_s=10.0, tokens_per_s=tps, requests_per_s=n / 10.0,
+                           latency_p50_ms=1.0, latency_p95_ms=1.0, streamed=False)
+
+    fit = rules.fit_check(case.facts, case.hw, VERSION)
+    outcome = run_tuning(plan, bounds, _Server(plan.params), restart, TuneSettings(rounds=rounds),
+                         check=lambda proposal, base: validate.check(bounds, base, proposal, fit_check=fit),
+                         probe=probe, say=lambda line: None)
+    report = outcome.report
+    steps = [r.step for r in report.rounds[1:] if r.step]
+    return {"start": report.baseline_tokens_per_s or 0.0, "tuned": report.chosen_tokens_per_s or 0.0,
+            "vllm": case.tokens_per_s({}), "best": case.best(plan.params.get("max_model_len"))[1],
+            "steps": steps, "chosen": report.chosen.params}
+
+
+def tune_table(machines: list[str], models: list[str], rounds: int) -> None:
+    print(f"\n--tune {rounds}: the tuning loop from the --goal throughput plan")
+    head = f"{'machine':<24} {'model':<30} {'tuned/start':>11} {'tuned/vllm':>10} {'tuned/best':>10}  steps"
+    print(head)
+    print("-" * len(head))
+    gains, vs_vllm, vs_best = [], [], []
+    for machine in machines:
+        hw = hardware.load_snapshot(FIX / "hardware" / f"{machine}.json")
+        for name in models:
+            got = tune_case(Case(model.inspect(str(FIX / "models" / name)), hw), rounds)
+            if got is None or not got["start"]:
+                continue
+            gains.append(got["tuned"] / got["start"])
+            if got["vllm"]:
+                vs_vllm.append(got["tuned"] / got["vllm"])
+            if got["best"]:
+                vs_best.append(got["tuned"] / got["best"])
+            to_vllm = f"{got['tuned'] / got['vllm']:.2f}x" if got["vllm"] else "-"
+            to_best = f"{got['tuned'] / got['best']:.0%}" if got["best"] else "-"
+            print(f"{machine:<24} {name:<30} {got['tuned'] / got['start']:>10.2f}x {to_vllm:>10} {to_best:>10}  "
+                  f"{', '.join(got['steps']) or '-'}")
+    if gains:
+        print(f"tuned vs its starting plan: median {statistics.median(gains):.2f}x, min {min(gains):.2f}x; vs plain vLLM "
+              f"median {statistics.median(vs_vllm):.2f}x; vs the exhaustive best median {statistics.median(vs_best):.0%},"
+              f" min {min(vs_best):.0%} ({len(gains)} cases)")
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
@@ -178,6 +253,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--machines", nargs="+", default=None)
     ap.add_argument("--clients", type=int, default=WORKLOAD[2], help=f"closed-loop clients (default {WORKLOAD[2]})")
+    ap.add_argument("--tune", type=int, default=0, metavar="ROUNDS", help="also run the tuning loop (see above)")
     args = ap.parse_args()
     WORKLOAD = (WORKLOAD[0], WORKLOAD[1], args.clients)
     machines = args.machines or sorted(p.stem for p in (FIX / "hardware").glob("*.json"))
@@ -203,6 +279,8 @@ def main() -> None:
                       f"{(f'{vs_vllm:.2f}x' if vs_vllm else '-'):>9} {(f'{vs_best:.0%}' if vs_best else '-'):>9} "
                       f"{row['plan_ctx']:>9} {row['vllm_ctx']:>9}  {row.get('plan') or row.get('why')}")
     summary(rows)
+    if args.tune:
+        tune_table(machines, models, args.tune)
 
 
 def summary(rows: list[dict[str, Any]]) -> None:

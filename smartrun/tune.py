@@ -21,17 +21,20 @@ from pydantic import Field
 
 from smartrun.errors import LaunchError, SmartRunError
 from smartrun.plan import Change, Frozen, Plan, Proposal
+from smartrun.policy import load as load_policy
 from smartrun.probe import ProbeResult, ProbeSettings, make_settings
 from smartrun.rules import Bounds, KnobBound
 
-# The guide's throughput ladder (section 4.3), in order.
-LADDER = ("max_num_seqs", "tensor_parallel_size", "gpu_memory_utilization")
-# Smallest step worth trying between a good value and a failed one.
-RESOLUTION = {"max_num_seqs": 1, "gpu_memory_utilization": 0.01}
-UTIL_STEP = 0.02
-# Doubling max_num_seqs that gains less than this is past the knee (KV cache or compute saturated):
-# take the next rung first and come back to max_num_seqs with rounds to spare.
-KNEE_GAIN = 0.35
+# The guide's throughput ladder (section 4.3) and its steps, from the policy (smartrun/data/policy.toml):
+# rungs in order; the smallest step worth trying between a good value and a failed one; one utilization
+# step; and the knee: doubling max_num_seqs that gains less than KNEE_GAIN is past it (KV cache or compute
+# saturated), so the next rung goes first and max_num_seqs comes back with rounds to spare.
+_TUNE = load_policy().tune
+LADDER: tuple[str, ...] = _TUNE.ladder
+RESOLUTION: dict[str, float] = dict(_TUNE.resolution)
+UTIL_STEP = _TUNE.util_step
+KNEE_GAIN = _TUNE.knee_gain
+PLACEMENT = ("data_parallel_size", "tensor_parallel_size")  # rungs that move GPUs between replicas and TP
 MAX_ERROR_RATE = 0.01  # a round with more failed requests than this is not a candidate
 
 RoundSource = Literal["baseline", "rules", "llm"]
@@ -137,7 +140,8 @@ Check = Callable[[Proposal, Plan], Any]  # (proposal, base) -> validate.Verdict,
 ProbeFn = Callable[[Any], ProbeResult]
 
 
-SHORT = {"max_num_seqs": "seqs", "tensor_parallel_size": "tp", "gpu_memory_utilization": "util"}
+SHORT = {"max_num_seqs": "seqs", "tensor_parallel_size": "tp", "gpu_memory_utilization": "util",
+         "data_parallel_size": "dp"}
 
 
 def short(knob: str) -> str:
@@ -203,7 +207,9 @@ def _tp_values(bound: KnobBound, gpu_count: int | None) -> list[int]:
 
 def _up(knob: str, value: Any, bound: KnobBound, bounds: Bounds) -> Any:
     """One rung up the ladder for `knob` from `value`, inside the bound; None at the top."""
-    if knob == "max_num_seqs":
+    if knob == "data_parallel_size":
+        nxt = int(value) * 2
+    elif knob == "max_num_seqs":
         top = bound.max if bound.max is not None else 1024
         nxt = min(int(value) * 2, int(top))
     elif knob == "tensor_parallel_size":
@@ -240,21 +246,52 @@ def rules_step(state: TuneState) -> Proposal | None:
     order: list[str] = []
     if seqs is not None and seqs[1].endswith(":up") and (seqs_gain is None or seqs_gain >= KNEE_GAIN):
         order.append("max_num_seqs")
-    order.append("tensor_parallel_size")
+    order += [k for k in LADDER if k in PLACEMENT]
     if seqs_gain is not None and seqs_gain >= 3 * state.settings.min_gain:
         order.append("max_num_seqs")
-    order += ["gpu_memory_utilization", "max_num_seqs"]
+    order += [k for k in LADDER if k not in PLACEMENT and k != "max_num_seqs"] + ["max_num_seqs"]
     for knob in order:
         if knob in candidates:
             value, step, last = candidates[knob]
-            return _ladder_proposal(knob, value, step, last)
+            extra = _placement_changes(knob, value, state) if knob in PLACEMENT else {}
+            if extra is None:
+                continue
+            return _ladder_proposal(knob, value, step, last, extra)
     return None
+
+
+def _placement_changes(knob: str, value: int, state: TuneState) -> dict[str, Any] | None:
+    """The other placement knob, so that tp x pp x dp still fits the GPUs: more TP takes replicas away
+    (n // (tp x pp) of them), more replicas take TP away (the next smaller TP the bounds allow); None when
+    no such layout exists."""
+    best, gpus = state.best.params, state.bounds.gpu_count
+    tp, dp = int(best.get("tensor_parallel_size") or 1), int(best.get("data_parallel_size") or 1)
+    pp = int(best.get("pipeline_parallel_size") or 1)
+    if gpus is None:
+        return {}
+    if knob == "tensor_parallel_size":
+        if value * pp * dp <= gpus:
+            return {}
+        fewer = gpus // (value * pp)
+        dp_bound = state.bounds.knobs.get("data_parallel_size")
+        if fewer < 1 or (dp_bound is not None and (not _open(dp_bound) or not dp_bound.contains(fewer))):
+            return None
+        return {"data_parallel_size": fewer}
+    if tp * pp * value <= gpus:
+        return {}
+    tp_bound = state.bounds.knobs.get("tensor_parallel_size")
+    if tp_bound is None or not _open(tp_bound):
+        return None
+    smaller = [t for t in _tp_values(tp_bound, gpus) if t < tp and t * pp * value <= gpus]
+    return {"tensor_parallel_size": max(smaller)} if smaller else None
 
 
 def _candidate(knob: str, state: TuneState) -> tuple[Any, str, TuneRound | None] | None:
     """(value, step, the rung's last round) for the next try on `knob`'s rung, or None when it is closed."""
     bound = state.bounds.knobs.get(knob)
     best = state.best.params
+    if knob == "data_parallel_size" and knob not in best and bound is not None:
+        best = {**best, knob: 1}  # a plan without replicas runs one
     if bound is None or not _open(bound) or knob not in best:
         return None
     last = _last_round_of(knob, state.rounds)
@@ -274,25 +311,33 @@ def _candidate(knob: str, state: TuneState) -> tuple[Any, str, TuneRound | None]
     return value, step, last
 
 
-def _ladder_proposal(knob: str, value: Any, step: str, last: TuneRound | None) -> Proposal:
+def _ladder_proposal(knob: str, value: Any, step: str, last: TuneRound | None,
+                     extra: dict[str, Any] | None = None) -> Proposal:
     why = {
-        "max_num_seqs": "throughput ladder rung 1: more sequences per batch",
-        "tensor_parallel_size": "throughput ladder rung 2: spread the model over more GPUs",
-        "gpu_memory_utilization": "throughput ladder rung 3: more KV cache, below the OOM edge",
+        "max_num_seqs": "throughput ladder: more sequences per batch",
+        "data_parallel_size": "throughput ladder: more replicas serving side by side",
+        "tensor_parallel_size": "throughput ladder: spread the model over more GPUs",
+        "gpu_memory_utilization": "throughput ladder: more KV cache, below the OOM edge",
     }[knob]
     if step.endswith(":between") and last is not None:
-        why += f" (halfway to the failed {_fmt(last.params[knob])})"
-    return Proposal(changes=(Change(knob=knob, value=value, reason=why),), reason=step, source="tune")
+        why += f" (halfway to the failed {_fmt(last.params.get(knob))})"
+    changes = [Change(knob=knob, value=value, reason=why)]
+    changes += [Change(knob=k, value=v, reason=f"{why}: {SHORT.get(k, k)} {v} so the GPUs hold the new layout")
+                for k, v in (extra or {}).items()]
+    return Proposal(changes=tuple(changes), reason=step, source="tune")
 
 
 def _lowest_failed_above(knob: str, state: TuneState) -> Any:
     """The smallest value of `knob` above the best one that failed (did not start, broke the SLO, errors)
     with the other ladder knobs as in the best plan; None when there is none."""
-    best = state.best.params
+    one = {"data_parallel_size": 1}  # a plan without replicas runs one
+    best = {**one, **state.best.params}
+    if knob not in best:
+        return None
     same = [k for k in LADDER if k != knob]
-    failed = [r.params[knob] for r in state.rounds
-              if knob in r.params and r.params[knob] > best[knob] and all(r.params.get(k) == best.get(k) for k in same)
-              and (r.failure is not None or (r.result is not None and not r.meets_slo))]
+    failed = [p[knob] for p in ({**one, **r.params} for r in state.rounds if r.failure is not None
+                                or (r.result is not None and not r.meets_slo))
+              if knob in p and p[knob] > best[knob] and all(p.get(k) == best.get(k) for k in same)]
     return min(failed) if failed else None
 
 

@@ -504,3 +504,47 @@ def test_model_run_refuses_unbounded_or_unused_tune_options(capsys, args, words)
     assert main(["model", "run", model, "--dry-run", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("localaistack: ") and words in err[0], err
+
+
+# ---------------------------------------------------------------------------- placement moves (data parallelism)
+
+
+def _four_gpu_bounds() -> Bounds:
+    b = bounds(seqs=(1, 256), tp=(1, 4))
+    knobs = {**b.knobs,
+             "tensor_parallel_size": KnobBound(knob="tensor_parallel_size", choices=(1, 2, 4), sources=("hardware",)),
+             "data_parallel_size": KnobBound(knob="data_parallel_size", min=1, max=4, sources=("hardware",))}
+    return b.model_copy(update={"knobs": knobs, "gpu_count": 4})
+
+
+def _state(b: Bounds, params: dict) -> tune.TuneState:
+    plan = Plan(params=params)
+    r0 = tune.TuneRound(index=0, source="baseline", params=params)
+    seqs = tune.TuneRound(index=1, source="rules", params={**params, "max_num_seqs": params["max_num_seqs"] * 2},
+                          changes={"max_num_seqs": params["max_num_seqs"] * 2}, failure="did not start")
+    return tune.TuneState(bounds=b, baseline=plan, best=plan, best_round=0, rounds=(r0, seqs),
+                          settings=tune.TuneSettings())
+
+
+@pytest.mark.parametrize(
+    ("start", "moves"),
+    [  # replicas fill the GPUs: a TP move takes replicas away; TP fills them: a replica move takes TP away
+        ({"tensor_parallel_size": 2}, {"data_parallel_size": 2}),
+        ({"tensor_parallel_size": 2, "data_parallel_size": 2}, {"data_parallel_size": 4, "tensor_parallel_size": 1}),
+        ({"tensor_parallel_size": 1, "data_parallel_size": 4}, {"tensor_parallel_size": 2, "data_parallel_size": 2}),
+    ],
+)
+def test_placement_steps_keep_tp_x_dp_within_the_gpus_and_pass_the_validator(start, moves):
+    b = _four_gpu_bounds()
+    params = {"max_num_seqs": 32, "gpu_memory_utilization": 0.9, **start}
+    step = tune.rules_step(_state(b, params))
+    assert {c.knob: c.value for c in step.changes} == moves
+    assert validate.check(b, Plan(params=params), step).accepted
+    assert step.changes[0].reason.startswith("throughput ladder:")
+
+
+def test_the_ladder_and_its_steps_come_from_the_policy():
+    from smartrun.policy import load
+
+    assert load().tune.ladder == tune.LADDER and load().tune.util_step == tune.UTIL_STEP
+    assert tune.short("data_parallel_size") == "dp"

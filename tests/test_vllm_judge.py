@@ -71,6 +71,11 @@ def _judge(args, params: dict) -> None:
                  "enforce_eager", "kv_cache_dtype", "disable_custom_all_reduce"):
         assert getattr(args, knob) == params[knob], knob
     assert int(args.optimization_level) == params["optimization_level"]
+    assert args.data_parallel_size == params.get("data_parallel_size", 1)
+    assert args.max_num_batched_tokens == params.get("max_num_batched_tokens")
+    model_config.verify_with_parallel_config(ParallelConfig(  # each data-parallel replica is checked the same way
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size, disable_custom_all_reduce=args.disable_custom_all_reduce))
 
 
 @pytest.mark.parametrize("machine", MACHINES)
