@@ -560,7 +560,8 @@ def suggestions(c: _Ctx, params: dict[str, Any]) -> list[tuple[str, dict[str, An
             trial = {**base, "quantization": "fp8"}
             if fits(trial):
                 out.append(("--quantization fp8 (online fp8 weights)", trial))
-        elif move == "kv_cache_dtype_fp8" and cc >= need and params.get("kv_cache_dtype", "auto") == "auto":
+        elif (move == "kv_cache_dtype_fp8" and cc >= need and params.get("kv_cache_dtype", "auto") == "auto"
+              and (c.bound("kv_cache_dtype") is None or c.bound("kv_cache_dtype").contains("fp8"))):
             trial = {**base, "kv_cache_dtype": "fp8"}
             if fits(trial):
                 out.append(("--kv-cache-dtype fp8", trial))
