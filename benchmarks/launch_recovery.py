@@ -24,9 +24,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fakes import install_vllm_shim  # noqa: E402
 
 from smartrun import launch, validate  # noqa: E402
+from smartrun.contracts import (  # noqa: E402
+    Bounds,
+    KnobBound,
+    Plan,
+)
 from smartrun.errors import LaunchError  # noqa: E402
-from smartrun.plan import Plan  # noqa: E402
-from smartrun.rules import Bounds, KnobBound  # noqa: E402
 
 BASE = {"max_model_len": 8192, "gpu_memory_utilization": 0.9, "max_num_seqs": 64}
 SCENARIOS = [

@@ -21,9 +21,12 @@ sys.path.insert(0, str(REPO / "tests" / "fakes"))
 import perf_model as pm  # noqa: E402
 
 from smartrun import validate  # noqa: E402
-from smartrun.plan import Plan  # noqa: E402
+from smartrun.contracts import (  # noqa: E402
+    Bounds,
+    KnobBound,
+    Plan,
+)
 from smartrun.probe import ProbeSettings  # noqa: E402
-from smartrun.rules import Bounds, KnobBound  # noqa: E402
 from smartrun.tune import TuneSettings, run_tuning  # noqa: E402
 
 SEQS = (1, 64)

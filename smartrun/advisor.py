@@ -32,15 +32,14 @@ from pydantic import (
     field_validator,
 )
 
+from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal, Rejection, Verdict
 from smartrun.deadline import within
 from smartrun.errors import AdvisorError, InputError, SmartRunError
+from smartrun.frozen import Frozen
 from smartrun.hardware import HardwareSnapshot
 from smartrun.knobs import CATALOGUE
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
-from smartrun.plan import Change, Frozen, Plan, Proposal, Rejection
-from smartrun.rules import Bounds, KnobBound
-from smartrun.validate import Verdict
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"

@@ -45,14 +45,14 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from smartrun.contracts import GOALS
 from smartrun.errors import BoundsError
+from smartrun.frozen import Frozen
 from smartrun.knobs import CATALOGUE, Knob
-from smartrun.plan import Frozen
 
 FILE_NAME = "smartrun.toml"
 BUILTIN_PATH = Path(__file__).parent / "data" / "default_bounds.toml"
 BUILTIN_NAME = "builtin"
-GOAL_NAMES = ("stable", "latency", "throughput", "long-context")  # = rules.GOALS (rules imports us)
 LIMIT_KEYS = ("min", "max", "choices", "fixed", "oom_floor", "last_resort", "why")
 TOP_KEYS = ("version", "description", "knobs", "models", "gpus", "goals")
 
@@ -333,8 +333,8 @@ def _check_goals(data: dict, out: _Problems) -> None:
         return
     for goal, table in goals.items():
         path = f"goals.{goal}"
-        if goal not in GOAL_NAMES:
-            out.add(path, f"unknown goal {goal!r} (known: {', '.join(GOAL_NAMES)})")
+        if goal not in GOALS:
+            out.add(path, f"unknown goal {goal!r} (known: {', '.join(GOALS)})")
             continue
         if not isinstance(table, dict):
             out.add(path, f"{path}: expected a table")

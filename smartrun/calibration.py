@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smartrun.errors import InputError
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 SCHEMA_VERSION = 1
 RECENT = 5  # the correction is learned from the last RECENT startups (older ones describe an older machine)

@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from smartrun.contracts import Plan
 from smartrun.errors import ClusterError, InfeasibleError, InputError, SmartRunError, SnapshotError
+from smartrun.frozen import Frozen
 from smartrun.hardware import GpuInfo, HardwareSnapshot, NodeInfo
 from smartrun.model import ModelFacts
-from smartrun.plan import Frozen, Plan
 
 RAY_HINT = "install it with `pip install 'smartrun[ray]'` (the same Ray version as on the cluster)"
 DEFAULT_RAY_PORT = 6379

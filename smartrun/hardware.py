@@ -44,7 +44,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from smartrun.errors import HardwareError, SnapshotError
 from smartrun.fileio import atomic_write_text
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 SNAPSHOT_SCHEMA_VERSION = 1
 MIB = 2**20

@@ -26,7 +26,7 @@ import re
 from typing import Any, Literal
 
 from smartrun.errors import InputError
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 KnobType = Literal["int", "float", "bool", "choice", "str"]
 

@@ -33,10 +33,11 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartrun.argv import with_defaults
+from smartrun.contracts import Change, Plan, Proposal
 from smartrun.errors import InputError, LaunchError
 from smartrun.fileio import atomic_write_text
+from smartrun.frozen import Frozen
 from smartrun.hardware import HardwareSnapshot
-from smartrun.plan import Change, Frozen, Plan, Proposal
 from smartrun.secrets import MAX_LINE, redact_text
 from smartrun.vllm_log import Failure, Phase, StartupFacts, classify_failure, parse_startup, phase_of
 
@@ -237,8 +238,8 @@ def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any],
     if hardware is None or not hardware.gpus:
         return {}, []
     from smartrun import rules
+    from smartrun.contracts import gpus_used
     from smartrun.hardware import physical_index
-    from smartrun.plan import gpus_used
 
     count = gpus_used(params)
     chosen = rules.select_gpus(hardware, count)

@@ -38,9 +38,9 @@ from typing import Any
 from smartrun import vllm_profiles
 from smartrun.calibration import Correction
 from smartrun.errors import EstimateError
+from smartrun.frozen import Frozen
 from smartrun.hardware import GpuInfo, HardwareSnapshot
 from smartrun.model import ModelFacts, QuantFacts
-from smartrun.plan import Frozen
 from smartrun.vllm_profiles import NEWEST_VERSION, PROFILES, Profile  # noqa: F401  (re-exported)
 
 GIB = 1 << 30

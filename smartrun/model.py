@@ -18,7 +18,7 @@ from typing import Any
 
 from smartrun import fileio
 from smartrun.errors import ModelError
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 
 class MoEFacts(Frozen):

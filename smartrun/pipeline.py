@@ -22,10 +22,12 @@ from typing import Any, Protocol
 
 from smartrun import __version__, calibration
 from smartrun.calibration import Correction, NoCalibration
+from smartrun.contracts import Bounds, Change, Plan, Proposal
 from smartrun.errors import InputError, SmartRunError
+from smartrun.frozen import Frozen
 from smartrun.hardware import HardwareSnapshot
+from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
-from smartrun.plan import Change, Frozen, Plan, Proposal
 from smartrun.secrets import redact_argv, redact_env, redact_text, redact_tree, secret_values
 from smartrun.session import (
     AdviceRecord,
@@ -385,16 +387,15 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_even
     `result.session_path` is None after the run when the record could not be written.
     """
     started = sources.clock()
-    record = record if record is not None else new_record(request, sources)
-    on_event = _redacting(on_event, (*sources.secrets, *request_secrets(request)))
-    recorder = Recorder(record, on_event, sources.secrets)
-    result = RunResult(record=record, request=request, secrets=sources.secrets)
+    ctx = context(request, sources, on_event=on_event, record=record)
+    record, result = ctx.rec.record, ctx.result
+    recorder = ctx.rec
     path = session_out or default_session_path(started, Path(request.model.rstrip("/")).name or request.model)
     result.session_path = path if write else None
     if on_started is not None:
         on_started(result)
     try:
-        _run_stages(request, sources, recorder, result, on_event, on_planned)
+        _run_stages(ctx, on_planned)
         if record.outcome.get("status") is None:
             record.outcome = {"status": "dry-run" if request.dry_run else "ok", "exit_code": 0}
     except SmartRunError as err:
@@ -439,11 +440,61 @@ def _redacted_request(request: RunRequest) -> dict[str, Any]:
     return data
 
 
-def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult,
-                on_event: EventSink, on_planned: Callable[[RunResult], None] | None = None) -> None:
-    from smartrun import hardware as hw_mod
-    from smartrun import knobs, rules
+@dataclass
+class RunContext:
+    """One run's inputs and its growing state: what every stage after planning reads.
 
+    `plan_stages` fills the planning fields; the launch, tune and cache stages read them.
+    """
+
+    request: RunRequest
+    sources: Sources
+    rec: Recorder
+    result: RunResult
+    on_event: EventSink
+    pins: dict[str, Any] = field(default_factory=dict)
+    passthrough: tuple[str, ...] = ()
+    version: str | None = None
+    bounds: Bounds | None = None
+    baseline: Plan | None = None
+    base_estimate: MemoryEstimate | None = None
+    fit: Callable[[dict[str, Any]], str | None] | None = None
+    key: CacheKey | None = None
+    model_path: str = ""
+
+
+def context(request: RunRequest, sources: Sources, *, on_event: EventSink = _no_events,
+            record: SessionRecord | None = None) -> RunContext:
+    """A fresh context for `request`: a new record (or `record`), a recorder and an empty result."""
+    record = record if record is not None else new_record(request, sources)
+    on_event = _redacting(on_event, (*sources.secrets, *request_secrets(request)))
+    rec = Recorder(record, on_event, sources.secrets)
+    result = RunResult(record=record, request=request, secrets=sources.secrets)
+    return RunContext(request=request, sources=sources, rec=rec, result=result, on_event=on_event)
+
+
+def _run_stages(ctx: RunContext, on_planned: Callable[[RunResult], None] | None = None) -> None:
+    plan_stages(ctx)
+    if on_planned is not None:
+        on_planned(ctx.result)
+    if ctx.request.dry_run:
+        return
+    assert ctx.result.hardware is not None and ctx.result.plan is not None
+    _check_cluster(ctx.request, ctx.result.hardware, ctx.result.plan)
+    _launch(ctx)
+
+
+def plan_stages(ctx: RunContext) -> None:
+    """Everything up to the argv: hardware, model, pins, bounds file, effective bounds, baseline, saved
+    parameters and the advisor (with --smart-run), then the argv and the estimate of the chosen plan.
+
+    `model run --dry-run` stops here; `bounds show` is this with the request its options make.
+    """
+    from smartrun import cluster, knobs, rules
+    from smartrun import hardware as hw_mod
+    from smartrun.errors import InfeasibleError
+
+    request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
     record = rec.record
     hw = sources.hardware()
     record.hardware = to_jsonable(hw)
@@ -460,17 +511,19 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     _refuse_planned_knobs_after_dashdash(request.extra_args)
     pins, passthrough = launch_passthrough(request)
     passthrough = (*passthrough, *_served_name_args(request, facts, pins, passthrough))
+    ctx.pins, ctx.passthrough = pins, tuple(passthrough)
     rec.decide("pins", pins, "user")
 
     bounds_in = sources.bounds()
     record.bounds_file = {"path": bounds_in.path, "text": bounds_in.text, "sha256": bounds_in.sha256,
                           "builtin": bounds_in.builtin}
     if bounds_in.path and not request.bounds_path and not sources.replaying:  # found by searching upward
-        on_event("bounds", f"bounds file in force: {bounds_in.path} (smartrun.toml found from {Path.cwd()}; "
-                           "--bounds FILE picks another)")
+        ctx.on_event("bounds", f"bounds file in force: {bounds_in.path} (smartrun.toml found from {Path.cwd()}; "
+                               "--bounds FILE picks another)")
     for line in getattr(bounds_in.loaded, "ineffective", lambda: [])():
         rec.warn(line)
     version, vllm_bin = sources.vllm()
+    ctx.version = version
     record.vllm = {"version": version, "bin": vllm_bin}
     if version is None:
         rec.warn("no vLLM version known (vllm not found, no --vllm-version): planning with the estimator's "
@@ -479,15 +532,12 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     correction = _calibration(sources, rec, hw, version)
     result.calibration = correction
     estimate_fn = calibration.estimator(correction)
-    from smartrun import cluster
-    from smartrun.errors import InfeasibleError
-
     try:
-        bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal,
-                                        vllm_version=version, force=request.force, estimate_fn=estimate_fn)
+        bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal, vllm_version=version,
+                                        force=request.force, estimate_fn=estimate_fn)
     except InfeasibleError as err:  # a model too big for these nodes: say how many would hold it
         raise InfeasibleError(cluster.refusal(err.message, facts, hw, pins, version)) from err
-    result.bounds = bounds
+    result.bounds = ctx.bounds = bounds
     record.bounds = to_jsonable(bounds.to_json())
     for warning in bounds.warnings:
         rec.warn(warning)
@@ -499,27 +549,28 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     except InfeasibleError as err:
         raise InfeasibleError(cluster.refusal(err.message, facts, hw, pins, version)) from err
     baseline = cluster.finish_plan(baseline, hw, pins)
-    result.baseline = baseline
+    result.baseline = ctx.baseline = baseline
+    ctx.base_estimate = base_estimate
     record.baseline = to_jsonable(baseline)
     record.baseline_estimate = to_jsonable(base_estimate)
     rec.decide("baseline", baseline.params, _provenance_line(baseline))
 
-    fit = rules.fit_check(facts, hw, version, estimate_fn=estimate_fn)
+    ctx.fit = rules.fit_check(facts, hw, version, estimate_fn=estimate_fn)
     plan = baseline
-    key = CacheKey(model=facts.name, hardware_fingerprint=hw_mod.fingerprint(hw), bounds_sha256=bounds_in.sha256,
-                   vllm_version=version, goal=request.goal)
-    result.cache_key = key
+    ctx.key = result.cache_key = CacheKey(
+        model=facts.name, hardware_fingerprint=hw_mod.fingerprint(hw), bounds_sha256=bounds_in.sha256,
+        vllm_version=version, goal=request.goal)
     if request.smart_run:
-        plan = _from_cache(request, sources, rec, result, bounds, baseline, fit, key)
+        plan = _from_cache(ctx)
         if plan.source != "cache":
-            plan = _advise(request, sources, rec, result, bounds, baseline, base_estimate, fit, hw, facts)
+            plan = _advise(ctx)
     result.plan = plan
     record.final_plan = to_jsonable(plan)
     rec.decide("plan", {"source": plan.source, "params": plan.params}, _provenance_line(plan))
     _warn_without_nvlink(plan, hw, rec)
 
-    model_path = facts.path or request.model
-    argv = knobs.build_argv(model_path, plan.params, tuple(passthrough))
+    ctx.model_path = facts.path or request.model
+    argv = knobs.build_argv(ctx.model_path, plan.params, ctx.passthrough)
     result.argv = redact_argv(argv)
     record.final_argv = result.argv
     result.estimate = _estimate_for(plan, facts, hw, version, correction)
@@ -527,14 +578,6 @@ def _run_stages(request: RunRequest, sources: Sources, rec: Recorder, result: Ru
     if cluster.is_cluster(hw):  # which node holds which stage, with each stage's memory
         result.placement = cluster.placement(facts, hw, plan.params, version, correction)
     rec.decide("argv", result.argv, plan.source)
-    if on_planned is not None:
-        on_planned(result)
-    if request.dry_run:
-        return
-    _check_cluster(request, hw, plan)
-
-    _launch(request, sources, rec, result, bounds, baseline, fit, hw, facts, plan, key, tuple(passthrough),
-            model_path, version, on_event)
 
 
 def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> HardwareSnapshot:
@@ -728,11 +771,13 @@ def _observe_startups(sources: Sources, rec: Recorder, result: RunResult, facts:
 # ---------------------------------------------------------------------------- cache
 
 
-def _from_cache(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
-                baseline: Plan, fit: Any, key: CacheKey) -> Plan:
+def _from_cache(ctx: RunContext) -> Plan:
     """A saved plan for this key, re-validated against today's bounds; the baseline when none is usable."""
     from smartrun import validate
 
+    request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
+    bounds, baseline, fit, key = ctx.bounds, ctx.baseline, ctx.fit, ctx.key
+    assert bounds is not None and baseline is not None and key is not None
     record = rec.record
     record.cache = CacheRecord(key=key.model_dump(), looked_up=not request.refresh)
     if request.refresh:
@@ -782,9 +827,12 @@ _MISSING = object()
 # ---------------------------------------------------------------------------- advisor
 
 
-def _advise(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any,
-            baseline: Plan, base_estimate: Any, fit: Any, hw: HardwareSnapshot, facts: ModelFacts) -> Plan:
+def _advise(ctx: RunContext) -> Plan:
     """The LLM's proposal through the validator; the baseline (source=static) when no LLM is configured."""
+    request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
+    bounds, baseline, fit = ctx.bounds, ctx.baseline, ctx.fit
+    hw, facts = result.hardware, result.facts
+    assert bounds is not None and baseline is not None and hw is not None and facts is not None
     if sources.transport is None:
         if request.strict:
             from smartrun.errors import AdvisorError
@@ -802,12 +850,12 @@ def _advise(request: RunRequest, sources: Sources, rec: Recorder, result: RunRes
 
     transport = RecordingTransport(sources.transport, rec, sources.monotonic)
     transport.kind = "propose"
-    context = _advice_context(request, bounds, baseline, base_estimate, hw, facts, attempts=())
+    advice_context = _advice_context(request, bounds, baseline, ctx.base_estimate, hw, facts, attempts=())
 
     def check(proposal: Proposal) -> Any:
         return validate.check(bounds, baseline, proposal, fit_check=fit)
 
-    advice = advisor.advise(context, transport, check, kind="propose", strict=request.strict)
+    advice = advisor.advise(advice_context, transport, check, kind="propose", strict=request.strict)
     return _take_advice(advice, rec, result, baseline, "propose")
 
 
@@ -875,11 +923,15 @@ def _take_advice(advice: Any, rec: Recorder, result: RunResult, base: Plan, kind
 # ---------------------------------------------------------------------------- launch
 
 
-def _launch(request: RunRequest, sources: Sources, rec: Recorder, result: RunResult, bounds: Any, baseline: Plan,
-            fit: Any, hw: HardwareSnapshot, facts: ModelFacts, plan: Plan, key: CacheKey,
-            passthrough: tuple[str, ...], model_path: str, version: str | None, on_event: EventSink) -> None:
+def _launch(ctx: RunContext) -> None:
     from smartrun import launch, validate
     from smartrun.errors import LaunchError
+
+    request, sources, rec, result, on_event = ctx.request, ctx.sources, ctx.rec, ctx.result, ctx.on_event
+    bounds, fit, key, version = ctx.bounds, ctx.fit, ctx.key, ctx.version
+    passthrough, model_path = ctx.passthrough, ctx.model_path
+    hw, facts, plan = result.hardware, result.facts, result.plan
+    assert bounds is not None and key is not None and hw is not None and facts is not None and plan is not None
 
     launcher = RecordingLauncher(sources.launcher(request, hw, version, on_event), rec, sources.monotonic)
 

@@ -20,7 +20,7 @@ except ImportError:  # Python 3.10
 from pydantic import Field, ValidationError
 
 from smartrun.errors import InputError
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 POLICY_FILE = "policy.toml"
 

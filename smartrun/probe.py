@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from smartrun.errors import InputError, SmartRunError
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 
 class ProbeError(SmartRunError):

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal
+from smartrun.frozen import Frozen
 from smartrun.knobs import CATALOGUE
-from smartrun.plan import Change, Frozen, Plan, Proposal
-from smartrun.rules import Bounds, KnobBound
 from smartrun.vllm_log import Failure
 
 OOM_UTIL_FLOOR = 0.82  # guide 3.2: "if OOM is frequent, go down to 0.82 ~ 0.86"

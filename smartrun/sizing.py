@@ -22,11 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 from smartrun import memory
+from smartrun.contracts import Plan
 from smartrun.errors import EstimateError, InfeasibleError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.memory import MemoryEstimate, plan_safe_fits, plan_safe_max_model_len
 from smartrun.model import ModelFacts
-from smartrun.plan import Plan
 from smartrun.policy import GoalPolicy, Policy
 from smartrun.policy import load as load_policy
 from smartrun.rules import (

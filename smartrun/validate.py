@@ -17,20 +17,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal, Rejection, Verdict, gpus_used
 from smartrun.knobs import CATALOGUE, Knob
-from smartrun.plan import Change, Frozen, Plan, Proposal, Rejection, gpus_used
-from smartrun.rules import Bounds, KnobBound
 
 FitCheck = Callable[[dict[str, Any]], "str | None"]
-
-
-class Verdict(Frozen):
-    plan: Plan | None  # None when anything was rejected
-    rejections: tuple[Rejection, ...] = ()
-
-    @property
-    def accepted(self) -> bool:
-        return self.plan is not None
 
 
 class _Refused(Exception):

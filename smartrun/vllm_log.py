@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 Phase = Literal[
     "loading_weights",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from smartrun.errors import EstimateError
-from smartrun.plan import Frozen
+from smartrun.frozen import Frozen
 
 
 class Profile(Frozen):

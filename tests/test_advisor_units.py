@@ -29,8 +29,8 @@ from smartrun.advisor import (
     screen,
     static_advice,
 )
+from smartrun.contracts import Change, Proposal
 from smartrun.errors import AdvisorError, InputError
-from smartrun.plan import Change, Proposal
 
 GOOD = reply([{"knob": "max_num_seqs", "value": 16, "reason": "throughput"}], "overall")
 

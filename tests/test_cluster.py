@@ -11,9 +11,9 @@ from pydantic import ValidationError
 
 from smartrun import cluster, hardware, recovery
 from smartrun.cli import main
+from smartrun.contracts import Bounds, KnobBound
 from smartrun.hardware import HardwareSnapshot, load_snapshot
 from smartrun.model import inspect
-from smartrun.rules import Bounds, KnobBound
 from smartrun.vllm_log import classify_failure
 
 CLUSTERS = FIXTURES / "hardware" / "clusters"
@@ -201,7 +201,7 @@ def test_ray_and_nccl_failures_are_classified_from_their_own_wording(line, klass
 
 
 def _plan():
-    from smartrun.plan import Plan
+    from smartrun.contracts import Plan
 
     return Plan(params={"tensor_parallel_size": 8, "pipeline_parallel_size": 2, "gpu_memory_utilization": 0.9,
                         "max_model_len": 4096})

@@ -22,8 +22,7 @@ from fakes.llm_server import FakeLLM
 
 from smartrun import launch, validate
 from smartrun.cli import main
-from smartrun.plan import Plan
-from smartrun.rules import Bounds, KnobBound
+from smartrun.contracts import Bounds, KnobBound, Plan
 
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")

@@ -16,10 +16,9 @@ import pytest
 from fakes import install_vllm_shim, process_gone
 
 from smartrun import launch, validate
+from smartrun.contracts import Bounds, KnobBound, Plan
 from smartrun.errors import InputError, LaunchError
 from smartrun.hardware import GpuInfo, HardwareSnapshot
-from smartrun.plan import Plan
-from smartrun.rules import Bounds, KnobBound
 
 MODEL = "/models/fake-8b"
 
@@ -293,8 +292,8 @@ def test_a_stand_in_that_never_becomes_ready_times_out(rig):
 DRIVER = """
 import json, sys
 from smartrun import launch, validate
-from smartrun.plan import Plan
-from smartrun.rules import Bounds
+from smartrun.contracts import Plan
+from smartrun.contracts import Bounds
 shim, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 plan = Plan(params={"max_model_len": 4096, "port": port})
 b = Bounds(knobs={})
@@ -368,7 +367,7 @@ def test_readiness_works_behind_an_api_key_and_dot_keys_pass(rig):
 
 
 def test_advisor_recover_first_then_the_ladder_all_through_the_validator(rig):
-    from smartrun.plan import Change, Proposal
+    from smartrun.contracts import Change, Proposal
 
     rig.scenario(faults={"cudagraph_error": True})
     asked = []

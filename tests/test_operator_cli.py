@@ -19,7 +19,7 @@ from fakes import install_vllm_shim
 
 from smartrun import launch, pipeline
 from smartrun.cli import main
-from smartrun.plan import Plan
+from smartrun.contracts import Plan
 from smartrun.session import load_record
 
 SMALL = FIXTURES / "models" / "qwen2.5-0.5b-instruct"

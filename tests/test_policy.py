@@ -113,7 +113,7 @@ def test_no_fit_suggestions_are_each_checked_by_the_estimator_and_none_is_applie
     message = err.value.message
     assert "; would fit: 2x NVIDIA H100 80GB HBM3 with --tensor-parallel-size 2; --quantization fp8" in message
     from smartrun import sizing
-    from smartrun.rules import Bounds
+    from smartrun.contracts import Bounds
 
     b = Bounds(knobs={}, goal="stable", gpu_count=1)
     ctx = sizing._Ctx(b, facts, hw, "stable", None, memory.estimate, policy.load())

@@ -19,7 +19,7 @@ import pytest
 from conftest import FIXTURES
 from llama_server import LlamaServer, missing
 
-from smartrun.rules import KnobBound
+from smartrun.contracts import KnobBound
 from smartrun.session import load_record
 
 pytestmark = [pytest.mark.real_llm,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from smartrun.plan import Plan, Proposal
+from smartrun.contracts import Bounds, KnobBound, Plan, Proposal
 from smartrun.recovery import Stop, candidates, next_step
-from smartrun.rules import Bounds, KnobBound
 from smartrun.vllm_log import Failure
 
 PLAN = Plan(params={"max_model_len": 32768, "gpu_memory_utilization": 0.92, "max_num_seqs": 64,

@@ -8,12 +8,12 @@ import pytest
 
 from smartrun import bounds as bounds_mod
 from smartrun import hardware, model, rules
+from smartrun.contracts import Change, Proposal
 from smartrun.errors import InfeasibleError, InputError, PinConflictError
 from smartrun.hardware import GpuInfo, GpuProcess, HardwareSnapshot
 from smartrun.knobs import build_argv, parse_user_args
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
-from smartrun.plan import Change, Proposal
 from smartrun.secrets import REDACTED
 from smartrun.validate import check
 

@@ -7,9 +7,8 @@ from typing import Any
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal
 from smartrun.knobs import CATALOGUE
-from smartrun.plan import Change, Plan, Proposal
-from smartrun.rules import Bounds, KnobBound
 from smartrun.validate import check, format_rejections
 
 

@@ -8,7 +8,7 @@ import json
 
 def register(subparsers) -> None:
     """Add the `bounds` group with `check` and `show`."""
-    from smartrun.rules import GOALS
+    from smartrun.contracts import GOALS
 
     group = subparsers.add_parser("bounds", help="check a bounds file or show effective bounds", allow_abbrev=False)
     commands = group.add_subparsers(dest="command", metavar="{check,show}")
@@ -71,53 +71,49 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
+    """The planning stages of `model run --dry-run` (pipeline.plan_stages) with this command's options;
+    vLLM flags before `--` are pins, after it passthrough, as in `model run`."""
     import os
     import sys
 
-    from smartrun import bounds, calibration, hardware, knobs, model, rules
+    from smartrun import pipeline, rules
+    from smartrun.calibration import NoCalibration
+    from smartrun.cli.run_cmd import split_extra
 
-    extra = [a for a in (getattr(args, "extra", None) or []) if a != "--"]
-    user = knobs.parse_user_args(extra)
-    facts = model.inspect(args.model)
-    from smartrun import cluster
+    user_args, extra_args = split_extra(list(getattr(args, "extra", None) or []))
+    request = pipeline.RunRequest(
+        model=args.model, user_args=tuple(user_args), extra_args=tuple(extra_args), dry_run=True, goal=args.goal,
+        force=args.force, vllm_version=args.vllm_version, hardware_path=(args.hardware or [None])[0],
+        more_hardware=tuple((args.hardware or [])[1:]), bounds_path=args.bounds, gpus=args.gpus,
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    sources = pipeline.live_sources(request)
+    if args.no_calibration:
+        sources.calibration = NoCalibration()
 
-    shown = " + ".join(args.hardware or [])
-    machine = cluster.combine([hardware.load_snapshot(p) for p in args.hardware]) if args.hardware \
-        else hardware.detect()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and args.hardware:  # a snapshot describes its own machine, as in a model run dry run
-        print(f"localaistack: warning: CUDA_VISIBLE_DEVICES={visible} of this machine ignored for {shown} "
-              "(use --gpus)", file=sys.stderr)
-        visible = None
-    if not cluster.is_cluster(machine):  # a cluster plans whole nodes
-        machine = hardware.allowed_gpus(machine, args.gpus, visible)
-    file = bounds.resolve(args.bounds)
-    correction, problems = (None, []) if args.no_calibration else calibration.for_machine(machine, args.vllm_version)
-    for problem in problems:
-        print(f"localaistack: warning: {problem}", file=sys.stderr)
-    estimate_fn = calibration.estimator(correction)
-    effective = rules.effective_bounds(facts, machine, file, user.pins, args.goal, args.vllm_version, args.force,
-                                       pin_flags=user.pin_flags, estimate_fn=estimate_fn)
-    plan = estimate = None
-    if args.baseline or args.json:
-        plan, estimate = rules.baseline(effective, facts, machine, args.goal, args.vllm_version,
-                                        estimate_fn=estimate_fn)
-        plan = cluster.finish_plan(plan, machine, user.pins)
+    ctx = pipeline.context(request, sources)
+    pipeline.plan_stages(ctx)
+    result = ctx.result
+    facts, machine, effective, plan = result.facts, result.hardware, ctx.bounds, result.plan
+    assert facts is not None and machine is not None and effective is not None and plan is not None
+    correction = result.calibration
     if args.json:
-        out = {"model": facts.name, "goal": args.goal, "bounds_file": file.path, "bounds": effective.to_json(),
-               "warnings": list(effective.warnings), "params": plan.params, "provenance": plan.provenance,
-               "argv": knobs.build_argv(facts.path or args.model, plan.params, user.passthrough),
-               "estimate": estimate.model_dump(),
+        out = {"model": facts.name, "goal": args.goal, "bounds_file": effective.bounds_file, "bounds": effective.to_json(),
+               "warnings": list(ctx.rec.record.warnings), "params": plan.params, "provenance": plan.provenance,
+               "argv": result.argv, "estimate": result.estimate.model_dump() if result.estimate else None,
                "calibration": correction.model_dump(mode="json") if correction is not None else None}
         print(json.dumps(out, indent=2))
         return 0
+    for warning in ctx.rec.record.warnings:  # the bounds' own warnings are printed with them
+        if warning not in effective.warnings:
+            print(f"localaistack: warning: {warning}", file=sys.stderr)
+    shown = " + ".join(args.hardware or [])
     print(f"{facts.name} on {rules.describe_gpus(machine.gpus)} ({shown or 'detected'})")
     print("\n".join(rules.format_bounds(effective)))
     if correction is not None:
         print(f"estimate {correction.describe()}")
-    if plan is not None:
+    if args.baseline:
         print("baseline:")
         for name, value in plan.params.items():
             print(f"  {name} = {value}    <- {plan.provenance.get(name, '')}")
-        print("argv: " + " ".join(knobs.build_argv(facts.path or args.model, plan.params, user.passthrough)))
+        print("argv: " + " ".join(result.argv))
     return 0

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from smartrun.cli import positive_seconds
+from smartrun.contracts import GOALS
 from smartrun.errors import SmartRunError
-from smartrun.rules import GOALS
 
 
 def register(subparsers) -> None:

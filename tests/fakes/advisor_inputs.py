@@ -6,12 +6,10 @@ import json
 from typing import Any
 
 from smartrun.advisor import AdviceContext, LLMSettings, OpenAITransport
+from smartrun.contracts import Bounds, KnobBound, Plan, Proposal, Rejection, Verdict
 from smartrun.hardware import GpuInfo, HardwareSnapshot
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
-from smartrun.plan import Plan, Proposal, Rejection
-from smartrun.rules import Bounds, KnobBound
-from smartrun.validate import Verdict
 
 FAKE_KEY = "sk-test-DISTINCTIVE-7f3a9c"  # must never show up in a prompt, error or record
 
