@@ -674,6 +674,47 @@ def _rank_weight_bytes(
     return total
 
 
+_MIB = 1 << 20
+
+
+def _allocator_block_bytes(n: int) -> int:
+    """Bytes PyTorch's CUDA caching allocator counts as allocated for one fresh n-byte tensor.
+
+    Why: "Loading model weights took" is torch.cuda.max_memory_allocated after load minus before
+    (vllm/platforms/cuda.py get_current_memory_usage, 0.7.0), and that counts whole blocks. A
+    request of 10 MiB or more gets its own segment rounded up to 2 MiB, and the rest is split off
+    only when it is more than 1 MiB (c10/cuda/CUDACachingAllocator.cpp get_allocation_size,
+    kRoundLarge; should_split, kSmallSize); smaller requests are split from shared segments.
+    """
+    size = -(-n // 512) * 512
+    if size < 10 * _MIB:
+        return size
+    segment = -(-size // (2 * _MIB)) * (2 * _MIB)
+    return segment if segment - size <= _MIB else size
+
+
+def allocator_rounding_bytes(model: ModelFacts, dtype: str, tp: int, stage: RankWeights) -> int:
+    """Bytes the caching allocator holds beyond one rank's large unquantized tensors (linears, fused
+    experts, embedding, LM head, rope cache): each is its own 2 MiB-rounded segment whose tail of
+    at most 1 MiB stays in the block (see _allocator_block_bytes). vsl-019 (Qwen2-14B, TP 2): 3.5
+    MiB a layer, 0.16 GiB a rank. Quantized layouts are not split into tensors here: 0 (the estimate
+    keeps the fitted load slack for them)."""
+    if _quant_layout(model) is not None:
+        return 0
+    dtype_bytes = DTYPE_BYTES[dtype]
+    tensors: list[int] = []
+    for idx in stage.layers:
+        attn, _ = _attention_shapes(model, tp)
+        tensors += [s.n_in * s.n_out * s.count * dtype_bytes for s in attn + _mlp_shapes(model, idx, tp)]
+    vocab = math.ceil(model.vocab_size / VOCAB_PADDING) * VOCAB_PADDING // tp * model.hidden_size * dtype_bytes
+    if stage.first:
+        tensors.append(vocab)
+    if stage.last and (not model.tie_word_embeddings or not stage.first):
+        tensors.append(vocab)
+    tensors.append(_rope_cache_params(model) * dtype_bytes)
+    return sum(_allocator_block_bytes(n) - n for n in tensors)
+
+
 def weights_per_rank(
     model: ModelFacts, dtype: str, tp: int, pp: int, mxfp4_pad: tuple[int, int] | None = None
 ) -> list[RankWeights]:
@@ -1056,7 +1097,10 @@ def _stage_budgets(
         for gpu in gpus[stage_idx * tp : (stage_idx + 1) * tp]:
             total = gpu.cuda_total_bytes
             requested = math.ceil(total * util)
-            weights = int(stage.bytes * (1 + coeffs.weight_load_slack))
+            if profile.allocator_rounding and _quant_layout(model) is None:
+                weights = stage.bytes + allocator_rounding_bytes(model, dtype, tp, stage)
+            else:
+                weights = int(stage.bytes * (1 + coeffs.weight_load_slack))
             absorbed = _mla_absorbed_bytes(model, dtype, tp, len(stage.layers), profile)
             weights = _after_cpu_offload(weights, absorbed, flags.cpu_offload_gb, model, dtype, tp, stage)
             kv = (

@@ -45,6 +45,9 @@ class Profile(Frozen):
     # model dtype: 576 -> 640 elements (vllm/worker/cache_engine.py; absent in 0.7.1 and 0.8.5.post1)
     mla_align_bytes: int = 0
     mla_absorbed_weights: bool = False  # V0 0.7.1-0.7.3: absorbed W_Q_UK / W_UV_O / W_QR copies (mla/utils.py)
+    # Weights as "Loading model weights took" counts them: tensor bytes plus the caching allocator's
+    # kept segment tails (memory.allocator_rounding_bytes) instead of the fitted 0.19 load slack.
+    allocator_rounding: bool = False
     checked_in: tuple[str, ...] = ()  # vLLM releases whose source this profile was read from
     source: str = ""  # what the budget is, in vLLM's own terms
     # Plan-safe band: fraction of the predicted non-KV memory (weights + activation + non-torch
@@ -71,6 +74,7 @@ PROFILES: dict[str, Profile] = {
         tokens_group_aware=False,
         has_160gib_tier=False,
         v0_engine=True,
+        allocator_rounding=True,
         # V0's dummy sampler (SamplingParams(top_p=0.99, top_k=vocab-1)) runs the full top-k/top-p
         # path on every row: fp32 logits, sort values + int64 indices, softmax, cumsum, probs and
         # logprobs (vllm/model_executor/layers/sampler.py). Measured on two T4 startups

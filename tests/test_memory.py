@@ -649,12 +649,12 @@ def test_held_out_summary_meets_the_0_9_and_0_19_targets():
 def test_held_out_set_meets_the_issue_21_figures_it_can_show():
     """Every held-out startup with KV tokens (V0 and V1, six GPU classes named in their logs), the two
     the 0.8 no-NVLink TP figure was read from counted leave-one-out: median |error| <= 3%, none over
-    by more than 5%. Over by more than 1%: vsl-019 (V0 TP 2, +1.4%) and pub-014 leave-one-out (+2.4%);
-    the issue's "at most one in twenty" is not met with 16 cases (PARTIAL), so this pins the count."""
+    by more than 5%. Over by more than 1%: pub-014 leave-one-out (+2.4%) only (vsl-019 was +1.4% until
+    the V0 weights counted the allocator's segment tails); this pins the count."""
     done = bench.done_when(ALL_ROWS, bench.leave_one_out_errors(CONFIGS))
     assert set(done["leave_one_out"]) == {"pub-014", "pub-015"}  # the 0.8 no-NVLink TP figure's sources
     assert done["n"] >= 18 and len(done["gpu_classes"]) >= 6
-    assert done["median_abs_pct"] <= 3 and done["over_5pct"] == 0 and done["over_1pct"] <= 2
+    assert done["median_abs_pct"] <= 3 and done["over_5pct"] == 0 and done["over_1pct"] <= 1
 
 
 def test_v0_0_7_2_and_0_7_3_pad_the_mla_entry_to_256_bytes():
@@ -712,8 +712,8 @@ def test_v0_mla_keeps_absorbed_matrices_and_cpu_offload_keeps_the_non_layer_weig
     assert HELD_OUT["pub-016"]["w_pred"] == pytest.approx(0.8008, abs=0.01)
     flags = EngineFlags(max_model_len=4096)
     v07 = estimate(DSV2, [H100], flags, "0.7.3").weights_gib
-    v08 = estimate(DSV2, [H100], flags, "0.8.5").weights_gib
-    assert v07 - v08 == pytest.approx(27 * 16 * (2048 * 512 * 2 + 2048 * 64) * 2 / GIB, abs=0.02)
+    v070 = estimate(DSV2, [H100], flags, "0.7.0").weights_gib  # V0 before the absorption
+    assert v07 - v070 == pytest.approx(27 * 16 * (2048 * 512 * 2 + 2048 * 64) * 2 / GIB, abs=0.02)
 
 
 def test_native_topk_topp_sort_is_counted_where_the_wheel_had_no_flashinfer():
@@ -752,3 +752,33 @@ def test_cli_reports_the_profiles_uncertainty_and_the_plan_safe_figure(capsys):
     assert rc == 0
     assert "(0.6)" in out  # 0.8 on a T4 runs the V0 engine
     assert "plan-safe KV tokens" in out and "uncertainty" in out and "profile 0.6" in out
+
+
+def test_v0_weights_count_the_caching_allocators_segment_tails():
+    """V0's "Loading model weights took" is torch.cuda.max_memory_allocated after load minus before
+    (vllm/platforms/cuda.py get_current_memory_usage, 0.7.0). A tensor of 10 MiB or more gets its own
+    segment rounded up to 2 MiB, and a tail of at most 1 MiB is not split off (PyTorch
+    CUDACachingAllocator). vsl-019 (Qwen2-14B, TP 2: qkv 35, o 25, gate_up 135, down 67.5 MiB per rank)
+    keeps 3.5 MiB a layer: 13.95 GiB printed, 13.81 predicted before, and its KV tokens were +1.4%."""
+    from smartrun.memory import _allocator_block_bytes
+
+    mib = 1 << 20
+    assert _allocator_block_bytes(35 * mib) == 36 * mib  # 1 MiB tail: kept
+    assert _allocator_block_bytes(int(67.5 * mib)) == 68 * mib
+    assert _allocator_block_bytes(int(24.5 * mib)) == int(24.5 * mib)  # 1.5 MiB tail: split off
+    assert _allocator_block_bytes(32 * mib) == 32 * mib and _allocator_block_bytes(5 * mib) == 5 * mib
+    row = HELD_OUT["vsl-019"]
+    assert row["w_pred"] == pytest.approx(row["w_real"], abs=0.02)
+    assert 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1.0
+    v0 = [r for r in HELD_OUT.values() if r["profile"] == "0.6" and r["w_real"] and r["quant"] == "none"]
+    assert len(v0) >= 9 and all(r["w_pred"] == pytest.approx(r["w_real"], rel=0.01) for r in v0)
+
+
+def test_no_reference_startup_over_predicts_kv_tokens_by_more_than_1pct():
+    """Issue 18: every startup with printed KV tokens (the 0.19 sweep and the held-out ones)."""
+    over = {
+        r["id"]: 100 * (r["tok_pred"] / r["tok_real"] - 1)
+        for r in ALL_ROWS
+        if r["tok_real"] and r["tok_pred"] > 1.01 * r["tok_real"]
+    }
+    assert not over, over
