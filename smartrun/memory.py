@@ -685,6 +685,7 @@ def _allocator_block_bytes(n: int) -> int:
     request of 10 MiB or more gets its own segment rounded up to 2 MiB, and the rest is split off
     only when it is more than 1 MiB (c10/cuda/CUDACachingAllocator.cpp get_allocation_size,
     kRoundLarge; should_split, kSmallSize); smaller requests are split from shared segments.
+    Assumes PyTorch's default allocator config (expandable_segments off, as V0 leaves it).
     """
     size = -(-n // 512) * 512
     if size < 10 * _MIB:
