@@ -37,7 +37,7 @@ KNEE_GAIN = _TUNE.knee_gain
 PLACEMENT = ("data_parallel_size", "tensor_parallel_size")  # rungs that move GPUs between replicas and TP
 MAX_ERROR_RATE = 0.01  # a round with more failed requests than this is not a candidate
 
-RoundSource = Literal["baseline", "rules", "llm"]
+RoundSource = Literal["baseline", "rules", "llm", "defaults"]
 
 
 class TuneSettings(Frozen):
@@ -47,6 +47,7 @@ class TuneSettings(Frozen):
     slo_p95_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
     min_gain: float = Field(0.03, ge=0, le=1)  # a fraction: 1 = a step must double tokens/s
     probe: ProbeSettings = ProbeSettings(concurrency=32, duration_s=15.0, max_requests=5000)
+    vs_defaults: bool = False  # also measure plain `vllm serve` with only the user's flags, as the yardstick
 
 
 class TuneRound(Frozen):
@@ -88,6 +89,7 @@ class TuningReport(Frozen):
     fell_back: bool = False  # the server was restarted on the chosen plan at the end
     settings: TuneSettings
     llm_exchanges: tuple[dict[str, Any], ...] = ()  # tune prompts and replies, when an LLM proposed the steps
+    defaults: TuneRound | None = None  # --tune-vs-defaults: plain `vllm serve` with only the user's flags
 
     @property
     def baseline_tokens_per_s(self) -> float | None:
@@ -113,6 +115,14 @@ class TuningReport(Frozen):
         uplift = f", {best / base - 1:+.0%} over the baseline" if base and best else ""
         chosen = " ".join(f"{short(k)}={_fmt(self.chosen.params.get(k))}" for k in LADDER if k in self.chosen.params)
         lines.append(f"chosen: round {self.chosen_round} ({chosen}){uplift}; stopped: {self.stopped_because}")
+        if self.defaults is not None:
+            d = self.defaults
+            if d.tokens_per_s and best:
+                lines.append(f"plain vLLM defaults (your flags only): {d.tokens_per_s:,.1f} tok/s; the chosen "
+                             f"configuration is {best / d.tokens_per_s:.2f}x that, the starting plan "
+                             f"{(base or 0.0) / d.tokens_per_s:.2f}x")
+            else:
+                lines.append(f"plain vLLM defaults (your flags only): {d.failure or 'not measured'}")
         if not self.slo_met:
             lines.append(f"warning: no configuration met the SLO p95 <= {self.slo_p95_ms:g} ms; kept the lowest p95")
         return "\n".join(lines)
@@ -403,6 +413,9 @@ def _tuning_loop(plan: Plan, bounds: Bounds, server: Any, restart: Restart, sett
     rounds = [first]
     say(f"tune: round 0 baseline: {_result_line(first)}")
     best_i, best_plan, running_plan = 0, plan, plan
+    defaults = None
+    if settings.vs_defaults and first.result is not None:
+        defaults, server, running_plan = _measure_defaults(plan, bounds, restart, probe, settings, say)
     stopped = f"{settings.rounds} round(s) done"
     if first.result is None:
         stopped = "the running server could not be measured"
@@ -456,10 +469,28 @@ def _tuning_loop(plan: Plan, bounds: Bounds, server: Any, restart: Restart, sett
     report = TuningReport(rounds=tuple(rounds), chosen=chosen, chosen_round=best_i,
                           slo_p95_ms=settings.slo_p95_ms,
                           slo_met=settings.slo_p95_ms is None or rounds[best_i].meets_slo,
-                          stopped_because=stopped, fell_back=fell_back, settings=settings)
+                          stopped_because=stopped, fell_back=fell_back, settings=settings, defaults=defaults)
     for line in report.table().splitlines():
         say(f"tune: {line}")
     return TuningOutcome(report=report, server=server)
+
+
+def _measure_defaults(plan: Plan, bounds: Bounds, restart: Restart, probe: Callable[[Any], ProbeResult | str],
+                      settings: TuneSettings, say: Callable[[str], None]) -> tuple[TuneRound, Any, Plan]:
+    """The yardstick: plain `vllm serve` with only the flags the user typed (their pins) and vLLM's defaults
+    for the rest, measured with the same probe; then back on the plan. Never a candidate for the choice."""
+    mine = {k: v for k, v in plan.params.items() if (b := bounds.knobs.get(k)) is not None and b.pinned}
+    yardstick = TuneRound(index=0, source="defaults", params=mine, reason="plain vllm serve with your flags only")
+    say("tune: measuring plain vLLM defaults (your flags only) as the yardstick")
+    ok, started = restart(Plan(params=mine, source=plan.source, reason="plain vLLM defaults"))
+    if ok:
+        yardstick = _measured(yardstick, probe(started), settings)
+        say(f"tune: plain vLLM defaults: {_result_line(yardstick)}")
+    else:
+        why = _failure_text(started)
+        yardstick = yardstick.model_copy(update={"started": False, "failure": f"did not start: {why}"})
+        say(f"tune: plain vLLM defaults did not start ({why})")
+    return yardstick, _restart_best(restart, plan, say), plan
 
 
 def _measured(r: TuneRound, result: ProbeResult | str, settings: TuneSettings) -> TuneRound:
@@ -647,6 +678,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"output tokens per request (default {d.probe.output_tokens})")
     add("--probe-max-requests", type=int, default=None, metavar="N",
         help=f"requests per probe at most (default {d.probe.max_requests})")
+    add("--tune-vs-defaults", action="store_true", default=None,
+        help="also measure plain vllm serve with only your flags (one more restart), as the yardstick")
 
 
 def settings_from_args(args: argparse.Namespace) -> TuneSettings:
@@ -670,7 +703,8 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
         max_requests=pick("probe_max_requests", d.probe.max_requests),
     )
     flags = {"rounds": "--tune-rounds", "slo_p95_ms": "--slo-p95-ms", "min_gain": "--tune-min-gain"}
-    values = {"rounds": g("tune_rounds"), "slo_p95_ms": g("slo_p95_ms"), "min_gain": g("tune_min_gain")}
+    values = {"rounds": g("tune_rounds"), "slo_p95_ms": g("slo_p95_ms"), "min_gain": g("tune_min_gain"),
+              "vs_defaults": g("tune_vs_defaults")}
     try:
         return TuneSettings(probe=probe, **{k: v for k, v in values.items() if v is not None})
     except ValidationError as err:

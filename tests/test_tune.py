@@ -548,3 +548,35 @@ def test_the_ladder_and_its_steps_come_from_the_policy():
 
     assert load().tune.ladder == tune.LADDER and load().tune.util_step == tune.UTIL_STEP
     assert tune.short("data_parallel_size") == "dp"
+
+
+@pytest.mark.parametrize(("perf", "pins", "starts"), [
+    ("compute_bound,graph_per_seq_gib=0.01", {"max_num_seqs": 4}, True),  # the user typed --max-num-seqs 4
+    ("compute_bound", {}, False),  # vLLM's 256 sequences at util 0.9 overrun the graph memory
+])
+def test_vs_defaults_measures_plain_vllm_with_only_the_users_flags_and_never_chooses_it(perf, pins, starts):
+    b = bounds(seqs=(1, 64), pinned=pins)
+    settings = tune.TuneSettings(rounds=2, vs_defaults=True,
+                                 probe=ProbeSettings(concurrency=64, prompt_tokens=512, output_tokens=128))
+    outcome, sim = simulated(perf, b, STABLE, settings)
+    report = outcome.report
+    assert report.defaults is not None and report.defaults.source == "defaults"
+    assert report.defaults.params == pins  # vLLM's defaults for everything the user did not type
+    assert report.defaults.started is starts and report.chosen.params != report.defaults.params
+    assert outcome.server.params == report.chosen.params  # back on the chosen plan, never left on the yardstick
+    line = report.table().splitlines()[-1]
+    if starts:
+        want = sim.expected(pins).tokens_per_s
+        assert report.defaults.tokens_per_s == pytest.approx(want)
+        assert line.startswith("plain vLLM defaults (your flags only): ") and "the starting plan" in line
+    else:
+        assert line.startswith("plain vLLM defaults (your flags only): did not start")
+
+
+def test_vs_defaults_is_a_tune_flag():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    tune.add_arguments(parser)
+    assert tune.settings_from_args(parser.parse_args(["--tune", "--tune-vs-defaults"])).vs_defaults is True
+    assert tune.settings_from_args(parser.parse_args(["--tune"])).vs_defaults is False

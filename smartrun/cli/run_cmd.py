@@ -91,7 +91,7 @@ def request_from_args(args: argparse.Namespace) -> Any:
     tune_options: dict[str, Any] = {}
     given = [f"--{name.replace('_', '-')}" for name in ("tune_rounds", "tune_min_gain", "slo_p95_ms",
              "probe_concurrency", "probe_duration", "probe_prompt_tokens", "probe_output_tokens",
-             "probe_max_requests") if getattr(args, name, None) is not None]
+             "probe_max_requests", "tune_vs_defaults") if getattr(args, name, None) is not None]
     if given and not args.tune:  # silently not tuning would surprise whoever typed them
         raise InputError(f"{given[0]}: only used with --tune")
     if args.smart_run_strict and not args.smart_run:  # as LocalAIStack: strict without smart-run is an error
