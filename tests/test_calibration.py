@@ -11,7 +11,7 @@ import pytest
 from conftest import FIXTURES
 from fakes import hidden_memory
 
-from smartrun import calibration, memory, pipeline
+from smartrun import calibration, hardware, memory, pipeline
 from smartrun.calibration import Correction, Figures, Observation, Store, learn
 from smartrun.cli import main
 from smartrun.session import load_record
@@ -237,7 +237,7 @@ def test_a_surplus_grows_the_estimate_only_after_two_agreeing_startups():
 def test_a_replayed_record_from_before_calibration_stays_uncalibrated(tmp_path):
     record = load_record(FIXTURES / "sessions" / "kv-too-small-recovered.json")
     assert record.calibration.used is None
-    snapshot = pipeline.HardwareSnapshot.model_validate(record.hardware)
+    snapshot = hardware.HardwareSnapshot.model_validate(record.hardware)
     Store().add(*calibration.key(snapshot, record.vllm.get("version")), ["GPU"], [_seen(5.0)])
     assert calibration.for_machine(snapshot, record.vllm.get("version"))[0].non_kv_gib == 5.0
     out = pipeline.replay(record)

@@ -20,6 +20,7 @@ from fakes import install_vllm_shim
 from smartrun import launch, pipeline
 from smartrun.cli import main
 from smartrun.contracts import Plan
+from smartrun.pipeline import launching
 from smartrun.session import load_record
 
 SMALL = FIXTURES / "models" / "qwen2.5-0.5b-instruct"
@@ -122,10 +123,10 @@ def test_readiness_refuses_a_server_that_does_not_list_the_served_name(tmp_path,
 
 def test_the_tuners_probe_asks_for_the_served_name():
     request = pipeline.RunRequest(model=REPO_ID, tune=True, tune_options={"probe": {"model": None}, "rounds": 2})
-    asked = pipeline._probe_served_name(request, ("--host", "127.0.0.1", "--served-model-name", REPO_ID))
+    asked = launching.probe_served_name(request, ("--host", "127.0.0.1", "--served-model-name", REPO_ID))
     assert asked.tune_options["probe"]["model"] == REPO_ID and asked.tune_options["rounds"] == 2
     mine = request.model_copy(update={"tune_options": {"probe": {"model": "mine"}}})
-    assert pipeline._probe_served_name(mine, ("--served-model-name", REPO_ID)) is mine
+    assert launching.probe_served_name(mine, ("--served-model-name", REPO_ID)) is mine
 
 
 # ---------------------------------------------------------------------------- output

@@ -1,0 +1,232 @@
+"""The replay composition root: a session record served back as the run's sources, then compared."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from smartrun.calibration import Correction
+from smartrun.contracts import Plan
+from smartrun.errors import SmartRunError
+from smartrun.hardware import HardwareSnapshot
+from smartrun.model import ModelFacts
+from smartrun.pipeline.context import BoundsInput, RunResult, Sources, new_record
+from smartrun.pipeline.request import RunRequest
+from smartrun.pipeline.run import run
+from smartrun.session import (
+    CacheEntry,
+    CacheKey,
+    CacheRecord,
+    LaunchAttemptRecord,
+    LLMExchangeRecord,
+    RecordError,
+    SessionRecord,
+    check_replay,
+    validation_problem,
+)
+
+
+class _RecordedLLMError(SmartRunError):
+    """Stands in for an LLM transport error whose class could not be re-created in replay."""
+
+
+class ReplayTransport:
+    """Serves the recorded LLM replies (or errors) in order; asking for more than was recorded diverges."""
+
+    def __init__(self, exchanges: list[LLMExchangeRecord], budget_s: float | None = None):
+        self._items: Iterator[LLMExchangeRecord] = iter(list(exchanges))
+        if isinstance(budget_s, int | float) and budget_s > 0:
+            self.budget_s = float(budget_s)  # the recorded --llm-timeout: the advisor charges the same times
+
+    def complete(self, messages: Any, schema: Any = None, **_options: Any) -> Any:
+        from smartrun import advisor
+        from smartrun.errors import ReplayDivergence
+
+        item = next(self._items, None)
+        if item is None:
+            raise ReplayDivergence("replay diverged: the pipeline asked the LLM more often than the record holds")
+        if item.error is not None and item.reply is None:  # with a reply, the error is the advisor's verdict
+            raise _rebuild_error(item.error)
+        return _validated(advisor.LLMReply, item.reply, "llm_exchanges[].reply")
+
+
+def _replayable_errors() -> dict[str, type[Exception]]:
+    """The only errors a recorded LLM exchange may name: what the advisor's transport raises on purpose."""
+    from smartrun import advisor, errors
+
+    classes = (errors.AdvisorError, advisor.LLMUnavailable, advisor.ReplyParseError)
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes}
+
+
+def _rebuild_error(error: dict[str, str]) -> Exception:
+    """The recorded error, rebuilt from an allow-list by name: a record is data, so nothing it names is
+    imported or instantiated (`os.system`, `builtins.OSError`...); anything else replays as a recorded error."""
+    message = str(error.get("message", "recorded LLM error"))
+    cls = _replayable_errors().get(str(error.get("type", "")))
+    return cls(message) if cls is not None else _RecordedLLMError(message)
+
+
+class ReplayServer:
+    """A healthy server in replay: nothing runs, so nothing to wait for or stop."""
+
+    def wait(self) -> int:
+        return 0
+
+    def stop(self) -> None:
+        return None
+
+
+class ReplayLauncher:
+    """Serves the recorded launch attempts in order (prepare: the argv and env that were really used)."""
+
+    def __init__(self, attempts: list[LaunchAttemptRecord]):
+        self._all = list(attempts)
+        self._items: Iterator[LaunchAttemptRecord] = iter(self._all)
+        self._prepared = 0
+
+    def prepare(self, plan: Plan, argv: Any) -> tuple[list[str], dict[str, str], list[str]]:
+        item = self._all[self._prepared] if self._prepared < len(self._all) else None
+        self._prepared += 1
+        return (list(item.argv), dict(item.env), []) if item else (list(argv), {}, [])
+
+    def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> Any:
+        from smartrun import launch
+        from smartrun.errors import ReplayDivergence
+
+        item = next(self._items, None)
+        if item is None:
+            raise ReplayDivergence("replay diverged: the pipeline launched more often than the record holds")
+        attempt = _validated(launch.LaunchAttempt, item.attempt, "launch_attempts[].attempt")
+        return attempt, (ReplayServer() if item.healthy else None)
+
+
+class RecordedCache:
+    """The saved-parameters lookup as it was at record time; stores go nowhere."""
+
+    def __init__(self, cache: CacheRecord):
+        self.cache = cache
+
+    def lookup(self, key: CacheKey) -> CacheEntry | None:
+        if self.cache.entry is None:
+            return None
+        return _validated(CacheEntry, self.cache.entry, "cache.entry")
+
+    def store(self, entry: CacheEntry) -> None:
+        return None
+
+
+class RecordedCalibration:
+    """The correction the record planned with (none in records older than calibration); stores go nowhere."""
+
+    problems: list[str] = []
+
+    def __init__(self, record: SessionRecord):
+        self.used = record.calibration.used
+
+    def correction(self, machine: str, vllm_version: str) -> Correction | None:
+        return None if self.used is None else _validated(Correction, self.used, "calibration.used")
+
+    def add(self, *_: Any) -> None:
+        return None
+
+
+def replay_sources(record: SessionRecord) -> Sources:
+    """Sources that serve exactly what the record holds."""
+    try:
+        started = datetime.fromisoformat(record.started_at.replace("Z", "+00:00"))
+    except ValueError:
+        raise RecordError(f"session record: started_at {record.started_at!r} is not an ISO time") from None
+    for key in ("version", "bin"):
+        if not isinstance(record.vllm.get(key), str | None):
+            raise RecordError(f"session record: vllm.{key} {record.vllm.get(key)!r} is not text")
+    return Sources(
+        hardware=lambda: _recorded(HardwareSnapshot, record.hardware, record),
+        model=lambda _model: _recorded(ModelFacts, record.model, record),
+        bounds=lambda: _recorded_bounds(record),
+        transport=(ReplayTransport(record.llm_exchanges, record.llm.get("timeout_s"))
+                   if record.llm.get("configured") else None),
+        launcher=lambda *_: ReplayLauncher(record.launch_attempts),
+        cache=RecordedCache(record.cache),
+        vllm=lambda: (record.vllm.get("version"), record.vllm.get("bin")),
+        clock=lambda: started,
+        monotonic=lambda: 0.0,
+        llm_info=dict(record.llm),
+        tune=lambda **_: record.tuning or {},
+        supervise=False,
+        replaying=True,
+        calibration=RecordedCalibration(record),
+    )
+
+
+def _recorded(cls: type, data: dict[str, Any] | None, record: SessionRecord) -> Any:
+    if data is None:  # the recorded run failed before this stage: fail the same way
+        raise _recorded_failure(record)
+    return _validated(cls, data, cls.__name__)
+
+
+def _validated(cls: Any, data: Any, what: str) -> Any:
+    """A recorded part as its model; a hand-edited part that no longer fits is an InputError, not a traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise RecordError(f"session record: {what} is invalid {validation_problem(err)}") from err
+
+
+def _recorded_failure(record: SessionRecord) -> SmartRunError:
+    from smartrun import errors
+
+    cls = getattr(errors, str(record.outcome.get("error_type")), SmartRunError)
+    if not (isinstance(cls, type) and issubclass(cls, SmartRunError)):
+        cls = SmartRunError
+    return cls(str(record.outcome.get("message", "recorded failure")))
+
+
+def _recorded_bounds(record: SessionRecord) -> BoundsInput:
+    """The recorded file text, loaded under its recorded name so `bounds:<file>:<line>` provenance matches."""
+    from smartrun import bounds
+
+    info = record.bounds_file
+    if info is None:
+        raise _recorded_failure(record)
+    if not isinstance(info.get("text"), str) or not isinstance(info.get("path"), str | None):
+        raise RecordError("session record: bounds_file needs its text (and path) as strings")
+    name = bounds.BUILTIN_NAME if info.get("builtin") else info.get("path")
+    return BoundsInput(path=info.get("path"), text=info["text"], loaded=bounds.load_text(info["text"], name),
+                       builtin=bool(info.get("builtin")))
+
+
+@dataclass
+class ReplayResult:
+    record: SessionRecord  # the original
+    replayed: SessionRecord  # what the replay produced
+    divergence: str | None = None
+    result: RunResult | None = None
+    error: SmartRunError | None = None
+
+
+def replay(record: SessionRecord) -> ReplayResult:
+    """Re-run the pipeline from the record's sources and compare every decision; ReplayDivergence on the first miss."""
+    from smartrun.errors import ReplayDivergence
+
+    request = _validated(RunRequest, record.request, "request")
+    sources = replay_sources(record)
+    replayed = new_record(request, sources)
+    out = ReplayResult(record=record, replayed=replayed)
+    try:
+        out.result = run(request, sources, write=False, record=replayed)
+    except (ReplayDivergence, RecordError):
+        raise
+    except SmartRunError as err:  # a recorded failure replays as the same failure
+        out.error = err
+    except (ValueError, TypeError, AttributeError, KeyError, ArithmeticError) as err:
+        # a record written by a run never gets here; a hand-edited value that fits the schema but not the stages does
+        raise RecordError(f"session record: replay cannot use a recorded value ({type(err).__name__}: {err}); "
+                          "was the record edited by hand?") from None
+    check_replay(record.decisions, out.replayed.decisions)
+    if out.error is not None and record.outcome.get("status") != "error":
+        raise ReplayDivergence(f"replay failed where the record succeeded: {out.error.message}")
+    return out
