@@ -182,7 +182,7 @@ class _Server:
 def tune_case(case: Case, rounds: int) -> dict[str, Any] | None:
     """The tuning loop from the --goal throughput plan: (start, tuned, vllm, best) tokens/s and the steps taken."""
     from smartrun import validate
-    from smartrun.plan import Plan
+    from smartrun.contracts import Plan
     from smartrun.probe import ProbeResult, ProbeSettings
     from smartrun.tune import TuneSettings, run_tuning
 

@@ -314,7 +314,7 @@ class OpenAITransport:
 
     def complete(self, messages: list[dict], schema: dict, *, max_tokens: int | None = None,
                  budget_s: float | None = None) -> LLMReply:
-        from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
+        from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, stop_any
 
         budget = self.settings.timeout_s if budget_s is None else budget_s
         self.client()  # built before the clock starts: loading TLS certificates is not the server's time
@@ -325,7 +325,7 @@ class OpenAITransport:
             return deadline - time.monotonic() - (getattr(state, "upcoming_sleep", 0.0) or 0.0) < min(1.0, budget / 10)
 
         retrying = Retrying(
-            stop=stop_after_attempt(self.settings.max_attempts) | out_of_time,
+            stop=stop_any(stop_after_attempt(self.settings.max_attempts), out_of_time),  # type: ignore[arg-type]  # any callable of the retry state stops
             wait=self._wait(deadline),
             retry=retry_if_exception_type(_Transient),
             sleep=self._sleep,
@@ -540,12 +540,13 @@ def _value_type(knob: KnobSpec) -> Any:
     _, kind, low, high, choices = knob
     if choices is not None:
         return Literal[choices]
-    limits = {k: v for k, v in (("ge", low), ("le", high)) if v is not None}
+    limits: dict[str, Any] = {k: v for k, v in (("ge", low), ("le", high)) if v is not None}
     if kind == "int":
-        return Annotated[int, Field(strict=True, **{k: int(v) for k, v in limits.items()})]
+        int_limits: dict[str, Any] = {k: int(v) for k, v in limits.items()}
+        return Annotated[int, Field(strict=True, **int_limits)]
     if kind == "float":
         grid = _float_grid(low, high)
-        extra = {"json_schema_extra": {"enum": grid}} if grid else {}
+        extra: dict[str, Any] = {"json_schema_extra": {"enum": grid}} if grid else {}
         return Annotated[float, Field(strict=True, **limits, **extra)]
     if kind == "bool":
         return StrictBool
@@ -581,7 +582,8 @@ def _knob_specs(bounds: Bounds, knobs: list[str] | None = None) -> tuple[KnobSpe
 @lru_cache(maxsize=64)
 def _derived(specs: tuple[KnobSpec, ...]) -> type[Reply]:
     entries = [create_model(f"Change_{spec[0]}", __base__=_StrictChange,
-                            knob=(Literal[spec[0]], ...), value=(_value_type(spec), ...),
+                            knob=(Literal[spec[0]], ...),  # type: ignore[arg-type]  # a Literal made at run time
+                            value=(_value_type(spec), ...),
                             reason=(Annotated[str, Field(max_length=REASON_CHARS)], ...))
                for spec in specs]
     item: Any = Union[tuple(entries)] if len(entries) > 1 else (entries[0] if entries else ReplyChange)  # noqa: UP007
@@ -605,7 +607,7 @@ def _inline(schema: Any, defs: dict[str, Any] | None = None) -> Any:
         defs = schema.get("$defs", {})
     if isinstance(schema, dict):
         if "$ref" in schema:
-            return _inline(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+            return _inline((defs or {})[schema["$ref"].rsplit("/", 1)[-1]], defs)
         return {k: _inline(v, defs) for k, v in schema.items() if k not in ("$defs", "title")}
     if isinstance(schema, list):
         return [_inline(v, defs) for v in schema]

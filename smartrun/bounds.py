@@ -321,7 +321,7 @@ def _disjoint(a: dict, b: dict) -> bool:
     lo = max((x for x in (_ok_number(a, "min"), _ok_number(b, "min")) if x is not None), default=None)
     hi = min((x for x in (_ok_number(a, "max"), _ok_number(b, "max")) if x is not None), default=None)
     if va is not None or vb is not None:
-        vals = [v for v in (va or vb) if _number(v)]
+        vals = [v for v in (va or vb or []) if _number(v)]
         return bool(vals) and all((lo is not None and v < lo) or (hi is not None and v > hi) for v in vals)
     return lo is not None and hi is not None and lo > hi
 
@@ -344,7 +344,7 @@ def _check_goals(data: dict, out: _Problems) -> None:
                 out.add(f"{path}.{key}", f"goals.{goal}: unknown key {key!r} (known: knobs)")
         knobs = table.get("knobs", {})
         _check_knobs(knobs, f"{path}.knobs", out)
-        global_knobs = data.get("knobs") if isinstance(data.get("knobs"), dict) else {}
+        global_knobs: dict = data["knobs"] if isinstance(data.get("knobs"), dict) else {}
         for name, limit in (knobs.items() if isinstance(knobs, dict) else ()):
             other = global_knobs.get(name)
             if isinstance(limit, dict) and isinstance(other, dict) and _disjoint(limit, other):

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from smartrun.errors import InputError
 from smartrun.frozen import Frozen
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 RECENT = 5  # the correction is learned from the last RECENT startups (older ones describe an older machine)
 MAX_KEPT = 20  # observations kept per (machine, vLLM version)
 MIN_AGREEING = 2  # startups that must agree before the estimate grows

@@ -205,7 +205,8 @@ def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str
 
     if not info.flags:
         return list(argv), [f"could not read the flags of {info.path} (serve --help): argv passed unchanged"]
-    out, warnings = [], []
+    out: list[str] = []
+    warnings: list[str] = []
     for token in tokenize(argv, info.arity_of):
         flag = token.flag
         if flag is None or (token.dotted is not None and flag in info.flags):  # -cc.cudagraph_mode=NONE
@@ -326,7 +327,7 @@ class LaunchAttempt(Frozen):
     def failure(self) -> Failure | None:
         if self.failure_class is None:
             return None
-        return Failure(klass=self.failure_class, evidence=self.evidence or "", exit_code=self.exit_code,  # type: ignore[arg-type]
+        return Failure(klass=self.failure_class, evidence=self.evidence or "", exit_code=self.exit_code,
                        estimated_max_model_len=self.estimated_max_model_len, details=self.failure_details)
 
 
@@ -599,9 +600,9 @@ class ProcessLauncher:
         base_url = f"http://{'[' + poll_host + ']' if ':' in poll_host else poll_host}:{port}"
         common = {"params": dict(plan.params), "argv": tuple(argv), "env_changes": dict(env), "base_url": base_url}
         if port_in_use(host if host not in ("",) else "0.0.0.0", port):
-            failure = Failure(klass="port_in_use", evidence=f"{host}:{port} is already in use (checked before "
+            busy = Failure(klass="port_in_use", evidence=f"{host}:{port} is already in use (checked before "
                                                             "starting vllm): [Errno 98] Address already in use")
-            return _failed(failure, **common), None
+            return _failed(busy, **common), None
         _ensure_sigterm_handler()
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -786,7 +787,7 @@ def _cumulative(original: Plan, current: Plan, changes: Sequence[Change], source
             merged[knob] = Change(knob=knob, value=value, reason=current.provenance.get(knob, "earlier recovery"))
     for change in changes:
         merged[change.knob] = change
-    return Proposal(changes=tuple(merged.values()), reason=reason, source=source)  # type: ignore[arg-type]
+    return Proposal(changes=tuple(merged.values()), reason=reason, source=source)
 
 
 def _as_changes(current: Plan, suggestion: Any) -> tuple[list[Change], str]:
@@ -824,18 +825,18 @@ def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Cal
     attempt becomes healthy; KeyboardInterrupt after stopping the child when the user interrupts.
     """
     from smartrun import recovery
+    from smartrun.knobs import build_argv as catalogue_argv
 
-    if build_argv is None:
-        from smartrun.knobs import build_argv
+    make_argv = build_argv if build_argv is not None else catalogue_argv
     model = model_path or getattr(launcher, "model_path", None)
     if model is None:
         raise InputError("run_with_recovery needs model_path (the model argument of vllm serve)")
     attempts: list[LaunchAttempt] = []
     current, stop_reason = plan, None
     for number in range(1, max_attempts + 1):
-        argv = build_argv(model, current.params, tuple(passthrough))
+        argv = make_argv(model, current.params, tuple(passthrough))
         env: dict[str, str] = {}
-        prepare = getattr(launcher, "prepare", None)
+        prepare: Callable[..., Any] | None = getattr(launcher, "prepare", None)
         if prepare is not None:
             argv, env, warnings = prepare(current, argv)
             for warning in warnings:

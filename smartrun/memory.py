@@ -984,14 +984,14 @@ def layer_kinds(model: ModelFacts) -> list[tuple[str, int | None]]:
 def kv_groups(kinds: list[tuple[str, int | None]]) -> list[KVGroup]:
     """vLLM's grouping: group size = fewest layers of one type (or the most, when close), pad the rest."""
     by_type: dict[tuple[str, int | None], int] = {}
-    for kind in kinds:
-        by_type[kind] = by_type.get(kind, 0) + 1
+    for layer in kinds:
+        by_type[layer] = by_type.get(layer, 0) + 1
     if len(by_type) == 1:
         (kind, window), count = next(iter(by_type.items()))
         return [KVGroup(kind=kind, layers=count, window=window)]
     smallest, largest = min(by_type.values()), max(by_type.values())
     size = largest if largest < smallest * 1.25 else smallest
-    groups = []
+    groups: list[KVGroup] = []
     for (kind, window), count in by_type.items():
         groups += [KVGroup(kind=kind, layers=size, window=window)] * math.ceil(count / size)
     return groups

@@ -136,7 +136,7 @@ def _bound_of(acc: _Acc) -> KnobBound:
     numeric = k.type in ("int", "float")
     choices = tuple(acc.choices) if acc.choices is not None else None
     lo, hi = acc.min, acc.max
-    if acc.pinned and numeric:
+    if acc.pinned and numeric and acc.choices:
         choices, lo, hi = None, acc.choices[0], acc.choices[0]
     return KnobBound(
         knob=k.name, min=None if choices is not None else lo, max=None if choices is not None else hi,
@@ -206,8 +206,12 @@ def select_gpus(hardware: HardwareSnapshot, count: int) -> list[GpuInfo]:
         return (linked, min(frees), sum(frees), [-g.index for g in combo])
 
     if math.comb(len(gpus), count) <= MAX_GPU_COMBINATIONS:
-        return list(max(itertools.combinations(gpus, count), key=score))
-    return sorted(max(_greedy_gpu_sets(hardware, gpus, count), key=score), key=lambda g: g.index)
+        combos: list[tuple[GpuInfo, ...]] = list(itertools.combinations(gpus, count))
+        best_combo = max(combos, key=score)
+        return list(best_combo)
+    sets = _greedy_gpu_sets(hardware, gpus, count)
+    best = max(sets, key=score)
+    return sorted(best, key=lambda g: g.index)
 
 
 MAX_GPU_COMBINATIONS = 20_000  # every subset up to here (16 GPUs choose 8 is 12,870); greedy beyond
@@ -405,8 +409,8 @@ def _estimate_flags(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFac
         return acc.choices[0] if acc.choices else acc.min
 
     dtype = pins.get("dtype") or choose_dtype(accs["dtype"], facts, hw.gpus)[0]
-    kv = pins.get("kv_cache_dtype") or ("auto" if "auto" in (accs["kv_cache_dtype"].choices or ["auto"])
-                                         else accs["kv_cache_dtype"].choices[0])
+    kv_choices = accs["kv_cache_dtype"].choices or ["auto"]
+    kv = pins.get("kv_cache_dtype") or ("auto" if "auto" in kv_choices else kv_choices[0])
     pp = low("pipeline_parallel_size") or 1
     tps = [t for t in (accs["tensor_parallel_size"].choices or [1]) if t * pp <= len(hw.gpus)] or [1]
     return EngineFlags(
@@ -578,7 +582,7 @@ def _place(bounds: Bounds, name: str, value: Any, why: str, params: dict, prov: 
         return
     placed = _nearest(bound, value)
     params[name] = placed
-    prov[name] = why if placed == value else (
+    prov[name] = why if placed == value or bound is None else (
         f"{why}; {value} moved to {placed} to lie inside {bound.describe()} ({', '.join(bound.sources)})")
 
 

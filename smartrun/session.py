@@ -419,8 +419,9 @@ def _calibration_lines(cal: CalibrationRecord) -> list[str]:
     from smartrun.calibration import Correction, Observation
 
     lines = []
-    for kind, data, model in (("used", cal.used, Correction), *(("measured", o, Observation)
-                                                                 for o in cal.observations)):
+    parts: list[tuple[str, Any, type[Correction] | type[Observation]]] = [
+        ("used", cal.used, Correction), *(("measured", o, Observation) for o in cal.observations)]
+    for kind, data, model in parts:
         try:
             lines.append(f"calib    {model.model_validate(data).describe()}" if data is not None else "")
         except ValidationError:

@@ -104,7 +104,8 @@ def _round_context(c: _Ctx, tokens: int) -> int:
     return _round_down(tokens, step) if tokens >= 8 * step else _round_down(tokens, 16)
 
 
-def _pinned_value(bound: KnobBound) -> Any:
+def _pinned_value(bound: KnobBound | None) -> Any:
+    assert bound is not None  # only asked of a pinned knob, which has a bound
     return bound.choices[0] if bound.choices else bound.min
 
 
@@ -420,7 +421,7 @@ def sized_plan(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, go
         start, start_prov = {**params, "gpu_memory_utilization": util}, dict(prov)
         if util != params["gpu_memory_utilization"]:
             start_prov["gpu_memory_utilization"] = (f"estimate: raised to the band's top {util} so the plan fits "
-                                                    f"({', '.join(util_bound.sources)})")
+                                                    f"({', '.join(util_bound.sources if util_bound else ())})")
         found = _sized_at(c, start, start_prov, floor, native, failures)
         if found is not None:
             plan, est = found
@@ -561,7 +562,7 @@ def suggestions(c: _Ctx, params: dict[str, Any]) -> list[tuple[str, dict[str, An
             if fits(trial):
                 out.append(("--quantization fp8 (online fp8 weights)", trial))
         elif (move == "kv_cache_dtype_fp8" and cc >= need and params.get("kv_cache_dtype", "auto") == "auto"
-              and (c.bound("kv_cache_dtype") is None or c.bound("kv_cache_dtype").contains("fp8"))):
+              and ((kv_bound := c.bound("kv_cache_dtype")) is None or kv_bound.contains("fp8"))):
             trial = {**base, "kv_cache_dtype": "fp8"}
             if fits(trial):
                 out.append(("--kv-cache-dtype fp8", trial))

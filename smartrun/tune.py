@@ -19,11 +19,11 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 
+from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal
 from smartrun.errors import LaunchError, SmartRunError
-from smartrun.plan import Change, Frozen, Plan, Proposal
+from smartrun.frozen import Frozen
 from smartrun.policy import load as load_policy
 from smartrun.probe import ProbeResult, ProbeSettings, make_settings
-from smartrun.rules import Bounds, KnobBound
 
 # The guide's throughput ladder (section 4.3) and its steps, from the policy (smartrun/data/policy.toml):
 # rungs in order; the smallest step worth trying between a good value and a failed one; one utilization
@@ -217,6 +217,7 @@ def _tp_values(bound: KnobBound, gpu_count: int | None) -> list[int]:
 
 def _up(knob: str, value: Any, bound: KnobBound, bounds: Bounds) -> Any:
     """One rung up the ladder for `knob` from `value`, inside the bound; None at the top."""
+    nxt: float | None
     if knob == "data_parallel_size":
         nxt = int(value) * 2
     elif knob == "max_num_seqs":
@@ -765,7 +766,7 @@ def launch_inputs(request: Any, facts: Any) -> tuple[str, tuple[str, ...]]:
     from smartrun.pipeline import launch_passthrough
 
     _, passthrough = launch_passthrough(request)
-    return (getattr(facts, "path", None) or getattr(request, "model", "")), passthrough
+    return str(getattr(facts, "path", None) or getattr(request, "model", "")), passthrough
 
 
 def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, restart: Restart | None = None,

@@ -155,9 +155,7 @@ _FACT_PATTERNS: tuple[tuple[str, re.Pattern[str], Any], ...] = tuple(
     )
 )
 
-_PHASES: tuple[tuple[Phase, re.Pattern[str]], ...] = tuple(
-    (phase, re.compile(pattern))
-    for phase, pattern in (
+_PHASE_PATTERNS: tuple[tuple[Phase, str], ...] = (
         ("ready", r"Application startup complete|Starting vLLM (?:API )?server (?:\d+ )?on|Uvicorn running on"),
         ("capturing_cuda_graphs", r"Capturing CUDA graphs?|Capturing cudagraphs|Graph capturing finished"),
         ("kv_cache_allocated", r"KV cache size: [\d,]+ tokens|# (?:GPU|CUDA) blocks:|Available KV cache memory"),
@@ -165,8 +163,8 @@ _PHASES: tuple[tuple[Phase, re.Pattern[str]], ...] = tuple(
          r"|the current vLLM instance can use|Initial free memory"),
         ("weights_loaded", r"Model loading took|Loading model weights took"),
         ("loading_weights", r"Starting to load model|Loading (?:safetensors|pt) checkpoint shards|Loading weights"),
-    )
 )
+_PHASES: tuple[tuple[Phase, re.Pattern[str]], ...] = tuple((p, re.compile(x)) for p, x in _PHASE_PATTERNS)
 
 
 def phase_of(line: str) -> Phase | None:

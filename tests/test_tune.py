@@ -19,10 +19,9 @@ import httpx
 import pytest
 
 from smartrun import tune, validate
+from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal
 from smartrun.errors import InputError, LaunchError
-from smartrun.plan import Change, Plan, Proposal
 from smartrun.probe import ProbeSettings
-from smartrun.rules import Bounds, KnobBound
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 sys.path.insert(0, str(FAKES))

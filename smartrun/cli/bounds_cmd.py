@@ -64,8 +64,8 @@ def check_command(args: argparse.Namespace) -> int:
         print(f"localaistack: {len(found_problems)} problem(s) in {shown}")
         return 2
     loaded = bounds.load(path) if args.file or path != bounds.BUILTIN_PATH else bounds.builtin()
-    for line in loaded.ineffective():
-        print(f"warning: {line}")
+    for note in loaded.ineffective():
+        print(f"warning: {note}")
     print(f"OK {shown}: {loaded.summary()}")
     return 0
 

@@ -241,6 +241,7 @@ def _tune_stage(ctx: RunContext, plan: Plan, server: Any, launcher: Any,
                 check: Callable[..., Any]) -> tuple[dict[str, Any] | None, Plan, Any]:
     """--tune after a healthy launch: hand over to the tune stage; keep what it chose."""
     rec, result = ctx.rec, ctx.result
+    assert ctx.bounds is not None
     hook = ctx.sources.tune
     if hook is None:
         from smartrun import tune

@@ -92,7 +92,7 @@ def _live_transport(request: RunRequest, env: dict[str, str],
     if settings is None:
         return None, {"configured": False}, []
     key = getattr(settings, "api_key", None)
-    key_text = key.get_secret_value() if hasattr(key, "get_secret_value") else key
+    key_text = key.get_secret_value() if key is not None and hasattr(key, "get_secret_value") else key
     info = {"configured": True, "base_url": getattr(settings, "base_url", None),
             "model": getattr(settings, "model", None), "timeout_s": getattr(settings, "timeout_s", None)}
     return advisor.OpenAITransport(settings), info, [key_text] if key_text else []

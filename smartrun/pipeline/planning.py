@@ -308,6 +308,7 @@ def _from_cache(ctx: RunContext) -> Plan:
                  + "; ".join(f"{r['knob']}={r['value']!r} ({r['reason']})" for r in rejected))
         rec.decide("cache", {"hit": True, "accepted": False, "rejected": rejected}, "saved-parameters")
         return baseline
+    assert verdict.plan is not None
     plan = Plan(params=verdict.plan.params, source="cache", provenance={
         **verdict.plan.provenance, **{c.knob: f"cache: {c.reason}" for c in changes}}, reason="saved parameters")
     record.cache.note = "saved plan re-validated against today's bounds"

@@ -28,9 +28,9 @@ class RecordingTransport:
 
     def complete(self, messages: Any, schema: Any = None, **options: Any) -> Any:
         messages = redact_tree(list(messages), self.recorder.secrets)  # nothing secret goes to the LLM
-        entry = LLMExchangeRecord(kind=self.kind, messages=to_jsonable(list(messages)),
-                                  schema=to_jsonable(schema) if schema is not None else None,
-                                  max_tokens=options.get("max_tokens"))
+        entry = LLMExchangeRecord.model_validate({
+            "kind": self.kind, "messages": to_jsonable(list(messages)),
+            "schema": to_jsonable(schema) if schema is not None else None, "max_tokens": options.get("max_tokens")})
         self.recorder.record.llm_exchanges.append(entry)
         self._last = entry
         started = self.monotonic()

@@ -194,7 +194,7 @@ def _recorded_bounds(record: SessionRecord) -> BoundsInput:
         raise _recorded_failure(record)
     if not isinstance(info.get("text"), str) or not isinstance(info.get("path"), str | None):
         raise RecordError("session record: bounds_file needs its text (and path) as strings")
-    name = bounds.BUILTIN_NAME if info.get("builtin") else info.get("path")
+    name = bounds.BUILTIN_NAME if info.get("builtin") else str(info.get("path"))
     return BoundsInput(path=info.get("path"), text=info["text"], loaded=bounds.load_text(info["text"], name),
                        builtin=bool(info.get("builtin")))
 
