@@ -782,3 +782,14 @@ def test_no_reference_startup_over_predicts_kv_tokens_by_more_than_1pct():
         if r["tok_real"] and r["tok_pred"] > 1.01 * r["tok_real"]
     }
     assert not over, over
+
+
+def test_cli_reads_estimator_flags_as_model_run_does(capsys):
+    """The estimator's flags come from the knob catalogue: 32k, aliases and vLLM's synonyms as in `model run`."""
+    rc = cli_main(["model", "estimate", LLAMA_DIR, "--gpu", "H100", "--gpus", "2", "-tp", "2", "--max-model-len", "32k",
+                   "--dtype", "half", "--no-enable-prefix-caching", "--vllm-version", "0.19", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["max_model_len"] == 32000
+    rc = cli_main(["model", "estimate", LLAMA_DIR, "--gpu", "H100", "--dtype", "float8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("localaistack: --dtype: 'float8'") and err.count("\n") == 1

@@ -10,17 +10,12 @@ from smartrun.errors import EstimateError
 MAX_GPUS = 4096  # far above any node; a typo like --gpus 99999999 must not build a list that size
 
 
-def _model_len(text: str) -> int:
-    """N, or auto/-1 for vLLM's auto-fit."""
-    if text.lower() in ("auto", "-1"):
-        return -1
-    try:
-        value = int(text)
-    except ValueError:
-        raise EstimateError(f"--max-model-len {text!r}: expected an integer or auto") from None
-    if value <= 0:
-        raise EstimateError(f"--max-model-len {text!r}: expected a positive integer or auto")
-    return value
+def engine_knobs() -> list:
+    """The catalogue's entries for the estimator's flags (memory.EngineFlags): declared once, in smartrun.knobs."""
+    from smartrun.knobs import CATALOGUE
+    from smartrun.memory import EngineFlags
+
+    return [CATALOGUE[name] for name in EngineFlags.model_fields if name in CATALOGUE]
 
 
 def register(subparsers) -> None:
@@ -39,16 +34,14 @@ def register(subparsers) -> None:
         "--gpu", metavar="NAME", help='GPU name from the shipped table, e.g. "H100", "RTX 4090"'
     )
     p.add_argument("--gpus", type=int, default=None, metavar="N", help="number of such GPUs (with --gpu)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="N")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F")
-    p.add_argument("--max-model-len", default=None, metavar="N|auto")
-    p.add_argument("--max-num-seqs", type=int, default=None, metavar="N")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N")
-    p.add_argument("--dtype", default="auto", metavar="D")
-    p.add_argument("--kv-cache-dtype", default="auto", metavar="D")
-    p.add_argument("--quantization", default=None, metavar="Q", help="online quantization, e.g. fp8")
-    p.add_argument("--enforce-eager", action="store_true")
+    for k in engine_knobs():  # vLLM's spelling, aliases and domain, as `model run` reads them
+        if k.type == "bool":
+            p.add_argument(k.flag, *k.aliases, dest=k.name, action="store_const", const=True, default=None,
+                           help=k.help)
+            for negative in k.negative_flags:
+                p.add_argument(negative, dest=k.name, action="store_const", const=False, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(k.flag, *k.aliases, dest=k.name, default=None, metavar=k.type.upper(), help=k.help)
     p.add_argument(
         "--vllm-version", default=None, metavar="V", help="default: the installed vllm, else the newest"
     )
@@ -58,7 +51,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _gpus(args: argparse.Namespace):
+def _flags(args: argparse.Namespace):
+    """EngineFlags from the typed flags, each value read as `model run` reads it (32k, auto, half)."""
+    from smartrun.knobs import parse_value
+    from smartrun.memory import EngineFlags
+
+    values = {}
+    for k in engine_knobs():
+        given = getattr(args, k.name, None)
+        if given is not None:
+            values[k.name] = given if k.type == "bool" else parse_value(k, given)
+    return EngineFlags(**values)
+
+
+def _gpus(args: argparse.Namespace, flags):
     from smartrun.memory import GpuSpec
 
     if args.hardware:
@@ -68,11 +74,11 @@ def _gpus(args: argparse.Namespace):
         if not snapshot.gpus:
             raise EstimateError(f"{args.hardware}: the snapshot has no GPU")
         return snapshot
-    for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size),
-                        ("--pipeline-parallel-size", args.pipeline_parallel_size), ("--gpus", args.gpus)):
+    for flag, value in (("--tensor-parallel-size", flags.tensor_parallel_size),
+                        ("--pipeline-parallel-size", flags.pipeline_parallel_size), ("--gpus", args.gpus)):
         if value is not None and not 1 <= value <= MAX_GPUS:
             raise EstimateError(f"{flag} {value}: must be between 1 and {MAX_GPUS}")
-    count = args.gpus if args.gpus is not None else args.tensor_parallel_size * args.pipeline_parallel_size
+    count = args.gpus if args.gpus is not None else flags.tensor_parallel_size * flags.pipeline_parallel_size
     return [GpuSpec.from_name(args.gpu)] * count
 
 
@@ -137,23 +143,12 @@ def _correction(args: argparse.Namespace, gpus):
 
 
 def run(args: argparse.Namespace) -> int:
-    from smartrun.memory import EngineFlags, estimate
+    from smartrun.memory import estimate
     from smartrun.model import inspect
 
     facts = inspect(args.model)
-    flags = EngineFlags(
-        tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=None if args.max_model_len is None else _model_len(args.max_model_len),
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        dtype=args.dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
-        enforce_eager=args.enforce_eager,
-        quantization=args.quantization,
-    )
-    gpus = _gpus(args)
+    flags = _flags(args)
+    gpus = _gpus(args, flags)
     est = estimate(facts, gpus, flags, args.vllm_version, calibration=_correction(args, gpus))
     if args.json:
         print(json.dumps(est.model_dump()))
