@@ -80,7 +80,7 @@ def run_one(shim: Path, info: launch.VllmInfo, hidden: dict, changes: dict, pins
     started = time.monotonic()
     try:
         report = launch.run_with_recovery(plan, b, launcher, check=lambda p: validate.check(b, plan, p),
-                                          on_event=events, model_path="/models/demo-8b")
+                                          on_event=lambda e: events(str(e)), model_path="/models/demo-8b")
         report.server.stop()
         attempts, final, outcome = report.attempts, report.plan, "ready"
     except LaunchError as err:

@@ -160,3 +160,18 @@ class Verdict(Frozen):
     @property
     def accepted(self) -> bool:
         return self.plan is not None
+
+
+class LaunchEvent(Frozen):
+    """One line of launch progress, typed so that no one parses it back from its wording.
+
+    `warning` goes on record, `command` is the line to rerun a healthy start by hand, `progress` the rest.
+    `str()` is the line as shown on a terminal.
+    """
+
+    kind: Literal["progress", "warning", "command"] = "progress"
+    text: str
+
+    def __str__(self) -> str:
+        prefix = {"warning": "warning: ", "command": "to rerun by hand: "}.get(self.kind, "")
+        return prefix + self.text

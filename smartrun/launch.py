@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartrun.argv import with_defaults
-from smartrun.contracts import Change, Plan, Proposal
+from smartrun.contracts import Change, LaunchEvent, Plan, Proposal
 from smartrun.errors import InputError, LaunchError
 from smartrun.fileio import atomic_write_text
 from smartrun.frozen import Frozen
@@ -814,7 +814,7 @@ def _describe_change(before: Plan, after: Plan) -> str:
 
 def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Callable[[Proposal], Any],
                       advisor_recover: Callable[..., Any] | None = None, max_attempts: int = 3,
-                      on_event: Callable[[str], None] = print, model_path: str | None = None,
+                      on_event: Callable[[LaunchEvent], None] = print, model_path: str | None = None,
                       passthrough: Sequence[str] = (), build_argv: Callable[..., list[str]] | None = None,
                       ) -> LaunchReport:
     """Launch; on failure classify, ask the advisor then the ladder, validate, retry; bounded attempts.
@@ -840,32 +840,33 @@ def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Cal
         if prepare is not None:
             argv, env, warnings = prepare(current, argv)
             for warning in warnings:
-                on_event(f"warning: {warning}")
-        on_event(f"attempt {number}/{max_attempts}: {shown_command_line(argv, env)}")
+                on_event(LaunchEvent(kind="warning", text=warning))
+        on_event(LaunchEvent(text=f"attempt {number}/{max_attempts}: {shown_command_line(argv, env)}"))
         attempt, server = launcher.start(current, list(argv), dict(env))
         attempt = attempt.model_copy(update={"number": number})
         attempts.append(attempt)
         if attempt.outcome == "interrupted":
-            on_event(f"attempt {number} interrupted; vllm serve stopped")
+            on_event(LaunchEvent(text=f"attempt {number} interrupted; vllm serve stopped"))
             raise KeyboardInterrupt
         if attempt.outcome == "ready" and server is not None:
             line = shown_command_line(argv, env)
-            on_event(f"vllm serve is ready at {attempt.base_url} (attempt {number}, {attempt.duration_s:.1f} s)")
-            on_event(f"to rerun by hand: {line}")
+            on_event(LaunchEvent(text=f"vllm serve is ready at {attempt.base_url} (attempt {number}, "
+                                      f"{attempt.duration_s:.1f} s)"))
+            on_event(LaunchEvent(kind="command", text=line))
             return LaunchReport(ok=True, attempts=tuple(attempts), plan=current, argv=tuple(argv), env_changes=env,
                                 command_line=line, summary=f"ready after {number} attempt(s)", server=server)
         failure = attempt.failure or Failure(klass="unknown", evidence="no server handle returned")
-        on_event(f"attempt {number} failed: {failure.klass}: {failure.evidence}")
+        on_event(LaunchEvent(text=f"attempt {number} failed: {failure.klass}: {failure.evidence}"))
         if number == max_attempts:
             break
         nxt, stop_reason = _next_plan(plan, current, bounds, failure, attempts, check, advisor_recover, on_event,
                                       recovery)
         if nxt is None:
             break
-        on_event(f"retrying with {_describe_change(current, nxt)}")
+        on_event(LaunchEvent(text=f"retrying with {_describe_change(current, nxt)}"))
         current = nxt
     summary = _summary(attempts, stop_reason)
-    on_event(summary)
+    on_event(LaunchEvent(text=summary))
     error = LaunchError(summary)
     error.report = LaunchReport(ok=False, attempts=tuple(attempts), plan=current, summary=summary)  # type: ignore[attr-defined]
     raise error
@@ -873,7 +874,7 @@ def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Cal
 
 def _next_plan(original: Plan, current: Plan, bounds: Any, failure: Failure, attempts: Sequence[LaunchAttempt],
                check: Callable[[Proposal], Any], advisor_recover: Callable[..., Any] | None,
-               on_event: Callable[[str], None], recovery: Any) -> tuple[Plan | None, str | None]:
+               on_event: Callable[[LaunchEvent], None], recovery: Any) -> tuple[Plan | None, str | None]:
     """The advisor's proposal if the validator accepts it, else the first accepted ladder rung, else Stop."""
     tried = [dict(a.params) for a in attempts]
 
@@ -883,7 +884,7 @@ def _next_plan(original: Plan, current: Plan, bounds: Any, failure: Failure, att
         verdict = check(_cumulative(original, current, changes, source, reason))
         if not verdict.accepted:
             why = "; ".join(f"{r.knob}={r.value}: {r.reason}" for r in verdict.rejections)
-            on_event(f"{source} proposal rejected by the bounds: {why}")
+            on_event(LaunchEvent(text=f"{source} proposal rejected by the bounds: {why}"))
             return None
         if dict(verdict.plan.params) in tried:
             return None
@@ -893,7 +894,7 @@ def _next_plan(original: Plan, current: Plan, bounds: Any, failure: Failure, att
         try:
             suggestion = advisor_recover(current, tuple(attempts), failure)
         except Exception as err:  # the LLM is optional: fall back to the ladder
-            on_event(f"advisor recover failed ({err}); using the recovery ladder")
+            on_event(LaunchEvent(text=f"advisor recover failed ({err}); using the recovery ladder"))
             suggestion = None
         changes, reason = _as_changes(current, suggestion)
         if (got := accept(changes, "llm", reason or "advisor recover")) is not None:
@@ -902,5 +903,5 @@ def _next_plan(original: Plan, current: Plan, bounds: Any, failure: Failure, att
     for proposal in proposals:
         if (got := accept(proposal.changes, "recovery", proposal.reason)) is not None:
             return got, None
-    on_event(f"no recovery: {stop.message()}")
+    on_event(LaunchEvent(text=f"no recovery: {stop.message()}"))
     return None, stop.message()

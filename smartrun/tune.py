@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 
-from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal
+from smartrun.contracts import Bounds, Change, KnobBound, LaunchEvent, Plan, Proposal
 from smartrun.errors import LaunchError, SmartRunError
 from smartrun.frozen import Frozen
 from smartrun.policy import load as load_policy
@@ -714,7 +714,7 @@ def settings_from_args(args: argparse.Namespace) -> TuneSettings:
 
 
 def make_restart(launcher: Any, bounds: Bounds, server: Any, *, model_path: str,
-                 passthrough: tuple[str, ...] = (), on_event: Callable[[str], None] | None = None) -> Restart:
+                 passthrough: tuple[str, ...] = (), on_event: Callable[[LaunchEvent], None] | None = None) -> Restart:
     """restart(plan) over launch.run_with_recovery with one attempt: stops the running server, starts `plan`.
 
     One attempt, no recovery ladder: a configuration that does not start is the tuner's answer, not a

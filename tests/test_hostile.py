@@ -71,7 +71,7 @@ class Launch:
                                           info=self.info, startup_timeout=startup_timeout)
         b = _bounds()
         return launch.run_with_recovery(plan, b, launcher, check=lambda p: validate.check(b, plan, p),
-                                        max_attempts=2, on_event=self.events.append, model_path="/models/m",
+                                        max_attempts=2, on_event=lambda e: self.events.append(str(e)), model_path="/models/m",
                                         passthrough=tuple(passthrough))
 
     def pids(self) -> list[int]:

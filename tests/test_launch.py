@@ -73,7 +73,7 @@ class Rig:
 
     def run(self, plan: Plan, b: Bounds, max_attempts: int = 3, **kw) -> launch.LaunchReport:
         return launch.run_with_recovery(plan, b, self.launcher(**kw), check=lambda p: validate.check(b, plan, p),
-                                        max_attempts=max_attempts, on_event=self.events.append, model_path=MODEL)
+                                        max_attempts=max_attempts, on_event=lambda e: self.events.append(str(e)), model_path=MODEL)
 
     def started_pids(self) -> list[int]:
         rows = [json.loads(x) for x in self.record.read_text().splitlines()] if self.record.exists() else []
@@ -378,7 +378,7 @@ def test_advisor_recover_first_then_the_ladder_all_through_the_validator(rig):
 
     report = launch.run_with_recovery(rig.plan(), bounds(), rig.launcher(), model_path=MODEL,
                                       check=lambda p: validate.check(bounds(), rig.plan(), p),
-                                      advisor_recover=out_of_bounds, on_event=rig.events.append)
+                                      advisor_recover=out_of_bounds, on_event=lambda e: rig.events.append(str(e)))
     report.server.stop()
     assert asked == [("compile_error", 1, asked[0][2])] and "Engine core initialization failed" in asked[0][2]
     assert any(e.startswith("llm proposal rejected by the bounds: gpu_memory_utilization=0.5") for e in rig.events)
@@ -389,7 +389,7 @@ def test_advisor_recover_first_then_the_ladder_all_through_the_validator(rig):
 
     report = launch.run_with_recovery(rig.plan(), bounds(), rig.launcher(), model_path=MODEL,
                                       check=lambda p: validate.check(bounds(), rig.plan(), p),
-                                      advisor_recover=eager, on_event=rig.events.append)
+                                      advisor_recover=eager, on_event=lambda e: rig.events.append(str(e)))
     report.server.stop()
     assert report.plan.source == "llm" and "graphs crash: run eager" in report.plan.provenance["enforce_eager"]
 

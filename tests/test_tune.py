@@ -448,7 +448,7 @@ def test_hook_with_the_real_launcher_restarts_and_leaves_the_chosen_server_runni
     # the server needs a bearer token (pinned --api-key): the probe must send it
     plan = Plan(params={**STABLE, "max_model_len": 4096, "api_key": ("sk-probe-test-7",)})
     first = launch.run_with_recovery(plan, b, launcher, check=lambda p: None, max_attempts=1,
-                                     on_event=lines.append, model_path="test-model")
+                                     on_event=lambda e: lines.append(str(e)), model_path="test-model")
     options = tune.TuneSettings(rounds=2, probe=probe_settings(8, 16, 32).model_copy(update={"duration_s": 0.5}))
     request = SimpleNamespace(model="test-model", user_args=(), extra_args=(), host=None, port=None,
                               tune_options=options.model_dump(mode="json"), smart_run=False)

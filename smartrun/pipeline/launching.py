@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from smartrun import __version__, calibration
-from smartrun.contracts import Plan, Proposal
+from smartrun.contracts import LaunchEvent, Plan, Proposal
 from smartrun.errors import SmartRunError
 from smartrun.pipeline.context import Recorder, RunContext, save_record
 from smartrun.pipeline.planning import (
@@ -161,17 +161,16 @@ def _record_final(ctx: RunContext, report: Any, plan: Plan, healthy: bool) -> Pl
     return final
 
 
-def _launch_events(rec: Recorder) -> Callable[..., None]:
-    """The launch stage's one-line events: its warnings go on record; the rest to the CLI as progress.
+def _launch_events(rec: Recorder) -> Callable[[LaunchEvent], None]:
+    """The launch stage's events: its warnings go on record; the rest to the CLI as progress.
 
-    Its "to rerun by hand" line is left out: the pipeline prints the final command once, after any tuning.
+    Its command line is left out: the pipeline prints the final command once, after any tuning.
     """
-    def forward(*args: Any) -> None:
-        text = " ".join(str(a) for a in args)
-        if text.startswith("warning: "):
-            rec.warn(text[len("warning: "):])
-        elif not text.startswith("to rerun by hand:"):
-            rec.on_event("launch", text)
+    def forward(event: LaunchEvent) -> None:
+        if event.kind == "warning":
+            rec.warn(event.text)
+        elif event.kind == "progress":
+            rec.on_event("launch", event.text)
     return forward
 
 
