@@ -140,7 +140,7 @@ def pm_gpus(params: dict[str, Any]) -> int:
 @cache
 def _bandwidth(name: str) -> float:
     try:
-        row = memory._match_gpu(name)
+        row = memory.match_gpu(name)
     except SmartRunError:
         return 1000.0
     return float(row.get("memory_bandwidth_gb_s") or 1000.0)

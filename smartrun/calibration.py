@@ -212,7 +212,7 @@ def observe(estimate: Any, startup: Any, *, model: str, params: dict[str, Any], 
     when both sides have them (engine-wide, so the tightest rank as the estimate; exact to a block, where
     the printed GiB has two decimals), else from the printed KV GiB.
     """
-    from smartrun.memory import PROFILES
+    from smartrun.vllm_profiles import PROFILES
 
     if estimate is None or startup is None or getattr(estimate, "calibration", None) is not None:
         return None

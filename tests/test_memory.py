@@ -20,6 +20,7 @@ from smartrun.memory import (
     EngineFlags,
     GpuSpec,
     estimate,
+    fit,
     kv_bytes_per_token_layer,
     kv_groups,
     largest_fitting_model_len,
@@ -401,14 +402,14 @@ def test_v0_reference_startups_kv_within_tolerance(case_id):
 )
 def test_counted_weights_match_safetensors_sizes(name):
     """Parameters counted from config.json alone agree with the checkpoint's own byte count."""
-    from smartrun.memory import _rope_cache_params
+    from smartrun.memory import rope_cache_params
     from smartrun.model import inspect
 
     model = inspect(str(FIXTURES / "models" / name))
     assert model.weight_bytes, "every fixture model ships its safetensors sizes (headers or index)"
     dtype = "float16" if model.torch_dtype == "float16" else "bfloat16"
     counted = weights_per_rank(model.model_copy(update={"weight_bytes": None}), dtype, 1, 1)[0].bytes
-    counted -= _rope_cache_params(model) * 2
+    counted -= rope_cache_params(model) * 2
     assert counted == pytest.approx(model.weight_bytes, rel=0.005)
 
 
@@ -421,12 +422,12 @@ def fit_samples():
 
 
 def test_shipped_coefficients_are_the_full_data_fit(fit_samples):
-    assert bench.fit_coefficients(fit_samples) == FITTED
+    assert fit.fit_coefficients(fit_samples) == FITTED
 
 
 def test_least_squares_recovers_a_known_line_and_zeroes_an_absent_feature():
     xs = [[1.0, float(x), 0.0] for x in range(6)]
-    a, b, c = bench.least_squares(xs, [0.5 + 2.0 * x[1] for x in xs])
+    a, b, c = fit.least_squares(xs, [0.5 + 2.0 * x[1] for x in xs])
     assert (a, b, c) == (pytest.approx(0.5), pytest.approx(2.0), 0.0)
 
 
@@ -434,7 +435,7 @@ def test_leaving_a_family_out_barely_moves_the_sampler_coefficient(fit_samples):
     families = {s["family"] for s in fit_samples}
     assert len(families) >= 8
     for family in families:
-        refit = bench.fit_coefficients([s for s in fit_samples if s["family"] != family])
+        refit = fit.fit_coefficients([s for s in fit_samples if s["family"] != family])
         assert refit.sampler_extra_bytes == pytest.approx(FITTED.sampler_extra_bytes, rel=0.02), family
 
 
@@ -442,7 +443,7 @@ def test_out_of_family_kv_tokens_stay_within_targets(fit_samples):
     by_id = {case["id"]: case for case in bench.load_cases()}
     errors = []
     for family in {s["family"] for s in fit_samples}:
-        refit = bench.fit_coefficients([s for s in fit_samples if s["family"] != family])
+        refit = fit.fit_coefficients([s for s in fit_samples if s["family"] != family])
         for s in fit_samples:
             if s["family"] == family:
                 row = bench.run_case(by_id[s["id"]], CONFIGS, refit)
@@ -760,13 +761,13 @@ def test_v0_weights_count_the_caching_allocators_segment_tails():
     segment rounded up to 2 MiB, and a tail of at most 1 MiB is not split off (PyTorch
     CUDACachingAllocator). vsl-019 (Qwen2-14B, TP 2: qkv 35, o 25, gate_up 135, down 67.5 MiB per rank)
     keeps 3.5 MiB a layer: 13.95 GiB printed, 13.81 predicted before, and its KV tokens were +1.4%."""
-    from smartrun.memory import _allocator_block_bytes
+    from smartrun.memory import allocator_block_bytes
 
     mib = 1 << 20
-    assert _allocator_block_bytes(35 * mib) == 36 * mib  # 1 MiB tail: kept
-    assert _allocator_block_bytes(int(67.5 * mib)) == 68 * mib
-    assert _allocator_block_bytes(int(24.5 * mib)) == int(24.5 * mib)  # 1.5 MiB tail: split off
-    assert _allocator_block_bytes(32 * mib) == 32 * mib and _allocator_block_bytes(5 * mib) == 5 * mib
+    assert allocator_block_bytes(35 * mib) == 36 * mib  # 1 MiB tail: kept
+    assert allocator_block_bytes(int(67.5 * mib)) == 68 * mib
+    assert allocator_block_bytes(int(24.5 * mib)) == int(24.5 * mib)  # 1.5 MiB tail: split off
+    assert allocator_block_bytes(32 * mib) == 32 * mib and allocator_block_bytes(5 * mib) == 5 * mib
     row = HELD_OUT["vsl-019"]
     assert row["w_pred"] == pytest.approx(row["w_real"], abs=0.02)
     assert 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1.0

@@ -1,0 +1,170 @@
+"""Activation peak, non-torch memory and CUDA graphs: physical formulas with fitted coefficients."""
+
+from __future__ import annotations
+
+import math
+
+from smartrun.frozen import Frozen
+from smartrun.memory.types import DTYPE_BYTES, GIB
+from smartrun.model import ModelFacts
+from smartrun.vllm_profiles import Profile
+
+
+class Coefficients(Frozen):
+    """The few fitted numbers of the activation, non-torch and CUDA-graph terms (GiB unless bytes).
+
+    The defaults are the least-squares fit over the distinct vLLM 0.19.0 H100 configurations of
+    fixtures/reference/vllm_startup_logs.jsonl (`benchmarks/estimator_accuracy.py --fit` prints
+    them; tests/test_memory.py checks they still agree). `--cross-validate` refits without one
+    model family at a time and predicts it: the sampler coefficient stays within 12.92-13.00.
+    """
+
+    sampler_extra_bytes: float = 12.96  # sampler buffers per logit element beyond the dtype copy
+    pp_hidden_buffers: float = 3.1  # PP: extra mnbt x hidden buffers a stage holds (sent/received states)
+    non_torch_single: float = 0.263  # one GPU: CUDA context growth, cuBLAS workspaces
+    non_torch_pp_only: float = 0.07  # PP without TP: NCCL set up before the snapshot
+    non_torch_tp_base: float = 1.993  # TP >= 2: NCCL + custom all-reduce IPC buffers ...
+    non_torch_tp_slope: float = 0.0443  # ... growing a little with the group size
+    graph_base: float = 0.387  # CUDA graph pool, fixed part
+    graph_per_layer: float = 0.0163  # per layer at hidden 4096 and tp 1
+    graph_per_expert: float = 0.0047  # per layer and routed expert per token (MoE)
+    # "Model loading took" exceeds the tensors' bytes by the allocator's rounding and the loader's
+    # leftovers: the mean excess over the 0.19 logs (0-1.4%; Qwen2-72B at tp2 +0.12%, whose thin KV
+    # was over-predicted by 3% without it).
+    weight_load_slack: float = 0.0017
+
+
+FITTED = Coefficients()
+
+# fused_experts allocates its caches for min(tokens, VLLM_FUSED_MOE_CHUNK_SIZE) tokens and loops
+# over chunks. The default has been 64K, 32K (vLLM PR 7995), 64K again and 16K; the largest is
+# used, so a long unchunked prefill's MoE workspace is bounded and the estimate errs high.
+FUSED_MOE_CHUNK_TOKENS = 65536
+
+
+def activation_bytes(
+    model: ModelFacts,
+    dtype: str,
+    tp: int,
+    max_num_seqs: int,
+    mnbt: int,
+    last: bool,
+    sampler_extra: float = FITTED.sampler_extra_bytes,
+    first: bool = True,
+    pp: int = 1,
+    pp_buffers: float = FITTED.pp_hidden_buffers,
+) -> int:
+    """Peak transient memory of vLLM's profile run.
+
+    Two phases, the larger wins (the forward pass is freed before the sampler runs):
+    - sampler on min(max_num_seqs, mnbt) rows of full-vocab logits: the logits in the model dtype,
+      their fp32 copy, softmax/log-probs and sort buffers (`sampler_extra` bytes per element
+      beyond the dtype copy, fitted; logits are gathered to the full vocab on every TP rank, so
+      this term does not shrink with TP); the batch's hidden states and the MoE workspaces are
+      still held;
+    - the forward pass over mnbt tokens: the MLP's gate/up output (2I) and activated output (I)
+      alive together, about four hidden-size buffers (residual, norm, attention in/out) and,
+      for MoE, the fused-MoE workspaces (topk x (2I + I + H) per token).
+    Multimodal models first run their encoder on a dummy batch and keep its outputs (about mnbt
+    embeddings of the text hidden size, on every TP rank of the first stage) through both phases.
+    With PP, each stage also holds `pp_buffers` (fitted) mnbt x hidden buffers: the hidden and
+    residual states it sends on or receives.
+    """
+    fixed, per_logit = activation_terms(model, dtype, tp, max_num_seqs, mnbt, last, first)
+    pp_hold = pp_buffers * pp_buffer_bytes(model, dtype, mnbt) if pp > 1 else 0
+    return int(max(fixed[0] + per_logit * sampler_extra, fixed[1]) + pp_hold)
+
+
+def pp_buffer_bytes(model: ModelFacts, dtype: str, mnbt: int) -> int:
+    """One mnbt x hidden buffer in the model dtype (the unit of the PP term)."""
+    return mnbt * model.hidden_size * DTYPE_BYTES[dtype]
+
+
+def activation_terms(
+    model: ModelFacts, dtype: str, tp: int, max_num_seqs: int, mnbt: int, last: bool, first: bool = True
+) -> tuple[tuple[int, int], int]:
+    """((sampler phase without the fitted part, forward phase), logit elements) in bytes/elements.
+
+    The sampler phase is fixed[0] + logit_elements x sampler_extra_bytes; kept apart so the fit
+    routine sees the same physical features the estimate uses.
+    """
+    dtype_bytes = DTYPE_BYTES[dtype]
+    h = model.hidden_size
+    rows = min(max_num_seqs, mnbt)
+    moe_ws = 0
+    if model.moe is not None:
+        e_inter = model.moe.moe_intermediate_size // tp
+        chunk = min(mnbt, FUSED_MOE_CHUNK_TOKENS)
+        moe_ws = chunk * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
+    logits = rows * model.vocab_size if last else 0
+    held = mnbt * h * dtype_bytes
+    encoder_cache = mnbt * h * dtype_bytes if model.is_multimodal and first else 0
+    held += encoder_cache
+    forward = mnbt * (3 * model.intermediate_size // tp + 4 * h) * dtype_bytes + moe_ws + encoder_cache
+    return (logits * dtype_bytes + held + moe_ws, forward), logits
+
+
+def non_torch_bytes(
+    tp: int,
+    pp: int,
+    v0_engine: bool = False,
+    coeffs: Coefficients = FITTED,
+    profile: Profile | None = None,
+    without_nvlink: bool = False,
+) -> int:
+    """Non-torch growth during profiling: CUDA context/cuBLAS workspaces (~0.25 GiB on one GPU).
+
+    With TP >= 2 NCCL and the custom all-reduce IPC buffers add about 1.8 GiB, growing a little
+    with the group size (0.19 logs: 2.06-2.11 GiB at tp2, 2.13-2.21 at tp4). With PP only, NCCL
+    is set up before the snapshot, so the growth is smaller (0.07 GiB). Older eras measured other
+    figures (their profile's `non_torch_*_gib`, from their public startups): 0.9-0.10 grew far
+    less with TP, 0.8 counts the whole CUDA context. A TP group known to have no NVLink uses its
+    profile's `non_torch_tp_no_nvlink_gib` where one was measured (NCCL over PCIe/shared memory,
+    no custom all-reduce without P2P); elsewhere the fitted NVLink-class figure (errs low).
+    """
+    if tp >= 2 and without_nvlink and profile is not None and profile.non_torch_tp_no_nvlink_gib is not None:
+        return int(profile.non_torch_tp_no_nvlink_gib * GIB)
+    if profile is not None and (profile.non_torch_single_gib is not None or profile.non_torch_tp_gib is not None):
+        single = profile.non_torch_single_gib
+        single = coeffs.non_torch_single if single is None else single
+        if tp >= 2:
+            multi = profile.non_torch_tp_gib
+            return int((coeffs.non_torch_tp_base + coeffs.non_torch_tp_slope * tp if multi is None else multi) * GIB)
+        return int(single * GIB)
+    if v0_engine:  # V0's figure when no profile says otherwise
+        return int(0.25 * GIB)
+    if tp >= 2:
+        return int((coeffs.non_torch_tp_base + coeffs.non_torch_tp_slope * tp) * GIB)
+    return int((coeffs.non_torch_single if pp == 1 else coeffs.non_torch_pp_only) * GIB)
+
+
+def cudagraph_features(model: ModelFacts, num_layers_rank: int, tp: int) -> tuple[float, float]:
+    """(layer feature, expert feature) the graph pool grows with, per GiB of their coefficients.
+
+    The per-layer part grows with the hidden size (sub-linearly: the largest capture is 512
+    tokens, so kernel workspaces dominate) and shrinks with TP (sharded intermediates); MoE
+    layers add routing/workspace buffers per routed expert.
+    """
+    per_layer = num_layers_rank * (0.5 + 0.5 / tp) * math.sqrt(model.hidden_size / 4096)
+    per_expert = num_layers_rank * model.moe.experts_per_token if model.moe is not None else 0.0
+    return per_layer, per_expert
+
+
+def cudagraph_bytes(
+    model: ModelFacts,
+    num_layers_rank: int,
+    tp: int,
+    enforce_eager: bool,
+    optimization_level: int | None,
+    coeffs: Coefficients = FITTED,
+) -> int:
+    """CUDA graph pool: a fixed part plus, per layer, buffers of the captured batches.
+
+    Fitted on the "Graph capturing finished ... took X GiB" lines of the 0.19 H100 logs.
+    """
+    if enforce_eager or optimization_level == 0:
+        return 0
+    per_layer, per_expert = cudagraph_features(model, num_layers_rank, tp)
+    return int(
+        (coeffs.graph_base + coeffs.graph_per_layer * per_layer + coeffs.graph_per_expert * per_expert) * GIB
+    )
