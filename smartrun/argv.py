@@ -33,6 +33,7 @@ Redaction built on these lives in smartrun.secrets.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -244,3 +245,14 @@ def _did_you_mean(flag: str, known: Collection[str], own: Collection[str]) -> st
     by_name = {f.lstrip("-"): f for f in sorted(spellings, reverse=True)}  # compare names, not the dashes
     near = difflib.get_close_matches(flag.lstrip("-"), list(by_name), n=1, cutoff=0.7)
     return f"; did you mean {by_name[near[0]]}?" if near else "; no flag is close (`vllm serve --help=all` lists them)"
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for timeouts: a positive, finite number of seconds (checked before any work starts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive, finite number of seconds")
+    return value

@@ -191,3 +191,21 @@ def test_strict_without_an_llm_fails_with_exit_3(capsys):
     assert code == 3 and err[-1] == ("localaistack: --smart-run-strict: no LLM configured (set --llm-base-url or "
                                      "SMARTRUN_LLM_BASE_URL)")
     assert not any("Traceback" in line for line in err)
+
+
+def test_request_command_line_parses_back_to_the_same_request(monkeypatch):
+    """smartrun's options are declared once (pipeline.request.OPTIONS): argparse, the request and the recorded
+    command line all come from it, so a request's command line parses back to that request."""
+    from smartrun.cli import build_parser
+    from smartrun.cli.run_cmd import request_from_args
+    from smartrun.pipeline import RunRequest
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    request = RunRequest(model="m", smart_run=True, debug=True, dry_run=True, goal="latency", force=True,
+                         host="0.0.0.0", port=9000, vllm_version="0.19.0", startup_timeout=30.0, max_attempts=2,
+                         hardware_path="a.json", more_hardware=("b.json",), ray_address="h:6379", bounds_path="b.toml",
+                         llm_base_url="http://x/v1", llm_model="q", llm_timeout=5.0, gpus="0,1",
+                         user_args=("--max-model-len", "8k"), extra_args=("--seed", "1"))
+    args, extra = build_parser().parse_known_args(request.command_line()[1:])
+    args.extra = extra
+    assert request_from_args(args) == request

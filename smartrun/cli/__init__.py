@@ -54,17 +54,6 @@ def wants_json(argv: list[str]) -> bool:
     return "--json" in head
 
 
-def positive_seconds(text: str) -> float:
-    """An argparse type for timeouts: a positive, finite number of seconds (checked before any work starts)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive, finite number of seconds")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from smartrun.cli import (
         bounds_cmd,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from smartrun.cli import positive_seconds
+from smartrun.argv import positive_seconds
 
 
 def register(subparsers) -> None:

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from smartrun.cli import positive_seconds
-from smartrun.contracts import GOALS
 from smartrun.errors import SmartRunError
 
 
@@ -29,39 +27,11 @@ def register(subparsers) -> None:
         allow_abbrev=False,
     )
     p.add_argument("model", metavar="MODEL", help="local model directory or a Hugging Face repo id in the HF cache")
-    p.add_argument("--smart-run", action="store_true", help="ask the LLM (if configured) and use saved parameters")
-    p.add_argument("--smart-run-debug", action="store_true", help="print source=... reason=..., LLM latency, tokens")
-    p.add_argument("--smart-run-refresh", action="store_true", help="ignore saved parameters for this model")
-    p.add_argument("--smart-run-strict", action="store_true", help="fail (exit 3) instead of falling back")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the vllm serve command; start nothing")
+    from smartrun.pipeline.request import add_options
+
+    add_options(p)  # smartrun's own options, declared once with the request they set
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--explain", action="store_true", help="print every bound, decision and rejection with its source")
-    p.add_argument("--hardware", metavar="SNAPSHOT.json", action="append",
-                   help="plan for the machine this snapshot describes; give it once per node (the first is the Ray "
-                        "head) to plan across a cluster")
-    p.add_argument("--ray-address", metavar="ADDR",
-                   help="the Ray cluster to launch on (HOST:PORT of its head): checked against the plan, then "
-                        "vllm serve starts with --distributed-executor-backend ray; without --hardware its nodes "
-                        "are read through Ray")
-    p.add_argument("--gpus", metavar="LIST", help="use only these GPUs: nvidia-smi indices or UUIDs, e.g. 0,2 "
-                   "(also honoured: CUDA_VISIBLE_DEVICES, same numbering; --gpus must lie inside it)")
-    p.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
-    p.add_argument("--goal", choices=GOALS, default="stable", help="what the plan favours (default stable)")
-    p.add_argument("--force", action="store_true", help="accept pins outside other sources' bounds")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address vllm listens on (default 127.0.0.1: local only; vLLM's own default is all interfaces)")
-    p.add_argument("--port", type=int, default=8000, help="port vllm listens on (default 8000)")
-    p.add_argument("--vllm-version", metavar="V", help="plan for this vLLM version (default: the installed one)")
-    p.add_argument("--vllm-bin", metavar="PATH", help="the vllm executable (default: from PATH)")
-    p.add_argument("--startup-timeout", type=positive_seconds, default=900.0, metavar="S",
-                   help="seconds to wait for each start to become healthy (default 900: big models load slowly)")
-    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
-                   help="starts, recoveries included, before giving up (default 3)")
-    p.add_argument("--llm-base-url", metavar="URL",
-                   help="OpenAI-compatible endpoint (else SMARTRUN_LLM_BASE_URL, OPENAI_BASE_URL, [llm] config)")
-    p.add_argument("--llm-model", metavar="NAME", help="model name at that endpoint (default: its first)")
-    p.add_argument("--llm-timeout", type=positive_seconds, metavar="S",
-                   help="seconds for one whole LLM decision: every request, retry and repair (default 60)")
     p.add_argument("--session-out", metavar="FILE", help="write the session record here instead of the data dir "
                    "(`session list` shows only the data dir; use `session show FILE`)")
     from smartrun import tune
@@ -100,17 +70,8 @@ def request_from_args(args: argparse.Namespace) -> Any:
         from smartrun import tune
 
         tune_options = tune.settings_from_args(args).model_dump(mode="json")
-    return RunRequest(
-        model=args.model, user_args=tuple(user), extra_args=tuple(extra), smart_run=args.smart_run,
-        debug=args.smart_run_debug, refresh=args.smart_run_refresh, strict=args.smart_run_strict,
-        dry_run=args.dry_run, goal=args.goal, force=args.force, host=args.host, port=args.port,
-        vllm_version=args.vllm_version, vllm_bin=args.vllm_bin, startup_timeout=args.startup_timeout,
-        max_attempts=args.max_attempts, hardware_path=(args.hardware or [None])[0],
-        more_hardware=tuple((args.hardware or [])[1:]), ray_address=args.ray_address, bounds_path=args.bounds, tune=args.tune,
-        tune_options=tune_options,
-        llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_timeout=args.llm_timeout,
-        gpus=args.gpus, visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-    )
+    return RunRequest(model=args.model, user_args=tuple(user), extra_args=tuple(extra), tune_options=tune_options,
+                      visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), **RunRequest.fields_from_args(args))
 
 
 def run_command(args: argparse.Namespace) -> int:

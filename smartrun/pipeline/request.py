@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+from smartrun.argv import positive_seconds
+from smartrun.contracts import GOALS
 from smartrun.frozen import Frozen
 
 EventSink = Callable[[str, str], None]  # (kind, one line) -> the CLI prints it
@@ -47,22 +50,94 @@ class RunRequest(Frozen):
 
     def command_line(self) -> list[str]:
         """The `model run` command this request stands for (options that differ from their defaults)."""
-        defaults = RunRequest(model=self.model)
-        flags = {"smart_run": "--smart-run", "debug": "--smart-run-debug", "refresh": "--smart-run-refresh",
-                 "strict": "--smart-run-strict", "dry_run": "--dry-run", "force": "--force", "tune": "--tune",
-                 "goal": "--goal", "host": "--host", "port": "--port", "vllm_version": "--vllm-version",
-                 "vllm_bin": "--vllm-bin", "startup_timeout": "--startup-timeout", "max_attempts": "--max-attempts",
-                 "hardware_path": "--hardware", "bounds_path": "--bounds", "llm_base_url": "--llm-base-url",
-                 "llm_model": "--llm-model", "llm_timeout": "--llm-timeout", "gpus": "--gpus"}
         out = ["localaistack", "model", "run", self.model]
-        for name, flag in flags.items():
-            value = getattr(self, name)
-            if value == getattr(defaults, name):
-                continue
-            out += [flag] if value is True else [flag, str(value)]
-        for path in self.more_hardware:
-            out += ["--hardware", path]
-        if self.ray_address:
-            out += ["--ray-address", self.ray_address]
+        for option in OPTIONS:
+            for value in _values(self, option.field):
+                if value != RunRequest.model_fields[option.field].default or option.field == "more_hardware":
+                    out += [option.flag] if value is True else [option.flag, str(value)]
         out += list(self.user_args)
         return out + (["--", *self.extra_args] if self.extra_args else [])
+
+    @classmethod
+    def fields_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """The request's fields that smartrun's own options set (parsed by a parser `add_options` built)."""
+        out: dict[str, Any] = {}
+        for option in OPTIONS:
+            value = getattr(args, option.dest)
+            if option.field == "hardware_path":  # --hardware once per node: the head first, then the others
+                out["hardware_path"], out["more_hardware"] = (value or [None])[0], tuple((value or [])[1:])
+            elif option.field != "more_hardware":
+                out[option.field] = value
+        return out
+
+
+class Option(NamedTuple):
+    """One of smartrun's own `model run` options: the request field it sets and how it is typed."""
+
+    field: str
+    flag: str
+    help: str
+    metavar: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+# Declared once: `add_options` makes them argparse options, `fields_from_args` reads them back and
+# `RunRequest.command_line` writes them out again. A bool field is a switch.
+OPTIONS: tuple[Option, ...] = (
+    Option("smart_run", "--smart-run", "ask the LLM (if configured) and use saved parameters"),
+    Option("debug", "--smart-run-debug", "print source=... reason=..., LLM latency, tokens"),
+    Option("refresh", "--smart-run-refresh", "ignore saved parameters for this model"),
+    Option("strict", "--smart-run-strict", "fail (exit 3) instead of falling back"),
+    Option("dry_run", "--dry-run", "print the plan and the vllm serve command; start nothing"),
+    Option("hardware_path", "--hardware", "plan for the machine this snapshot describes; give it once per node "
+           "(the first is the Ray head) to plan across a cluster", "SNAPSHOT.json"),
+    Option("more_hardware", "--hardware", "", "SNAPSHOT.json"),  # the other nodes (command_line only)
+    Option("ray_address", "--ray-address", "the Ray cluster to launch on (HOST:PORT of its head): checked against "
+           "the plan, then vllm serve starts with --distributed-executor-backend ray; without --hardware its "
+           "nodes are read through Ray", "ADDR"),
+    Option("gpus", "--gpus", "use only these GPUs: nvidia-smi indices or UUIDs, e.g. 0,2 (also honoured: "
+           "CUDA_VISIBLE_DEVICES, same numbering; --gpus must lie inside it)", "LIST"),
+    Option("bounds_path", "--bounds", "bounds file (default: smartrun.toml upward, else built-in)", "FILE"),
+    Option("goal", "--goal", "what the plan favours (default stable)", choices=GOALS),
+    Option("force", "--force", "accept pins outside other sources' bounds"),
+    Option("host", "--host", "address vllm listens on (default 127.0.0.1: local only; vLLM's own default is all "
+           "interfaces)"),
+    Option("port", "--port", "port vllm listens on (default 8000)", type=int),
+    Option("vllm_version", "--vllm-version", "plan for this vLLM version (default: the installed one)", "V"),
+    Option("vllm_bin", "--vllm-bin", "the vllm executable (default: from PATH)", "PATH"),
+    Option("startup_timeout", "--startup-timeout", "seconds to wait for each start to become healthy (default "
+           "900: big models load slowly)", "S", positive_seconds),
+    Option("max_attempts", "--max-attempts", "starts, recoveries included, before giving up (default 3)", "N", int),
+    Option("llm_base_url", "--llm-base-url", "OpenAI-compatible endpoint (else SMARTRUN_LLM_BASE_URL, "
+           "OPENAI_BASE_URL, [llm] config)", "URL"),
+    Option("llm_model", "--llm-model", "model name at that endpoint (default: its first)", "NAME"),
+    Option("llm_timeout", "--llm-timeout", "seconds for one whole LLM decision: every request, retry and repair "
+           "(default 60)", "S", positive_seconds),
+    Option("tune", "--tune", "after a healthy start, tune throughput inside the bounds"),  # its settings: tune.py
+)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """smartrun's own `model run` options, from OPTIONS."""
+    for option in OPTIONS:
+        if option.field == "more_hardware":
+            continue
+        default = RunRequest.model_fields[option.field].default
+        if default is False:
+            parser.add_argument(option.flag, action="store_true", help=option.help)
+        elif option.field == "hardware_path":
+            parser.add_argument(option.flag, action="append", metavar=option.metavar, help=option.help)
+        else:
+            typed: dict[str, Any] = {"type": option.type} if option.type is not None else {}
+            parser.add_argument(option.flag, default=default, metavar=option.metavar, choices=option.choices,
+                                help=option.help, **typed)
+
+
+def _values(request: RunRequest, field: str) -> tuple[Any, ...]:
+    value = getattr(request, field)
+    return tuple(value) if field == "more_hardware" else (value,)
