@@ -36,6 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smartrun.errors import InputError
+from smartrun.fileio import smartrun_home, write_user_file
 from smartrun.frozen import Frozen
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -295,8 +296,6 @@ class CalibrationFile(BaseModel):
 
 def calibration_dir() -> Path:
     """calibration/ beside the sessions and the saved parameters (the user data dir, or $SMARTRUN_HOME)."""
-    from smartrun.session import smartrun_home
-
     return smartrun_home() / "calibration"
 
 
@@ -342,15 +341,13 @@ class Store:
 
     def add(self, machine: str, vllm_version: str, gpus: Iterable[str], observations: Iterable[Observation]) -> Path:
         """Append observations (the newest MAX_KEPT are kept) and write the file atomically; InputError if it cannot."""
-        from smartrun.session import atomic_write_text
-
         data = self.load(machine, vllm_version)
         if data is None:
             data = CalibrationFile(machine=machine, vllm_version=vllm_version, gpus=list(gpus))
         kept = [*data.observations, *observations][-MAX_KEPT:]
         data = data.model_copy(update={"observations": kept})
         path = self.path(machine, vllm_version)
-        atomic_write_text(path, json.dumps(data.model_dump(mode="json"), indent=2) + "\n")
+        write_user_file(path, json.dumps(data.model_dump(mode="json"), indent=2) + "\n")
         return path
 
     def entries(self) -> list[tuple[Path, CalibrationFile]]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from smartrun import hardware
 from smartrun.contracts import Plan
 from smartrun.errors import ClusterError, InfeasibleError, InputError, SmartRunError, SnapshotError
 from smartrun.frozen import Frozen
@@ -522,7 +523,6 @@ def _node_snapshot() -> dict[str, Any]:
     """Runs on each node as a Ray task: NVML there, plus the node's IP as Ray knows it."""
     import ray
 
-    from smartrun import hardware
 
     snap = hardware.detect()
     return snap.model_copy(update={"node_ip": ray.util.get_node_ip_address()}).model_dump(mode="json")
@@ -535,7 +535,6 @@ def detect_cluster(address: str, timeout: float = 120.0) -> HardwareSnapshot:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     import smartrun
-    from smartrun import hardware
 
     # smartrun travels with the job (Ray's py_modules), so a node needs only what a vLLM install has: Ray,
     # pydantic and nvidia-ml-py
@@ -609,9 +608,9 @@ def check_live(hw: HardwareSnapshot, params: dict[str, Any], address: str) -> li
 
 
 def summary(hw: HardwareSnapshot) -> str:
-    """Each node's table (hardware.summary of its own snapshot), head first."""
-    from smartrun import hardware
-
+    """The snapshot as a table: one machine's (hardware.summary), or each node's, head first."""
+    if not hw.nodes:
+        return hardware.summary(hw)
     lines = [f"cluster: {len(hw.nodes)} node(s), {len(hw.gpus)} GPUs, source {hw.source}, "
              f"fingerprint {hardware.fingerprint(hw)}"]
     for n, (snap, info) in enumerate(split(hw)):

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from smartrun.errors import InputError
+
 
 def atomic_write_text(path: str | Path, text: str, *, make_parents: bool = False) -> None:
     """Write `text` to `path` atomically; OSError (temp file removed) when it cannot be written.
@@ -178,3 +180,29 @@ def read_json(path: str | Path, error: type[Exception] | None = None, *, limit: 
               allow_nonfinite: bool = False) -> Any:
     """A JSON file through read_bytes + parse_json."""
     return parse_json(read_bytes(path, limit, error), str(path), error, allow_nonfinite=allow_nonfinite)
+
+
+HOME_ENV = "SMARTRUN_HOME"  # tests point this at a tmp dir so they never touch the real home
+
+
+def smartrun_home() -> Path:
+    """Where sessions and the cache live: $SMARTRUN_HOME, else the user's data dir for localaistack."""
+    override = os.environ.get(HOME_ENV)
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("localaistack"))
+
+
+def write_user_file(path: str | Path, text: str) -> None:
+    """The atomic writer for records, cache entries and calibration data (folders made); errors as one InputError."""
+    for folder in Path(path).parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{path}: cannot write ({folder} is not a directory)")
+            break
+    try:
+        atomic_write_text(path, text, make_parents=True)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write ({err.strerror or err})") from err

@@ -472,11 +472,7 @@ def _first_problem(err: ValidationError) -> str:
 
 
 def summary(snapshot: HardwareSnapshot) -> str:
-    """A readable table of the snapshot, for `hardware detect` / `hardware show` and --explain."""
-    if snapshot.nodes:
-        from smartrun import cluster
-
-        return cluster.summary(snapshot)
+    """A readable table of one machine's snapshot (cluster.summary shows a cluster node by node)."""
     rows = [("#", "name", "total MiB", "free MiB", "used MiB", "cc", "processes")]
     for g in snapshot.gpus:
         procs = ", ".join(_process_text(p) for p in g.processes) or "-"

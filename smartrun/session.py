@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smartrun import fileio
 from smartrun.errors import InputError, ReplayDivergence
+from smartrun.fileio import smartrun_home, write_user_file
 from smartrun.secrets import redact_tree
 
 
@@ -31,21 +31,10 @@ class RecordError(InputError):
 
 SCHEMA_VERSION = 1
 CACHE_SCHEMA_VERSION = 1
-HOME_ENV = "SMARTRUN_HOME"  # tests point this at a tmp dir so they never touch the real home
 
 
 
 # ---------------------------------------------------------------------------- paths and atomic writes
-
-
-def smartrun_home() -> Path:
-    """Where sessions and the cache live: $SMARTRUN_HOME, else the user's data dir for localaistack."""
-    override = os.environ.get(HOME_ENV)
-    if override:
-        return Path(override)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("localaistack"))
 
 
 def sessions_dir() -> Path:
@@ -54,19 +43,6 @@ def sessions_dir() -> Path:
 
 def cache_dir() -> Path:
     return smartrun_home() / "smart-run-cache"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """fileio's atomic writer for records and cache entries (their folders are made); errors as one InputError."""
-    for folder in Path(path).parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(f"{path}: cannot write ({folder} is not a directory)")
-            break
-    try:
-        fileio.atomic_write_text(path, text, make_parents=True)
-    except OSError as err:
-        raise InputError(f"{path}: cannot write ({err.strerror or err})") from err
 
 
 def validation_problem(err: ValidationError) -> str:
@@ -220,7 +196,7 @@ def dump_record(record: SessionRecord, secrets: Iterable[str] = ()) -> str:
 
 
 def write_record(record: SessionRecord, path: Path, secrets: Iterable[str] = ()) -> Path:
-    atomic_write_text(path, dump_record(record, secrets))
+    write_user_file(path, dump_record(record, secrets))
     return path
 
 
@@ -490,7 +466,7 @@ class SavedParams:
 
     def store(self, entry: CacheEntry) -> Path:
         path = self._path(entry.key)
-        atomic_write_text(path, json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+        write_user_file(path, json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
         return path
 
     def entries(self, model: str | None = None) -> list[tuple[Path, CacheEntry]]:

@@ -62,6 +62,6 @@ def show_command(args: argparse.Namespace) -> int:
 
 
 def _print(snapshot, as_json: bool) -> None:
-    from smartrun import hardware
+    from smartrun import cluster
 
-    print(snapshot.model_dump_json(indent=2) if as_json else hardware.summary(snapshot))
+    print(snapshot.model_dump_json(indent=2) if as_json else cluster.summary(snapshot))

@@ -297,9 +297,9 @@ def explain_lines(result: Any) -> list[str]:
 
 
 def format_hardware(hw: Any) -> list[str]:
-    from smartrun import hardware
+    from smartrun import cluster
 
-    return ["  " + line for line in hardware.summary(hw).splitlines()]
+    return ["  " + line for line in cluster.summary(hw).splitlines()]
 
 
 def format_model(facts: Any) -> list[str]:
