@@ -336,8 +336,7 @@ class OpenAITransport:
             last = err.last_attempt.exception()
             tries = err.last_attempt.attempt_number
             raise _spent(LLMUnavailable(
-                f"LLM endpoint {shown_url(self.settings.base_url)} failed {tries} time(s) in "
-                f"{time.monotonic() - started:.1f}s; last error: {last}"
+                f"LLM endpoint {shown_url(self.settings.base_url)} failed {tries} time(s); last error: {last}"
             ), started) from None
         except _OutOfTime:
             raise _spent(LLMUnavailable(

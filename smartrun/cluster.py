@@ -523,7 +523,6 @@ def _node_snapshot() -> dict[str, Any]:
     """Runs on each node as a Ray task: NVML there, plus the node's IP as Ray knows it."""
     import ray
 
-
     snap = hardware.detect()
     return snap.model_copy(update={"node_ip": ray.util.get_node_ip_address()}).model_dump(mode="json")
 
