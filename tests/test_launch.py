@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fakes import install_vllm_shim, process_gone
 
-from smartrun import launch, validate
+from smartrun import launch, validate, vllm_log
 from smartrun.contracts import Bounds, KnobBound, Plan
 from smartrun.errors import InputError, LaunchError
 from smartrun.hardware import GpuInfo, HardwareSnapshot
@@ -268,7 +268,7 @@ def test_stand_in_own_bind_failure_is_classified(rig):
                               text=True, timeout=30)
     finally:
         holder.close()
-    assert launch.classify_failure(done.stdout, done.returncode).klass == "port_in_use"
+    assert vllm_log.classify_failure(done.stdout, done.returncode).klass == "port_in_use"
 
 
 def test_a_child_that_dies_after_ready_is_reported(rig):
