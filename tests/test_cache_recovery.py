@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from fakes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = str(REPO / "fixtures/models/llama-3.1-8b-instruct")
 H100 = str(REPO / "fixtures/hardware/1x-h100-80gb.json")
 STANDIN = str(REPO / "tests/fakes/fake_vllm.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _smart_run(tmp_path: Path) -> subprocess.CompletedProcess:
@@ -27,7 +22,7 @@ def _smart_run(tmp_path: Path) -> subprocess.CompletedProcess:
     scenario = {"graph_actual_gib": 10, "faults": {"die_after_ready_s": 2.0}}
     env = {**os.environ, "FAKE_VLLM_SCENARIO": json.dumps(scenario)}
     args = [sys.executable, "-m", "smartrun", "model", "run", MODEL, "--smart-run", "--hardware", H100,
-            "--vllm-bin", STANDIN, "--port", str(_free_port()), "--startup-timeout", "30"]
+            "--vllm-bin", STANDIN, "--port", str(free_port()), "--startup-timeout", "30"]
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
 
 

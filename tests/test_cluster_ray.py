@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import free_port
 from fakes.fake_nvml import fake_nvml
 
 from smartrun import cluster, hardware
@@ -39,18 +40,12 @@ FAKE_VLLM = HERE / "fakes" / "fake_vllm.py"
 START_TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
 def _ports(*names: str) -> list[str]:
-    return [f"--{name}={_free_port()}" for name in names]
+    return [f"--{name}={free_port()}" for name in names]
 
 
 NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -76,9 +71,9 @@ def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
 
 def _start_cluster(tmp: Path, temp_dir: Path, env: dict[str, str], procs: list[subprocess.Popen]) -> str:
     """Head, then one more raylet, on ports free a moment ago; the address once Ray reports both nodes."""
-    port = _free_port()
+    port = free_port()
     for role in ("head", "worker"):
-        low = _free_port()
+        low = free_port()
         first = (["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"]
                  if role == "head" else [f"--address=127.0.0.1:{port}"])
         argv = [_ray_bin(), "start", *first, "--block", "--num-gpus=8", "--num-cpus=1", "--disable-usage-stats",
@@ -183,7 +178,7 @@ def _run(tmp_path: Path, scenario: dict, *extra: str) -> tuple[int, str, str, Pa
     session = tmp_path / "session.json"
     env = {**os.environ, "FAKE_VLLM_SCENARIO": json.dumps(scenario), "SMARTRUN_HOME": str(tmp_path / "home")}
     args = [sys.executable, "-m", "smartrun", "model", "run", BIG, "--hardware", str(CLUSTERS / "2x8-h100.json"),
-            "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()), "--startup-timeout", "60",
+            "--vllm-bin", str(FAKE_VLLM), "--port", str(free_port()), "--startup-timeout", "60",
             "--session-out", str(session), *extra]
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     return done.returncode, done.stdout, done.stderr, session
@@ -223,7 +218,7 @@ def test_a_dry_run_with_only_ray_address_plans_for_the_live_cluster(ray_head, ca
 
 
 def test_detect_names_an_address_without_a_cluster(capsys):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     assert main(["hardware", "detect", "--ray-address", f"127.0.0.1:{port}", "--timeout", "5"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"localaistack: --ray-address 127.0.0.1:{port}: cannot connect")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, REPO
-from fakes import install_vllm_shim, process_gone
+from fakes import free_port, install_vllm_shim, process_gone
 from fakes.llm_server import FakeLLM
 
 from smartrun import launch, validate
@@ -30,12 +29,6 @@ FAKE_VLLM = REPO / "tests" / "fakes" / "fake_vllm.py"
 K1, K2 = "served-key-one-7c1e2a90", "served-key-two-4d8b3f61"
 HF = "hftoken-value-55e0c1b2a3"
 QUICK = {"import_s": 0.0, "load_s": 0.02, "profile_s": 0.0, "capture_s": 0.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bounds() -> Bounds:
@@ -52,7 +45,7 @@ class Launch:
 
     def __init__(self, tmp_path, monkeypatch):
         self.shim = install_vllm_shim(tmp_path / "bin")
-        self.port = _free_port()
+        self.port = free_port()
         self.record = tmp_path / "starts.jsonl"
         self.lines: list[str] = []
         self.events: list[str] = []
@@ -139,7 +132,7 @@ def _run_cli_until_ready(tmp_path, args, scenario, steps, timeout=90):
            "FAKE_VLLM_SCENARIO": json.dumps(scenario), "PYTHONUNBUFFERED": "1"}
     with FakeLLM(steps) as llm:
         argv = [sys.executable, "-m", "smartrun", "model", "run", MODEL, "--smart-run", "--hardware", H100,
-                "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()), "--startup-timeout", "30",
+                "--vllm-bin", str(FAKE_VLLM), "--port", str(free_port()), "--startup-timeout", "30",
                 "--llm-base-url", llm.base_url, "--llm-model", "fake-model", "--session-out", str(session), *args]
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -412,7 +405,7 @@ def test_vllm_bin_dot_slash_runs_that_file_not_the_one_on_path(tmp_path, monkeyp
     monkeypatch.chdir(here)
     monkeypatch.setenv("PATH", f"{wrong}:/usr/bin:/bin")
     monkeypatch.setenv("FAKE_VLLM_SCENARIO", json.dumps({"delays": QUICK}))
-    port = _free_port()
+    port = free_port()
     info = launch.find_vllm("./vllm", cache_dir=tmp_path / "cache")
     assert info.path == str(here / "vllm") and info.version == "0.33.0"
     lines: list[str] = []

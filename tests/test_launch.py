@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fakes import install_vllm_shim, process_gone
+from fakes import free_port, install_vllm_shim, process_gone
 
 from smartrun import launch, validate, vllm_log
 from smartrun.contracts import Bounds, KnobBound, Plan
@@ -21,12 +21,6 @@ from smartrun.errors import InputError, LaunchError
 from smartrun.hardware import GpuInfo, HardwareSnapshot
 
 MODEL = "/models/fake-8b"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bounds(**extra: KnobBound) -> Bounds:

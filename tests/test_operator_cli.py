@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import FIXTURES, REPO
-from fakes import install_vllm_shim
+from fakes import free_port, install_vllm_shim
 
 from smartrun import launch, pipeline
 from smartrun.cli import main
@@ -30,12 +29,6 @@ FOUR_H100 = str(FIXTURES / "hardware" / "4x-h100-80gb-nvlink.json")
 TWO_3090 = str(FIXTURES / "hardware" / "2x-rtx3090-pcie.json")
 REPO_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 FAST = {"delays": {"import_s": 0.0, "load_s": 0.05, "profile_s": 0.0, "capture_s": 0.0}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from conftest import FIXTURES, REPO
+from fakes import free_port
 from fakes.llm_server import FakeLLM
 
 from smartrun.cli import main
@@ -24,12 +24,6 @@ MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
 FAKE_KEY = "sk-smartrunE2E-93b1c0ffee42"
 SERVED_KEY = "served-key-77a1e5d3c2b9"  # vllm --api-key: served, never stored
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reply(changes, reason) -> dict:
@@ -59,7 +53,7 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
            "SMARTRUN_LLM_API_KEY": FAKE_KEY, "FAKE_VLLM_SCENARIO": json.dumps(scenario), "PYTHONUNBUFFERED": "1"}
     with FakeLLM(steps) as llm:
         argv = [sys.executable, "-m", "smartrun", "model", "run", MODEL, "--smart-run", "--hardware", H100,
-                "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()), "--startup-timeout", "60",
+                "--vllm-bin", str(FAKE_VLLM), "--port", str(free_port()), "--startup-timeout", "60",
                 "--llm-base-url", llm.base_url, "--llm-model", "fake-model", "--session-out", str(session),
                 "--api-key", SERVED_KEY]
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -122,7 +116,7 @@ def test_launch_that_never_fits_exits_4_and_its_record_replays(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     monkeypatch.setenv("FAKE_VLLM_SCENARIO", json.dumps({"weights_gib": 90.0}))  # more than the card holds
     session = tmp_path / "fail.json"
-    code = main(["model", "run", MODEL, "--hardware", H100, "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()),
+    code = main(["model", "run", MODEL, "--hardware", H100, "--vllm-bin", str(FAKE_VLLM), "--port", str(free_port()),
                  "--max-attempts", "2", "--startup-timeout", "60", "--session-out", str(session)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 4 and err[-1].startswith("localaistack: vllm serve did not become healthy after")
@@ -143,7 +137,7 @@ def test_tune_hook_after_a_healthy_start_is_recorded_and_replays(tmp_path, monke
     monkeypatch.setenv("FAKE_VLLM_PERF", "kv_bound,time_scale=0.002")
     monkeypatch.setenv("FAKE_VLLM_SCENARIO", "{}")
     rtx4090 = str(FIXTURES / "hardware" / "1x-rtx4090.json")  # the kv_bound profile's 24 GiB card
-    argv = ["model", "run", MODEL, "--hardware", rtx4090, "--vllm-bin", str(FAKE_VLLM), "--port", str(_free_port()),
+    argv = ["model", "run", MODEL, "--hardware", rtx4090, "--vllm-bin", str(FAKE_VLLM), "--port", str(free_port()),
             "--smart-run", "--tune", "--tune-rounds", "1", "--probe-duration", "0.5", "--probe-concurrency", "2"]
     args, extra = build_parser().parse_known_args(argv)
     args.extra = extra

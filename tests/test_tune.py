@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fakes import free_port
 
 from smartrun import tune, validate
 from smartrun.contracts import Bounds, Change, KnobBound, Plan, Proposal
@@ -60,12 +60,6 @@ STABLE = {"max_num_seqs": 4, "tensor_parallel_size": 1, "gpu_memory_utilization"
 
 
 # ---------------------------------------------------------------------------- the real stand-in
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class StandInServer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -16,6 +17,13 @@ def install_vllm_shim(bin_dir: Path) -> Path:
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_VLLM}" "$@"\n')
     shim.chmod(0o755)
     return shim
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (tests run in parallel: never a fixed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def process_gone(pid: int) -> bool:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
-from fakes import FAKE_VLLM
+from fakes import FAKE_VLLM, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "fixtures" / "models" / "llama-3.1-8b-instruct"
@@ -42,12 +41,6 @@ def scenario(hidden_gib: float, model: Path = MODEL, hardware: Path = L4) -> dic
         "hidden_non_kv_gib": hidden_gib, "delays": {"import_s": 0.0, "load_s": 0.02, "profile_s": 0.0,
                                                     "capture_s": 0.0},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(hidden_gib: float, args: tuple[str, ...] = (), goal: str = "stable", session: Path | None = None,
