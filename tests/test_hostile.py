@@ -18,10 +18,12 @@ import pytest
 from conftest import FIXTURES, REPO
 from fakes import free_port, install_vllm_shim, process_gone
 from fakes.llm_server import FakeLLM
+from test_launch import Rig
+from test_launch import bounds as launch_bounds
 
 from smartrun import launch, validate
 from smartrun.cli import main
-from smartrun.contracts import Bounds, KnobBound, Plan
+from smartrun.contracts import Bounds, Plan
 
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
@@ -32,44 +34,26 @@ QUICK = {"import_s": 0.0, "load_s": 0.02, "profile_s": 0.0, "capture_s": 0.0}
 
 
 def _bounds() -> Bounds:
-    return Bounds(knobs={
-        "max_model_len": KnobBound(knob="max_model_len", min=4096, max=131072),
-        "gpu_memory_utilization": KnobBound(knob="gpu_memory_utilization", min=0.85, max=0.95, recovery_min=0.82),
-        "max_num_seqs": KnobBound(knob="max_num_seqs", min=8, max=256),
-        "enforce_eager": KnobBound(knob="enforce_eager", choices=(False, True)),
-    })
+    return launch_bounds()
 
 
-class Launch:
-    """run_with_recovery against the stand-in, keeping every line it printed and every event."""
-
-    def __init__(self, tmp_path, monkeypatch):
-        self.shim = install_vllm_shim(tmp_path / "bin")
-        self.port = free_port()
-        self.record = tmp_path / "starts.jsonl"
-        self.lines: list[str] = []
-        self.events: list[str] = []
-        self.monkeypatch = monkeypatch
-        self.info = launch.find_vllm(str(self.shim), cache_dir=tmp_path / "cache")
+class Launch(Rig):
+    """test_launch's rig, run with passthrough flags; `shown` is everything a person or a record would see."""
 
     def scenario(self, **values) -> None:
-        values.setdefault("record", str(self.record))
         values.setdefault("delays", QUICK)
-        self.monkeypatch.setenv("FAKE_VLLM_SCENARIO", json.dumps(values))
+        super().scenario(**values)
 
     def run(self, passthrough=(), startup_timeout=20.0, **params) -> launch.LaunchReport:
         plan = Plan(params={"max_model_len": 8192, "gpu_memory_utilization": 0.9, "max_num_seqs": 64, **params})
-        launcher = launch.ProcessLauncher(str(self.shim), port=self.port, printer=self.lines.append,
-                                          progress=self.events.append, poll_interval=0.05, stop_grace=5,
-                                          info=self.info, startup_timeout=startup_timeout)
         b = _bounds()
-        return launch.run_with_recovery(plan, b, launcher, check=lambda p: validate.check(b, plan, p),
-                                        max_attempts=2, on_event=lambda e: self.events.append(str(e)), model_path="/models/m",
+        return launch.run_with_recovery(plan, b, self.launcher(startup_timeout=startup_timeout),
+                                        check=lambda p: validate.check(b, plan, p), max_attempts=2,
+                                        on_event=lambda e: self.events.append(str(e)), model_path="/models/m",
                                         passthrough=tuple(passthrough))
 
     def pids(self) -> list[int]:
-        rows = [json.loads(x) for x in self.record.read_text().splitlines()] if self.record.exists() else []
-        return [pid for row in rows for pid in (row["pid"], row["worker_pid"]) if pid]
+        return self.started_pids()
 
     def shown(self, report) -> str:
         return "\n".join([*self.lines, *self.events, report.command_line, report.summary,
