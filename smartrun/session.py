@@ -210,15 +210,9 @@ def load_record(path: str | Path) -> SessionRecord:
     except InputError as err:
         raise InputError(f"{err.message} (session record)") from None
     try:
-        data = fileio.loads_json(raw.decode("utf-8"), allow_nonfinite=True)
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: cannot read session record ({err})") from err
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not JSON (line {err.lineno}: {err.msg})") from err
-    except RecursionError:
-        raise InputError(f"{path}: JSON nested too deeply to be a session record") from None
-    except ValueError as err:  # an integer over 4300 digits
-        raise InputError(f"{path}: not a session record ({err})") from None
+        data = fileio.parse_json(raw, str(path), InputError, allow_nonfinite=True)
+    except InputError as err:
+        raise InputError(f"{err.message} (session record)") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a session record is a JSON object")
     version = data.get("schema_version")
