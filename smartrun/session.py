@@ -1,4 +1,4 @@
-"""Stage 8, record: session records, replay comparison and the saved-parameters cache.
+"""Stage 8, record: session records and the replay comparison of their decisions.
 
 A session record says what a smart-run saw, asked, was answered, decided and what happened.
 It is written for every `model run` (also on failure and dry-run) and is the input of
@@ -30,7 +30,6 @@ class RecordError(InputError):
 
 
 SCHEMA_VERSION = 1
-CACHE_SCHEMA_VERSION = 1
 
 
 
@@ -39,10 +38,6 @@ CACHE_SCHEMA_VERSION = 1
 
 def sessions_dir() -> Path:
     return smartrun_home() / "sessions"
-
-
-def cache_dir() -> Path:
-    return smartrun_home() / "smart-run-cache"
 
 
 def validation_problem(err: ValidationError) -> str:
@@ -266,7 +261,7 @@ def first_divergence(recorded: list[Decision], replayed: list[Decision]) -> str 
             return f"decision {i + 1}: recorded step {old.step!r}, replay reached {new.step!r}{error}"
         if to_jsonable(old.value) != to_jsonable(new.value):
             return (
-                f"decision {i + 1} ({old.step}): recorded {_short(old.value)}, replay decided {_short(new.value)}"
+                f"decision {i + 1} ({old.step}): recorded {short(old.value)}, replay decided {short(new.value)}"
             )
         if old.provenance != new.provenance:
             return f"decision {i + 1} ({old.step}): provenance recorded {old.provenance!r}, replay {new.provenance!r}"
@@ -286,225 +281,10 @@ def check_replay(recorded: list[Decision], replayed: list[Decision]) -> None:
         raise ReplayDivergence(f"replay diverged at {divergence}")
 
 
-def _short(value: Any, limit: int = 160) -> str:
+def short(value: Any, limit: int = 160) -> str:
+    """A value as compact JSON, cut to `limit` characters (for one-line messages)."""
     text = json.dumps(to_jsonable(value), sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ---------------------------------------------------------------------------- timeline
-
-
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """Text from a record made safe for a terminal: control characters (escape sequences, newlines, bidi
-    overrides) shown as \\xNN / \\uNNNN instead of acting on the screen or faking extra lines."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
-def timeline(record: SessionRecord) -> list[str]:
-    """`session show`: what happened, in order, one line per event (control characters escaped)."""
-    return [printable(line) for line in _timeline(record)]
-
-
-def _timeline(record: SessionRecord) -> list[str]:
-    req = record.request
-    lines = [
-        f"session  {record.started_at}  smartrun {record.tool_version}  schema {record.schema_version}",
-        f"command  {' '.join(record.command_line)}",
-    ]
-    if record.hardware:
-        gpus = record.hardware.get("gpus") or []
-        names = ", ".join(f"{g.get('index')}:{g.get('name')} {g.get('memory_free_mib')}/"
-                          f"{g.get('memory_total_mib')} MiB free" for g in gpus)
-        lines.append(f"hardware {len(gpus)} GPU(s) from {record.hardware.get('source')}: {names}")
-    if record.model:
-        m = record.model
-        lines.append(f"model    {m.get('name')} ({m.get('architecture')}, {m.get('num_hidden_layers')} layers, "
-                     f"derived max len {m.get('derived_max_model_len')})")
-    if record.bounds_file:
-        lines.append(f"bounds   {record.bounds_file.get('path') or 'builtin'} "
-                     f"(sha256 {str(record.bounds_file.get('sha256'))[:12]})")
-    lines.append(f"goal     {req.get('goal', 'stable')}  smart-run={req.get('smart_run')}  "
-                 f"llm={'configured' if record.llm.get('configured') else 'none'}  vllm={record.vllm.get('version')}")
-    if record.baseline:
-        lines.append(f"baseline {_params(record.baseline.get('params', {}))}")
-    cache = record.cache
-    if cache.looked_up:
-        lines.append(f"cache    {'hit' if cache.hit else 'miss'}" + (f" ({cache.note})" if cache.note else ""))
-    exchanges = iter(record.llm_exchanges)
-    for advice in record.advice:
-        lines.append(f"advice   [{advice.kind}] source={advice.source} accepted={advice.accepted} "
-                     f"reason={advice.reason or '-'}")
-        for rej in advice.rejections:
-            if isinstance(rej, dict):
-                lines.append(f"  reject {rej.get('knob')}={rej.get('value')!r}: {rej.get('reason')}")
-        if advice.fallback:
-            lines.append(f"  fallback: {advice.fallback}")
-    for ex in exchanges:
-        state = f"error {ex.error.get('type')}: {ex.error.get('message')}" if ex.error else "reply"
-        if ex.reply is not None:
-            finish = ex.reply.get("finish_reason") if isinstance(ex.reply, dict) else None
-            state = f"reply (finish {finish}, max_tokens {ex.max_tokens})" + (f"; {state}" if ex.error else "")
-        tokens = f" tokens={ex.tokens}" if ex.tokens else ""
-        lines.append(f"llm      [{ex.kind}] {state} latency={_fmt_s(ex.latency_s)}{tokens}")
-    previous: dict[str, Any] | None = None
-    why = (record.final_plan or {}).get("provenance", {})
-    for att in record.launch_attempts:
-        params = att.attempt.get("params") or {}
-        if previous is not None:
-            for knob, value in params.items():
-                if previous.get(knob) != value:
-                    lines.append(f"retry    {knob} {previous.get(knob)} -> {value}" +
-                                 (f"  ({why[knob]})" if knob in why else ""))
-        previous = params
-        phase = "" if att.phase == "launch" else f" [{att.phase}]"
-        lines.append(f"launch   #{att.number}{phase} {att.outcome} after {_fmt_s(att.duration_s)}: {' '.join(att.argv)}")
-        if att.env:
-            lines.append(f"  env    {' '.join(f'{k}={v}' for k, v in att.env.items())}")
-        if att.attempt.get("evidence"):
-            lines.append(f"  why    {att.attempt['evidence']}")
-        for line in att.log_excerpt[-3:]:
-            lines.append(f"  log    {line}")
-    lines += _calibration_lines(record.calibration)
-    if record.final_plan:
-        lines.append(f"final    source={record.final_plan.get('source')} {_params(record.final_plan.get('params', {}))}")
-    if record.final_argv:
-        lines.append(f"argv     {' '.join(record.final_argv)}")
-    for warning in record.warnings:
-        lines.append(f"warning  {warning}")
-    out = record.outcome
-    lines.append(f"outcome  {out.get('status')} (exit {out.get('exit_code')})" +
-                 (f": {out.get('message')}" if out.get("message") else ""))
-    lines.append(f"decisions {len(record.decisions)}:")
-    for i, d in enumerate(record.decisions, 1):
-        why = d.provenance if len(d.provenance) <= 80 else d.provenance[:77] + "..."
-        lines.append(f"  {i:>2}. {d.step:<16} {_short(d.value, 90)}" + (f"  <- {why}" if why else ""))
-    return lines
-
-
-def _calibration_lines(cal: CalibrationRecord) -> list[str]:
-    """The correction the run planned with and what its healthy starts measured (hand-edited parts skipped)."""
-    from smartrun.calibration import Correction, Observation
-
-    lines = []
-    parts: list[tuple[str, Any, type[Correction] | type[Observation]]] = [
-        ("used", cal.used, Correction), *(("measured", o, Observation) for o in cal.observations)]
-    for kind, data, model in parts:
-        try:
-            lines.append(f"calib    {model.model_validate(data).describe()}" if data is not None else "")
-        except ValidationError:
-            lines.append(f"calib    {kind}: unreadable")
-    return [line for line in lines if line]
-
-
-def _params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
-
-
-def _fmt_s(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.2f}s"
-
-
-# ---------------------------------------------------------------------------- saved-parameters cache
-
-
-class CacheKey(BaseModel):
-    """What a saved plan depends on: the model, the machine, the bounds file and the vLLM version."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str
-    hardware_fingerprint: str
-    bounds_sha256: str
-    vllm_version: str | None = None
-    goal: str = "stable"
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:24]
-
-
-class CacheEntry(BaseModel):
-    """A plan that started healthy, saved for next time (re-validated against today's bounds before use)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: int = CACHE_SCHEMA_VERSION
-    key: CacheKey
-    model_path: str | None = None
-    params: dict[str, Any]
-    provenance: dict[str, str] = Field(default_factory=dict)
-    source: str = "static"  # where the saved plan came from originally
-    saved_at: str
-    session: str | None = None
-
-
-class SavedParams:
-    """The saved-parameters cache: one JSON file per key under cache_dir(); corrupt entries are skipped."""
-
-    def __init__(self, directory: Path | None = None):
-        self.directory = directory or cache_dir()
-        self.problems: list[str] = []  # corrupt entries found by the last lookup/list, one line each
-
-    def _path(self, key: CacheKey) -> Path:
-        return self.directory / f"{key.digest()}.json"
-
-    def lookup(self, key: CacheKey) -> CacheEntry | None:
-        self.problems = []
-        path = self._path(key)
-        if not path.exists():
-            return None
-        entry = self._read(path)
-        return entry if entry is not None and entry.key == key else None
-
-    def store(self, entry: CacheEntry) -> Path:
-        path = self._path(entry.key)
-        write_user_file(path, json.dumps(entry.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-        return path
-
-    def entries(self, model: str | None = None) -> list[tuple[Path, CacheEntry]]:
-        self.problems = []
-        if self.directory.exists() and not self.directory.is_dir():
-            self.problems.append(f"{self.directory}: not a directory, so no parameters can be saved there")
-            return []
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in sorted(self.directory.glob("*.json")):
-            entry = self._read(path)
-            if entry is not None and (model is None or _model_matches(entry, model)):
-                found.append((path, entry))
-        return found
-
-    def remove(self, model: str) -> list[Path]:
-        removed = []
-        for path, _entry in self.entries(model):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as err:
-                raise InputError(f"{path}: cannot remove ({err.strerror or err})") from err
-            removed.append(path)
-        return removed
-
-    def _read(self, path: Path) -> CacheEntry | None:
-        try:
-            return CacheEntry.model_validate(fileio.loads_json(fileio.read_bytes(path, 1 << 20)))
-        except (OSError, UnicodeDecodeError, ValidationError, ValueError, RecursionError, InputError) as err:
-            detail = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
-            self.problems.append(f"{path}: corrupt smart-run cache entry skipped ({detail})")
-            return None
-
-
-def _model_matches(entry: CacheEntry, model: str) -> bool:
-    candidates = {entry.key.model, entry.model_path or ""}
-    if model in candidates:
-        return True
-    try:
-        resolved = str(Path(model).expanduser().resolve())
-    except OSError:
-        return False
-    return resolved == entry.model_path or Path(model.rstrip("/")).name == entry.key.model
 
 
 def sha256_text(text: str) -> str:

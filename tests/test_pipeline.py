@@ -14,7 +14,8 @@ from fakes.llm_server import FakeLLM
 
 from smartrun import pipeline
 from smartrun.errors import AdvisorError, ReplayDivergence
-from smartrun.session import CacheEntry, SavedParams, load_record
+from smartrun.plan_cache import CacheEntry, SavedParams
+from smartrun.session import load_record
 
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")

@@ -17,7 +17,8 @@ from fakes import free_port
 from fakes.llm_server import FakeLLM
 
 from smartrun.cli import main
-from smartrun.session import SavedParams, load_record
+from smartrun.plan_cache import SavedParams
+from smartrun.session import load_record
 
 FAKE_VLLM = REPO / "tests" / "fakes" / "fake_vllm.py"
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")

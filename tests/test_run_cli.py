@@ -134,7 +134,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback_no_half_file(tmp_path, args, 
 
 
 def _saved_entry(model: str = "qwen2.5-7b-instruct"):
-    from smartrun.session import CacheEntry, CacheKey
+    from smartrun.plan_cache import CacheEntry, CacheKey
 
     key = CacheKey(model=model, hardware_fingerprint="hw", bounds_sha256="b" * 64, vllm_version="0.33.0")
     return CacheEntry(key=key, model_path=f"/models/{model}", params={"max_num_seqs": 3},
@@ -142,7 +142,7 @@ def _saved_entry(model: str = "qwen2.5-7b-instruct"):
 
 
 def test_smart_run_cache_list_and_rm(capsys):
-    from smartrun.session import SavedParams
+    from smartrun.plan_cache import SavedParams
 
     cache = SavedParams()
     cache.store(_saved_entry())
@@ -161,13 +161,13 @@ def test_smart_run_cache_list_and_rm(capsys):
 
 
 def test_debug_line_for_a_cache_hit(capsys):
-    from smartrun.session import CacheEntry, SavedParams
+    from smartrun.plan_cache import CacheEntry, SavedParams
 
     args = ["model", "run", MODEL, "--smart-run", "--dry-run", "--json", "--hardware", H100]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     key = load_record(first["session"]).cache.key
-    from smartrun.session import CacheKey
+    from smartrun.plan_cache import CacheKey
 
     SavedParams().store(CacheEntry(key=CacheKey(**key), params={**first["params"], "max_num_seqs": 2},
                                    saved_at="2026-01-01T00:00:00Z"))

@@ -36,7 +36,7 @@ def test_a_record_that_cannot_be_written_is_not_named(capsys):
 def test_a_saved_entry_edited_to_carry_security_flags_is_used_without_them_and_warned_about(capsys):
     import json
 
-    from smartrun.session import CacheEntry, CacheKey, SavedParams
+    from smartrun.plan_cache import CacheEntry, CacheKey, SavedParams
 
     args = ["model", "run", MODEL, "--smart-run", "--dry-run", "--json", "--hardware", L4, "--vllm-version", "0.33.0"]
     assert main(args) == 0

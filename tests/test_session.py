@@ -7,20 +7,18 @@ from datetime import datetime, timezone
 
 import pytest
 
+from smartrun.cli.timeline import timeline
 from smartrun.errors import InputError, ReplayDivergence
+from smartrun.plan_cache import CacheEntry, CacheKey, SavedParams
 from smartrun.secrets import REDACTED, redact_argv, redact_env, redact_text, secret_values
 from smartrun.session import (
-    CacheEntry,
-    CacheKey,
     Decision,
-    SavedParams,
     SessionRecord,
     check_replay,
     default_session_path,
     first_divergence,
     list_sessions,
     load_record,
-    timeline,
     write_record,
 )
 

@@ -52,8 +52,9 @@ def register_cache(model_subparsers) -> None:
 
 
 def show_command(args: argparse.Namespace) -> int:
+    from smartrun.cli.timeline import timeline
     from smartrun.errors import InputError
-    from smartrun.session import load_record, timeline
+    from smartrun.session import load_record
 
     record = load_record(args.file)
     if args.json:
@@ -84,7 +85,7 @@ def list_command(args: argparse.Namespace) -> int:
         hidden = "" if args.all or not list_sessions(limit=1) else " (dry runs are listed with --all)"
         print(f"no sessions in {sessions_dir()}{hidden}")
         return 0
-    from smartrun.session import printable
+    from smartrun.cli.timeline import printable
 
     for path, rec in rows:
         row = _list_row(path, rec)
@@ -122,7 +123,7 @@ def replay_command(args: argparse.Namespace) -> int:
 
 
 def cache_list_command(args: argparse.Namespace) -> int:
-    from smartrun.session import SavedParams
+    from smartrun.plan_cache import SavedParams
 
     cache = SavedParams()
     entries = cache.entries(args.model)
@@ -143,7 +144,7 @@ def cache_list_command(args: argparse.Namespace) -> int:
 
 
 def cache_rm_command(args: argparse.Namespace) -> int:
-    from smartrun.session import SavedParams
+    from smartrun.plan_cache import SavedParams
 
     cache = SavedParams()
     removed = cache.remove(args.model)

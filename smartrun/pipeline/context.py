@@ -18,10 +18,9 @@ from smartrun.hardware import HardwareSnapshot
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
 from smartrun.pipeline.request import EventSink, RunRequest, no_events
+from smartrun.plan_cache import CacheEntry, CacheKey
 from smartrun.secrets import redact_argv, secret_values
 from smartrun.session import (
-    CacheEntry,
-    CacheKey,
     Decision,
     SessionRecord,
     sha256_text,

@@ -18,11 +18,9 @@ from smartrun.pipeline.planning import (
 )
 from smartrun.pipeline.recording import RecordingLauncher, RecordingTransport, attempt_outcome
 from smartrun.pipeline.request import RunRequest
+from smartrun.plan_cache import CacheEntry
 from smartrun.secrets import redact_argv, redact_text
-from smartrun.session import (
-    CacheEntry,
-    to_jsonable,
-)
+from smartrun.session import to_jsonable
 
 
 def _observe_startups(ctx: RunContext) -> None:

@@ -11,9 +11,7 @@ from smartrun.hardware import HardwareSnapshot
 from smartrun.model import ModelFacts
 from smartrun.pipeline.context import BoundsInput, Sources, request_secrets
 from smartrun.pipeline.request import EventSink, RunRequest, no_events
-from smartrun.session import (
-    SavedParams,
-)
+from smartrun.plan_cache import SavedParams
 
 
 def live_sources(request: RunRequest, env: dict[str, str] | None = None,

@@ -14,10 +14,10 @@ from smartrun.model import ModelFacts
 from smartrun.pipeline.context import Recorder, RunContext, RunResult, Sources
 from smartrun.pipeline.recording import RecordingTransport
 from smartrun.pipeline.request import RunRequest
+from smartrun.plan_cache import CacheKey
 from smartrun.secrets import redact_argv
 from smartrun.session import (
     AdviceRecord,
-    CacheKey,
     CacheRecord,
     RecordError,
     to_jsonable,

@@ -15,9 +15,8 @@ from smartrun.model import ModelFacts
 from smartrun.pipeline.context import BoundsInput, RunResult, Sources, new_record
 from smartrun.pipeline.request import RunRequest
 from smartrun.pipeline.run import run
+from smartrun.plan_cache import CacheEntry, CacheKey
 from smartrun.session import (
-    CacheEntry,
-    CacheKey,
     CacheRecord,
     LaunchAttemptRecord,
     LLMExchangeRecord,
