@@ -600,9 +600,16 @@ ALL_ROWS = [
     if isinstance(row, dict)
 ]
 HELD_OUT = {row["id"]: row for row in ALL_ROWS if row["subset"] != "0.19.0 H100"}
+PUBLIC_CASES = {case["id"]: case for case in bench.load_public()}
 # Stated tolerance per profile for the held-out public startups: KV tokens (under, over) in %.
 # V0 under-predicts on purpose (one non-torch figure for every GPU, LoRA buffers not modelled).
 HELD_OUT_TOLERANCE = {"0.6": (-20.0, 2.0), "0.8": (-3.0, 1.0), "0.9": (-3.0, 1.0), "0.19": (-3.0, 1.0)}
+# 0.8-0.10 count the PyTorch-native top-k/top-p sort in the dummy sampler run (16 B per logit,
+# Profile.native_topk_topp_bytes) because whether the vLLM install has FlashInfer is not known before
+# launch. Where it has (the log says "Using FlashInfer for top-p & top-k sampling") and the run is
+# eager, that sort never ran: 0.58 GiB at 256 x 151936 logits, up to 5% of a small card's KV cache
+# (pub-101, pub-102). Under-predicted on purpose, so the low side is wider there (never the high side).
+FLASHINFER_EAGER_LOW = -6.0
 
 
 def test_shipped_bands_cover_what_every_startup_measured():
@@ -629,6 +636,9 @@ def test_every_held_out_startup_within_its_profiles_tolerance(case_id):
     """Public startups and the shared non-0.19 cases the estimator was not fitted on."""
     row = HELD_OUT[case_id]
     low, high = HELD_OUT_TOLERANCE[row["profile"]]
+    case = PUBLIC_CASES.get(case_id, {})
+    if case.get("sampler") == "flashinfer" and case.get("enforce_eager") and row["profile"] in ("0.8", "0.9"):
+        low = min(low, FLASHINFER_EAGER_LOW)
     err = 100 * (row["tok_pred"] - row["tok_real"]) / row["tok_real"]
     assert low <= err <= high, (case_id, row["profile"], err)
     assert row["tok_low"] <= row["tok_real"], "the plan-safe low end counts on cache that was not there"
