@@ -7,15 +7,21 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from smartrun.clock import SYSTEM, Clock
 
-def within(seconds: float, call: Callable[[], Any], on_abandon: Callable[[], None] | None = None) -> Any:
+
+def within(seconds: float, call: Callable[[], Any], on_abandon: Callable[[], None] | None = None,
+           clock: Clock = SYSTEM) -> Any:
     """`call()`'s result, or TimeoutError once `seconds` have passed; its exception is re-raised here.
 
     The call runs in a daemon thread; an abandoned one is left to end on its own per-read timeout after
     `on_abandon` (e.g. closing the client) has dropped what it can. Ctrl+C still interrupts the wait.
+    The wait is on `clock`; a call that finished later than `seconds` by it timed out too (on a test's
+    FakeClock a server "delayed" 30 s answers at once in real time, but 30 s late by the clock).
     """
     box: dict[str, Any] = {}
     done = threading.Event()
+    deadline = clock.monotonic() + max(0.0, seconds)
 
     def work() -> None:
         try:
@@ -23,10 +29,11 @@ def within(seconds: float, call: Callable[[], Any], on_abandon: Callable[[], Non
         except BaseException as err:  # handed to the waiting thread
             box["error"] = err
         finally:
+            box["finished"] = clock.monotonic()
             done.set()
 
     threading.Thread(target=work, name="smartrun-deadline", daemon=True).start()
-    if not done.wait(max(0.0, seconds)):
+    if not clock.wait(done, seconds) or box["finished"] > deadline:
         if on_abandon is not None:
             on_abandon()
         raise TimeoutError(f"no complete answer within {seconds:g} s")

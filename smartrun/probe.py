@@ -9,13 +9,13 @@ or vLLM's extras (ignore_eos, stream_options) is retried once in a plainer form 
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from smartrun.clock import SYSTEM, Clock
 from smartrun.errors import InputError, SmartRunError
 from smartrun.frozen import Frozen
 
@@ -190,8 +190,9 @@ class _Run:
         {"stream": False},
     )
 
-    def __init__(self, settings: ProbeSettings):
+    def __init__(self, settings: ProbeSettings, clock: Clock = SYSTEM):
         self.settings = settings
+        self.clock = clock
         self.variant = 0
         self.issued = 0
         self.ok = 0
@@ -270,12 +271,12 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
     """Send one completion; record latency, TTFT and tokens, or the error kind."""
     import httpx
 
-    s = run.settings
+    s, clock = run.settings, run.clock
     while True:
         variant = run.variant
         body = {"model": model, "prompt": prompt_text(s.prompt_tokens, index), "max_tokens": s.output_tokens,
                 "temperature": 0.0, **_Run.VARIANTS[variant]}
-        start = time.perf_counter()
+        start = clock.monotonic()
         ttft = None
         chunk_tokens = 0
         usage_tokens = None
@@ -303,7 +304,7 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
                             if _text_of(choice):
                                 chunk_tokens += 1
                                 if ttft is None:
-                                    ttft = time.perf_counter() - start
+                                    ttft = clock.monotonic() - start
                     run.streamed_any = True
                 else:
                     payload = _object(json.loads(await _capped_body(reply)))
@@ -319,7 +320,10 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
         except (ValueError, TypeError, AttributeError, RecursionError):  # not JSON, or not shaped like a completion
             run.errors["bad reply"] += 1
             return
-        latency = time.perf_counter() - start
+        latency = clock.monotonic() - start
+        if latency > s.request_timeout_s:  # answered, but after its timeout by the clock: a timeout all the same
+            run.errors["timeout"] += 1
+            return
         run.ok += 1
         run.output_tokens += tokens
         run.latencies.append(latency * 1000.0)
@@ -333,7 +337,7 @@ async def _worker(client: Any, url: str, model: str, run: _Run, started: float) 
 
     s = run.settings
     while True:
-        if time.perf_counter() - started >= s.duration_s:
+        if run.clock.monotonic() - started >= s.duration_s:
             return
         if run.issued >= s.max_requests:
             run.stopped_by = "max_requests"
@@ -355,10 +359,13 @@ async def run_probe_async(
     on_progress: Callable[[ProbeProgress], None] | None = None,
     progress_every_s: float = 0.25,
     api_key: str | None = None,
+    clock: Clock = SYSTEM,
 ) -> ProbeResult:
     """Probe `base_url` (server root or .../v1) with `settings`; returns when every worker has stopped.
 
     `api_key` (a server started with --api-key) is sent as a bearer token and kept out of the result.
+    The duration, latencies and each request's timeout are read from `clock`; the asyncio timeouts on the
+    same figures are the real-time backstop.
     """
     import asyncio  # lazy: the CLI starts faster without it
 
@@ -370,11 +377,11 @@ async def run_probe_async(
     async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s, trust_env=False,
                                  headers=headers) as client:
         model = settings.model or await first_model(client, root, settings.request_timeout_s)
-        run = _Run(settings)
-        started = time.perf_counter()
+        run = _Run(settings, clock)
+        started = clock.monotonic()
 
         def progress() -> ProbeProgress:
-            return ProbeProgress(elapsed_s=time.perf_counter() - started, done=run.ok, errors=sum(run.errors.values()),
+            return ProbeProgress(elapsed_s=clock.monotonic() - started, done=run.ok, errors=sum(run.errors.values()),
                                  in_flight=run.in_flight, output_tokens=run.output_tokens)
 
         workers = [asyncio.create_task(_worker(client, f"{root}/v1/completions", model, run, started))
@@ -395,14 +402,15 @@ async def run_probe_async(
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-        elapsed = time.perf_counter() - started
+        elapsed = clock.monotonic() - started
     if on_progress:
         on_progress(progress())
     errors = sum(run.errors.values())
     return ProbeResult(
         url=root, model=model, settings=settings, requests=run.ok + errors, ok=run.ok, errors=errors,
         error_kinds=dict(run.errors), output_tokens=run.output_tokens, elapsed_s=elapsed,
-        tokens_per_s=run.output_tokens / elapsed, requests_per_s=run.ok / elapsed,
+        tokens_per_s=run.output_tokens / elapsed if elapsed > 0 else 0.0,
+        requests_per_s=run.ok / elapsed if elapsed > 0 else 0.0,
         ttft_p50_ms=percentile(run.ttfts, 50), ttft_p95_ms=percentile(run.ttfts, 95),
         latency_p50_ms=percentile(run.latencies, 50), latency_p95_ms=percentile(run.latencies, 95),
         streamed=run.streamed_any, stopped_by=run.stopped_by,
@@ -412,12 +420,12 @@ async def run_probe_async(
 
 def run_probe(
     base_url: str, settings: ProbeSettings, on_progress: Callable[[ProbeProgress], None] | None = None,
-    api_key: str | None = None,
+    api_key: str | None = None, clock: Clock = SYSTEM,
 ) -> ProbeResult:
     """Blocking form of run_probe_async for the CLI and the tuner."""
     import asyncio
 
-    return asyncio.run(run_probe_async(base_url, settings, on_progress, api_key=api_key))
+    return asyncio.run(run_probe_async(base_url, settings, on_progress, api_key=api_key, clock=clock))
 
 
 class ProgressLine:

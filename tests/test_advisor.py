@@ -13,6 +13,7 @@ from fakes.advisor_inputs import FAKE_KEY, baseline, bounds, check_for, context,
 from fakes.llm_server import FakeLLM
 
 from smartrun.advisor import Advice, LLMUnavailable, advise, debug_line, explain_lines
+from smartrun.clock import FakeClock
 from smartrun.errors import AdvisorError, EstimateError
 
 GOOD = reply([{"knob": "max_num_seqs", "value": 16, "reason": "throughput goal, memory allows"},
@@ -20,10 +21,13 @@ GOOD = reply([{"knob": "max_num_seqs", "value": 16, "reason": "throughput goal, 
 
 
 def run(steps, *, strict=False, llm_options=None, **transport_settings) -> tuple[Advice, FakeLLM]:
-    with FakeLLM(steps, **(llm_options or {})) as llm:
+    """Advice from a scripted server; both run on one FakeClock (`llm.clock`): delays, trickles, budgets and
+    backoff are exact and take no real time."""
+    clock = FakeClock()
+    with FakeLLM(steps, clock=clock, **(llm_options or {})) as llm:
         ctx = context()
-        advice = advise(ctx, transport(llm.base_url, **transport_settings), check_for(ctx.bounds, ctx.baseline),
-                        strict=strict)
+        advice = advise(ctx, transport(llm.base_url, clock, **transport_settings),
+                        check_for(ctx.bounds, ctx.baseline), strict=strict)
     return advice, llm
 
 
@@ -172,14 +176,14 @@ def test_429_then_success_is_retried_inside_one_exchange():
 
 
 def test_retry_after_is_honoured_up_to_the_backoff_cap():
-    waits: list[float] = []
     with FakeLLM([{"status": 429, "headers": {"Retry-After": "0.4"}},
                   {"status": 503, "headers": {"Retry-After": "3600"}}, {"content": GOOD}]) as llm:
         tr = transport(llm.base_url)
-        tr._sleep = waits.append  # record the waits instead of sleeping them
         tr.backoff_max_s = 1.0
-        assert tr.complete([{"role": "user", "content": "hi"}], {}).content == GOOD
-    assert waits == [0.4, 1.0]
+        reply = tr.complete([{"role": "user", "content": "hi"}], {})
+    assert reply.content == GOOD
+    assert tr.clock.slept == [0.4, 1.0]  # the waits, on the transport's clock
+    assert reply.elapsed_s == 1.4  # and what the decision's budget is charged for them
 
 
 def test_500_until_give_up_is_bounded_and_falls_back():
@@ -190,17 +194,26 @@ def test_500_until_give_up_is_bounded_and_falls_back():
 
 
 def test_total_time_bound_stops_retries_before_the_attempt_count():
-    with FakeLLM([{"status": 503, "times": 50}]) as llm:
+    # every wait is 0.125 s (Retry-After = the cap); a try is only made while the wait leaves 0.1 s (a tenth of
+    # the 1 s budget) for it: tries at 0, 0.125, ..., 0.875 s, then 1.0 - 0.875 - 0.125 < 0.1 stops
+    with FakeLLM([{"status": 503, "headers": {"Retry-After": "0.125"}, "times": 50}]) as llm:
         tr = transport(llm.base_url, max_attempts=50, timeout_s=1.0)
-        tr.backoff_s = tr.backoff_max_s = 0.1
-        with pytest.raises(LLMUnavailable, match="HTTP 503"):
+        tr.backoff_s = tr.backoff_max_s = 0.125
+        with pytest.raises(LLMUnavailable, match=r"failed 8 time\(s\); last error: HTTP 503") as err:
             tr.complete([{"role": "user", "content": "hi"}], {})
-    assert 1 < len(llm.chat_requests) < 50
+    assert len(llm.chat_requests) == 8 and tr.clock.slept == [0.125] * 7
+    assert err.value.elapsed_s == 0.875
 
 
 def test_reply_slower_than_the_timeout_falls_back():
-    advice, _ = run([{"content": GOOD, "delay_s": 5}], timeout_s=0.3, max_attempts=1)
-    assert_fallback(advice, "timed out")
+    advice, llm = run([{"content": GOOD, "delay_s": 5}], timeout_s=0.3, max_attempts=3)
+    assert_fallback(advice, "timed out", "within the 0.3s left of the --llm-timeout budget; not resent")
+    assert len(llm.chat_requests) == 1 and advice.spent_s == 0.3
+
+
+def test_reply_just_inside_the_timeout_is_used():
+    advice, _ = run([{"content": GOOD, "delay_s": 4.9}], timeout_s=5.0)
+    assert advice.plan.source == "llm" and advice.spent_s == 4.9
 
 
 def test_non_json_content_type_is_not_a_completion():
@@ -341,32 +354,42 @@ def test_a_proposal_that_repeats_the_baseline_also_keeps_it():
 
 
 def test_llm_timeout_is_the_whole_decision_budget_and_a_timed_out_request_is_not_resent():
-    import time
-
     bad = reply([{"knob": "max_model_len", "value": 131072, "reason": "more context"}])
-    started = time.monotonic()
-    advice, llm = run([{"content": bad, "delay_s": 0.6}, {"content": GOOD, "delay_s": 30}],
-                      timeout_s=1.5, max_attempts=4)
-    elapsed = time.monotonic() - started
-    assert elapsed < 2.5, elapsed  # 1.5 s budget: the repair got what was left, not a fresh 1.5 s
+    advice, llm = run([{"content": bad, "delay_s": 4}, {"content": GOOD, "delay_s": 30}],
+                      timeout_s=10, max_attempts=4)
     assert len(llm.chat_requests) == 2  # the timed-out repair was not sent again
-    assert_fallback(advice, "timed out", "not resent")
-    assert advice.spent_s >= 0.5 and advice.budget_s == 1.5
+    # the repair got what the first answer left of the 10 s budget, not a fresh 10 s
+    assert_fallback(advice, "timed out", "no complete reply within the 6s left of the --llm-timeout budget; not resent")
+    assert advice.spent_s == 10 and advice.budget_s == 10
+    assert [e.reply.elapsed_s if e.reply else None for e in advice.exchanges] == [4, None]
+
+
+def test_no_repair_is_sent_once_the_budget_is_spent():
+    bad = reply([{"knob": "max_model_len", "value": 131072, "reason": "more context"}])
+    advice, llm = run([{"content": bad, "delay_s": 10}, {"content": GOOD}], timeout_s=10)
+    assert len(llm.chat_requests) == 1
+    assert_fallback(advice, "after 1 reply", "the --llm-timeout budget of 10s is spent")
 
 
 def test_a_trickled_reply_is_abandoned_at_the_deadline():
     import time
 
-    started = time.monotonic()
-    advice, llm = run([{"content": GOOD, "trickle_s": 0.2, "times": 3}], timeout_s=1.0, max_attempts=3)
-    assert time.monotonic() - started < 2.0  # a per-read socket timeout would wait for the whole body
-    assert_fallback(advice, "timed out")
-    assert len(llm.chat_requests) == 1
-    for _ in range(10):  # the abandoned request's socket was shut down: its thread ends, not at its timeout
-        if not any(t.name == "smartrun-deadline" for t in threading.enumerate()):
-            break
-        time.sleep(0.05)
-    assert not any(t.name == "smartrun-deadline" for t in threading.enumerate())
+    def deadline_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "smartrun-deadline"]
+
+    # a byte every 0.2 s by the clock: a per-read socket timeout never fires, only the whole-call deadline does
+    clock = FakeClock()
+    with FakeLLM([{"content": GOOD, "trickle_s": 0.2, "times": 3}], clock=clock) as llm:
+        ctx = context()
+        advice = advise(ctx, transport(llm.base_url, clock, timeout_s=1.0), check_for(ctx.bounds, ctx.baseline))
+        assert_fallback(advice, "timed out", "within the 1s left")
+        assert len(llm.chat_requests) == 1 and advice.spent_s == 1.0
+        # the abandoned request's socket was shut down: its thread ends now, while the server (still open, 20 ms
+        # of real time a byte) would otherwise go on sending for seconds
+        gone_by = time.monotonic() + 5
+        while deadline_threads() and time.monotonic() < gone_by:
+            time.sleep(0.01)
+        assert not deadline_threads()
 
 
 def test_a_cut_off_reply_is_not_pasted_back_whole():

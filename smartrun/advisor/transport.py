@@ -6,7 +6,6 @@ import contextlib
 import json
 import re
 import socket
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -18,6 +17,7 @@ from smartrun.advisor.settings import (
     LLMUnavailable,
     shown_url,
 )
+from smartrun.clock import SYSTEM, Clock
 from smartrun.deadline import within
 from smartrun.frozen import Frozen
 
@@ -86,14 +86,15 @@ class OpenAITransport:
     Transient failures (connection refused, 429, 5xx) are retried with jittered exponential backoff while
     tries and time are left. JSON-schema structured output is tried first; a server that refuses it (400
     naming response_format) or ignores it (a non-JSON reply) gets plain text from then on.
+    The budget, the backoff waits and the latencies are read from `clock`.
     """
 
     def __init__(self, settings: LLMSettings, *, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 clock: Clock = SYSTEM):
         self.settings = settings
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
-        self._sleep = sleep
+        self.clock = clock
         self._client: Any = None
         self._model = settings.model
         self.structured = True  # turned off for good on the first sign the server lacks it
@@ -148,17 +149,18 @@ class OpenAITransport:
 
         budget = self.settings.timeout_s if budget_s is None else budget_s
         self.client()  # built before the clock starts: loading TLS certificates is not the server's time
-        started = time.monotonic()
+        clock = self.clock
+        started = clock.monotonic()
         deadline = started + budget
 
         def out_of_time(state: Any) -> bool:  # no time for the wait plus a request worth making
-            return deadline - time.monotonic() - (getattr(state, "upcoming_sleep", 0.0) or 0.0) < min(1.0, budget / 10)
+            return deadline - clock.monotonic() - (getattr(state, "upcoming_sleep", 0.0) or 0.0) < min(1.0, budget / 10)
 
         retrying = Retrying(
             stop=stop_any(stop_after_attempt(self.settings.max_attempts), out_of_time),  # type: ignore[arg-type]  # any callable of the retry state stops
             wait=self._wait(deadline),
             retry=retry_if_exception_type(_Transient),
-            sleep=self._sleep,
+            sleep=clock.sleep,
         )
         try:
             reply = retrying(self._attempt, messages, schema, max_tokens, deadline)
@@ -167,15 +169,15 @@ class OpenAITransport:
             tries = err.last_attempt.attempt_number
             raise _spent(LLMUnavailable(
                 f"LLM endpoint {shown_url(self.settings.base_url)} failed {tries} time(s); last error: {last}"
-            ), started) from None
+            ), clock, started) from None
         except _OutOfTime:
             raise _spent(LLMUnavailable(
                 f"LLM endpoint {shown_url(self.settings.base_url)} timed out: no complete reply within the "
                 f"{budget:g}s left of the --llm-timeout budget; not resent"
-            ), started) from None
+            ), clock, started, budget) from None
         except LLMUnavailable as err:
-            raise _spent(err, started) from None
-        return reply.model_copy(update={"elapsed_s": round(time.monotonic() - started, 3)})
+            raise _spent(err, clock, started) from None
+        return reply.model_copy(update={"elapsed_s": round(clock.monotonic() - started, 3)})
 
     def _wait(self, deadline: float) -> Callable[[Any], float]:
         """Backoff with jitter, or the server's Retry-After when longer; never above backoff_max_s."""
@@ -185,7 +187,7 @@ class OpenAITransport:
 
         def wait(state: Any) -> float:
             asked = getattr(state.outcome.exception(), "retry_after_s", None) or 0.0
-            return max(0.0, min(max(backoff(state), asked), self.backoff_max_s, deadline - time.monotonic()))
+            return max(0.0, min(max(backoff(state), asked), self.backoff_max_s, deadline - self.clock.monotonic()))
 
         return wait
 
@@ -224,10 +226,10 @@ class OpenAITransport:
             kwargs["max_tokens"] = max_tokens
         if self.greedy:
             kwargs["temperature"] = 0
-        sent = time.monotonic()
+        sent = self.clock.monotonic()
         completion = self.client().chat.completions.create(model=self._model, messages=messages, timeout=timeout,
                                                            **kwargs)  # inside _call's wall-clock deadline
-        latency = time.monotonic() - sent
+        latency = self.clock.monotonic() - sent
         choices = getattr(completion, "choices", None)
         if isinstance(completion, str) or not choices:
             shown = completion[:60] if isinstance(completion, str) else "no choices"
@@ -257,14 +259,14 @@ class OpenAITransport:
         import httpx
         import openai
 
-        left = deadline - time.monotonic()
+        left = deadline - self.clock.monotonic()
         if left <= 0:
             raise _OutOfTime()
         # the socket's own limits sit just past the deadline: the wall clock (deadline.within) enforces it, so
         # a slow first byte or a body trickled a byte at a time ends there too
         timeout = httpx.Timeout(left + 1.0, connect=min(left, CONNECT_TIMEOUT_S))
         try:
-            return within(left, lambda: request(timeout), on_abandon=self._drop_client)
+            return within(left, lambda: request(timeout), on_abandon=self._drop_client, clock=self.clock)
         except TimeoutError:
             raise _OutOfTime() from None
         except openai.APIConnectionError as err:  # includes APITimeoutError: a connect that took too long
@@ -288,9 +290,11 @@ class OpenAITransport:
             raise LLMUnavailable(f"LLM endpoint sent a body that is not JSON ({self._scrub(str(err))[:80]})") from None
 
 
-def _spent(err: LLMUnavailable, started: float) -> LLMUnavailable:
-    """The error with the seconds the failed call took, which the decision's budget is charged."""
-    err.elapsed_s = round(time.monotonic() - started, 3)  # type: ignore[attr-defined]
+def _spent(err: LLMUnavailable, clock: Clock, started: float, budget: float | None = None) -> LLMUnavailable:
+    """The error with the seconds the failed call took, which the decision's budget is charged (a call that ran
+    out of time is charged what was left of the budget, not the moments it took to notice)."""
+    elapsed = clock.monotonic() - started
+    err.elapsed_s = round(elapsed if budget is None else min(elapsed, budget), 3)  # type: ignore[attr-defined]
     return err
 
 

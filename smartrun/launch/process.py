@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 from pydantic import Field
 
 from smartrun.argv import with_defaults
+from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Plan
 from smartrun.errors import InputError
 from smartrun.frozen import Frozen
@@ -280,14 +281,18 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 class ProcessLauncher:
-    """Starts the real `vllm serve` (or anything that behaves like it) and waits until it is ready."""
+    """Starts the real `vllm serve` (or anything that behaves like it) and waits until it is ready.
+
+    The startup deadline, the heartbeat, the polling pace and each attempt's duration are read from `clock`;
+    stopping a process group (its grace after SIGTERM) stays on the real clock.
+    """
 
     def __init__(self, vllm_bin: str | None = None, hardware: HardwareSnapshot | None = None, host: str | None = None,
                  port: int | None = None, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT, *,
                  printer: Callable[[str], None] | None = None, progress: Callable[[str], None] | None = None,
                  poll_interval: float = 0.5, keep_lines: int = 400, stop_grace: float = 10.0,
                  info: VllmInfo | None = None, cache_dir: str | Path | None = None,
-                 heartbeat_s: float | None = None, ray_address: str | None = None):
+                 heartbeat_s: float | None = None, ray_address: str | None = None, clock: Clock = SYSTEM):
         if not (isinstance(startup_timeout, int | float) and 0 < startup_timeout < float("inf")):
             raise InputError(f"--startup-timeout {startup_timeout}: must be a positive number of seconds")
         self.vllm_bin, self.hardware, self.host, self.port = vllm_bin, hardware, host, port
@@ -299,6 +304,7 @@ class ProcessLauncher:
         self.ray_address = ray_address  # launching on a Ray cluster: vllm serve finds it through RAY_ADDRESS
         self._info = info
         self._warned: set[str] = set()
+        self.clock = clock
 
     @property
     def info(self) -> VllmInfo:
@@ -320,7 +326,7 @@ class ProcessLauncher:
         return argv, env, fresh
 
     def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> tuple[LaunchAttempt, Server | None]:
-        started = time.monotonic()
+        started = self.clock.monotonic()
         host, port, key = endpoint(argv, self.host, self.port)
         key = key or {**os.environ, **env}.get("VLLM_API_KEY")
         poll_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
@@ -348,9 +354,9 @@ class ProcessLauncher:
             stream.join(5)
             tail, _ = stream.snapshot()
             return LaunchAttempt(outcome="interrupted", log_excerpt=tuple(tail[-40:]), exit_code=proc.returncode,
-                                 duration_s=round(time.monotonic() - started, 3), **common), None
+                                 duration_s=round(self.clock.monotonic() - started, 3), **common), None
         tail, startup = stream.snapshot()
-        duration = round(time.monotonic() - started, 3)
+        duration = round(self.clock.monotonic() - started, 3)
         if failure is not None:
             return _failed(failure, log_excerpt=tuple(tail[-40:]), duration_s=duration,
                            facts=parse_startup(startup), **common), None
@@ -375,8 +381,8 @@ class ProcessLauncher:
         check = _Background()
         with httpx.Client(timeout=2.0, trust_env=False, headers=headers) as client:
             while True:
-                if time.monotonic() >= next_beat:  # minutes of loading weights must not look like a hang
-                    next_beat = time.monotonic() + self.heartbeat_s
+                if self.clock.monotonic() >= next_beat:  # minutes of loading weights must not look like a hang
+                    next_beat = self.clock.monotonic() + self.heartbeat_s
                     self.progress(self._heartbeat(stream, started))
                 code = proc.poll()
                 if code is not None:
@@ -388,7 +394,7 @@ class ProcessLauncher:
                         klass="unknown", evidence=f"vllm serve exited with status {code} before it was ready",
                         exit_code=code)
                     return None, found
-                if time.monotonic() > deadline:
+                if self.clock.monotonic() > deadline:
                     before_stop, _ = stream.snapshot()  # its last word, not the "Shutting down" our stop causes
                     _stop_group(proc, self.stop_grace)
                     stream.join(5)
@@ -401,15 +407,20 @@ class ProcessLauncher:
                     return self._served_card(proc, stream, listing[0], name)
                 if not check.running():
                     check.start(lambda: _ready_check(client, base_url))
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(self.poll_interval)
+                self._pause(proc)
 
+    def _pause(self, proc: subprocess.Popen) -> None:
+        """One poll interval on the clock, cut short when the child exits (checked every 50 ms, as
+        Popen.wait(timeout) does)."""
+        end = self.clock.monotonic() + self.poll_interval
+        while proc.poll() is None and (left := end - self.clock.monotonic()) > 0:
+            self.clock.sleep(min(left, 0.05))
 
     def _heartbeat(self, stream: _LogStream, started: float) -> str:
         """`still starting (loading weights, 45 s of at most 900 s); vLLM last said: ...`."""
         phase = PHASE_WORDS.get(stream.phase, "starting") if stream.phase else "starting up"
         last = stream.last_line() or "(nothing yet)"
-        return (f"still starting ({phase}, {time.monotonic() - started:.0f} s of at most "
+        return (f"still starting ({phase}, {self.clock.monotonic() - started:.0f} s of at most "
                 f"{self.startup_timeout:g} s); vLLM last said: {last}")
 
     def _served_card(self, proc: subprocess.Popen, stream: _LogStream, listing: Any,

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 from smartrun import __version__
 from smartrun.calibration import Correction, NoCalibration
+from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, Plan
 from smartrun.errors import InputError
 from smartrun.hardware import HardwareSnapshot
@@ -60,8 +59,7 @@ class Sources:
     launcher: Callable[..., Any]  # (request, hardware, vllm version, on_event) -> launch.Launcher
     cache: CacheSource
     vllm: Callable[[], tuple[str | None, str | None]]  # (version, binary path)
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
-    monotonic: Callable[[], float] = time.monotonic
+    clock: Clock = SYSTEM  # record timestamps, and the time every timeout and budget of the run is read from
     llm_info: dict[str, Any] = field(default_factory=dict)  # {"configured", "base_url", "model"}; no key
     secrets: tuple[str, ...] = ()  # values to redact from the record (API keys)
     tune: Callable[..., Any] | None = None  # the --tune stage; None = smartrun.tune.tune_after_launch
@@ -152,7 +150,7 @@ def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
     """An empty record for this request, to be filled by `run`."""
     return SessionRecord(
         tool_version=__version__,
-        started_at=utc_iso(sources.clock()),
+        started_at=utc_iso(sources.clock.now()),
         command_line=redact_argv(request.command_line()),
         request=_redacted_request(request),
         llm=dict(sources.llm_info),

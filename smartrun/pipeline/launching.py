@@ -74,7 +74,7 @@ def launch_stages(ctx: RunContext) -> None:
     request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
     bounds, fit, plan, hw = ctx.bounds, ctx.fit, result.plan, result.hardware
     assert bounds is not None and plan is not None and hw is not None
-    launcher = RecordingLauncher(sources.launcher(request, hw, ctx.version, ctx.on_event), rec, sources.monotonic)
+    launcher = RecordingLauncher(sources.launcher(request, hw, ctx.version, ctx.on_event), rec, sources.clock.monotonic)
 
     def check(proposal: Proposal, base: Plan | None = None) -> Any:
         return validate.check(bounds, base or plan, proposal, fit_check=fit)
@@ -177,7 +177,7 @@ def _recover_advisor(ctx: RunContext, check: Callable[..., Any]) -> Callable[...
     from smartrun import advisor
 
     rec, result = ctx.rec, ctx.result
-    transport = RecordingTransport(ctx.sources.transport, rec, ctx.sources.monotonic)
+    transport = RecordingTransport(ctx.sources.transport, rec, ctx.sources.clock.monotonic)
     transport.kind = "recover"
 
     def recover(plan: Plan, attempts: tuple[Any, ...] = (), failure: Any = None, *_: Any) -> Plan | None:
@@ -247,7 +247,8 @@ def _tune_stage(ctx: RunContext, plan: Plan, server: Any, launcher: Any,
     request = probe_served_name(ctx.request, ctx.passthrough)
     outcome = hook(request=request, plan=plan, bounds=ctx.bounds, server=server, launcher=launcher, check=check,
                    facts=result.facts, hardware=result.hardware, transport=ctx.sources.transport,
-                   on_event=ctx.on_event, model_path=ctx.model_path, passthrough=ctx.passthrough)
+                   on_event=ctx.on_event, model_path=ctx.model_path, passthrough=ctx.passthrough,
+                   clock=ctx.sources.clock)
     report = getattr(outcome, "report", None)
     value = to_jsonable(report if report is not None else outcome)
     value = value if isinstance(value, dict) else {"result": value}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from smartrun import calibration
+from smartrun.clock import SYSTEM, Clock
 from smartrun.errors import SmartRunError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.model import ModelFacts
@@ -15,18 +16,21 @@ from smartrun.plan_cache import SavedParams
 
 
 def live_sources(request: RunRequest, env: dict[str, str] | None = None,
-                 config_path: str | None = None) -> Sources:
-    """The real world: NVML or a snapshot, config.json, the bounds file, the LLM, `vllm serve`, the cache."""
+                 config_path: str | None = None, clock: Clock = SYSTEM) -> Sources:
+    """The real world: NVML or a snapshot, config.json, the bounds file, the LLM, `vllm serve`, the cache.
+
+    `clock` is what the LLM's budget, the launcher's timeouts and the tuner's probes are timed by."""
     import os
 
     env = dict(os.environ if env is None else env)
-    transport, llm_info, secrets = _live_transport(request, env, config_path)
+    transport, llm_info, secrets = _live_transport(request, env, config_path, clock)
     return Sources(
         hardware=lambda: _live_hardware(request),
         model=_live_model,
         bounds=lambda: _live_bounds(request),
         transport=transport,
-        launcher=_live_launcher,
+        launcher=lambda *args: _live_launcher(*args, clock=clock),
+        clock=clock,
         cache=SavedParams(),
         vllm=lambda: _live_vllm(request),
         calibration=calibration_store(),
@@ -79,8 +83,8 @@ def _builtin_bounds() -> BoundsInput:
     return BoundsInput(path=None, text=text, loaded=bounds.load_text(text, bounds.BUILTIN_NAME), builtin=True)
 
 
-def _live_transport(request: RunRequest, env: dict[str, str],
-                    config_path: str | None) -> tuple[Any | None, dict[str, Any], list[str]]:
+def _live_transport(request: RunRequest, env: dict[str, str], config_path: str | None,
+                    clock: Clock = SYSTEM) -> tuple[Any | None, dict[str, Any], list[str]]:
     if not request.smart_run:
         return None, {"configured": False}, []
     from smartrun import advisor
@@ -93,7 +97,7 @@ def _live_transport(request: RunRequest, env: dict[str, str],
     key_text = key.get_secret_value() if key is not None and hasattr(key, "get_secret_value") else key
     info = {"configured": True, "base_url": getattr(settings, "base_url", None),
             "model": getattr(settings, "model", None), "timeout_s": getattr(settings, "timeout_s", None)}
-    return advisor.OpenAITransport(settings), info, [key_text] if key_text else []
+    return advisor.OpenAITransport(settings, clock=clock), info, [key_text] if key_text else []
 
 
 def _live_vllm(request: RunRequest) -> tuple[str | None, str | None]:
@@ -141,14 +145,14 @@ def check_vllm_flags(request: RunRequest, own: tuple[str, ...] = ()) -> None:
 
 
 def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | None,
-                   on_event: EventSink = no_events) -> Any:
+                   on_event: EventSink = no_events, *, clock: Clock = SYSTEM) -> Any:
     """`vllm serve` as a child process; its log lines and startup phases go to the CLI's event sink."""
     from smartrun import launch
 
     return launch.ProcessLauncher(vllm_bin=request.vllm_bin, hardware=hw, host=request.host, port=request.port,
                                   startup_timeout=request.startup_timeout, ray_address=request.ray_address,
                                   printer=lambda line: on_event("vllm", line),
-                                  progress=lambda text: on_event("phase", text))
+                                  progress=lambda text: on_event("phase", text), clock=clock)
 
 
 def calibration_store() -> Any:

@@ -345,7 +345,7 @@ def _advise(ctx: RunContext) -> Plan:
         return baseline
     from smartrun import advisor, validate
 
-    transport = RecordingTransport(sources.transport, rec, sources.monotonic)
+    transport = RecordingTransport(sources.transport, rec, sources.clock.monotonic)
     transport.kind = "propose"
     context = advice_context(request, bounds, baseline, ctx.base_estimate, hw, facts, attempts=())
 

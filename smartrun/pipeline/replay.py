@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from smartrun.calibration import Correction
+from smartrun.clock import FakeClock
 from smartrun.contracts import Plan
 from smartrun.errors import SmartRunError
 from smartrun.hardware import HardwareSnapshot
@@ -149,8 +150,7 @@ def replay_sources(record: SessionRecord) -> Sources:
         launcher=lambda *_: ReplayLauncher(record.launch_attempts),
         cache=RecordedCache(record.cache),
         vllm=lambda: (record.vllm.get("version"), record.vllm.get("bin")),
-        clock=lambda: started,
-        monotonic=lambda: 0.0,
+        clock=FakeClock(wall=started),  # stands still at the recorded start: nothing replayed takes time
         llm_info=dict(record.llm),
         tune=lambda **_: record.tuning or {},
         supervise=False,

@@ -28,7 +28,7 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = no_event
     (the CLI prints its summary there, so a long-running server does not hide it).
     `result.session_path` is None after the run when the record could not be written.
     """
-    started = sources.clock()
+    started = sources.clock.now()
     ctx = context(request, sources, on_event=on_event, record=record)
     record, result = ctx.rec.record, ctx.result
     recorder = ctx.rec
@@ -49,7 +49,7 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = no_event
         record.outcome = {"status": "interrupted", "exit_code": 130}
         raise
     finally:
-        record.finished_at = utc_iso(sources.clock())
+        record.finished_at = utc_iso(sources.clock.now())
         if write and not save_record(record, path, sources):
             result.session_path = None
     return result

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, LaunchEvent, Plan, Proposal
 from smartrun.errors import SmartRunError
 from smartrun.probe import make_settings
@@ -219,7 +220,8 @@ def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, 
                       launcher: Any = None, check: Check | None = None, settings: TuneSettings | None = None,
                       transport: Any = None, facts: Any = None, on_event: Callable[[str, str], None] | None = None,
                       probe: ProbeFn | None = None, model_path: str | None = None,
-                      passthrough: tuple[str, ...] | None = None, **_: Any) -> TuningOutcome | dict[str, Any]:
+                      passthrough: tuple[str, ...] | None = None, clock: Clock = SYSTEM,
+                      **_: Any) -> TuningOutcome | dict[str, Any]:
     """The pipeline's --tune hook: tune the healthy `server`, return the outcome (report + running server).
 
     Needs `restart` (or a `launcher` to build one with make_restart, with the pipeline's `model_path` and
@@ -240,7 +242,7 @@ def tune_after_launch(*, request: Any, plan: Plan, bounds: Bounds, server: Any, 
     if restart is None:
         restart = make_restart(launcher, bounds, server, model_path=model_path or derived_path,
                                passthrough=passthrough, on_event=lambda line: emit("launch", str(line)))
-    probe = probe or _default_probe(settings, api_key=_plan_api_key(plan) or api_key_of(passthrough))
+    probe = probe or _default_probe(settings, api_key=_plan_api_key(plan) or api_key_of(passthrough), clock=clock)
     propose: Proposer | None = None
     exchanges: list[dict[str, Any]] = []
     if transport is not None and getattr(request, "smart_run", False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, Plan
 from smartrun.errors import LaunchError, SmartRunError
 from smartrun.probe import ProbeResult, ProbeSettings
@@ -39,11 +40,13 @@ def run_tuning(
     probe: ProbeFn | None = None,
     propose: Proposer | None = None,
     say: Callable[[str], None] = print,
+    clock: Clock = SYSTEM,
 ) -> TuningOutcome:
     """Tune a healthy `server` running `plan`; returns the report and the server left running (on the best plan).
 
     `restart(plan)` must stop the running server and start one on `plan`, returning (True, server) when it is
     healthy or (False, why) when it is not. Raises LaunchError only if even the best known plan cannot restart.
+    Without a `probe`, each round is measured by smartrun.probe timed by `clock`.
     """
     settings = settings or TuneSettings()
     live = {"server": server}
@@ -55,7 +58,7 @@ def run_tuning(
 
     try:
         return _tuning_loop(plan, bounds, server, tracked, settings, check or _default_check(bounds),
-                            _guarded(probe or _default_probe(settings)), propose or rules_step, say)
+                            _guarded(probe or _default_probe(settings, clock=clock)), propose or rules_step, say)
     except KeyboardInterrupt:  # Ctrl+C while tuning: stop the server we started, leave no orphan
         running = live["server"]
         if running is not None and hasattr(running, "stop"):
@@ -219,13 +222,14 @@ def _default_check(bounds: Bounds) -> Check:
     return lambda proposal, base: validate.check(bounds, base, proposal)
 
 
-def _default_probe(settings: TuneSettings, api_key: str | None = None) -> ProbeFn:
+def _default_probe(settings: TuneSettings, api_key: str | None = None, clock: Clock = SYSTEM) -> ProbeFn:
     from smartrun import probe as probe_mod
 
     def run(server: Any) -> ProbeResult:
         line = probe_mod.ProgressLine()
         try:
-            return probe_mod.run_probe(server.base_url, settings.probe, on_progress=line, api_key=api_key)
+            return probe_mod.run_probe(server.base_url, settings.probe, on_progress=line, api_key=api_key,
+                                       clock=clock)
         finally:
             line.finish()
 

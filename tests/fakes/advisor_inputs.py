@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from smartrun.clock import FakeClock
 from smartrun.advisor import AdviceContext, LLMSettings, OpenAITransport
 from smartrun.contracts import Bounds, KnobBound, Plan, Proposal, Rejection, Verdict
 from smartrun.hardware import GpuInfo, HardwareSnapshot
@@ -92,11 +93,13 @@ def check_for(b: Bounds, base: Plan):
     return lambda proposal: real(b, base, proposal)
 
 
-def transport(base_url: str, **settings: Any) -> OpenAITransport:
-    """A transport with quick backoff so retry tests take well under a second."""
+def transport(base_url: str, clock: Any = None, **settings: Any) -> OpenAITransport:
+    """A transport timed by `clock` (a fresh FakeClock unless given: its backoff waits take no real time and
+    are listed in `clock.slept`; hand the same clock to FakeLLM to delay replies on it)."""
     fields = {"base_url": base_url, "model": "fake-model", "api_key": FAKE_KEY, "timeout_s": 5.0,
               "max_attempts": 3, **settings}
-    return OpenAITransport(LLMSettings(**fields), backoff_s=0.01, backoff_max_s=0.02)
+    return OpenAITransport(LLMSettings(**fields), backoff_s=0.01, backoff_max_s=0.02,
+                           clock=clock if clock is not None else FakeClock())
 
 
 def reply(changes: list[dict[str, Any]], reason: str = "suits the goal") -> str:

@@ -29,6 +29,11 @@ Script format: a JSON list of steps, or an object {"model": "fake-model", "struc
     headers        extra response headers, e.g. {"Retry-After": "0"}
     trickle_s      send the answer one byte every trickle_s seconds (a server that never quite stops)
 
+In-process, `clock=` (a smartrun.clock.FakeClock shared with the code under test) makes delay_s and trickle_s
+sleeps on that clock: a 30 s delay answers at once in real time but 30 s later by the clock, so budget and
+timeout tests are exact and fast. A trickle still takes 20 ms of real time per byte, so a client that hangs
+up mid-answer is seen to (the server stops sending) long before the whole body would have been sent.
+
 When the script is used up every further request gets HTTP 410 "fake LLM script exhausted" (not a
 status the advisor retries, so a test that asks more than it scripted fails fast and visibly).
 With "structured": false the server refuses any request carrying `response_format` with HTTP 400
@@ -70,8 +75,9 @@ class FakeLLM:
     """The server: a ThreadingHTTPServer in a daemon thread, serving `steps` in order."""
 
     def __init__(self, steps: list[dict[str, Any]], *, model: str = "fake-model", structured: bool = True,
-                 port: int = 0, log_path: str | Path | None = None):
+                 port: int = 0, log_path: str | Path | None = None, clock: Any = None):
         self.model = model
+        self.clock = clock
         self.structured = structured
         self.requests: list[dict[str, Any]] = []
         self._steps = _expand(steps)
@@ -126,6 +132,13 @@ class FakeLLM:
                 with self._log_path.open("a", encoding="utf-8") as log:
                     log.write(json.dumps(entry) + "\n")
 
+    def _pause(self, seconds: float, real_s: float = 0.0) -> bool:
+        """Wait `seconds` (on the clock when one was given: then only `real_s` of real time); True once closing."""
+        if self.clock is None:
+            return self._closing.wait(seconds)
+        self.clock.sleep(seconds)
+        return self._closing.wait(real_s) if real_s else self._closing.is_set()
+
     def _next_step(self) -> dict[str, Any] | None:
         with self._lock:
             return self._steps.pop(0) if self._steps else None
@@ -155,7 +168,7 @@ class FakeLLM:
                     for i in range(len(data)):
                         self.wfile.write(data[i:i + 1])
                         self.wfile.flush()
-                        if fake._closing.wait(trickle_s):
+                        if fake._pause(trickle_s, real_s=0.02):
                             return
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout): nothing to answer
@@ -190,7 +203,7 @@ class FakeLLM:
                     self._send(410, _error_body("fake LLM script exhausted", 410))
                     return
                 if step.get("delay_s"):
-                    fake._closing.wait(float(step["delay_s"]))
+                    fake._pause(float(step["delay_s"]))
                 self._send(*_answer(step, fake.model), trickle_s=float(step.get("trickle_s", 0.0)))
 
         return Handler
