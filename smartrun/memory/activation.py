@@ -98,10 +98,53 @@ def activation_terms(
         moe_ws = chunk * model.moe.experts_per_token * (3 * e_inter + h) * dtype_bytes
     logits = rows * model.vocab_size if last else 0
     held = mnbt * h * dtype_bytes
-    encoder_cache = mnbt * h * dtype_bytes if model.is_multimodal and first else 0
+    vision = qwen_vl_profile_image(model) if first else None
+    if vision is not None:  # the encoder's outputs for the dummy image stay cached through the profile
+        encoder_cache = vision[0] * h * dtype_bytes
+    else:
+        encoder_cache = mnbt * h * dtype_bytes if model.is_multimodal and first else 0
     held += encoder_cache
     forward = mnbt * (3 * model.intermediate_size // tp + 4 * h) * dtype_bytes + moe_ws + encoder_cache
+    if vision is not None:
+        forward = max(forward, qwen_vl_encoder_peak_bytes(model, dtype, tp, vision[1]) + encoder_cache)
     return (logits * dtype_bytes + held + moe_ws, forward), logits
+
+
+# Qwen2-VL / Qwen2.5-VL: vLLM profiles the encoder on one image of the processor's largest size
+# (max_pixels 12845056 = 16384 x 28 x 28 in the published preprocessor_config.json; vLLM's log says
+# "Encoder cache will be initialized with a budget of 16384 tokens, and profiled with 1 image items").
+QWEN_VL_MAX_IMAGE_TOKENS = 16384
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def qwen_vl_profile_image(model: ModelFacts) -> tuple[int, int] | None:
+    """(merged image tokens, ViT patches) of the profile's dummy image, for the Qwen2-VL family."""
+    config = model.config or {}
+    vc = config.get("vision_config")
+    if config.get("model_type") not in QWEN_VL_TYPES or not isinstance(vc, dict):
+        return None
+    merge = int(vc.get("spatial_merge_size") or 2)
+    return QWEN_VL_MAX_IMAGE_TOKENS, QWEN_VL_MAX_IMAGE_TOKENS * merge * merge
+
+
+def qwen_vl_encoder_peak_bytes(model: ModelFacts, dtype: str, tp: int, patches: int) -> int:
+    """Peak of the ViT pass over the dummy image (vllm/model_executor/models/qwen2_5_vl.py, 0.9.2).
+
+    The pixel values arrive in fp32 and are cast to the model dtype (both held: patches x 3 x
+    temporal_patch x patch^2 each); inside a block the residual and norm output (2 H) stay while
+    attention holds qkv (3 H), the contiguous q/k/v copies (3 H) and the rotated q/k (2 H), or the MLP
+    holds the activated gate, the up projection and their product (3 I, sharded by TP). The
+    memory-efficient attention kernels keep no seq x seq matrix.
+    """
+    vc = (model.config or {}).get("vision_config") or {}
+    hv = int(vc.get("hidden_size") or vc.get("embed_dim") or 0)
+    iv = int(vc.get("intermediate_size") or 4 * hv)
+    pixel = int(vc.get("in_chans") or vc.get("in_channels") or 3) * int(vc.get("temporal_patch_size") or 2)
+    pixel *= int(vc.get("patch_size") or 14) ** 2
+    dtype_bytes = DTYPE_BYTES[dtype]
+    pixels = patches * pixel * (4 + dtype_bytes)
+    block = patches * max(2 * hv + 8 * hv, 2 * hv + 3 * iv // tp) * dtype_bytes
+    return pixels + block
 
 
 def non_torch_bytes(

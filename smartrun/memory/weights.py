@@ -333,7 +333,7 @@ def _vision_params(model: ModelFacts) -> int:
     per_layer = 4 * hv * hv + mlp + 9 * hv + iv
     positions = (image // patch) ** 2 * hv if image else 0
     h_text = model.hidden_size
-    merge = (model.config or {}).get("spatial_merge_size") or vc.get("merge_kernel_size") or 1
+    merge = (model.config or {}).get("spatial_merge_size") or vc.get("spatial_merge_size") or vc.get("merge_kernel_size") or 1
     merge = merge[0] * merge[1] if isinstance(merge, list) else merge * merge
     feature_layers = (model.config or {}).get("vision_feature_layer")
     merge *= len(feature_layers) if isinstance(feature_layers, list) else 1  # LLaVA-Next concatenates layers
