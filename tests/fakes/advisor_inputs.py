@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from smartrun.clock import FakeClock
 from smartrun.advisor import AdviceContext, LLMSettings, OpenAITransport
+from smartrun.clock import FakeClock
 from smartrun.contracts import Bounds, KnobBound, Plan, Proposal, Rejection, Verdict
 from smartrun.hardware import GpuInfo, HardwareSnapshot
 from smartrun.memory import MemoryEstimate
