@@ -28,6 +28,7 @@ API:
 - `normalize(flag)`: the canonical spelling of a flag name.
 - `refuse_unknown(argv, known, own, arity, where)`: InputError (exit 2) for a flag the vLLM that will run
   does not accept, naming the nearest flag (vLLM's, smartrun's own, LocalAIStack's aliases).
+- `parse_user_args(argv) -> UserArgs`: the user's vLLM flags as typed pins (known knobs) and passthrough.
 Redaction built on these lives in smartrun.secrets.
 """
 
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from smartrun.errors import InputError
-from smartrun.knobs import CATALOGUE, LOCALAISTACK_ALIASES, LOCALAISTACK_HINTS, Knob
+from smartrun.frozen import Frozen
+from smartrun.knobs import CATALOGUE, LOCALAISTACK_ALIASES, LOCALAISTACK_HINTS, Knob, parse_value
 
 Arity = Literal["0", "1", "?", "+"]
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's own test: such items are values
@@ -256,3 +258,66 @@ def positive_seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: must be a positive, finite number of seconds")
     return value
+
+
+class UserArgs(Frozen):
+    """What the user typed after MODEL: pins (known knobs, typed values) and passthrough (everything else, in order)."""
+
+    pins: dict[str, Any] = {}
+    passthrough: tuple[str, ...] = ()
+    pin_flags: dict[str, str] = {}  # knob -> the text the user typed ("--max-model-len 32k"), for messages
+
+
+def parse_user_args(argv: list[str]) -> UserArgs:
+    """vLLM flags in vLLM's own syntax (`--max-model-len 8192`, `--gpu-memory-utilization=0.9`, `--enforce-eager`).
+
+    Read by the one tokenizer. Known knobs become typed pins (the last occurrence
+    wins, as in vLLM); everything else goes to passthrough with its values, in order, as typed. A bad
+    value of a known flag is an InputError naming it.
+    """
+    pins: dict[str, Any] = {}
+    typed: dict[str, str] = {}
+    passthrough: list[str] = []
+    for token in tokenize(argv):
+        k = token.knob
+        if k is None:
+            passthrough += token.raw
+            continue
+        name = token.flag or k.flag
+        if k.type == "bool":
+            positive = not token.negative
+            if token.values:
+                cobra = token.written in LOCALAISTACK_ALIASES and token.values[0].lower() in ("true", "false")
+                if not cobra:  # LocalAIStack's own parser takes --vllm-trust-remote-code=false; vLLM's none
+                    raise InputError(f"{name} takes no value (got {token.raw[0]!r})")
+                positive = positive == (token.values[0].lower() == "true")
+            pins[k.name], typed[k.name] = positive, name
+            continue
+        if not token.values:
+            if k.nargs == "?":
+                pins[k.name], typed[k.name] = True, name
+                continue
+            raise InputError(f"{name} needs a value")
+        if k.nargs == "+":
+            values = tuple(parse_value(k, v, name) for v in token.values)
+            pins[k.name], typed[k.name] = values, f"{name} {' '.join(token.values)}"
+            continue
+        value = parse_value(k, token.values[0], name)
+        if k.nargs == "append":
+            value = (*pins.get(k.name, ()), value)
+        pins[k.name], typed[k.name] = value, f"{name} {token.values[0]}"
+    return UserArgs(pins=pins, passthrough=tuple(passthrough), pin_flags=typed)
+
+
+def serve_args(user_args: Sequence[str], extra_args: Sequence[str] = (), *, host: str | None = None,
+               port: int | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(pins, passthrough) for `vllm serve`: the user's known flags as pins; passthrough is --host/--port,
+    then the user's unknown flags, then everything after `--`.
+
+    --host/--port are user only: added unless given (pinned, or typed in any spelling). The caller's
+    default host is 127.0.0.1 (the guide's templates), not vLLM's all interfaces.
+    """
+    user = parse_user_args(list(user_args))
+    given = (*user.passthrough, *extra_args)
+    defaults = {name: value for name, value in (("host", host), ("port", port)) if name not in user.pins}
+    return user.pins, (*with_defaults(given, defaults)[len(given):], *given)

@@ -30,6 +30,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,11 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from smartrun.errors import InputError
 from smartrun.fileio import smartrun_home, write_user_file
 from smartrun.frozen import Frozen
+from smartrun.hardware import fingerprint
+from smartrun.memory import estimate, resolve_version
+from smartrun.memory.correction import MIN_AGREEING, Correction
+from smartrun.vllm_profiles import PROFILES
 
 SCHEMA_VERSION: Literal[1] = 1
 RECENT = 5  # the correction is learned from the last RECENT startups (older ones describe an older machine)
 MAX_KEPT = 20  # observations kept per (machine, vLLM version)
-MIN_AGREEING = 2  # startups that must agree before the estimate grows
 AGREE_GIB = 0.25  # ... within this spread of their surpluses (GiB per GPU)
 MAX_SHRINK = 0.25  # most non-KV GiB a correction may add, as a fraction of the GPU's memory
 MAX_GROW = 0.10  # most non-KV GiB a correction may take away, as a fraction of the GPU's memory
@@ -93,63 +97,8 @@ class Observation(Frozen):
                 f"{_num(got.kv_cache_gib)} GiB{tokens}; non-KV {self.residual_gib:+.2f} GiB per GPU")
 
 
-class Correction(Frozen):
-    """GiB per GPU added to the estimator's non-KV memory, learned from this machine's startups (see module doc)."""
-
-    machine: str  # hardware fingerprint (smartrun.hardware.fingerprint)
-    vllm_version: str
-    startups: int  # how many startups it was learned from (the recent window)
-    non_kv_gib: float  # > 0: vLLM left less KV cache than estimated; < 0: more
-    rule: Literal["shrink", "grow", "hold"]
-    residuals_gib: tuple[float, ...] = ()  # per startup, oldest first: measured minus estimated non-KV
-    terms_gib: dict[str, float] = Field(default_factory=dict)  # mean measured-minus-estimated per printed term
-    clamped: bool = False
-    note: str = ""
-    band_gib: float | None = None  # plan-safe band these startups support (module doc); None: the profile's
-
-    def margin_bytes(self, profile_bytes: int) -> int:
-        """The non-KV memory a plan keeps back: the profile's band narrowed to this machine's own (module doc).
-
-        With fewer than MIN_AGREEING startups the plan-safe estimate may only fall: the correction's
-        shrink counts toward the profile's band, so correction + band never leaves more KV cache than
-        the uncalibrated low end did.
-        """
-        if self.band_gib is None:  # a correction recorded before the band existed planned with the profile's
-            return profile_bytes
-        own = int(self.band_gib * (1 << 30))
-        if self.startups >= MIN_AGREEING:
-            return min(profile_bytes, own)
-        taken = int(max(self.non_kv_gib, 0.0) * (1 << 30))
-        return min(profile_bytes, max(own, profile_bytes - taken))
-
-    def band_text(self) -> str:
-        """How the plan-safe band follows from the startups, for the estimate's uncertainty line."""
-        if self.band_gib is None:
-            return "calibrated: the profile's band"
-        if self.startups >= MIN_AGREEING:
-            return (f"calibrated: {self.startups} startups on this machine support a band of {self.band_gib:.2f} GiB "
-                    "(the narrower of the two is kept back)")
-        return (f"calibrated from 1 startup (band {self.band_gib:.2f} GiB): the plan-safe estimate may only fall "
-                f"until {MIN_AGREEING} startups agree")
-
-    def describe(self) -> str:
-        """`calibrated from N startups on this machine: ...`, the line `model estimate` and --explain print."""
-        n = self.startups
-        head = f"calibrated from {n} startup{'s' if n != 1 else ''} on this machine (vLLM {self.vllm_version})"
-        what = (f"non-KV {self.non_kv_gib:+.2f} GiB per GPU" if self.rule != "hold"
-                else "no change")
-        parts = [p for p in (self.note, _terms_text(self.terms_gib)) if p]
-        return f"{head}: {what}" + (f" ({'; '.join(parts)})" if parts else "")
-
-
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def _terms_text(terms: dict[str, float]) -> str:
-    names = {"weights": "weights", "activation": "activation", "non_torch": "non-torch",
-             "cudagraph": "CUDA graphs", "unprinted": "not printed by vLLM"}
-    return ", ".join(f"{names.get(k, k)} {v:+.2f}" for k, v in terms.items() if abs(v) >= 0.005)
 
 
 # ---------------------------------------------------------------------------------------------- learning
@@ -213,8 +162,6 @@ def observe(estimate: Any, startup: Any, *, model: str, params: dict[str, Any], 
     when both sides have them (engine-wide, so the tightest rank as the estimate; exact to a block, where
     the printed GiB has two decimals), else from the printed KV GiB.
     """
-    from smartrun.vllm_profiles import PROFILES
-
     if estimate is None or startup is None or getattr(estimate, "calibration", None) is not None:
         return None
     by_tokens = None
@@ -244,9 +191,6 @@ def observe(estimate: Any, startup: Any, *, model: str, params: dict[str, Any], 
 
 def key(hardware: Any, vllm_version: str | None) -> tuple[str, str]:
     """(machine fingerprint, the vLLM version the estimator plans for): what calibration data is kept under."""
-    from smartrun.hardware import fingerprint
-    from smartrun.memory import resolve_version
-
     return fingerprint(hardware), resolve_version(vllm_version)[0]
 
 
@@ -269,10 +213,6 @@ def estimator(correction: Correction | None) -> Any:
     """memory.estimate with this correction, for the rules' estimate_fn (None: their default, uncalibrated)."""
     if correction is None:
         return None
-    from functools import partial
-
-    from smartrun.memory import estimate
-
     return partial(estimate, calibration=correction)
 
 

@@ -186,14 +186,7 @@ LOCALAISTACK_HINTS: dict[str, str] = {
     "--text-only": "--limit-mm-per-prompt '{\"image\":0,\"video\":0}' --skip-mm-profiling",
 }
 TUNING_KNOBS: tuple[str, ...] = tuple(k.name for k in _TUNING)
-
-
-class UserArgs(Frozen):
-    """What the user typed after MODEL: pins (known knobs, typed values) and passthrough (everything else, in order)."""
-
-    pins: dict[str, Any] = {}
-    passthrough: tuple[str, ...] = ()
-    pin_flags: dict[str, str] = {}  # knob -> the text the user typed ("--max-model-len 32k"), for messages
+REDACTED = "***REDACTED***"  # shown in place of a secret knob's value (smartrun.secrets hides them)
 
 
 def knob(name: str) -> Knob:
@@ -253,49 +246,6 @@ def parse_value(k: Knob, text: str, flag: str | None = None) -> Any:
     return value
 
 
-def parse_user_args(argv: list[str]) -> UserArgs:
-    """vLLM flags in vLLM's own syntax (`--max-model-len 8192`, `--gpu-memory-utilization=0.9`, `--enforce-eager`).
-
-    Read by the one tokenizer (smartrun.argv). Known knobs become typed pins (the last occurrence
-    wins, as in vLLM); everything else goes to passthrough with its values, in order, as typed. A bad
-    value of a known flag is an InputError naming it.
-    """
-    from smartrun.argv import tokenize
-
-    pins: dict[str, Any] = {}
-    typed: dict[str, str] = {}
-    passthrough: list[str] = []
-    for token in tokenize(argv):
-        k = token.knob
-        if k is None:
-            passthrough += token.raw
-            continue
-        name = token.flag or k.flag
-        if k.type == "bool":
-            positive = not token.negative
-            if token.values:
-                cobra = token.written in LOCALAISTACK_ALIASES and token.values[0].lower() in ("true", "false")
-                if not cobra:  # LocalAIStack's own parser takes --vllm-trust-remote-code=false; vLLM's none
-                    raise InputError(f"{name} takes no value (got {token.raw[0]!r})")
-                positive = positive == (token.values[0].lower() == "true")
-            pins[k.name], typed[k.name] = positive, name
-            continue
-        if not token.values:
-            if k.nargs == "?":
-                pins[k.name], typed[k.name] = True, name
-                continue
-            raise InputError(f"{name} needs a value")
-        if k.nargs == "+":
-            values = tuple(parse_value(k, v, name) for v in token.values)
-            pins[k.name], typed[k.name] = values, f"{name} {' '.join(token.values)}"
-            continue
-        value = parse_value(k, token.values[0], name)
-        if k.nargs == "append":
-            value = (*pins.get(k.name, ()), value)
-        pins[k.name], typed[k.name] = value, f"{name} {token.values[0]}"
-    return UserArgs(pins=pins, passthrough=tuple(passthrough), pin_flags=typed)
-
-
 def _argv_for(k: Knob, value: Any) -> list[str]:
     if value is None:
         return []
@@ -324,8 +274,6 @@ def format_float(value: float) -> str:
 
 def pin_text(name: str, value: Any) -> str:
     """How a pin reads on the command line ("--enforce-eager", "--max-model-len 8192"), for messages."""
-    from smartrun.secrets import REDACTED
-
     k = knob(name)
     if k.secret:
         return f"{k.flag} {REDACTED}"

@@ -1,6 +1,6 @@
 """The one secrets layer: which values are secret, and hiding them in argv, text and JSON trees.
 
-- One marker, `REDACTED`.
+- One marker, `REDACTED` (declared with the knob catalogue, which marks the secret knobs).
 - Secret values come from argv through the one tokenizer (smartrun.argv): every value of a flag
   whose catalogue knob is `secret` (`--api-key K1 K2`, `--api_key=K`, `--hf-token V`), and of an
   unknown flag named like a credential; plus credential-like environment variables.
@@ -20,7 +20,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-REDACTED = "***REDACTED***"
+from smartrun.argv import tokenize
+from smartrun.knobs import REDACTED
+
 MAX_LINE = 16384  # characters of one log line kept; the rest is cut (and counted) before any regex
 _SHORT = 4  # secrets shorter than this are hidden only where they stand alone (never inside a word)
 _MAX_DEPTH = 200
@@ -47,8 +49,6 @@ def cap_line(line: str, limit: int = MAX_LINE) -> str:
 
 def secret_values(argv: Iterable[str] = (), env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """Every value of a secret flag in argv (all spellings, all values) and of credential-like env vars."""
-    from smartrun.argv import tokenize
-
     found: list[str] = []
     for token in tokenize(list(argv)):
         if token.secret:
@@ -72,8 +72,6 @@ def launch_env_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
 
 def redact_argv(argv: Iterable[str], secrets: Sequence[str] = ()) -> list[str]:
     """argv with every value of a secret flag replaced by REDACTED (the flag stays), and key-like text hidden."""
-    from smartrun.argv import tokenize
-
     out: list[str] = []
     for token in tokenize([str(a) for a in argv]):
         if not token.secret:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from smartrun import argv as argv_mod
 from smartrun import launch, tune
-from smartrun.knobs import CATALOGUE, parse_user_args
+from smartrun.argv import parse_user_args
+from smartrun.knobs import CATALOGUE
 from smartrun.secrets import (
     REDACTED,
     cap_line,

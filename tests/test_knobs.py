@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from smartrun.argv import parse_user_args
 from smartrun.errors import InputError
-from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, build_argv, parse_user_args
+from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, build_argv
 
 
 def test_catalogue_has_the_tuning_knobs_and_user_only_ones():

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from smartrun import hardware, memory, model, policy, rules
+from smartrun.argv import parse_user_args
 from smartrun.errors import InfeasibleError, InputError
-from smartrun.knobs import parse_user_args
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 

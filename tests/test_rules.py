@@ -8,10 +8,11 @@ import pytest
 
 from smartrun import bounds as bounds_mod
 from smartrun import hardware, model, rules
+from smartrun.argv import parse_user_args
 from smartrun.contracts import Change, Proposal
 from smartrun.errors import InfeasibleError, InputError, PinConflictError
 from smartrun.hardware import GpuInfo, GpuProcess, HardwareSnapshot
-from smartrun.knobs import build_argv, parse_user_args
+from smartrun.knobs import build_argv
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
 from smartrun.secrets import REDACTED

@@ -17,8 +17,9 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 pytest.importorskip("vllm")
 
 from smartrun import hardware, model, rules
+from smartrun.argv import parse_user_args
 from smartrun.errors import InfeasibleError
-from smartrun.knobs import build_argv, parse_user_args
+from smartrun.knobs import build_argv
 
 pytestmark = pytest.mark.vllm
 FIX = Path(__file__).resolve().parent.parent / "fixtures"

@@ -16,8 +16,8 @@ formulas whose few coefficients (Coefficients/FITTED) are the least-squares fit 
 H100 reference logs (smartrun.memory.fit; benchmarks/estimator_accuracy.py --fit refits them,
 --cross-validate leaves one model family out, the default run reports the error).
 
-Calibration: `estimate(..., calibration=)` takes a smartrun.calibration.Correction (learned from this
-machine's own startups), adds its GiB to every GPU's non-KV memory and sets the plan-safe band from
+Calibration: `estimate(..., calibration=)` takes a Correction (smartrun.memory.correction; learned by
+smartrun.calibration from this machine's own startups), adds its GiB to every GPU's non-KV memory and sets the plan-safe band from
 those startups once enough agree (Correction.margin_bytes); the caller looks it up.
 
 Profiles: "0.6" (V0 engine, < 0.8), "0.19" (V1, 0.8-0.19), "0.20" (graph estimate subtracted,
@@ -45,6 +45,7 @@ from smartrun.memory.budget import (
     plan_safe_max_model_len,
     stage_memory,
 )
+from smartrun.memory.correction import Correction
 from smartrun.memory.kv import KVGroup, blocks_per_request, kv_bytes_per_token_layer, kv_groups, layer_kinds
 from smartrun.memory.types import (
     DTYPE_BYTES,
@@ -78,6 +79,7 @@ __all__ = [
     "KV_DTYPES",
     "MIB",
     "Coefficients",
+    "Correction",
     "EngineFlags",
     "GpuSpec",
     "KVGroup",

@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 
 from smartrun import vllm_profiles
-from smartrun.calibration import Correction
 from smartrun.errors import EstimateError
 from smartrun.frozen import Frozen
 from smartrun.hardware import HardwareSnapshot
@@ -17,6 +16,7 @@ from smartrun.memory.activation import (
     cudagraph_bytes,
     non_torch_bytes,
 )
+from smartrun.memory.correction import Correction
 from smartrun.memory.kv import KVGroup, blocks_per_request, kv_bytes_per_token_layer, kv_groups, layer_kinds
 from smartrun.memory.types import (
     DTYPE_ALIASES,

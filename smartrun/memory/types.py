@@ -10,10 +10,10 @@ from importlib import resources
 from typing import Any
 
 from smartrun import vllm_profiles
-from smartrun.calibration import Correction
 from smartrun.errors import EstimateError
 from smartrun.frozen import Frozen
 from smartrun.hardware import GpuInfo
+from smartrun.memory.correction import Correction
 from smartrun.vllm_profiles import NEWEST_VERSION, Profile
 
 GIB = 1 << 30

@@ -27,7 +27,7 @@ from smartrun.pipeline.context import (
     request_secrets,
 )
 from smartrun.pipeline.live import calibration_store, check_vllm_flags, live_sources
-from smartrun.pipeline.planning import launch_passthrough, plan_stages
+from smartrun.pipeline.planning import plan_stages
 from smartrun.pipeline.replay import ReplayLauncher, ReplayResult, ReplayTransport, replay, replay_sources
 from smartrun.pipeline.request import EventSink, RunRequest
 from smartrun.pipeline.run import run
@@ -35,6 +35,6 @@ from smartrun.pipeline.run import run
 __all__ = [
     "BoundsInput", "CacheSource", "EventSink", "Recorder", "ReplayLauncher", "ReplayResult", "ReplayTransport",
     "RunContext", "RunRequest", "RunResult", "Sources", "calibration_store", "check_vllm_flags", "context",
-    "launch_passthrough", "live_sources", "new_record", "plan_stages", "replay", "replay_sources", "request_secrets",
+    "live_sources", "new_record", "plan_stages", "replay", "replay_sources", "request_secrets",
     "run",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from smartrun import argv as argv_mod
 from smartrun import calibration
 from smartrun.calibration import Correction
 from smartrun.contracts import Change, Plan, Proposal
@@ -49,7 +50,7 @@ def plan_stages(ctx: RunContext) -> None:
                          "weight_bytes": facts.weight_bytes}, facts.weight_bytes_source or "config")
 
     _refuse_planned_knobs_after_dashdash(request.extra_args)
-    pins, passthrough = launch_passthrough(request)
+    pins, passthrough = argv_mod.serve_args(request.user_args, request.extra_args, host=request.host, port=request.port)
     passthrough = (*passthrough, *_served_name_args(request, facts, pins, passthrough))
     ctx.pins, ctx.passthrough = pins, tuple(passthrough)
     rec.decide("pins", pins, "user")
@@ -169,19 +170,10 @@ def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
         return
     from smartrun import knobs
 
-    planned = [name for name in knobs.parse_user_args(list(extra_args)).pins if name in knobs.TUNING_KNOBS]
+    planned = [name for name in argv_mod.parse_user_args(list(extra_args)).pins if name in knobs.TUNING_KNOBS]
     if planned:
         flags = ", ".join(knobs.CATALOGUE[name].flag for name in planned)
         raise InputError(f"{flags} after `--` would override the plan; put it before `--` to pin it")
-
-
-def _security_args(request: Any, passthrough: tuple[str, ...], pins: dict[str, Any] | None = None) -> tuple[str, ...]:
-    """--host/--port: user-only, passed through unless given (pinned, or typed in any spelling). Default host
-    127.0.0.1 (the guide's templates), not all interfaces."""
-    from smartrun import argv as argv_mod
-
-    defaults = {name: getattr(request, name, None) for name in ("host", "port") if name not in (pins or {})}
-    return tuple(argv_mod.with_defaults(passthrough, defaults)[len(passthrough):])
 
 
 def _warn_without_nvlink(plan: Plan, hw: HardwareSnapshot, rec: Recorder) -> None:
@@ -205,24 +197,12 @@ def _warn_without_nvlink(plan: Plan, hw: HardwareSnapshot, rec: Recorder) -> Non
     rec.warn(f"no NVLink between GPUs {names}: tensor parallel {tp} runs its all-reduce over PCIe (slower).{all_reduce}")
 
 
-def launch_passthrough(request: Any) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """(pins, passthrough) for `vllm serve` as the pipeline builds them: --host/--port unless typed, the user's
-    unknown flags, then everything after `--`."""
-    from smartrun import knobs
-
-    user = knobs.parse_user_args(list(getattr(request, "user_args", ()) or ()))
-    given = (*user.passthrough, *(getattr(request, "extra_args", ()) or ()))
-    return user.pins, (*_security_args(request, given, user.pins), *given)
-
-
 def _served_name_args(request: RunRequest, facts: ModelFacts, pins: dict[str, Any],
                       passthrough: tuple[str, ...]) -> tuple[str, ...]:
     """`--served-model-name REPO` when MODEL was given as a Hugging Face repo id, so clients ask for the model by
     the name they know (vLLM would list the cache snapshot's path) - unless the user named it."""
-    from smartrun import argv
-
     given_as_repo_id = "/" in request.model and facts.name == request.model  # model.inspect names a cached repo so
-    named = "served_model_name" in pins or argv.has(argv.tokenize(passthrough), "served_model_name")
+    named = "served_model_name" in pins or argv_mod.has(argv_mod.tokenize(passthrough), "served_model_name")
     return ("--served-model-name", request.model) if given_as_repo_id and not named else ()
 
 

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from smartrun.argv import serve_args, values_of
 from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, LaunchEvent, Plan, Proposal
 from smartrun.errors import SmartRunError
@@ -202,17 +203,14 @@ def _plan_api_key(plan: Plan) -> str | None:
 
 def api_key_of(argv: tuple[str, ...] | list[str]) -> str | None:
     """The first key of vLLM's --api-key (any spelling, several keys) the probe must send, or None."""
-    from smartrun.argv import values_of
-
     keys = values_of(argv, "api_key")
     return keys[0] if keys else None
 
 
 def launch_inputs(request: Any, facts: Any) -> tuple[str, tuple[str, ...]]:
     """(model path, passthrough args) as the pipeline builds them, for a hook call that did not pass them."""
-    from smartrun.pipeline import launch_passthrough
-
-    _, passthrough = launch_passthrough(request)
+    _, passthrough = serve_args(getattr(request, "user_args", ()) or (), getattr(request, "extra_args", ()) or (),
+                                host=getattr(request, "host", None), port=getattr(request, "port", None))
     return str(getattr(facts, "path", None) or getattr(request, "model", "")), passthrough
 
 
