@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from fakes.advisor_inputs import check_for, context, reply  # noqa: E402
 from fakes.llm_server import FakeLLM  # noqa: E402
 
-from smartrun import hardware, model, rules  # noqa: E402
+from smartrun import hardware, model, rules, sizing  # noqa: E402
 from smartrun.advisor import (  # noqa: E402
     AdviceContext,
     LLMSettings,
@@ -98,7 +98,7 @@ def fixture_context(model_dir: str, machine: str, goal: str, failure: dict | Non
     hw = hardware.load_snapshot(REPO / "fixtures" / "hardware" / f"{machine}.json")
     facts = model.inspect(str(REPO / "fixtures" / "models" / model_dir))
     bounds = rules.effective_bounds(facts, hw, None, {}, goal=goal)
-    base, estimate = rules.baseline(bounds, facts, hw, goal)
+    base, estimate = sizing.baseline(bounds, facts, hw, goal)
     return AdviceContext(hardware=hw, model=facts, bounds=bounds, baseline=base, estimate=estimate, goal=goal,
                          failure=failure)
 

@@ -11,7 +11,7 @@ import statistics
 import time
 from pathlib import Path
 
-from smartrun import hardware, model, rules
+from smartrun import hardware, model, rules, sizing
 from smartrun.errors import InfeasibleError
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -31,7 +31,7 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 bounds = rules.effective_bounds(facts, hw, None, {}, goal)
-                plan, est = rules.baseline(bounds, facts, hw, goal)
+                plan, est = sizing.baseline(bounds, facts, hw, goal)
                 p = plan.params
                 cell = (f"tp {p['tensor_parallel_size']} / {p['max_model_len']} / {p['gpu_memory_utilization']} / "
                         f"{p['max_num_seqs']} / {p['dtype']}  (KV {est.kv_cache_gib:.1f} GiB)")

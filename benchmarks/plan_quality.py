@@ -1,7 +1,7 @@
 """Plan quality: smartrun's plan vs plain `vllm serve MODEL` vs the exhaustive best, per fixture model x machine x goal.
 
 For every fixture model (fixtures/models) on every hardware snapshot (fixtures/hardware) and every goal:
-- plan: rules.effective_bounds + rules.baseline with the built-in bounds (what `model run --smart-run` plans).
+- plan: rules.effective_bounds + sizing.baseline with the built-in bounds (what `model run --smart-run` plans).
 - vllm: plain `vllm serve MODEL` with vLLM 0.33's defaults (native context, util 0.92, the per-GPU batch
   defaults, one GPU).
 - best: the exhaustive best over tp x dp x max_num_seqs x utilization at the plan's own context.
@@ -35,8 +35,10 @@ sys.path.insert(0, str(REPO / "tests" / "fakes"))
 
 import perf_model as pm  # noqa: E402
 
-from smartrun import hardware, memory, model, rules  # noqa: E402
+from smartrun import hardware, memory, model, rules, sizing  # noqa: E402
 from smartrun.errors import SmartRunError  # noqa: E402
+from smartrun.fit import fit_check, flags_from_params  # noqa: E402
+from smartrun.gpus import select_gpus, tp_divides  # noqa: E402
 
 FIX = REPO / "fixtures"
 VERSION = "0.33.0"
@@ -54,16 +56,16 @@ class Case:
     def __init__(self, facts: model.ModelFacts, hw: hardware.HardwareSnapshot):
         self.facts, self.hw = facts, hw
         self.n = len(hw.gpus)
-        self.tps = [t for t in range(1, self.n + 1) if rules._tp_divides(facts, t)]
+        self.tps = [t for t in range(1, self.n + 1) if tp_divides(facts, t)]
         self._est: dict[tuple, memory.MemoryEstimate | None] = {}
 
     def estimate(self, params: dict[str, Any]) -> memory.MemoryEstimate | None:
-        flags = rules.flags_from_params(params)
+        flags = flags_from_params(params)
         key = tuple(sorted(flags.model_dump().items()))
         if key not in self._est:
             count = flags.tensor_parallel_size * flags.pipeline_parallel_size
             try:
-                gpus = [memory.GpuSpec.from_gpu(g) for g in rules.select_gpus(self.hw, count)]
+                gpus = [memory.GpuSpec.from_gpu(g) for g in select_gpus(self.hw, count)]
                 self._est[key] = memory.estimate(self.facts, gpus, flags, VERSION)
             except SmartRunError:
                 self._est[key] = None
@@ -157,7 +159,7 @@ def run_case(case: Case, goal: str) -> dict[str, Any]:
     row["any_starts"] = case.any_starts()
     try:
         b = rules.effective_bounds(case.facts, case.hw, None, {}, goal, VERSION)
-        plan, _ = rules.baseline(b, case.facts, case.hw, goal, VERSION)
+        plan, _ = sizing.baseline(b, case.facts, case.hw, goal, VERSION)
         params = dict(plan.params)
     except SmartRunError as err:
         row.update(plan_starts=False, plan_tps=0.0, plan_ctx=0, best_tps=0.0, plan="-", why=err.message[:60])
@@ -188,7 +190,7 @@ def tune_case(case: Case, rounds: int) -> dict[str, Any] | None:
 
     try:
         bounds = rules.effective_bounds(case.facts, case.hw, None, {}, "throughput", VERSION)
-        plan, _ = rules.baseline(bounds, case.facts, case.hw, "throughput", VERSION)
+        plan, _ = sizing.baseline(bounds, case.facts, case.hw, "throughput", VERSION)
     except SmartRunError:
         return None
     prompt, output, clients = WORKLOAD
@@ -204,7 +206,7 @@ def tune_case(case: Case, rounds: int) -> dict[str, Any] | None:
                            output_tokens=n * output, elapsed_s=10.0, tokens_per_s=tps, requests_per_s=n / 10.0,
                            latency_p50_ms=1.0, latency_p95_ms=1.0, streamed=False)
 
-    fit = rules.fit_check(case.facts, case.hw, VERSION)
+    fit = fit_check(case.facts, case.hw, VERSION)
     outcome = run_tuning(plan, bounds, _Server(plan.params), restart, TuneSettings(rounds=rounds),
                          check=lambda proposal, base: validate.check(bounds, base, proposal, fit_check=fit),
                          probe=probe, say=lambda line: None)

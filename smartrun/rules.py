@@ -6,7 +6,7 @@ Limits only: the guide's per-goal preferences live in smartrun/data/policy.toml 
 A pin outside the built-in default bounds (safety margins, not limits) is kept with one warning line;
 a pin outside a real limit (the user's bounds file, vLLM's domain, hardware, model, estimate) is a
 PinConflictError naming both (unless force); an empty intersection is an InfeasibleError naming the
-sources that clash, and when nothing fits it lists what would (sizing.no_fit_suggestions).
+sources that clash, and when nothing fits it lists what would (smartrun.no_fit).
 
 Choices made here: the utilization cap from free memory is taken over the GPUs of the largest
 allowed tensor-parallel size (so every in-bound utilization is safe at every in-bound tp); the
@@ -18,41 +18,34 @@ for gemma2/gemma3/...) may take float32 beyond the built-in choices, never beyon
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from smartrun import bounds as bounds_mod
-from smartrun.contracts import GOALS, Bounds, KnobBound, Plan, gpus_used
-from smartrun.errors import EstimateError, InfeasibleError, InputError, PinConflictError
-from smartrun.hardware import GpuInfo, HardwareSnapshot
-from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, Knob, pin_text
-from smartrun.memory import (
-    EngineFlags,
-    GpuSpec,
-    MemoryEstimate,
-    plan_safe_max_model_len,
+from smartrun import cluster_plan
+from smartrun.contracts import GOALS, Bounds, KnobBound
+from smartrun.errors import InfeasibleError, InputError, PinConflictError
+from smartrun.fit import EstimateFn, default_estimate, estimate_plan, gpu_specs, shortfall
+from smartrun.gpus import (
+    FLOAT16_REFUSED,
+    MIN_CC,
+    choose_dtype,
+    describe_gpus,
+    min_cc,
+    select_gpus,
+    tp_divides,
 )
+from smartrun.hardware import HardwareSnapshot
+from smartrun.knobs import AUTO_MAX_MODEL_LEN, CATALOGUE, TUNING_KNOBS, Knob, pin_text
+from smartrun.memory import EngineFlags, plan_safe_max_model_len
 from smartrun.model import ModelFacts
-
-EstimateFn = Callable[[ModelFacts, Sequence[GpuSpec], EngineFlags, "str | None"], MemoryEstimate]
+from smartrun.no_fit import suggestions_text
 
 BUSY_MARGIN = 0.02  # utilization kept back when other processes hold GPU memory
 SHARED_GPU_RANGE = 0.08  # width of the built-in utilization range (0.85-0.93) kept when a shared GPU lowers it
 BUSY_USED_MIB = 1024  # "other processes hold memory": listed processes, or more than this used
-FLOAT16_QUANT = ("awq", "gptq")  # vllm serve --help: "half ... Recommended for AWQ quantization"
 BUDGETED_KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # what the estimator budgets and CUDA supports
-# vLLM 0.33 config/model.py _FLOAT16_NOT_SUPPORTED_MODELS: "Numerical instability. Please use bfloat16 or float32"
-FLOAT16_REFUSED = ("gemma2", "gemma3", "gemma3_text", "plamo2", "glm4")
-MIN_CC = {"awq": (7, 5), "fp8": (7, 5), "gptq": (6, 0)}  # vLLM's minimum capability per quantization method
-
-
-def _default_estimate() -> EstimateFn:
-    from smartrun.memory import estimate
-
-    return estimate
 
 
 @dataclass
@@ -186,89 +179,11 @@ def _apply_limit(acc: _Acc, limit: bounds_mod.Limit, extra_note: str = "") -> No
         acc.recovery_choices, acc.recovery_source = limit.last_resort, limit.source("last_resort")
 
 
-def select_gpus(hardware: HardwareSnapshot, count: int) -> list[GpuInfo]:
-    """The `count` GPUs to run on, in index order: an NVLink-connected set when one exists, then the
-    set with the most free memory (its tightest GPU first, then in total). One place, so that the
-    bounds, the estimate and launch's CUDA_VISIBLE_DEVICES agree."""
-    if count < 1:
-        raise InputError(f"cannot select {count} GPUs")
-    if len(hardware.nodes) > 1:  # a cluster: whole nodes in order, so no stage straddles two nodes
-        from smartrun import cluster
-
-        return cluster.select_gpus(hardware, count)
-    gpus = sorted(hardware.gpus, key=lambda g: g.index)
-    if count > len(gpus):
-        raise InfeasibleError(f"{count} GPUs needed; the machine has {len(gpus)}")
-
-    def score(combo: tuple[GpuInfo, ...]) -> tuple:
-        linked = all(hardware.nvlinked(a.index, b.index) for a, b in itertools.combinations(combo, 2))
-        frees = [g.memory_free_mib for g in combo]
-        return (linked, min(frees), sum(frees), [-g.index for g in combo])
-
-    if math.comb(len(gpus), count) <= MAX_GPU_COMBINATIONS:
-        combos: list[tuple[GpuInfo, ...]] = list(itertools.combinations(gpus, count))
-        best_combo = max(combos, key=score)
-        return list(best_combo)
-    sets = _greedy_gpu_sets(hardware, gpus, count)
-    best = max(sets, key=score)
-    return sorted(best, key=lambda g: g.index)
-
-
-MAX_GPU_COMBINATIONS = 20_000  # every subset up to here (16 GPUs choose 8 is 12,870); greedy beyond
-
-
-def _greedy_gpu_sets(hardware: HardwareSnapshot, gpus: list[GpuInfo], count: int) -> list[tuple[GpuInfo, ...]]:
-    """Candidate sets for big machines, where trying every subset would not finish: the most free
-    memory, and from each GPU the NVLink-connected set grown by most free memory."""
-    by_free = sorted(gpus, key=lambda g: (-g.memory_free_mib, g.index))
-    candidates = [tuple(by_free[:count])]
-    for seed in by_free:
-        chosen = [seed]
-        for gpu in by_free:
-            if len(chosen) == count:
-                break
-            if gpu not in chosen and all(hardware.nvlinked(gpu.index, c.index) for c in chosen):
-                chosen.append(gpu)
-        if len(chosen) == count:
-            candidates.append(tuple(chosen))
-    return candidates
-
-
-def _all_linked(hardware: HardwareSnapshot, gpus: Sequence[GpuInfo]) -> bool:
-    return all(hardware.nvlinked(a.index, b.index) for a, b in itertools.combinations(gpus, 2))
-
-
-def _specs(gpus: Sequence[GpuInfo]) -> list[GpuSpec]:
-    return [GpuSpec.from_gpu(g) for g in gpus]
-
-
-def describe_gpus(gpus: Sequence[GpuInfo]) -> str:
-    """"2x NVIDIA A100-SXM4-80GB" / "the NVIDIA L4", for messages."""
-    return _gpu_words(gpus)
-
-
-def _gpu_words(gpus: Sequence[GpuInfo]) -> str:
-    names = sorted({g.name for g in gpus})
-    return f"{len(gpus)}x {' / '.join(names)}" if len(gpus) > 1 else f"the {names[0]}"
-
-
-def _min_cc(gpus: Sequence[GpuInfo]) -> tuple[int, int]:
-    return min(g.cc for g in gpus)
-
-
-def _tp_divides(facts: ModelFacts, tp: int) -> bool:
-    """vLLM: heads divisible by tp; KV heads split evenly or replicated (MLA has no KV heads to split)."""
-    if facts.num_attention_heads % tp:
-        return False
-    kv = facts.num_kv_heads
-    return facts.mla is not None or not ((kv >= tp and kv % tp) or (kv < tp and tp % kv))
-
-
 def _hardware_rules(accs: dict[str, _Acc], facts: ModelFacts, hw: HardwareSnapshot, warnings: list[str]) -> None:
     n = len(hw.gpus)
-    cc = _min_cc(hw.gpus)
+    cc = min_cc(hw.gpus)
     accs["tensor_parallel_size"].narrow("hardware", f"{n} usable GPU(s)", choices=list(range(1, n + 1)))
-    divisors = [t for t in range(1, n + 1) if _tp_divides(facts, t)]
+    divisors = [t for t in range(1, n + 1) if tp_divides(facts, t)]
     accs["tensor_parallel_size"].narrow(
         "model", f"must divide {facts.num_attention_heads} attention heads ({facts.num_kv_heads} KV heads)",
         choices=divisors)
@@ -289,7 +204,7 @@ def _hardware_rules(accs: dict[str, _Acc], facts: ModelFacts, hw: HardwareSnapsh
     if facts.quantization and facts.quantization.method in MIN_CC and cc < MIN_CC[facts.quantization.method]:
         need = MIN_CC[facts.quantization.method]
         raise InfeasibleError(f"{facts.name} is {facts.quantization.method}-quantized, which vLLM runs on compute "
-                              f"capability >= {need[0]}.{need[1]}; {_gpu_words(hw.gpus)} has {cc[0]}.{cc[1]}")
+                              f"capability >= {need[0]}.{need[1]}; {describe_gpus(hw.gpus)} has {cc[0]}.{cc[1]}")
     # no-NVLink: warned by the pipeline only when the chosen plan really splits layers over such GPUs
 
 
@@ -372,31 +287,6 @@ def _model_dtype_rule(acc: _Acc, facts: ModelFacts, builtin: bool) -> None:
     acc.narrow("model", why, choices=[c for c in ("auto", "bfloat16", "float32") if c in (acc.knob.choices or ())])
 
 
-def choose_dtype(bound: KnobBound | _Acc | None, facts: ModelFacts, gpus: Sequence[GpuInfo]) -> tuple[str, str]:
-    """bfloat16 when the GPU has cc >= 8.0 and the model is bf16, else float16; (value, why)."""
-    model_dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(facts.torch_dtype,
-                                                                                 facts.torch_dtype)
-    cc = _min_cc(gpus)
-    method = facts.quantization.method if facts.quantization else None
-    if facts.model_type in FLOAT16_REFUSED and (cc < (8, 0) or model_dtype not in ("bfloat16", "float32")):
-        want = "bfloat16" if cc >= (8, 0) else "float32"
-        why = (f"model: vLLM refuses float16 for {facts.model_type} (numerical instability); {want}"
-               + (f", as compute capability {cc[0]}.{cc[1]} has no bfloat16" if cc < (8, 0) else ""))
-    elif method in FLOAT16_QUANT:
-        want, why = "float16", f"model: {method} checkpoints run in float16 (vLLM's recommendation)"
-    elif cc >= (8, 0) and model_dtype == "bfloat16":
-        want, why = "bfloat16", "hardware/model: bf16 model on compute capability >= 8.0"
-    elif cc < (8, 0):
-        want, why = "float16", f"hardware: compute capability {cc[0]}.{cc[1]} has no bfloat16"
-    else:
-        want, why = "float16", f"model: weights are {model_dtype}"
-    choices = (bound.choices if bound is not None else None) or [want]
-    if want not in choices:
-        other = next((c for c in choices if c in ("bfloat16", "float16")), choices[0])
-        return other, f"{why}, but the bounds allow {list(choices)}"
-    return want, why
-
-
 def _estimate_flags(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
                     ) -> EngineFlags:
     """The most generous plan inside the bounds so far: the top utilization and tp, fewest sequences."""
@@ -408,7 +298,7 @@ def _estimate_flags(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFac
         acc = accs[name]
         return acc.choices[0] if acc.choices else acc.min
 
-    dtype = pins.get("dtype") or choose_dtype(accs["dtype"], facts, hw.gpus)[0]
+    dtype = pins.get("dtype") or choose_dtype(accs["dtype"].choices, facts, hw.gpus)[0]
     kv_choices = accs["kv_cache_dtype"].choices or ["auto"]
     kv = pins.get("kv_cache_dtype") or ("auto" if "auto" in kv_choices else kv_choices[0])
     pp = low("pipeline_parallel_size") or 1
@@ -422,55 +312,31 @@ def _estimate_flags(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFac
     )
 
 
-def _shortfall(facts: ModelFacts, gpus: Sequence[GpuInfo], flags: EngineFlags, est: MemoryEstimate) -> str:
-    """What does not fit and by how much, in one line."""
-    where = f"at tp {flags.tensor_parallel_size}"
-    if est.weights_gib > est.requested_gib:
-        return (f"{facts.name} needs {est.weights_gib:.1f} GiB of weights per GPU {where}; "
-                f"{_gpu_words(gpus)} offers {est.requested_gib:.1f} GiB at utilization "
-                f"{flags.gpu_memory_utilization}")
-    if est.fits:  # fits at the point estimate, not at the low end of its band
-        return (f"{facts.name} on {_gpu_words(gpus)} {where}: max_model_len {est.max_model_len} needs more KV "
-                f"cache than the low end of the estimate holds ({plan_safe_max_model_len(est)} tokens for one "
-                f"request; {est.margin_gib:.2f} GiB kept back for the estimate's uncertainty)")
-    return f"{facts.name} does not fit on {_gpu_words(gpus)} {where}, utilization " \
-           f"{flags.gpu_memory_utilization}: {est.reason or 'no KV cache left'}"
-
-
-def _estimate_fits(flags: EngineFlags, facts: ModelFacts, hw: HardwareSnapshot, vllm_version: str | None,
-                   estimate_fn: EstimateFn) -> MemoryEstimate:
-    """The estimate of `flags` on the GPUs select_gpus picks for them (for the cluster rules)."""
-    gpus = select_gpus(hw, flags.tensor_parallel_size * flags.pipeline_parallel_size)
-    return estimate_fn(facts, _specs(gpus), flags, vllm_version)
-
-
 def _estimate_rule(accs: dict[str, _Acc], pins: dict[str, Any], facts: ModelFacts, hw: HardwareSnapshot,
                    vllm_version: str | None, estimate_fn: EstimateFn, goal: str, warnings: list[str]) -> None:
     acc = accs["max_model_len"]
     flags = _estimate_flags(accs, pins, facts, hw)
     gpus = select_gpus(hw, flags.tensor_parallel_size * flags.pipeline_parallel_size)
-    est = estimate_fn(facts, _specs(gpus), flags, vllm_version)
+    est = estimate_fn(facts, gpu_specs(gpus), flags, vllm_version)
     largest = plan_safe_max_model_len(est)
     floor = acc.min or 1
     if largest < floor <= est.largest_max_model_len:  # only the point estimate fits: try it, and say so
-        warnings.append(f"estimate: {facts.name} fits {_gpu_words(gpus)} only at the estimate's point value "
+        warnings.append(f"estimate: {facts.name} fits {describe_gpus(gpus)} only at the estimate's point value "
                         f"({est.largest_max_model_len} tokens of context); the low end of its band holds "
                         f"{largest}: vLLM may refuse the first start, and recovery then steps down")
         largest = est.largest_max_model_len
     if largest < floor:
-        from smartrun.sizing import suggestions_text
-
         so_far = Bounds(knobs={name: _bound_of(a) for name, a in accs.items()}, goal=goal, gpu_count=len(hw.gpus))
         hint = suggestions_text(so_far, facts, hw, goal, vllm_version, estimate_fn,
                                 {**flags.model_dump(exclude_none=True), **pins})
         if flags.dtype == "float32" and facts.model_type in FLOAT16_REFUSED:
             hint = f" (float32: vLLM refuses float16 for {facts.model_type} and the GPU has no bfloat16){hint}"
         if largest <= 0:
-            at_min = estimate_fn(facts, _specs(gpus), flags.model_copy(update={"max_model_len": floor}),
+            at_min = estimate_fn(facts, gpu_specs(gpus), flags.model_copy(update={"max_model_len": floor}),
                                  vllm_version)
-            raise InfeasibleError(_shortfall(facts, gpus, flags, at_min) + hint)
+            raise InfeasibleError(shortfall(facts, gpus, flags, at_min) + hint)
         raise InfeasibleError(
-            f"{facts.name} on {_gpu_words(gpus)}: the largest max_model_len that fits at tp "
+            f"{facts.name} on {describe_gpus(gpus)}: the largest max_model_len that fits at tp "
             f"{flags.tensor_parallel_size}, utilization {flags.gpu_memory_utilization} is {largest}, below the "
             f"minimum {acc.min} from {acc.min_src}{hint}")
     acc.narrow("estimate", f"largest max_model_len that fits at tp {flags.tensor_parallel_size}, utilization "
@@ -522,12 +388,14 @@ def effective_bounds(
     _hardware_rules(accs, facts, hardware, warnings)
     _model_dtype_rule(accs["dtype"], facts, builtin and "dtype" not in pins)
     if len(hardware.nodes) > 1:  # the one call into cross-node placement: TP inside a node, PP across nodes
-        from smartrun import cluster
-
-        cluster.narrow_bounds(accs, facts, hardware, pins, file.path == bounds_mod.BUILTIN_NAME,
-                              lambda flags: _estimate_fits(flags, facts, hardware, vllm_version,
-                                                           estimate_fn or _default_estimate()),
-                              lambda: _estimate_flags(accs, pins, facts, hardware), vllm_version)
+        nodes = accs.get("nodes")
+        if "nodes" in pins:  # a pin is checked against the bounds with the other pins, later; plan with it here
+            nodes = _domain(CATALOGUE["nodes"])
+            nodes.narrow("pin", f"--nodes {pins['nodes']}", lo=pins["nodes"], hi=pins["nodes"])
+        cluster_plan.narrow_bounds(accs, nodes, facts, hardware, pins, builtin,
+                                   lambda flags: estimate_plan(flags, facts, hardware, vllm_version,
+                                                               estimate_fn or default_estimate()),
+                                   lambda: _estimate_flags(accs, pins, facts, hardware), vllm_version)
     accs["max_model_len"].narrow("model", f"the model's derived maximum is {facts.derived_max_model_len}",
                                  hi=facts.derived_max_model_len)
     typed = {name: pin_text(name, value) if CATALOGUE[name].secret else (pin_flags or {}).get(name)
@@ -548,99 +416,13 @@ def effective_bounds(
         _pin(accs["gpu_memory_utilization"], pins["gpu_memory_utilization"], typed["gpu_memory_utilization"],
              force, warnings)
     if pins.get("max_model_len") != AUTO_MAX_MODEL_LEN:
-        _estimate_rule(accs, pins, facts, hardware, vllm_version, estimate_fn or _default_estimate(), goal, warnings)
+        _estimate_rule(accs, pins, facts, hardware, vllm_version, estimate_fn or default_estimate(), goal, warnings)
     if "max_model_len" in pins:
         _pin(accs["max_model_len"], pins["max_model_len"], typed["max_model_len"], force, warnings)
     for name, limits in passed.items():
         warnings += _passed_builtin(CATALOGUE[name], pins[name], typed[name], limits)
     return Bounds(knobs={name: _bound_of(acc) for name, acc in accs.items()}, goal=goal,
                   warnings=tuple(warnings), gpu_count=len(hardware.gpus), bounds_file=file.path)
-
-
-# --- baseline ------------------------------------------------------------------------------------
-
-
-def _nearest(bound: KnobBound | None, value: Any) -> Any:
-    """The in-bound value nearest to `value` (ties go to the smaller, safer one)."""
-    if bound is None or bound.contains(value):
-        return value
-    if bound.choices is not None:
-        numeric = [c for c in bound.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
-        if numeric and isinstance(value, (int, float)):
-            return min(numeric, key=lambda c: (abs(c - value), c))
-        return bound.choices[0]
-    if bound.min is not None and value < bound.min:
-        return bound.min
-    return bound.max
-
-
-def _place(bounds: Bounds, name: str, value: Any, why: str, params: dict, prov: dict) -> None:
-    bound = bounds.knobs.get(name)
-    if bound is not None and bound.pinned:
-        params[name] = bound.choices[0] if bound.choices else bound.min
-        prov[name] = "pin"
-        return
-    placed = _nearest(bound, value)
-    params[name] = placed
-    prov[name] = why if placed == value or bound is None else (
-        f"{why}; {value} moved to {placed} to lie inside {bound.describe()} ({', '.join(bound.sources)})")
-
-
-def flags_from_params(params: dict[str, Any]) -> EngineFlags:
-    """The estimator's view of a plan's knob values (None and unknown-to-the-estimator knobs dropped)."""
-    fields = EngineFlags.model_fields
-    return EngineFlags(**{k: v for k, v in params.items() if k in fields and v is not None})
-
-
-def baseline(
-    bounds: Bounds,
-    facts: ModelFacts,
-    hardware: HardwareSnapshot,
-    goal: str | None = None,
-    vllm_version: str | None = None,
-    *,
-    estimate_fn: EstimateFn | None = None,
-) -> tuple[Plan, MemoryEstimate]:
-    """The goal's plan sized from the estimate inside the bounds (smartrun.sizing; preferences in policy.toml)."""
-    from smartrun.sizing import sized_plan
-
-    return sized_plan(bounds, facts, hardware, goal or bounds.goal, vllm_version, estimate_fn or _default_estimate())
-
-
-def _catalogue_order(name: str) -> int:
-    return list(CATALOGUE).index(name) if name in CATALOGUE else len(CATALOGUE)
-
-
-def _custom_all_reduce(bounds: Bounds, hw: HardwareSnapshot, params: dict, prov: dict) -> None:
-    bound = bounds.knobs.get("disable_custom_all_reduce")
-    if bound is not None and bound.pinned:
-        return
-    tp = params["tensor_parallel_size"]
-    gpus = select_gpus(hw, tp * params["pipeline_parallel_size"])
-    groups = [gpus[i:i + tp] for i in range(0, len(gpus), tp)]  # all-reduce runs inside each stage's TP group
-    if tp > 1 and not all(_all_linked(hw, g) for g in groups) and (bound is None or bound.contains(True)):
-        params["disable_custom_all_reduce"] = True
-        prov["disable_custom_all_reduce"] = f"hardware: no NVLink between GPUs {', '.join(str(g.index) for g in gpus)}"
-
-
-def fit_check(facts: ModelFacts, hardware: HardwareSnapshot, vllm_version: str | None = None, *,
-              estimate_fn: EstimateFn | None = None) -> Callable[[dict[str, Any]], str | None]:
-    """For the validator: why a full params dict will not start (None when the estimator says it fits)."""
-    estimate_fn = estimate_fn or _default_estimate()
-
-    def check(params: dict[str, Any]) -> str | None:
-        flags = flags_from_params(params)
-        count = flags.tensor_parallel_size * flags.pipeline_parallel_size
-        if gpus_used(params) > len(hardware.gpus):
-            return f"tp x pp x dp = {gpus_used(params)} GPUs; the machine has {len(hardware.gpus)}"
-        gpus = select_gpus(hardware, count)
-        try:
-            est = estimate_fn(facts, _specs(gpus), flags, vllm_version)
-        except EstimateError as err:
-            return err.message
-        return None if est.fits else _shortfall(facts, gpus, flags, est)
-
-    return check
 
 
 def format_bounds(bounds: Bounds, notes: bool = True) -> list[str]:

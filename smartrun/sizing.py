@@ -14,91 +14,27 @@ effective bounds (rules.effective_bounds) and never past a pin:
   capped at vLLM's own per-GPU default; max_num_batched_tokens at vLLM's default, never below it.
 - utilization: vLLM's default 0.92 inside the bounds (free memory, the built-in band).
 Then the estimator checks the whole plan; on a miss the batch, then the context shrink, then TP grows.
-When nothing fits, `no_fit_suggestions` lists what would, each checked by the estimator.
+When nothing fits, smartrun.no_fit lists what would, each checked by the estimator.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from smartrun import memory
-from smartrun.contracts import Plan
-from smartrun.errors import EstimateError, InfeasibleError
+from smartrun.contracts import Bounds, KnobBound, Plan
+from smartrun.errors import InfeasibleError
+from smartrun.fit import EstimateFn, PlanFit, default_estimate, flags_from_params, shortfall
+from smartrun.gpus import all_linked, choose_dtype, select_gpus
 from smartrun.hardware import HardwareSnapshot
-from smartrun.memory import MemoryEstimate, plan_safe_fits, plan_safe_max_model_len
+from smartrun.knobs import CATALOGUE
+from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
-from smartrun.policy import GoalPolicy, Policy
+from smartrun.no_fit import no_fit_suggestions
+from smartrun.policy import Policy
 from smartrun.policy import load as load_policy
-from smartrun.rules import (
-    Bounds,
-    EstimateFn,
-    KnobBound,
-    _catalogue_order,
-    _custom_all_reduce,
-    _nearest,
-    _place,
-    _shortfall,
-    _specs,
-    choose_dtype,
-    flags_from_params,
-    select_gpus,
-)
 
 
-class _Ctx:
-    """What every sizing step needs: the inputs, the estimator and a cache of its answers."""
-
-    def __init__(self, bounds: Bounds, facts: ModelFacts, hw: HardwareSnapshot, goal: str,
-                 vllm_version: str | None, estimate_fn: EstimateFn, policy: Policy):
-        self.bounds, self.facts, self.hw, self.goal = bounds, facts, hw, goal
-        self.version, self.estimate_fn, self.policy = vllm_version, estimate_fn, policy
-        self.gp: GoalPolicy = policy.goal(goal)
-        self._cache: dict[tuple, MemoryEstimate | None] = {}
-
-    # The estimate is read at the low end of its band (memory.plan_safe_*): a plan never counts on cache that
-    # may not be there. Only when nothing fits there does sized_plan retry at the point estimate (point=True).
-    point = False
-
-    def fits(self, est: MemoryEstimate) -> bool:
-        return est.fits if self.point else plan_safe_fits(est)
-
-    def largest(self, est: MemoryEstimate) -> int:
-        return est.largest_max_model_len if self.point else plan_safe_max_model_len(est)
-
-    def kv_tokens(self, est: MemoryEstimate) -> int:
-        return est.kv_cache_tokens if self.point else memory.plan_safe_kv_tokens(est)
-
-    def concurrency(self, est: MemoryEstimate) -> float:
-        """Full-length requests the cache holds at once (at the low end of the band unless point)."""
-        if not est.kv_cache_tokens:
-            return 0.0
-        return est.max_concurrency * self.kv_tokens(est) / est.kv_cache_tokens
-
-    def bound(self, name: str) -> KnobBound | None:
-        return self.bounds.knobs.get(name)
-
-    def pinned(self, name: str) -> bool:
-        bound = self.bound(name)
-        return bound is not None and bound.pinned
-
-    def estimate(self, params: dict[str, Any]) -> MemoryEstimate | None:
-        """The estimate of a replica of this plan on the GPUs it would get (None when it cannot be budgeted)."""
-        flags = flags_from_params(params)
-        key = tuple(sorted(flags.model_dump().items()))
-        if key not in self._cache:
-            count = flags.tensor_parallel_size * flags.pipeline_parallel_size
-            if count > len(self.hw.gpus):
-                self._cache[key] = None
-            else:
-                try:
-                    est = self.estimate_fn(self.facts, _specs(select_gpus(self.hw, count)), flags, self.version)
-                except EstimateError:
-                    est = None
-                self._cache[key] = est
-        return self._cache[key]
-
-
-def _round_context(c: _Ctx, tokens: int) -> int:
+def _round_context(c: PlanFit, tokens: int) -> int:
     """A fitted context rounded down to the policy's step, or to whole 16-token blocks when that would cost much."""
     step = c.policy.sizing.context_step
     return _round_down(tokens, step) if tokens >= 8 * step else _round_down(tokens, 16)
@@ -113,22 +49,64 @@ def _round_down(value: int, step: int) -> int:
     return value // step * step if value >= step else value
 
 
+def _nearest(bound: KnobBound | None, value: Any) -> Any:
+    """The in-bound value nearest to `value` (ties go to the smaller, safer one)."""
+    if bound is None or bound.contains(value):
+        return value
+    if bound.choices is not None:
+        numeric = [c for c in bound.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        if numeric and isinstance(value, (int, float)):
+            return min(numeric, key=lambda c: (abs(c - value), c))
+        return bound.choices[0]
+    if bound.min is not None and value < bound.min:
+        return bound.min
+    return bound.max
+
+
+def _place(bounds: Bounds, name: str, value: Any, why: str, params: dict, prov: dict) -> None:
+    bound = bounds.knobs.get(name)
+    if bound is not None and bound.pinned:
+        params[name] = bound.choices[0] if bound.choices else bound.min
+        prov[name] = "pin"
+        return
+    placed = _nearest(bound, value)
+    params[name] = placed
+    prov[name] = why if placed == value or bound is None else (
+        f"{why}; {value} moved to {placed} to lie inside {bound.describe()} ({', '.join(bound.sources)})")
+
+
+def _catalogue_order(name: str) -> int:
+    return list(CATALOGUE).index(name) if name in CATALOGUE else len(CATALOGUE)
+
+
+def _custom_all_reduce(bounds: Bounds, hw: HardwareSnapshot, params: dict, prov: dict) -> None:
+    bound = bounds.knobs.get("disable_custom_all_reduce")
+    if bound is not None and bound.pinned:
+        return
+    tp = params["tensor_parallel_size"]
+    gpus = select_gpus(hw, tp * params["pipeline_parallel_size"])
+    groups = [gpus[i:i + tp] for i in range(0, len(gpus), tp)]  # all-reduce runs inside each stage's TP group
+    if tp > 1 and not all(all_linked(hw, g) for g in groups) and (bound is None or bound.contains(True)):
+        params["disable_custom_all_reduce"] = True
+        prov["disable_custom_all_reduce"] = f"hardware: no NVLink between GPUs {', '.join(str(g.index) for g in gpus)}"
+
+
 # --- GPUs ----------------------------------------------------------------------------------------
 
 
-def _tp_choices(c: _Ctx, pp: int) -> list[int]:
+def _tp_choices(c: PlanFit, pp: int) -> list[int]:
     bound = c.bound("tensor_parallel_size")
     choices = sorted(bound.choices or [1]) if bound is not None else [1]
     return [t for t in choices if t * pp <= len(c.hw.gpus)]
 
 
-def _holds(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> MemoryEstimate | None:
+def _holds(c: PlanFit, params: dict[str, Any], tp: int, context: int) -> MemoryEstimate | None:
     """The estimate at this tp when one request of `context` tokens fits, else None."""
     est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": 1})
     return est if est is not None and c.fits(est) else None
 
 
-def place_gpus(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int) -> None:
+def place_gpus(c: PlanFit, params: dict[str, Any], prov: dict[str, str], floor: int, native: int) -> None:
     """tensor_parallel_size and data_parallel_size from the goal's parallelism; says which GPUs stay idle."""
     pp = int(params.get("pipeline_parallel_size") or 1)
     n = len(c.hw.gpus)
@@ -167,7 +145,7 @@ def place_gpus(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int
     _place_replicas(c, params, prov, tp * pp)
 
 
-def _replica_batch(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> int:
+def _replica_batch(c: PlanFit, params: dict[str, Any], tp: int, context: int) -> int:
     """Typical requests one replica's cache holds at once (point estimate, smallest batch)."""
     est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context, "max_num_seqs": 1})
     if est is None or not c.fits(est):
@@ -175,7 +153,7 @@ def _replica_batch(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> in
     return est.kv_cache_tokens // min(c.policy.sizing.typical_request_tokens, context)
 
 
-def _replica_batch_rule(c: _Ctx, params: dict[str, Any], fitting: list[int], tp: int, why: str, floor: int,
+def _replica_batch_rule(c: PlanFit, params: dict[str, Any], fitting: list[int], tp: int, why: str, floor: int,
                         native: int) -> tuple[int, str]:
     """Larger replicas before more of them while a replica's cache holds fewer than the policy's batch."""
     need = c.gp.replica_min_batch
@@ -197,27 +175,20 @@ def _replica_batch_rule(c: _Ctx, params: dict[str, Any], fitting: list[int], tp:
     return tp, why
 
 
-def _offers(c: _Ctx, params: dict[str, Any], tp: int, context: int) -> bool:
+def _offers(c: PlanFit, params: dict[str, Any], tp: int, context: int) -> bool:
     """Whether a replica at this tp holds the goal's full-length requests of `context` tokens at once."""
     est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": context,
-                      "max_num_seqs": _context_seqs(c, params)})
+                      "max_num_seqs": c.context_seqs(params)})
     return est is not None and c.fits(est) and c.concurrency(est) >= c.gp.full_length_requests
 
 
-def _context_seqs(c: _Ctx, params: dict[str, Any]) -> int:
-    """The batch the context is sized with: the goal's full-length requests (or the pin); the batch is sized after."""
-    if c.pinned("max_num_seqs"):
-        return int(params["max_num_seqs"])
-    return c.gp.full_length_requests
-
-
-def _largest(c: _Ctx, params: dict[str, Any], tp: int) -> int:
+def _largest(c: PlanFit, params: dict[str, Any], tp: int) -> int:
     est = c.estimate({**params, "tensor_parallel_size": tp, "max_model_len": None,
-                      "max_num_seqs": _context_seqs(c, params)})
+                      "max_num_seqs": c.context_seqs(params)})
     return c.largest(est) if est is not None else 0
 
 
-def _place_replicas(c: _Ctx, params: dict[str, Any], prov: dict[str, str], per_replica: int) -> None:
+def _place_replicas(c: PlanFit, params: dict[str, Any], prov: dict[str, str], per_replica: int) -> None:
     """data_parallel_size: every spare GPU runs a replica (unless pinned or bounded); idle GPUs are named."""
     n = len(c.hw.gpus)
     bound = c.bound("data_parallel_size")
@@ -241,7 +212,7 @@ def _place_replicas(c: _Ctx, params: dict[str, Any], prov: dict[str, str], per_r
         params["data_parallel_size"], prov["data_parallel_size"] = dp, why
 
 
-def _idle_reason(c: _Ctx, params: dict[str, Any], per_replica: int, idle: int) -> str:
+def _idle_reason(c: PlanFit, params: dict[str, Any], per_replica: int, idle: int) -> str:
     tp = params["tensor_parallel_size"]
     tp_bound = c.bound("tensor_parallel_size")
     bigger = [t for t in (tp_bound.choices or ()) if t > tp] if tp_bound is not None else []
@@ -254,12 +225,12 @@ def _idle_reason(c: _Ctx, params: dict[str, Any], per_replica: int, idle: int) -
 # --- context -------------------------------------------------------------------------------------
 
 
-def _concurrency(c: _Ctx, params: dict[str, Any], context: int) -> float:
-    est = c.estimate({**params, "max_model_len": context, "max_num_seqs": _context_seqs(c, params)})
+def _concurrency(c: PlanFit, params: dict[str, Any], context: int) -> float:
+    est = c.estimate({**params, "max_model_len": context, "max_num_seqs": c.context_seqs(params)})
     return c.concurrency(est) if est is not None and c.fits(est) else 0.0
 
 
-def _longest_holding(c: _Ctx, params: dict[str, Any], requests: int, lo: int, hi: int) -> int:
+def _longest_holding(c: PlanFit, params: dict[str, Any], requests: int, lo: int, hi: int) -> int:
     """The longest context in [lo, hi] (rounded to the policy's step) whose cache holds `requests` of it; 0 if none."""
     step = c.policy.sizing.context_step
     if _concurrency(c, params, hi) >= requests:
@@ -277,14 +248,14 @@ def _longest_holding(c: _Ctx, params: dict[str, Any], requests: int, lo: int, hi
     return a * step
 
 
-def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int) -> None:
+def size_context(c: PlanFit, params: dict[str, Any], prov: dict[str, str], floor: int, native: int) -> None:
     """max_model_len from the cache: native when it holds the goal's full-length requests, else the longest that does."""
     if c.pinned("max_model_len"):
         return
     sz, requests = c.policy.sizing, c.gp.full_length_requests
     goal = f"policy:{c.goal}"
     if c.gp.context == "max":
-        est = c.estimate({**params, "max_model_len": None, "max_num_seqs": _context_seqs(c, params)})
+        est = c.estimate({**params, "max_model_len": None, "max_num_seqs": c.context_seqs(params)})
         largest = min(native, c.largest(est) if est is not None else 0)
         ctx = native if largest >= native else _round_context(c, largest)
         why = (f"{goal}: the model's native context {native}" if ctx == native else
@@ -308,7 +279,7 @@ def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: i
             why = (f"estimate: the longest context whose cache holds {requests} full-length requests is {ctx} "
                    f"(native {model_native}){traded}")
         else:
-            est = c.estimate({**params, "max_model_len": None, "max_num_seqs": _context_seqs(c, params)})
+            est = c.estimate({**params, "max_model_len": None, "max_num_seqs": c.context_seqs(params)})
             largest = c.largest(est) if est is not None else 0
             ctx = min(native, _round_context(c, largest))
             why = f"estimate: only {largest} tokens of context fit one request; {ctx}"
@@ -322,7 +293,7 @@ def size_context(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: i
 # --- concurrency ---------------------------------------------------------------------------------
 
 
-def size_concurrency(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> None:
+def size_concurrency(c: PlanFit, params: dict[str, Any], prov: dict[str, str]) -> None:
     """max_num_seqs from the KV tokens at typical request lengths, capped at vLLM's default; mnbt at vLLM's.
 
     The cache is counted at vLLM's default batch first (its sampler buffers are the largest), then again at
@@ -368,13 +339,14 @@ def size_concurrency(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> N
 # --- the plan ------------------------------------------------------------------------------------
 
 
-def _start(c: _Ctx) -> tuple[dict[str, Any], dict[str, str]]:
+def _start(c: PlanFit) -> tuple[dict[str, Any], dict[str, str]]:
     """Template knobs, dtype, utilization and every pin, before sizing."""
     params: dict[str, Any] = {}
     prov: dict[str, str] = {}
     for name, value in c.gp.template.items():
         _place(c.bounds, name, value, f"policy:{c.goal} template", params, prov)
-    dtype, why = choose_dtype(c.bound("dtype"), c.facts, c.hw.gpus)
+    dtype_bound = c.bound("dtype")
+    dtype, why = choose_dtype(dtype_bound.choices if dtype_bound else None, c.facts, c.hw.gpus)
     _place(c.bounds, "dtype", dtype, why, params, prov)
     util = c.policy.sizing.utilization
     _place(c.bounds, "gpu_memory_utilization", util, f"policy: vLLM's default {util}", params, prov)
@@ -384,25 +356,15 @@ def _start(c: _Ctx) -> tuple[dict[str, Any], dict[str, str]]:
     return params, prov
 
 
-def _limits(c: _Ctx) -> tuple[int, int]:
-    """(preferred floor, native) context inside the bounds."""
-    bound = c.bound("max_model_len")
-    native = c.facts.derived_max_model_len
-    if bound is not None and bound.max is not None:
-        native = min(native, int(bound.max))
-    floor = min(native, c.policy.sizing.context_floor)
-    if bound is not None and bound.min is not None:
-        floor = max(floor, int(bound.min))
-    return floor, native
-
-
-def sized_plan(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, goal: str,
-               vllm_version: str | None, estimate_fn: EstimateFn, policy: Policy | None = None,
-               ) -> tuple[Plan, MemoryEstimate]:
-    """The goal's plan sized from the estimate (see the module docstring); InfeasibleError when nothing fits."""
-    c = _Ctx(bounds, facts, hardware, goal, vllm_version, estimate_fn, policy or load_policy())
+def baseline(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, goal: str | None = None,
+             vllm_version: str | None = None, *, estimate_fn: EstimateFn | None = None,
+             policy: Policy | None = None) -> tuple[Plan, MemoryEstimate]:
+    """The goal's plan (default: the bounds' goal) sized from the estimate inside the bounds (see the module
+    docstring); InfeasibleError when nothing fits."""
+    c = PlanFit(bounds, facts, hardware, goal or bounds.goal, vllm_version, estimate_fn or default_estimate(),
+                policy or load_policy())
     params, prov = _start(c)
-    floor, native = _limits(c)
+    floor, native = c.limits()
     if "max_model_len" not in params:
         params["max_model_len"] = min(floor, native)
         bound = c.bound("max_model_len")
@@ -434,7 +396,7 @@ def sized_plan(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, go
     raise InfeasibleError(failures[0] + no_fit_suggestions(c, params))
 
 
-def _sized_at(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int,
+def _sized_at(c: PlanFit, params: dict[str, Any], prov: dict[str, str], floor: int, native: int,
               failures: list[str]) -> tuple[Plan, MemoryEstimate] | None:
     """GPUs, context and batch at the smallest TP that fits, else at each larger one; None when none fits."""
     place_gpus(c, params, prov, floor, native)
@@ -462,7 +424,7 @@ def _sized_at(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int,
     return None
 
 
-def _starved_utilization(c: _Ctx, params: dict[str, Any], prov: dict[str, str], floor: int, native: int,
+def _starved_utilization(c: PlanFit, params: dict[str, Any], prov: dict[str, str], floor: int, native: int,
                          ) -> tuple[dict[str, Any], dict[str, str]]:
     """When a replica's cache holds fewer typical requests than the goal's batch, the band's top utilization
     (guide 4.3: memory is the last rung) if the plan still fits there; else the plan as it is."""
@@ -482,7 +444,7 @@ def _starved_utilization(c: _Ctx, params: dict[str, Any], prov: dict[str, str], 
     return params, prov
 
 
-def _fit(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> tuple[MemoryEstimate | None, str]:
+def _fit(c: PlanFit, params: dict[str, Any], prov: dict[str, str]) -> tuple[MemoryEstimate | None, str]:
     """The plan as sized, else with a smaller batch, else with a shorter context; mutates params on success."""
     est = c.estimate(params)
     if est is not None and c.fits(est):
@@ -515,102 +477,4 @@ def _fit(c: _Ctx, params: dict[str, Any], prov: dict[str, str]) -> tuple[MemoryE
                                  * int(params.get("pipeline_parallel_size") or 1)))
     if est is None:
         return None, f"{c.facts.name} cannot be budgeted at tp {params['tensor_parallel_size']}"
-    return None, _shortfall(c.facts, gpus, flags_from_params(params), est)
-
-
-# --- when nothing fits ---------------------------------------------------------------------------
-
-
-def suggestions_text(bounds: Bounds, facts: ModelFacts, hardware: HardwareSnapshot, goal: str,
-                     vllm_version: str | None, estimate_fn: EstimateFn, params: dict[str, Any]) -> str:
-    """The no-fit suggestions for a plan the bounds stage already knows will not fit (see no_fit_suggestions)."""
-    c = _Ctx(bounds, facts, hardware, goal, vllm_version, estimate_fn, load_policy())
-    return no_fit_suggestions(c, params)
-
-
-def no_fit_suggestions(c: _Ctx, params: dict[str, Any]) -> str:
-    """'; would fit: ...' listing moves the estimator says start, most preferred first (none is applied)."""
-    found = [text for text, _ in suggestions(c, params)]
-    return f"; would fit: {'; '.join(found)}" if found else "; nothing smartrun knows would fit on this machine"
-
-
-def suggestions(c: _Ctx, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(flag text, params) for each move in policy order that the estimator says fits a request of the floor."""
-    floor, native = _limits(c)
-    base = {**params, "max_model_len": min(floor, native), "max_num_seqs": _context_seqs(c, params), "max_num_batched_tokens": None,
-            "data_parallel_size": None}
-    cc = min(tuple(int(x) for x in g.compute_capability.split(".")) for g in c.hw.gpus)
-    need = tuple(int(x) for x in c.policy.no_fit.fp8_min_cc.split("."))
-    out: list[tuple[str, dict[str, Any]]] = []
-
-    def fits(trial: dict[str, Any]) -> bool:
-        est = c.estimate(trial)
-        return est is not None and c.fits(est)
-
-    for move in c.policy.no_fit.order:
-        if move == "tensor_parallel_size":
-            tp_bound = c.bound("tensor_parallel_size")
-            for tp in sorted(set(tp_bound.choices or ()) if tp_bound else ()):
-                if tp > int(params["tensor_parallel_size"]) and fits({**base, "tensor_parallel_size": tp}):
-                    out.append((f"--tensor-parallel-size {tp}", {**base, "tensor_parallel_size": tp}))
-                    break
-            else:
-                if len(c.hw.gpus) < 8:
-                    out += _more_gpus(c, base)
-        elif move == "quantization_fp8" and c.facts.quantization is None and cc >= need:
-            trial = {**base, "quantization": "fp8"}
-            if fits(trial):
-                out.append(("--quantization fp8 (online fp8 weights)", trial))
-        elif (move == "kv_cache_dtype_fp8" and cc >= need and params.get("kv_cache_dtype", "auto") == "auto"
-              and ((kv_bound := c.bound("kv_cache_dtype")) is None or kv_bound.contains("fp8"))):
-            trial = {**base, "kv_cache_dtype": "fp8"}
-            if fits(trial):
-                out.append(("--kv-cache-dtype fp8", trial))
-        elif move == "enforce_eager" and not params.get("enforce_eager"):
-            trial = {**base, "enforce_eager": True}
-            if fits(trial):
-                out.append(("--enforce-eager (no CUDA graph memory)", trial))
-        elif move == "cpu_offload_gb":
-            offload = _offload_that_fits(c, base)
-            if offload is not None:
-                out.append((f"--cpu-offload-gb {offload[0]} (slow: weights stream from CPU memory)", offload[1]))
-        elif move == "max_model_len":
-            est = c.estimate({**base, "max_model_len": None})
-            if est is not None and 0 < c.largest(est) < min(floor, native):
-                out.append((f"--max-model-len {c.largest(est)}", {**base,
-                            "max_model_len": c.largest(est)}))
-    return out
-
-
-def _offload_that_fits(c: _Ctx, base: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-    """The smallest whole GiB of --cpu-offload-gb (tried from the shortfall up) that fits and the host RAM holds."""
-    est = c.estimate(base)
-    if est is None:
-        return None
-    short = est.weights_gib + est.activation_gib + est.non_torch_gib + est.cudagraph_gib - est.requested_gib
-    ram_gib = c.hw.ram_mib / 1024 if c.hw.ram_mib else None
-    ranks = int(base["tensor_parallel_size"]) * int(base.get("pipeline_parallel_size") or 1)
-    gb = max(1, int(short + 1.999))
-    while gb < est.weights_gib and (ram_gib is None or gb * ranks <= 0.8 * ram_gib):
-        trial = {**base, "cpu_offload_gb": float(gb)}
-        got = c.estimate(trial)
-        if got is not None and c.fits(got):
-            return gb, trial
-        gb = max(gb + 1, int(gb * 1.25))
-    return None
-
-
-def _more_gpus(c: _Ctx, base: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """More GPUs of the same kind, tried on a copy of the machine (the estimator budgets per GPU)."""
-    gpu = min(c.hw.gpus, key=lambda g: g.memory_total_mib)
-    for tp in (2, 4, 8):
-        if tp <= len(c.hw.gpus) or c.facts.num_attention_heads % tp:
-            continue
-        specs = [memory.GpuSpec.from_gpu(gpu)] * tp
-        try:
-            est = c.estimate_fn(c.facts, specs, flags_from_params({**base, "tensor_parallel_size": tp}), c.version)
-        except EstimateError:
-            continue
-        if c.fits(est):
-            return [(f"{tp}x {gpu.name} with --tensor-parallel-size {tp}", {**base, "tensor_parallel_size": tp})]
-    return []
+    return None, shortfall(c.facts, gpus, flags_from_params(params), est)

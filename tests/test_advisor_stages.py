@@ -12,7 +12,7 @@ from fakes.advisor_inputs import FAKE_KEY, reply, transport
 from fakes.llm_server import FakeLLM
 from pydantic import ValidationError
 
-from smartrun import hardware, model, rules, validate
+from smartrun import hardware, model, rules, sizing, validate
 from smartrun.advisor import (
     MAX_OFFERED,
     AdviceContext,
@@ -26,20 +26,21 @@ from smartrun.advisor import (
     reply_model,
     reply_schema,
 )
+from smartrun.fit import fit_check
 
 
 def real_context(fixtures_dir) -> AdviceContext:
     hw = hardware.load_snapshot(fixtures_dir / "hardware" / "1x-h100-80gb.json")
     facts = model.inspect(str(fixtures_dir / "models" / "qwen2.5-7b-instruct"))
     bounds = rules.effective_bounds(facts, hw, None, {"max_model_len": 8192}, goal="throughput")
-    base, estimate = rules.baseline(bounds, facts, hw, "throughput")
+    base, estimate = sizing.baseline(bounds, facts, hw, "throughput")
     return AdviceContext(hardware=hw, model=facts, bounds=bounds, baseline=base, estimate=estimate,
                          goal="throughput")
 
 
 def test_partly_rejected_proposal_is_repaired_on_real_bounds(fixtures_dir):
     ctx = real_context(fixtures_dir)
-    fit = rules.fit_check(ctx.model, ctx.hardware)
+    fit = fit_check(ctx.model, ctx.hardware)
     first = reply([
         {"knob": "max_num_seqs", "value": 64, "reason": "many users"},
         {"knob": "gpu_memory_utilization", "value": 0.97, "reason": "more KV cache"},

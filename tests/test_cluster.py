@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES, REPO
 from pydantic import ValidationError
 
-from smartrun import cluster, hardware, recovery
+from smartrun import cluster, cluster_plan, hardware, ray_cluster, recovery
 from smartrun.cli import main
 from smartrun.contracts import Bounds, KnobBound
 from smartrun.hardware import HardwareSnapshot, load_snapshot
@@ -229,17 +229,17 @@ def test_recovery_never_moves_a_stage_across_the_pinned_node_boundary():
 def test_smallest_cluster_search_uses_the_one_estimator():
     facts = inspect(BIG)
     node = load_snapshot(H100_NODES[0])
-    assert cluster.smallest_cluster(facts, node, {"max_model_len": 4096, "gpu_memory_utilization": 0.9},
+    assert cluster_plan.smallest_cluster(facts, node, {"max_model_len": 4096, "gpu_memory_utilization": 0.9},
                                     "0.19.0") == (2, 8, 2)
     a100 = load_snapshot(A100_NODES[0])  # less memory: more nodes
     tight = {"max_model_len": 2048, "gpu_memory_utilization": 0.93, "max_num_seqs": 1}
-    assert cluster.smallest_cluster(facts, a100, tight, "0.19.0")[0] == 3
-    assert cluster.smallest_cluster(facts, a100, {**tight, "gpu_memory_utilization": 0.85}, "0.19.0")[0] == 4
+    assert cluster_plan.smallest_cluster(facts, a100, tight, "0.19.0")[0] == 3
+    assert cluster_plan.smallest_cluster(facts, a100, {**tight, "gpu_memory_utilization": 0.85}, "0.19.0")[0] == 4
 
 
 def test_ray_start_lines_for_each_node():
     hw = load_snapshot(CLUSTERS / "4x8-a100.json")
-    lines = cluster.ray_start_commands(hw, 3)
+    lines = ray_cluster.ray_start_commands(hw, 3)
     assert lines == ["on 4x8-a100-node0 (head): ray start --head --port=6379 --num-gpus=8",
                      "on 4x8-a100-node1: ray start --address=10.0.0.1:6379 --num-gpus=8",
                      "on 4x8-a100-node2: ray start --address=10.0.0.1:6379 --num-gpus=8"]

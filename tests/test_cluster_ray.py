@@ -22,7 +22,7 @@ import pytest
 from fakes import free_port
 from fakes.fake_nvml import fake_nvml
 
-from smartrun import cluster, hardware
+from smartrun import cluster, hardware, ray_cluster
 from smartrun.cli import main
 from smartrun.errors import ClusterError
 from smartrun.hardware import load_snapshot
@@ -123,7 +123,7 @@ def _wait_for_nodes(address: str, count: int) -> None:
 
 def _live_or_none(address: str) -> list:
     try:
-        return cluster.live_nodes(address)
+        return ray_cluster.live_nodes(address)
     except ClusterError:  # the head's GCS not answering yet
         return []
 
@@ -161,7 +161,7 @@ def test_detect_reads_each_gpu_node_through_a_ray_task(ray_head, tmp_path, capsy
 def test_live_check_refuses_a_plan_for_more_nodes_and_prints_ray_start(ray_head):
     hw = load_snapshot(CLUSTERS / "4x8-a100.json")
     with pytest.raises(ClusterError) as err:
-        cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 3}, ray_head)
+        ray_cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 3}, ray_head)
     message = err.value.message
     assert "the plan needs 3 node(s) with 8 GPUs each; Ray reports 2 alive node(s) with GPUs" in message
     assert "on 4x8-a100-node0 (head): ray start --head --port=6379 --num-gpus=8" in message
@@ -170,7 +170,7 @@ def test_live_check_refuses_a_plan_for_more_nodes_and_prints_ray_start(ray_head)
 
 def test_live_check_accepts_a_plan_the_cluster_holds(ray_head):
     hw = load_snapshot(CLUSTERS / "2x8-h100.json")
-    live = cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 2}, ray_head)
+    live = ray_cluster.check_live(hw, {"tensor_parallel_size": 8, "pipeline_parallel_size": 2}, ray_head)
     assert len(live) == 2 and live[0].head and [n.gpus for n in live] == [8, 8]
 
 

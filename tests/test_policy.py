@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from smartrun import hardware, memory, model, policy, rules
+from smartrun import hardware, memory, model, no_fit, policy, rules, sizing
 from smartrun.argv import parse_user_args
 from smartrun.errors import InfeasibleError, InputError
+from smartrun.fit import PlanFit
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -21,7 +22,7 @@ def _plan(machine: str, name: str, goal: str = "stable", pins: list[str] | None 
     hw, facts = _load(machine, name)
     user = parse_user_args(pins or [])
     b = rules.effective_bounds(facts, hw, file, user.pins, goal, pin_flags=user.pin_flags)
-    return rules.baseline(b, facts, hw, goal)
+    return sizing.baseline(b, facts, hw, goal)
 
 
 def test_the_shipped_policy_covers_every_goal_and_names_only_catalogue_knobs():
@@ -76,7 +77,7 @@ def test_gemma_never_gets_float16_it_gets_float32_with_the_reason_or_a_refusal()
     assert "float32: vLLM refuses float16 for gemma2" in err.value.message
     facts = model.inspect(str(FIX / "models" / "gemma-2-9b-it"))
     small = facts.model_copy(update={"num_hidden_layers": 2, "weight_bytes": None})  # a small gemma2 fits in fp32
-    plan, _ = rules.baseline(rules.effective_bounds(small, hw, None, {}, "stable"), small, hw, "stable")
+    plan, _ = sizing.baseline(rules.effective_bounds(small, hw, None, {}, "stable"), small, hw, "stable")
     assert plan.params["dtype"] == "float32" and "vLLM refuses float16 for gemma2" in plan.provenance["dtype"]
 
 
@@ -112,12 +113,11 @@ def test_no_fit_suggestions_are_each_checked_by_the_estimator_and_none_is_applie
         rules.effective_bounds(facts, hw, None, {}, "stable")
     message = err.value.message
     assert "; would fit: 2x NVIDIA H100 80GB HBM3 with --tensor-parallel-size 2; --quantization fp8" in message
-    from smartrun import sizing
     from smartrun.contracts import Bounds
 
     b = Bounds(knobs={}, goal="stable", gpu_count=1)
-    ctx = sizing._Ctx(b, facts, hw, "stable", None, memory.estimate, policy.load())
-    found = sizing.suggestions(ctx, {"tensor_parallel_size": 1, "dtype": "bfloat16"})
+    ctx = PlanFit(b, facts, hw, "stable", None, memory.estimate, policy.load())
+    found = no_fit.suggestions(ctx, {"tensor_parallel_size": 1, "dtype": "bfloat16"})
     assert [text.split()[0] for text, _ in found][:3] == ["2x", "--quantization", "--cpu-offload-gb"]
     assert all(ctx.estimate(params).fits for text, params in found if not text.startswith("2x"))
     # a pinned suggestion is what starts it
@@ -142,7 +142,7 @@ def test_a_starved_throughput_replica_takes_the_bands_top_utilization_and_says_s
 def test_a_plan_that_fits_only_at_the_point_estimate_is_tried_and_says_so():
     hw, facts = _load("2x-a100-80gb-nvlink", "qwen2.5-72b-instruct")  # plain vLLM at its defaults would not start
     b = rules.effective_bounds(facts, hw, None, {}, "stable")
-    plan, est = rules.baseline(b, facts, hw, "stable")
+    plan, est = sizing.baseline(b, facts, hw, "stable")
     assert est.fits and not memory.plan_safe_fits(est)
     assert "fits only at the estimate's point value" in plan.reason
     assert any("only at the estimate's point value" in w for w in b.warnings)

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from smartrun import bounds as bounds_mod
-from smartrun import hardware, model, rules
+from smartrun import hardware, model, rules, sizing
 from smartrun.argv import parse_user_args
 from smartrun.contracts import Change, Proposal
 from smartrun.errors import InfeasibleError, InputError, PinConflictError
+from smartrun.fit import fit_check
+from smartrun.gpus import select_gpus
 from smartrun.hardware import GpuInfo, GpuProcess, HardwareSnapshot
 from smartrun.knobs import build_argv
 from smartrun.memory import MemoryEstimate
@@ -110,7 +112,7 @@ def test_no_bfloat16_or_fp8_kv_below_their_compute_capability():
     b = _eff(machine=_machine(_gpu(0, 16, cc="7.5", name="Tesla T4")), est=_stub(weights_gib=4))
     assert b.knobs["dtype"].choices == ("float16",) and "hardware" in b.knobs["dtype"].sources
     assert b.knobs["kv_cache_dtype"].choices == ("auto",)
-    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0, 16, cc="7.5", name="Tesla T4")),
+    plan, _ = sizing.baseline(b, _facts(), _machine(_gpu(0, 16, cc="7.5", name="Tesla T4")),
                              estimate_fn=_stub(weights_gib=4))
     assert plan.params["dtype"] == "float16" and plan.provenance["dtype"].startswith("hardware: compute capability 7.5")
 
@@ -167,7 +169,7 @@ def test_pins_inside_bounds_become_single_values_the_llm_cannot_move():
     assert b.knobs["enforce_eager"].choices == (True,)
     assert b.to_json()["max_model_len"] == {"min": 8000, "max": 8000, "pinned": True, "llm_may_change": False,
                                             "sources": ["pin"]}
-    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    plan, _ = sizing.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
     assert plan.params["max_model_len"] == 8000 and plan.params["port"] == 9000 and plan.provenance["port"] == "pin"
 
 
@@ -187,7 +189,7 @@ def test_a_pin_past_a_builtin_bound_is_kept_with_one_warning_naming_the_bound(ar
     name, value = next(iter(user.pins.items()))
     assert b.knobs[name].pinned and b.knobs[name].contains(value)
     assert b.warnings == (f"pin {' '.join(argv)} passes the built-in bound {bound}; kept because you typed it",)
-    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    plan, _ = sizing.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
     assert plan.params[name] == value and plan.provenance[name] == "pin"
 
 
@@ -251,11 +253,11 @@ def test_quantization_below_its_compute_capability_is_infeasible():
 
 def test_select_gpus_prefers_nvlink_then_free_memory():
     m = _machine(_gpu(0, used_gib=10), _gpu(1, used_gib=5), _gpu(2, used_gib=1), _gpu(3), links=((0, 1),))
-    assert [g.index for g in rules.select_gpus(m, 1)] == [3]
-    assert [g.index for g in rules.select_gpus(m, 2)] == [0, 1]  # the linked pair over the freer PCIe pair
-    assert [g.index for g in rules.select_gpus(_machine(*m.gpus), 2)] == [2, 3]
+    assert [g.index for g in select_gpus(m, 1)] == [3]
+    assert [g.index for g in select_gpus(m, 2)] == [0, 1]  # the linked pair over the freer PCIe pair
+    assert [g.index for g in select_gpus(_machine(*m.gpus), 2)] == [2, 3]
     with pytest.raises(InfeasibleError, match="5 GPUs needed; the machine has 4"):
-        rules.select_gpus(m, 5)
+        select_gpus(m, 5)
 
 
 def test_select_gpus_on_a_32_gpu_machine_finishes_and_still_prefers_nvlink_then_free_memory():
@@ -263,9 +265,9 @@ def test_select_gpus_on_a_32_gpu_machine_finishes_and_still_prefers_nvlink_then_
     gpus = [_gpu(i, used_gib=0.5 + (i % 5)) for i in range(32)]
     linked = range(8, 16)
     m = _machine(*gpus, links=tuple((a, b) for a in linked for b in linked if a < b))
-    assert [g.index for g in rules.select_gpus(m, 8)] == list(linked)
+    assert [g.index for g in select_gpus(m, 8)] == list(linked)
     freest = sorted(range(32), key=lambda i: (i % 5, i))[:8]
-    assert [g.index for g in rules.select_gpus(_machine(*gpus), 8)] == sorted(freest)
+    assert [g.index for g in select_gpus(_machine(*gpus), 8)] == sorted(freest)
 
 
 # --- baseline ------------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def test_select_gpus_on_a_32_gpu_machine_finishes_and_still_prefers_nvlink_then_
 def test_baseline_is_sized_from_the_estimate_for_the_goal(goal, expected):
     m = _machine(_gpu(0), _gpu(1), links=((0, 1),))
     b = _eff(machine=m, goal=goal)
-    plan, est = rules.baseline(b, _facts(), m, goal, estimate_fn=_stub())
+    plan, est = sizing.baseline(b, _facts(), m, goal, estimate_fn=_stub())
     assert {k: plan.params.get(k) for k in expected} == expected
     assert plan.source == "static" and est.fits
     assert plan.provenance["max_num_seqs"].startswith("estimate: the cache holds")
@@ -301,7 +303,7 @@ def test_baseline_is_sized_from_the_estimate_for_the_goal(goal, expected):
 def test_no_gpu_is_left_idle_without_a_word():
     three = _machine(_gpu(0), _gpu(1), _gpu(2), links=((0, 1), (0, 2), (1, 2)))
     est = _stub(weights_gib=100)  # needs tp 2; 3 does not divide 32 heads: one GPU stays idle
-    plan, _ = rules.baseline(_eff(machine=three, est=est, goal="throughput"), _facts(), three, "throughput",
+    plan, _ = sizing.baseline(_eff(machine=three, est=est, goal="throughput"), _facts(), three, "throughput",
                              estimate_fn=est)
     assert plan.params["tensor_parallel_size"] == 2 and plan.params["data_parallel_size"] == 1
     assert "GPU(s) 2 idle" in plan.provenance["data_parallel_size"]
@@ -310,14 +312,14 @@ def test_no_gpu_is_left_idle_without_a_word():
 def test_a_bounds_file_limits_the_replicas_and_says_so(tmp_path):
     four = _machine(*(_gpu(i) for i in range(4)), links=tuple((a, b) for a in range(4) for b in range(a + 1, 4)))
     file = _file(tmp_path, "[knobs.data_parallel_size]\nmax = 2\n")
-    plan, _ = rules.baseline(_eff(machine=four, file=file), _facts(), four, estimate_fn=_stub())
+    plan, _ = sizing.baseline(_eff(machine=four, file=file), _facts(), four, estimate_fn=_stub())
     assert plan.params["data_parallel_size"] == 2 and "GPU(s) 2, 3 idle" in plan.provenance["data_parallel_size"]
     assert "(4 would fit the GPUs;" in plan.provenance["data_parallel_size"]
 
 
 def test_baseline_moves_sized_values_into_the_bounds_and_says_so(tmp_path):
     file = _file(tmp_path, "[knobs.max_num_seqs]\nmin = 16\nmax = 32\n[knobs.gpu_memory_utilization]\nmax = 0.8\n")
-    plan, _ = rules.baseline(_eff(file=file), _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    plan, _ = sizing.baseline(_eff(file=file), _facts(), _machine(_gpu(0)), estimate_fn=_stub())
     assert plan.params["max_num_seqs"] == 32 and plan.params["gpu_memory_utilization"] == 0.8
     assert "moved to 32 to lie inside 16 <= x <= 32" in plan.provenance["max_num_seqs"]
     assert "0.92 moved to 0.8" in plan.provenance["gpu_memory_utilization"]
@@ -326,7 +328,7 @@ def test_baseline_moves_sized_values_into_the_bounds_and_says_so(tmp_path):
 def test_baseline_grows_tp_when_one_gpu_is_too_small_and_disables_custom_all_reduce_without_nvlink():
     m = _machine(_gpu(0), _gpu(1))
     est = _stub(weights_gib=100)
-    plan, fitted = rules.baseline(_eff(machine=m, est=est), _facts(), m, estimate_fn=est)
+    plan, fitted = sizing.baseline(_eff(machine=m, est=est), _facts(), m, estimate_fn=est)
     assert plan.params["tensor_parallel_size"] == 2 and fitted.fits
     assert plan.provenance["tensor_parallel_size"] == "estimate: the smallest tensor parallel size that holds the model is 2"
     assert plan.params["disable_custom_all_reduce"] is True
@@ -336,7 +338,7 @@ def test_baseline_grows_tp_when_one_gpu_is_too_small_and_disables_custom_all_red
 
 def test_baseline_lowers_the_context_to_what_fits():
     est = _stub(weights_gib=70, tokens_per_gib=1000)  # 0.92*80 - 71 = 2.6 GiB of KV: ~2600 tokens
-    plan, fitted = rules.baseline(_eff(est=est), _facts(), _machine(_gpu(0)), estimate_fn=est)
+    plan, fitted = sizing.baseline(_eff(est=est), _facts(), _machine(_gpu(0)), estimate_fn=est)
     assert plan.params["gpu_memory_utilization"] == 0.92 and 2048 <= plan.params["max_model_len"] < 4096
     assert fitted.fits and plan.params["max_model_len"] <= fitted.largest_max_model_len
     assert "estimate" in plan.provenance["max_model_len"]
@@ -357,8 +359,8 @@ def test_fit_check_feeds_the_validator():
     m = _machine(_gpu(0))
     est = _stub(weights_gib=60, tokens_per_gib=1000)
     b = _eff(est=est, machine=m)
-    plan, _ = rules.baseline(b, _facts(), m, estimate_fn=est)
-    fits = rules.fit_check(_facts(), m, estimate_fn=est)
+    plan, _ = sizing.baseline(b, _facts(), m, estimate_fn=est)
+    fits = fit_check(_facts(), m, estimate_fn=est)
     assert fits(plan.params) is None
     too_long = Proposal(changes=(Change(knob="max_model_len", value=b.knobs["max_model_len"].max),
                                  Change(knob="gpu_memory_utilization", value=0.85)))
@@ -395,14 +397,14 @@ def test_every_fixture_model_and_goal_gets_a_starting_baseline_or_a_clear_error(
         for goal in rules.GOALS:
             try:
                 b = rules.effective_bounds(facts, hw, None, {}, goal)
-                plan, est = rules.baseline(b, facts, hw, goal)
+                plan, est = sizing.baseline(b, facts, hw, goal)
             except InfeasibleError as err:
                 message = err.message
                 assert "\n" not in message and any(c.isdigit() for c in message)
                 assert facts.name in message or "gpu_memory_utilization" in message or "max_model_len" in message
                 outcomes.append("infeasible")
                 continue
-            assert est.fits and rules.fit_check(facts, hw)(plan.params) is None
+            assert est.fits and fit_check(facts, hw)(plan.params) is None
             for knob, value in plan.params.items():
                 assert b.knobs[knob].contains(value), (machine, name, goal, knob, value)
             assert set(plan.provenance) == set(plan.params)
@@ -464,7 +466,7 @@ def test_baseline_is_inside_arbitrary_bounds_or_infeasible(tmp_path, text, goal,
     est = _stub(weights_gib=weights, tokens_per_gib=2000)
     try:
         b = _eff(machine=m, file=file, goal=goal, est=est)
-        plan, fitted = rules.baseline(b, _facts(), m, goal, estimate_fn=est)
+        plan, fitted = sizing.baseline(b, _facts(), m, goal, estimate_fn=est)
     except InfeasibleError as err:
         assert err.message and "\n" not in err.message
         return
@@ -477,10 +479,10 @@ def test_real_fixtures_prefer_more_gpus_to_a_riskier_utilization_and_float16_for
     machines, models = loaded
     h100x4 = machines["4x-h100-80gb-nvlink"]
     big = models["qwen2.5-72b-instruct"]
-    plan, est = rules.baseline(rules.effective_bounds(big, h100x4, None, {}, "stable"), big, h100x4, "stable")
+    plan, est = sizing.baseline(rules.effective_bounds(big, h100x4, None, {}, "stable"), big, h100x4, "stable")
     assert (plan.params["tensor_parallel_size"], plan.params["gpu_memory_utilization"]) == (4, 0.92) and est.fits
     awq = models["qwen2.5-72b-instruct-awq"]
-    plan, _ = rules.baseline(rules.effective_bounds(awq, h100x4, None, {}, "stable"), awq, h100x4, "stable")
+    plan, _ = sizing.baseline(rules.effective_bounds(awq, h100x4, None, {}, "stable"), awq, h100x4, "stable")
     assert plan.params["dtype"] == "float16" and plan.provenance["dtype"].startswith("model: awq")
 
 
@@ -490,5 +492,5 @@ def test_a_pinned_api_key_never_shows_in_bounds_notes_or_json():
                                estimate_fn=_stub())
     shown = repr(b.to_json()) + "\n".join(rules.format_bounds(b)) + repr(b.knobs["api_key"].notes)
     assert "sk-secret-123" not in shown and REDACTED in shown
-    plan, _ = rules.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
+    plan, _ = sizing.baseline(b, _facts(), _machine(_gpu(0)), estimate_fn=_stub())
     assert plan.params["api_key"] == ("sk-secret-123",)  # launch still needs it

@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 pytest.importorskip("vllm")
 
-from smartrun import hardware, model, rules
+from smartrun import hardware, model, rules, sizing
 from smartrun.argv import parse_user_args
 from smartrun.errors import InfeasibleError
 from smartrun.knobs import build_argv
@@ -87,7 +87,7 @@ def test_every_baseline_argv_passes_vllms_parser_and_model_config(machine, vllm_
         facts = model.inspect(str(FIX / "models" / name))
         for goal in rules.GOALS:
             try:
-                plan, _ = rules.baseline(rules.effective_bounds(facts, snapshot, None, {}, goal), facts, snapshot, goal)
+                plan, _ = sizing.baseline(rules.effective_bounds(facts, snapshot, None, {}, goal), facts, snapshot, goal)
             except InfeasibleError:
                 continue
             argv = build_argv(str(config_only_dirs / name), plan.params)

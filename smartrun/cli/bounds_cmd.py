@@ -79,6 +79,7 @@ def show_command(args: argparse.Namespace) -> int:
     from smartrun import pipeline, rules
     from smartrun.calibration import NoCalibration
     from smartrun.cli.run_cmd import split_extra
+    from smartrun.gpus import describe_gpus
 
     user_args, extra_args = split_extra(list(getattr(args, "extra", None) or []))
     request = pipeline.RunRequest(
@@ -107,7 +108,7 @@ def show_command(args: argparse.Namespace) -> int:
         if warning not in effective.warnings:
             print(f"localaistack: warning: {warning}", file=sys.stderr)
     shown = " + ".join(args.hardware or [])
-    print(f"{facts.name} on {rules.describe_gpus(machine.gpus)} ({shown or 'detected'})")
+    print(f"{facts.name} on {describe_gpus(machine.gpus)} ({shown or 'detected'})")
     print("\n".join(rules.format_bounds(effective)))
     if correction is not None:
         print(f"estimate {correction.describe()}")

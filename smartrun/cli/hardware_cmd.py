@@ -41,9 +41,9 @@ def detect_command(args: argparse.Namespace) -> int:
     from smartrun import hardware
 
     if args.ray_address:
-        from smartrun import cluster
+        from smartrun import ray_cluster
 
-        snapshot = cluster.detect_cluster(args.ray_address, timeout=args.timeout)
+        snapshot = ray_cluster.detect_cluster(args.ray_address, timeout=args.timeout)
     else:
         snapshot = hardware.detect()
     if args.save:

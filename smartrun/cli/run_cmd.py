@@ -214,9 +214,9 @@ def summary_lines(result: Any) -> list[str]:
         out.append(f"  GPUs         {_gpu_words(result, tp, pp, dp)}"
                    f"{where('tensor_parallel_size', 'pipeline_parallel_size', 'data_parallel_size')}")
     if getattr(result, "placement", None) is not None:  # a cluster: which node holds which stage
-        from smartrun import cluster
+        from smartrun import cluster_plan
 
-        lines = cluster.placement_lines(result.placement)
+        lines = cluster_plan.placement_lines(result.placement)
         out += [f"  nodes        {lines[0]}{where('distributed_executor_backend', 'data_parallel_backend')}",
                 *[f"               {line}" for line in lines[1:]]]
     util = params.get("gpu_memory_utilization")
@@ -233,13 +233,14 @@ def summary_lines(result: Any) -> list[str]:
 
 def _gpu_words(result: Any, tp: int, pp: int, dp: int = 1) -> str:
     """Which GPUs the launch uses (their nvidia-smi indices), how they split the model, and over what link."""
-    from smartrun import hardware, rules
+    from smartrun import hardware
     from smartrun.errors import SmartRunError
+    from smartrun.gpus import select_gpus
 
     hw = result.hardware
     n = tp * pp * dp
     try:
-        chosen = rules.select_gpus(hw, n)
+        chosen = select_gpus(hw, n)
     except SmartRunError:
         return f"{n} needed, {len(hw.gpus)} available"  # the plan then failed: its error says so
     ids = ",".join(str(hardware.physical_index(hw, g.index)) for g in chosen)

@@ -58,7 +58,7 @@ def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str
 
 def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any],
             ray_address: str | None = None) -> tuple[dict[str, str], list[str]]:
-    """CUDA_VISIBLE_DEVICES for tp*pp*dp GPUs chosen by rules.select_gpus, in NVML's (PCI) order; on a Ray cluster
+    """CUDA_VISIBLE_DEVICES for tp*pp*dp GPUs chosen by gpus.select_gpus, in NVML's (PCI) order; on a Ray cluster
     RAY_ADDRESS instead (Ray gives every worker its GPU on its own node).
 
     The indices are nvidia-smi's (a snapshot restricted by --gpus / CUDA_VISIBLE_DEVICES maps its GPUs back),
@@ -68,12 +68,12 @@ def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any],
         return {"RAY_ADDRESS": ray_address}, []
     if hardware is None or not hardware.gpus:
         return {}, []
-    from smartrun import rules
     from smartrun.contracts import gpus_used
+    from smartrun.gpus import select_gpus
     from smartrun.hardware import physical_index
 
     count = gpus_used(params)
-    chosen = rules.select_gpus(hardware, count)
+    chosen = select_gpus(hardware, count)
     indices = ",".join(str(physical_index(hardware, g.index)) for g in chosen)
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": indices}
     warnings = []

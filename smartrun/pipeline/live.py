@@ -41,13 +41,13 @@ def live_sources(request: RunRequest, env: dict[str, str] | None = None,
 
 def _live_hardware(request: RunRequest) -> HardwareSnapshot:
     """--hardware (once per node: a cluster), else the Ray cluster at --ray-address, else NVML here."""
-    from smartrun import cluster, hardware
+    from smartrun import cluster, hardware, ray_cluster
 
     if request.hardware_path:
         paths = (request.hardware_path, *request.more_hardware)
         return cluster.combine([hardware.load_snapshot(path) for path in paths])
     if request.ray_address:
-        return cluster.detect_cluster(request.ray_address)
+        return ray_cluster.detect_cluster(request.ray_address)
     return hardware.detect()
 
 

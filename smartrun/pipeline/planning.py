@@ -31,7 +31,7 @@ def plan_stages(ctx: RunContext) -> None:
 
     `model run --dry-run` stops here; `bounds show` is this with the request its options make.
     """
-    from smartrun import cluster, knobs, rules
+    from smartrun import cluster, cluster_plan, fit, knobs, rules, sizing
     from smartrun import hardware as hw_mod
     from smartrun.errors import InfeasibleError
 
@@ -77,7 +77,7 @@ def plan_stages(ctx: RunContext) -> None:
         bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal, vllm_version=version,
                                         force=request.force, estimate_fn=estimate_fn)
     except InfeasibleError as err:  # a model too big for these nodes: say how many would hold it
-        raise InfeasibleError(cluster.refusal(err.message, facts, hw, pins, version)) from err
+        raise InfeasibleError(cluster_plan.refusal(err.message, facts, hw, pins, version)) from err
     result.bounds = ctx.bounds = bounds
     record.bounds = to_jsonable(bounds.to_json())
     for warning in bounds.warnings:
@@ -85,18 +85,18 @@ def plan_stages(ctx: RunContext) -> None:
     rec.decide("bounds", record.bounds, bounds_in.path or "builtin")
 
     try:
-        baseline, base_estimate = rules.baseline(bounds, facts, hw, request.goal, vllm_version=version,
+        baseline, base_estimate = sizing.baseline(bounds, facts, hw, request.goal, vllm_version=version,
                                                  estimate_fn=estimate_fn)
     except InfeasibleError as err:
-        raise InfeasibleError(cluster.refusal(err.message, facts, hw, pins, version)) from err
-    baseline = cluster.finish_plan(baseline, hw, pins)
+        raise InfeasibleError(cluster_plan.refusal(err.message, facts, hw, pins, version)) from err
+    baseline = cluster_plan.finish_plan(baseline, hw, pins)
     result.baseline = ctx.baseline = baseline
     ctx.base_estimate = base_estimate
     record.baseline = to_jsonable(baseline)
     record.baseline_estimate = to_jsonable(base_estimate)
     rec.decide("baseline", baseline.params, provenance_line(baseline))
 
-    ctx.fit = rules.fit_check(facts, hw, version, estimate_fn=estimate_fn)
+    ctx.fit = fit.fit_check(facts, hw, version, estimate_fn=estimate_fn)
     plan = baseline
     ctx.key = result.cache_key = CacheKey(
         model=facts.name, hardware_fingerprint=hw_mod.fingerprint(hw), bounds_sha256=bounds_in.sha256,
@@ -117,7 +117,7 @@ def plan_stages(ctx: RunContext) -> None:
     result.estimate = estimate_for(plan, facts, hw, version, correction)
     record.estimate = to_jsonable(result.estimate) if result.estimate is not None else None
     if cluster.is_cluster(hw):  # which node holds which stage, with each stage's memory
-        result.placement = cluster.placement(facts, hw, plan.params, version, correction)
+        result.placement = cluster_plan.placement(facts, hw, plan.params, version, correction)
     rec.decide("argv", result.argv, plan.source)
 
 
@@ -151,15 +151,15 @@ def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> H
 
 def check_cluster(request: RunRequest, hw: HardwareSnapshot, plan: Plan) -> None:
     """Before a launch: a plan across nodes needs a Ray cluster that is up and holds it."""
-    from smartrun import cluster
+    from smartrun import cluster, cluster_plan, ray_cluster
     from smartrun.errors import ClusterError
 
-    spans = cluster.is_cluster(hw) and cluster.placement_nodes(hw, plan.params) > 1
+    spans = cluster.is_cluster(hw) and cluster_plan.placement_nodes(hw, plan.params) > 1
     if request.ray_address:
-        cluster.check_live(hw, plan.params, request.ray_address)
+        ray_cluster.check_live(hw, plan.params, request.ray_address)
     elif spans:
-        starts = "; ".join(cluster.ray_start_commands(hw, cluster.placement_nodes(hw, plan.params)))
-        raise ClusterError(f"the plan spans {cluster.placement_nodes(hw, plan.params)} nodes and starts on a Ray "
+        starts = "; ".join(ray_cluster.ray_start_commands(hw, cluster_plan.placement_nodes(hw, plan.params)))
+        raise ClusterError(f"the plan spans {cluster_plan.placement_nodes(hw, plan.params)} nodes and starts on a Ray "
                            f"cluster: pass --ray-address HEAD:PORT (to bring the cluster up run: {starts})")
 
 
@@ -179,14 +179,15 @@ def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
 def _warn_without_nvlink(plan: Plan, hw: HardwareSnapshot, rec: Recorder) -> None:
     """Tensor parallelism over GPUs without NVLink is slow (and vLLM's custom all-reduce unsafe): say so, but
     only when the plan really splits layers (tp > 1); at tp 1 there is no all-reduce to speak of."""
-    from smartrun import hardware, rules
+    from smartrun import hardware
     from smartrun.errors import SmartRunError
+    from smartrun.gpus import select_gpus
 
     tp, pp = (int(plan.params.get(k) or 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
     if tp < 2:
         return
     try:
-        gpus = rules.select_gpus(hw, tp * pp)
+        gpus = select_gpus(hw, tp * pp)
     except SmartRunError:
         return
     groups = [gpus[i:i + tp] for i in range(0, len(gpus), tp)]  # the all-reduce runs inside each stage's TP group
@@ -213,12 +214,14 @@ def provenance_line(plan: Plan) -> str:
 def estimate_for(plan: Plan, facts: ModelFacts, hw: HardwareSnapshot, version: str | None,
                   correction: Correction | None = None) -> Any:
     """The estimator's numbers for the chosen plan, on the GPUs the rules would pick."""
-    from smartrun import memory, rules
+    from smartrun import memory
+    from smartrun.fit import flags_from_params
+    from smartrun.gpus import select_gpus
 
-    flags = rules.flags_from_params(plan.params)
+    flags = flags_from_params(plan.params)
     n = max(1, flags.tensor_parallel_size * flags.pipeline_parallel_size)
     gpus = [memory.GpuSpec.from_gpu(g) if not isinstance(g, memory.GpuSpec) else g
-            for g in rules.select_gpus(hw, n)]
+            for g in select_gpus(hw, n)]
     return memory.estimate(facts, gpus, flags, version, calibration=correction)
 
 

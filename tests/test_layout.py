@@ -1,0 +1,116 @@
+"""The package's shape: no import cycle (in-function imports count too) and no module over MAX_LINES."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "smartrun"
+MAX_LINES = 600
+EXEMPT = ("memory",)  # the estimator package's parts may be longer (one formula family each)
+
+
+def _modules(root: Path = PACKAGE) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package (a package is its __init__)."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The module an imported name lives in (`smartrun.memory.estimate` -> `smartrun.memory`)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its body (module level, functions, classes)."""
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, up level - 1
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parts, *([node.module] if node.module else [])])
+                # `from smartrun import cluster` imports the module smartrun.cluster
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for target in targets:
+                found = _resolve(target, modules)
+                if found is not None and found != name:
+                    graph[name].add(found)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_in_smartrun_counting_in_function_imports():
+    modules = _modules()
+    assert len(modules) > 50 and "smartrun.rules" in modules
+    graph = import_graph(modules)
+    assert "smartrun.argv" in graph["smartrun.secrets"]  # a module-level import is an edge
+    assert "smartrun.ray_cluster" in graph["smartrun.cli.hardware_cmd"]  # and so is one inside a function
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle_through_an_in_function_import(tmp_path):
+    pkg = tmp_path / "demo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from demo import b\n")
+    (pkg / "b.py").write_text("def f():\n    from demo.c import g\n    return g\n")
+    (pkg / "c.py").write_text("import os\n\ndef g():\n    from demo import a\n    return a\n")
+    (pkg / "d.py").write_text("from . import a\n")
+    graph = import_graph(_modules(pkg))
+    assert graph["demo.d"] == {"demo.a"}
+    assert cycles(graph) == [["demo.a", "demo.b", "demo.c"]]
+
+
+def test_no_module_is_over_600_lines_outside_the_estimator_package():
+    sizes = {path.relative_to(PACKAGE.parent).as_posix(): len(path.read_text().splitlines())
+             for name, path in _modules().items() if name.split(".")[1:2] != list(EXEMPT)}
+    assert "smartrun/rules.py" in sizes and not any(name.startswith("smartrun/memory/") for name in sizes)
+    over = {name: lines for name, lines in sizes.items() if lines > MAX_LINES}
+    assert over == {}, f"split these along a seam: {over}"
