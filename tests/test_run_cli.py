@@ -209,3 +209,24 @@ def test_request_command_line_parses_back_to_the_same_request(monkeypatch):
     args, extra = build_parser().parse_known_args(request.command_line()[1:])
     args.extra = extra
     assert request_from_args(args) == request
+
+
+def test_a_tuning_request_command_line_parses_back_to_the_same_request(monkeypatch):
+    """The --tune options travel in the recorded command line too, and read back as the same settings."""
+    from smartrun.cli import build_parser
+    from smartrun.cli.run_cmd import request_from_args
+    from smartrun.pipeline import RunRequest
+    from smartrun.probe import ProbeSettings
+    from smartrun.tune import TuneSettings
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    settings = TuneSettings(rounds=2, slo_p95_ms=400.0, vs_defaults=True,
+                            probe=ProbeSettings(concurrency=4, duration_s=1.5, max_requests=50))
+    request = RunRequest(model="m", tune=True, tune_options=settings.model_dump(mode="json"))
+    line = request.command_line()
+    assert {"--tune", "--tune-rounds", "--slo-p95-ms", "--tune-vs-defaults", "--probe-concurrency"} <= set(line)
+    args, extra = build_parser().parse_known_args(line[1:])
+    args.extra = extra
+    assert request_from_args(args) == request
+    plain = RunRequest(model="m", tune=True, tune_options=TuneSettings().model_dump(mode="json"))
+    assert plain.command_line() == ["localaistack", "model", "run", "m", "--tune"]

@@ -349,16 +349,42 @@ def test_cli_options_make_settings_and_name_bad_flags():
     import argparse
 
     parser = argparse.ArgumentParser(allow_abbrev=False)
-    parser.add_argument("--tune", action="store_true")  # run_cmd already has it: add_arguments skips it
     tune.add_arguments(parser)
-    args = parser.parse_args(["--tune", "--tune-rounds", "5", "--slo-p95-ms", "900", "--probe-concurrency", "8",
+    assert "--tune" not in parser._option_string_actions  # a model run option (pipeline.request.OPTIONS)
+    args = parser.parse_args(["--tune-rounds", "5", "--slo-p95-ms", "900", "--probe-concurrency", "8",
                               "--probe-duration", "3"])
     settings = tune.settings_from_args(args)
     assert (settings.rounds, settings.slo_p95_ms, settings.probe.concurrency, settings.probe.duration_s) == (5, 900, 8, 3)
+    assert settings.probe.max_requests == tune.TuneSettings().probe.max_requests  # the tune defaults where not typed
+    assert tune.settings_from_args(parser.parse_args([])) == tune.TuneSettings()
     with pytest.raises(InputError, match="--probe-concurrency 0"):
         tune.settings_from_args(parser.parse_args(["--probe-concurrency", "0"]))
     with pytest.raises(InputError, match="--tune-rounds 0"):
         tune.settings_from_args(parser.parse_args(["--tune-rounds", "0"]))
+    with pytest.raises(InputError, match=r"--tune-min-gain 2\.0"):
+        tune.settings_from_args(parser.parse_args(["--tune-min-gain", "2"]))
+
+
+@pytest.mark.parametrize("settings", [
+    tune.TuneSettings(),
+    tune.TuneSettings(rounds=7, slo_p95_ms=850.5, min_gain=0.1, vs_defaults=True,
+                      probe=ProbeSettings(concurrency=3, duration_s=2.5, prompt_tokens=64, output_tokens=9,
+                                          max_requests=11)),
+    tune.TuneSettings(probe=tune.TuneSettings().probe.model_copy(update={"duration_s": 40.0})),
+])
+def test_tune_settings_command_line_parses_back_to_the_same_settings(settings):
+    """The --tune options are declared once (tune.TUNE_OPTIONS): argparse, the settings and the command line
+    all come from it, so settings written as flags read back as the same settings."""
+    import argparse
+
+    from smartrun.tune.options import command_line
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    tune.add_arguments(parser)
+    flags = command_line(settings.model_dump(mode="json"))
+    assert len(flags) >= sum(1 for o in tune.TUNE_OPTIONS if o.value(settings.model_dump(mode="json"))
+                             != o.value(tune.TuneSettings().model_dump(mode="json")))
+    assert tune.settings_from_args(parser.parse_args(flags)) == settings
 
 
 def test_pipeline_hook_reads_the_request_options_and_records_llm_exchanges():

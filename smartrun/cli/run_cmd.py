@@ -36,7 +36,7 @@ def register(subparsers) -> None:
                    "(`session list` shows only the data dir; use `session show FILE`)")
     from smartrun import tune
 
-    tune.add_arguments(p)  # --tune and its --tune-*/--probe-* options, owned by the tune stage
+    tune.add_arguments(p)  # the --tune-*/--probe-* options (tune.TUNE_OPTIONS); --tune itself is in OPTIONS
     own = tuple(sorted(flag for action in p._actions for flag in action.option_strings if flag.startswith("--")))
     p.set_defaults(func=run_command, accepts_extra=True, own_flags=own)
 
@@ -50,8 +50,10 @@ def split_extra(extra: list[str]) -> tuple[list[str], list[str]]:
 
 
 def request_from_args(args: argparse.Namespace) -> Any:
+    from smartrun import tune
     from smartrun.errors import InputError
     from smartrun.pipeline import RunRequest
+    from smartrun.tune.options import given as tune_flags_given
 
     if args.max_attempts < 1:
         raise InputError(f"--max-attempts {args.max_attempts}: must be at least 1")
@@ -59,16 +61,12 @@ def request_from_args(args: argparse.Namespace) -> Any:
         raise InputError(f"--port {args.port}: not a TCP port")
     user, extra = split_extra(list(getattr(args, "extra", []) or []))
     tune_options: dict[str, Any] = {}
-    given = [f"--{name.replace('_', '-')}" for name in ("tune_rounds", "tune_min_gain", "slo_p95_ms",
-             "probe_concurrency", "probe_duration", "probe_prompt_tokens", "probe_output_tokens",
-             "probe_max_requests", "tune_vs_defaults") if getattr(args, name, None) is not None]
+    given = tune_flags_given(args)
     if given and not args.tune:  # silently not tuning would surprise whoever typed them
         raise InputError(f"{given[0]}: only used with --tune")
     if args.smart_run_strict and not args.smart_run:  # as LocalAIStack: strict without smart-run is an error
         raise InputError("--smart-run-strict: only used with --smart-run (it makes a failed LLM consultation fatal)")
     if args.tune:
-        from smartrun import tune
-
         tune_options = tune.settings_from_args(args).model_dump(mode="json")
     return RunRequest(model=args.model, user_args=tuple(user), extra_args=tuple(extra), tune_options=tune_options,
                       visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), **RunRequest.fields_from_args(args))

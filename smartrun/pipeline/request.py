@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from smartrun.argv import positive_seconds
 from smartrun.contracts import GOALS
 from smartrun.frozen import Frozen
+from smartrun.tune.options import command_line as tune_command_line
 
 EventSink = Callable[[str, str], None]  # (kind, one line) -> the CLI prints it
 
@@ -55,6 +56,7 @@ class RunRequest(Frozen):
             for value in _values(self, option.field):
                 if value != RunRequest.model_fields[option.field].default or option.field == "more_hardware":
                     out += [option.flag] if value is True else [option.flag, str(value)]
+        out += tune_command_line(self.tune_options)
         out += list(self.user_args)
         return out + (["--", *self.extra_args] if self.extra_args else [])
 
@@ -87,7 +89,8 @@ class Option(NamedTuple):
 
 
 # Declared once: `add_options` makes them argparse options, `fields_from_args` reads them back and
-# `RunRequest.command_line` writes them out again. A bool field is a switch.
+# `RunRequest.command_line` writes them out again (with the --tune options, from tune.TUNE_OPTIONS).
+# A bool field is a switch.
 OPTIONS: tuple[Option, ...] = (
     Option("smart_run", "--smart-run", "ask the LLM (if configured) and use saved parameters"),
     Option("debug", "--smart-run-debug", "print source=... reason=..., LLM latency, tokens"),
@@ -118,7 +121,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("llm_model", "--llm-model", "model name at that endpoint (default: its first)", "NAME"),
     Option("llm_timeout", "--llm-timeout", "seconds for one whole LLM decision: every request, retry and repair "
            "(default 60)", "S", positive_seconds),
-    Option("tune", "--tune", "after a healthy start, tune throughput inside the bounds"),  # its settings: tune.py
+    Option("tune", "--tune", "after a healthy start, tune throughput inside the bounds"),  # its options: tune.TUNE_OPTIONS
 )
 
 

@@ -13,13 +13,15 @@ the benchmark drives the same loop with the stand-in's perf model in-process.
 
 from __future__ import annotations
 
-from smartrun.tune.hook import add_arguments, api_key_of, llm_proposer, settings_from_args, tune_after_launch
+from smartrun.tune.hook import api_key_of, llm_proposer, tune_after_launch
 from smartrun.tune.ladder import rules_step
 from smartrun.tune.loop import _default_probe, run_tuning
+from smartrun.tune.options import TUNE_OPTIONS, add_arguments, settings_from_args
 from smartrun.tune.report import LADDER, UTIL_STEP, TuneRound, TuneSettings, TuneState, short
 
 __all__ = [
     "LADDER",
+    "TUNE_OPTIONS",
     "UTIL_STEP",
     "TuneRound",
     "TuneSettings",

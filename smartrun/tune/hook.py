@@ -1,8 +1,7 @@
-"""The LLM's step, the --tune options, and the hook the pipeline calls after a healthy launch."""
+"""The LLM's step and the hook the pipeline calls after a healthy launch."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +9,6 @@ from smartrun.argv import serve_args, values_of
 from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, LaunchEvent, Plan, Proposal
 from smartrun.errors import SmartRunError
-from smartrun.probe import make_settings
 from smartrun.tune.ladder import rules_step
 from smartrun.tune.loop import _default_probe, run_tuning
 from smartrun.tune.report import (
@@ -100,65 +98,6 @@ def _secret(knob: str) -> bool:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --tune options for `model run`; skips any flag the parser already has (e.g. --tune)."""
-    have = set(parser._option_string_actions)  # argparse keeps no public list
-    d = TuneSettings()
-
-    def add(flag: str, **kw: Any) -> None:
-        if flag not in have:
-            parser.add_argument(flag, **kw)
-
-    add("--tune", action="store_true", help="after a healthy start, tune throughput inside the bounds")
-    add("--tune-rounds", type=int, default=None, metavar="N", help=f"tuning rounds after the baseline (default {d.rounds})")
-    add("--tune-min-gain", type=float, default=None, metavar="FRACTION",
-        help=f"a step that gains less than this ends its rung (default {d.min_gain:g})")
-    add("--slo-p95-ms", type=float, default=None, metavar="MS", help="keep only configurations with p95 latency <= MS")
-    add("--probe-concurrency", type=int, default=None, metavar="N",
-        help=f"clients sending at once while probing (default {d.probe.concurrency})")
-    add("--probe-duration", type=float, default=None, metavar="S", help=f"seconds per probe (default {d.probe.duration_s:g})")
-    add("--probe-prompt-tokens", type=int, default=None, metavar="N",
-        help=f"prompt tokens per request (default {d.probe.prompt_tokens})")
-    add("--probe-output-tokens", type=int, default=None, metavar="N",
-        help=f"output tokens per request (default {d.probe.output_tokens})")
-    add("--probe-max-requests", type=int, default=None, metavar="N",
-        help=f"requests per probe at most (default {d.probe.max_requests})")
-    add("--tune-vs-defaults", action="store_true", default=None,
-        help="also measure plain vllm serve with only your flags (one more restart), as the yardstick")
-
-
-def settings_from_args(args: argparse.Namespace) -> TuneSettings:
-    """TuneSettings from the parsed --tune options; a bad value is an InputError naming its flag."""
-    from pydantic import ValidationError
-
-    from smartrun.errors import InputError
-
-    d = TuneSettings()
-    g = lambda name: getattr(args, name, None)  # noqa: E731
-
-    def pick(name: str, default: Any) -> Any:
-        return default if g(name) is None else g(name)
-
-    probe = make_settings(
-        flag_prefix="--probe-",
-        concurrency=pick("probe_concurrency", d.probe.concurrency),
-        duration_s=pick("probe_duration", d.probe.duration_s),
-        prompt_tokens=pick("probe_prompt_tokens", d.probe.prompt_tokens),
-        output_tokens=pick("probe_output_tokens", d.probe.output_tokens),
-        max_requests=pick("probe_max_requests", d.probe.max_requests),
-    )
-    flags = {"rounds": "--tune-rounds", "slo_p95_ms": "--slo-p95-ms", "min_gain": "--tune-min-gain"}
-    values = {"rounds": g("tune_rounds"), "slo_p95_ms": g("slo_p95_ms"), "min_gain": g("tune_min_gain"),
-              "vs_defaults": g("tune_vs_defaults")}
-    try:
-        return TuneSettings(probe=probe, **{k: v for k, v in values.items() if v is not None})
-    except ValidationError as err:
-        field = str(err.errors()[0]["loc"][0])
-        raise InputError(f"{flags.get(field, field)} {values.get(field)!r}: {err.errors()[0]['msg'].lower()}") from None
 
 
 def make_restart(launcher: Any, bounds: Bounds, server: Any, *, model_path: str,
