@@ -595,7 +595,11 @@ def test_vs_defaults_measures_plain_vllm_with_only_the_users_flags_and_never_cho
 def test_vs_defaults_is_a_tune_flag():
     import argparse
 
+    from smartrun.cli import build_parser
+
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
-    assert tune.settings_from_args(parser.parse_args(["--tune", "--tune-vs-defaults"])).vs_defaults is True
-    assert tune.settings_from_args(parser.parse_args(["--tune"])).vs_defaults is False
+    assert tune.settings_from_args(parser.parse_args(["--tune-vs-defaults"])).vs_defaults is True
+    assert tune.settings_from_args(parser.parse_args([])).vs_defaults is False
+    args, _ = build_parser().parse_known_args(["model", "run", "m", "--tune", "--tune-vs-defaults"])
+    assert args.tune and tune.settings_from_args(args).vs_defaults is True
