@@ -614,10 +614,11 @@ FLASHINFER_EAGER_LOW = -6.0
 # with the bound their error is pinned to (so it can only improve) and why. Not excluded anywhere else:
 # the benchmark's Done-when line counts them.
 OPEN_CLASSES = {
-    # Qwen2.5-VL on one L4, 0.9.0.1: vLLM profiles the ViT on one 16384-token image. The encoder peak
-    # is now counted from vllm/model_executor/models/qwen2_5_vl.py (0.9.2): +79% -> +10%; the rest
-    # (about 0.2 GiB of activation, 0.15 GiB of weights) is not explained from source yet.
-    "pub-108": (-3.0, 10.5),
+    # Qwen2.5-VL on one L4, 0.9.0.1, whose 1.8 GiB KV cache makes 0.3 GiB 13%: the ViT profile peak is
+    # counted from source (it was +79% without it); the rest is the single-GPU non-torch figure: 0.26
+    # GiB counted (0.19 H100 fit, also what the A100 0.9.2/0.10.1.1 startups pub-001/005 need) against
+    # the 0.02 every 0.10.x Ada startup printed (pub-006, pub-101..107). Version or GPU: not settled.
+    "pub-108": (-14.0, 1.0),
     # Same model at TP 2 over PCIe (no NVLink) on 0.9.0.1: 0.9-0.10 keep the NVLink-class TP
     # non-torch term (2.1 GiB a GPU); this startup needed about 0.1 (errs low, the issue's class 1).
     "pub-109": (-22.0, 1.0),
@@ -672,14 +673,14 @@ def test_held_out_summary_meets_the_0_9_and_0_19_targets():
 
 def test_held_out_set_meets_the_issue_21_figures_it_can_show():
     """Every held-out startup with KV tokens (V0 and V1, seven GPU classes named in their logs), the two
-    the 0.8 no-NVLink TP figure was read from counted leave-one-out: median |error| <= 3%. Over by more
-    than 1%: pub-014 leave-one-out (+2.4%) and the open Qwen2-VL encoder class (pub-108, +10%), which
-    is also the only one over by more than 5%: the issue's "none over 5%" and "one in twenty over 1%"
-    are NOT met while it is open. This pins the counts, so a new over-prediction fails here."""
+    the 0.8 no-NVLink TP figure was read from counted leave-one-out: median |error| <= 3%, none over
+    by more than 5%. Over by more than 1%: pub-014 leave-one-out (+2.4%) only, at most one in twenty
+    from 20 startups on (vsl-019 was +1.4% until the V0 weights counted the allocator's segment
+    tails; pub-108 +79% until the Qwen2-VL encoder profile was counted); this pins the count."""
     done = bench.done_when(ALL_ROWS, bench.leave_one_out_errors(CONFIGS))
     assert set(done["leave_one_out"]) == {"pub-014", "pub-015"}  # the 0.8 no-NVLink TP figure's sources
     assert done["n"] >= 27 and len(done["gpu_classes"]) >= 7
-    assert done["median_abs_pct"] <= 3 and done["over_5pct"] <= 1 and done["over_1pct"] <= 2
+    assert done["median_abs_pct"] <= 3 and done["over_5pct"] == 0 and done["over_1pct"] <= done["n"] / 20
 
 
 def test_v0_0_7_2_and_0_7_3_pad_the_mla_entry_to_256_bytes():
@@ -806,7 +807,7 @@ def test_no_reference_startup_over_predicts_kv_tokens_by_more_than_1pct():
         for r in ALL_ROWS
         if r["tok_real"] and r["tok_pred"] > 1.01 * r["tok_real"]
     }
-    assert set(over) <= set(OPEN_CLASSES), over  # pub-108 (Qwen2-VL encoder profile) is the open one
+    assert not over, over
 
 
 def test_cli_reads_estimator_flags_as_model_run_does(capsys):
@@ -821,16 +822,18 @@ def test_cli_reads_estimator_flags_as_model_run_does(capsys):
 
 
 def test_qwen_vl_encoder_is_profiled_on_one_largest_image():
-    """vLLM 0.9-0.10 profile Qwen2.5-VL's ViT on one 16384-token image (65536 patches): the pixel values
-    (fp32 and a bf16 copy) and the larger of the attention block (10 H) and the gated MLP (2 H + 3 I)
-    over every patch (qwen2_5_vl.py, 0.9.2). Before this the estimate counted mnbt text embeddings
-    only and over-predicted pub-108's KV cache by 79%."""
+    """vLLM 0.9-0.10 profile Qwen2.5-VL's ViT on one 16384-token image (65536 patches): the fp32 pixel
+    values and the larger of the attention block (13 H, its rotary runs in fp32) and the gated MLP
+    (2 H + 3 I) over every patch (qwen2_5_vl.py, 0.9.2). Before this the estimate counted mnbt text
+    embeddings only and over-predicted pub-108's KV cache by 79%. Its mrope cos/sin cache covers 4 x
+    max_position_embeddings (MRotaryEmbedding)."""
     from smartrun.memory.activation import qwen_vl_encoder_peak_bytes, qwen_vl_profile_image
 
     vl = bench.facts_for(CONFIGS["qwen/qwen2.5-vl-7b-instruct"], "Qwen/Qwen2.5-VL-7B-Instruct")
     assert qwen_vl_profile_image(vl) == (16384, 65536)
     assert qwen_vl_profile_image(LLAMA8) is None
     peak = qwen_vl_encoder_peak_bytes(vl, "bfloat16", 1, 65536)
-    assert peak == 65536 * 3 * 2 * 14 * 14 * 6 + 65536 * max(10 * 1280, 2 * 1280 + 3 * 3420) * 2
+    assert peak == 65536 * 3 * 2 * 14 * 14 * 4 + 65536 * 13 * 1280 * 2  # attention with the fp32 rotary
     row = HELD_OUT["pub-108"]
-    assert row["tok_pred"] < 1.11 * row["tok_real"] and row["tok_low"] <= row["tok_real"]
+    assert row["tok_pred"] < row["tok_real"] and row["tok_low"] <= row["tok_real"]
+    assert row["w_pred"] == pytest.approx(row["w_real"], rel=0.01)  # with the 4 x max_position mrope cache

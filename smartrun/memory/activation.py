@@ -128,13 +128,15 @@ def qwen_vl_profile_image(model: ModelFacts) -> tuple[int, int] | None:
 
 
 def qwen_vl_encoder_peak_bytes(model: ModelFacts, dtype: str, tp: int, patches: int) -> int:
-    """Peak of the ViT pass over the dummy image (vllm/model_executor/models/qwen2_5_vl.py, 0.9.2).
+    """Peak of the ViT pass over the dummy image (vllm/model_executor/models/qwen2_5_vl.py and
+    qwen2_vl.py apply_rotary_pos_emb_vision, 0.9.2; the same code in 0.10.2).
 
-    The pixel values arrive in fp32 and are cast to the model dtype (both held: patches x 3 x
-    temporal_patch x patch^2 each); inside a block the residual and norm output (2 H) stay while
-    attention holds qkv (3 H), the contiguous q/k/v copies (3 H) and the rotated q/k (2 H), or the MLP
-    holds the activated gate, the up projection and their product (3 I, sharded by TP). The
-    memory-efficient attention kernels keep no seq x seq matrix.
+    The fp32 pixel values stay referenced by the caller through the pass (patches x 3 x temporal_patch
+    x patch^2). Inside a block the residual and the norm output (2 H) stay while attention holds the
+    qkv projection (3 H; with TP gathered whole, the local part 3 H / TP), its contiguous q/k/v copies
+    and, while q and k are rotated, an fp32 copy of one, the fp32 result and its cast back (5 H): the
+    peak of the block, above the gated MLP's activated gate, up projection and product (3 I / TP).
+    The memory-efficient attention kernels keep no seq x seq matrix.
     """
     vc = (model.config or {}).get("vision_config") or {}
     hv = int(vc.get("hidden_size") or vc.get("embed_dim") or 0)
@@ -142,9 +144,10 @@ def qwen_vl_encoder_peak_bytes(model: ModelFacts, dtype: str, tp: int, patches: 
     pixel = int(vc.get("in_chans") or vc.get("in_channels") or 3) * int(vc.get("temporal_patch_size") or 2)
     pixel *= int(vc.get("patch_size") or 14) ** 2
     dtype_bytes = DTYPE_BYTES[dtype]
-    pixels = patches * pixel * (4 + dtype_bytes)
-    block = patches * max(2 * hv + 8 * hv, 2 * hv + 3 * iv // tp) * dtype_bytes
-    return pixels + block
+    qkv = 3 * hv + (3 * hv // tp if tp > 1 else 0)  # TP gathers the whole qkv beside its local part
+    attention = 2 * hv + qkv + 3 * hv // tp + 5 * hv // tp
+    mlp = 2 * hv + 3 * iv // tp
+    return patches * pixel * 4 + patches * max(attention, mlp) * dtype_bytes
 
 
 def non_torch_bytes(

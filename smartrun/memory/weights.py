@@ -353,6 +353,8 @@ def rope_cache_params(model: ModelFacts) -> int:
         cached = int(max_pos * factor)
     elif kind in ("yarn", "deepseek_yarn"):
         cached = int((scaling.get("original_max_position_embeddings") or max_pos) * factor)
+    elif kind == "mrope" or "mrope_section" in scaling:  # MRotaryEmbedding: cache_max_position_num = 4 x
+        cached = 4 * max_pos  # (rotary_embedding.py 0.9.2, rotary_embedding/mrope.py 0.10.2 and 0.11.0)
     else:
         cached = max_pos
     local = max_pos if _tc(model).get("rope_local_base_freq") else 0  # a second, unscaled cache (Gemma-3)
