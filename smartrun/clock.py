@@ -80,13 +80,14 @@ class FakeClock:
         time.sleep(0)  # let other threads run, as a real sleep would
 
     def wait(self, event: threading.Event, seconds: float) -> bool:
-        """True once `event` is set; False once other threads' sleeps have moved the clock `seconds` on.
+        """True once `event` is set; False once other threads' sleeps have moved the clock past `seconds` on.
 
-        Time stands still while this thread waits: work done elsewhere in real time takes none of it."""
+        Time stands still while this thread waits: work done elsewhere in real time takes none of it. Work that
+        ends exactly at the end of the wait is waited for (a deadline is met on the dot)."""
         end = self.monotonic() + max(0.0, seconds)
         given_up = time.monotonic() + self.PATIENCE_S
         while not event.is_set():
-            if self.monotonic() >= end:
+            if self.monotonic() > end:
                 return False
             if time.monotonic() > given_up:
                 with self._lock:

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, REPO
-from fakes import free_port, install_vllm_shim, process_gone
+from fakes import HeldClock, free_port, install_vllm_shim, process_gone
 from fakes.llm_server import FakeLLM
 from test_launch import Rig
 from test_launch import bounds as launch_bounds
 
 from smartrun import launch, validate
 from smartrun.cli import main
+from smartrun.clock import SYSTEM
 from smartrun.contracts import Bounds, Plan
+from smartrun.errors import LaunchError
 
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
@@ -44,10 +46,10 @@ class Launch(Rig):
         values.setdefault("delays", QUICK)
         super().scenario(**values)
 
-    def run(self, passthrough=(), startup_timeout=20.0, **params) -> launch.LaunchReport:
+    def run(self, passthrough=(), startup_timeout=20.0, clock=SYSTEM, **params) -> launch.LaunchReport:
         plan = Plan(params={"max_model_len": 8192, "gpu_memory_utilization": 0.9, "max_num_seqs": 64, **params})
         b = _bounds()
-        return launch.run_with_recovery(plan, b, self.launcher(startup_timeout=startup_timeout),
+        return launch.run_with_recovery(plan, b, self.launcher(startup_timeout=startup_timeout, clock=clock),
                                         check=lambda p: validate.check(b, plan, p), max_attempts=2,
                                         on_event=lambda e: self.events.append(str(e)), model_path="/models/m",
                                         passthrough=tuple(passthrough))
@@ -157,6 +159,7 @@ def test_underscore_api_key_and_hf_token_never_reach_terminal_record_or_recover_
 # ---------------------------------------------------------------------------- a giant log line
 
 
+@pytest.mark.realtime  # a CPU hang guard: only real time shows it
 def test_a_giant_vllm_log_line_is_capped_and_the_launch_goes_on(rig):
     """One 40 MiB log line froze smartrun at 100% CPU (a quadratic pattern), deaf to Ctrl+C."""
     rig.scenario(faults={"giant_line_mib": 40})
@@ -410,11 +413,19 @@ def test_vllm_bin_dot_slash_runs_that_file_not_the_one_on_path(tmp_path, monkeyp
 def test_readiness_gives_up_at_its_deadline_on_a_trickling_server(rig):
     """/v1/models answering a byte at a time kept the readiness poll in one GET for ever."""
     rig.scenario(faults={"trickle_models": True})
-    started = time.monotonic()
-    with pytest.raises(Exception) as err:
-        rig.run(startup_timeout=3)
-    assert time.monotonic() - started < 20
-    assert "startup_timeout" in str(err.value) or "not ready after 3 s" in str(err.value)
+    # the clock starts 1 s (real) after the stand-in listens: by then the readiness check, started before the
+    # launcher's first poll, has had /health 200 and sits in the trickling GET of /v1/models
+    listening: list[float] = []
+
+    def trickling() -> bool:
+        if not listening and any("Application startup complete" in line for line in rig.lines):
+            listening.append(time.monotonic())
+        return bool(listening) and time.monotonic() - listening[0] > 1.0
+
+    clock = HeldClock(trickling)
+    with pytest.raises(LaunchError, match=r"startup_timeout: not ready after 3 s"):
+        rig.run(startup_timeout=3, clock=clock)
+    assert 3 <= clock.monotonic() <= 3.1  # the deadline ended the wait, the trickling GET did not hold it
     assert all(process_gone(pid) for pid in rig.pids())
 
 
@@ -472,6 +483,7 @@ def _send(req, body: bytes, status=200, trickle=0.0, length=None):
         pass
 
 
+@pytest.mark.realtime  # a hang guard, CLI in a real process
 def test_probe_without_model_gives_up_on_a_trickling_model_list(tmp_path):
     body = json.dumps({"data": [{"id": "m"}]}).encode() * 20
     with _Hostile(lambda req: _send(req, body, trickle=0.3)) as server:
@@ -508,6 +520,7 @@ def test_a_truncated_json_body_from_the_llm_counts_as_a_bad_reply_and_falls_back
     assert _plan_source(tmp_path / "s.json") == "static" and "not JSON" in captured.out + captured.err
 
 
+@pytest.mark.realtime  # --llm-timeout on the real clock, end to end
 def test_an_llm_that_trickles_its_reply_is_cut_off_at_the_llm_timeout(tmp_path, capsys):
     """One byte a second kept --smart-run waiting far past --llm-timeout (per-read timeouts never fire)."""
     reply = json.dumps({"changes": [], "reason": "slow"})
@@ -535,6 +548,7 @@ def test_usage_errors_and_error_lines_never_echo_a_secret(tmp_path):
     assert proc.returncode == 2 and K1 not in proc.stderr and K2 not in proc.stderr and "REDACTED" in proc.stderr
 
 
+@pytest.mark.realtime  # a CPU hang guard
 def test_a_giant_log_line_through_the_whole_cli_leaves_a_small_record_and_no_orphan(tmp_path):
     """The freeze was in the pipeline: the record's log excerpt went through a quadratic pattern."""
     starts = tmp_path / "starts.jsonl"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fakes import free_port, install_vllm_shim, process_gone
+from fakes import HeldClock, free_port, install_vllm_shim, process_gone
 
 from smartrun import launch, validate, vllm_log
 from smartrun.contracts import Bounds, KnobBound, Plan
@@ -277,8 +277,13 @@ def test_a_child_that_dies_after_ready_is_reported(rig):
 
 def test_a_stand_in_that_never_becomes_ready_times_out(rig):
     rig.scenario(faults={"never_ready": True}, worker=True)
-    with pytest.raises(LaunchError, match=r"startup_timeout: not ready after 1\.5 s"):
-        rig.run(rig.plan(), bounds(), max_attempts=2, startup_timeout=1.5)
+    # the clock starts once the leader and its worker run; from then on 1.5 s pass only by the launcher's polls
+    clock = HeldClock(lambda: len(rig.started_pids()) == 2)
+    with pytest.raises(LaunchError, match=r"startup_timeout: not ready after 1\.5 s") as err:
+        rig.run(rig.plan(), bounds(), max_attempts=2, startup_timeout=1.5, clock=clock)
+    (attempt,) = err.value.report.attempts  # a timeout is not retried: a longer --startup-timeout is the fix
+    assert attempt.duration_s == pytest.approx(1.5, abs=0.051)  # the first poll past the deadline
+    assert attempt.duration_s == round(sum(clock.slept), 3)  # timed by the launcher's polls, not the machine
     assert len(rig.started_pids()) == 2  # the leader and its worker
     assert all(process_gone(pid) for pid in rig.started_pids())
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import FIXTURES, REPO
 from fakes import free_port
 from fakes.llm_server import FakeLLM
@@ -40,6 +41,7 @@ def _alive(pid: int) -> bool:
         return stat.read().split()[2] != "Z"
 
 
+@pytest.mark.realtime  # the smoke test: CLI, fake vLLM and scripted LLM, real clock
 def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
     record_file = tmp_path / "starts.jsonl"
     session = tmp_path / "session.json"

@@ -15,6 +15,7 @@ import pytest
 
 from smartrun import probe
 from smartrun.cli import main
+from smartrun.clock import FakeClock
 from smartrun.errors import InputError
 
 
@@ -23,11 +24,12 @@ class ScriptedServer:
 
     behaviour returns a dict: status (200), first_s (delay before the first chunk), total_s (delay
     before the end), stream (honour stream=True), tokens (chunks to send), reject_extras (400 when
-    vLLM-only fields are present).
+    vLLM-only fields are present). Delays are real unless a `clock` is given.
     """
 
-    def __init__(self, behaviour: Callable[[int, dict], dict]):
+    def __init__(self, behaviour: Callable[[int, dict], dict], clock: FakeClock | None = None):
         self.behaviour = behaviour
+        self.clock = clock  # delays sleep on it (the probe's clock): exact, and no real time
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.lock = threading.Lock()
@@ -68,8 +70,9 @@ class ScriptedServer:
                     self._send(plan["status"], {"error": "scripted failure"})
                     return
                 tokens = plan["tokens"]
+                pause = server.clock.sleep if server.clock is not None else time.sleep
                 if not (body.get("stream") and plan["stream"]):
-                    time.sleep(plan["total_s"])
+                    pause(plan["total_s"])
                     self._send(200, {"choices": [{"text": "x" * tokens, "index": 0}],
                                      "usage": {"prompt_tokens": 3, "completion_tokens": tokens}})
                     return
@@ -83,10 +86,10 @@ class ScriptedServer:
                     self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                     self.wfile.flush()
 
-                time.sleep(plan["first_s"])
+                pause(plan["first_s"])
                 for _ in range(tokens):
                     chunk("data: " + json.dumps({"choices": [{"text": "x", "index": 0}]}) + "\n\n")
-                time.sleep(max(0.0, plan["total_s"] - plan["first_s"]))
+                pause(max(0.0, plan["total_s"] - plan["first_s"]))
                 if (body.get("stream_options") or {}).get("include_usage"):
                     chunk("data: " + json.dumps({"choices": [], "usage": {"completion_tokens": tokens}}) + "\n\n")
                 chunk("data: [DONE]\n\n")
@@ -125,26 +128,29 @@ def test_percentile_interpolates_like_numpy():
 
 
 def test_percentiles_and_ttft_follow_the_scripted_delays():
-    # request k waits 20*k ms before its first token and 20*k + 10 ms in total (one client, in order)
+    # request k waits 20*k ms before its first token and 20*k + 10 ms in total (one client, in order), on the
+    # probe's clock: the probe measures exactly what was scripted
+    clock = FakeClock()
     script = lambda n, body: {"first_s": 0.02 * n, "total_s": 0.02 * n + 0.01}  # noqa: E731
-    with ScriptedServer(script) as server:
-        result = probe.run_probe(server.url, settings(max_requests=10))
+    with ScriptedServer(script, clock) as server:
+        result = probe.run_probe(server.url, settings(max_requests=10), clock=clock)
     assert (result.ok, result.errors, result.requests) == (10, 0, 10)
     assert result.output_tokens == 40 and result.streamed
-    # the percentiles are those of the requests' own times, and each request took at least what was scripted
-    assert result.latency_p50_ms == probe.percentile(list(result.latencies_ms), 50)
-    assert result.latency_p95_ms == probe.percentile(list(result.latencies_ms), 95)
+    assert result.latencies_ms == pytest.approx([20 * k + 10 for k in range(10)])
+    # the first token cannot come before its scripted delay nor after the end (the server may sleep its last
+    # 10 ms before the client has read the first chunk, so the TTFT itself is a range)
+    assert all(20 * k - 1e-6 <= first <= 20 * k + 10 + 1e-6 for k, first in enumerate(result.ttfts_ms))
+    assert result.latency_p50_ms == pytest.approx(100) and result.latency_p95_ms == pytest.approx(181)  # 10..190
     assert result.ttft_p95_ms == probe.percentile(list(result.ttfts_ms), 95)
-    assert all(lat >= 20 * k + 10 for k, lat in enumerate(result.latencies_ms))  # one client: in order
-    assert all(first >= 20 * k for k, first in enumerate(result.ttfts_ms))
-    assert all(first < lat for first, lat in zip(result.ttfts_ms, result.latencies_ms, strict=True))
-    assert result.latency_p50_ms >= 100 and result.latency_p95_ms >= 181  # sorted: 10, 30, ..., 190 (+ overhead)
+    assert result.elapsed_s == pytest.approx(1.0)  # sum of the delays: 10 * 0.01 + 0.02 * 45
+    assert result.tokens_per_s == pytest.approx(40.0) and result.requests_per_s == pytest.approx(10.0)
     assert result.model == "scripted-model"
 
 
 def test_request_budget_bounds_the_probe_and_the_key_is_sent_not_kept():
     with ScriptedServer(lambda n, body: {}) as server:
-        result = probe.run_probe(server.url + "/v1/", settings(concurrency=3, max_requests=7), api_key="sk-probe-9")
+        result = probe.run_probe(server.url + "/v1/", settings(concurrency=3, max_requests=7), api_key="sk-probe-9",
+                                 clock=FakeClock())
         sent = len(server.bodies)
     assert result.requests == 7 and sent == 7
     assert result.stopped_by == "max_requests"
@@ -152,13 +158,16 @@ def test_request_budget_bounds_the_probe_and_the_key_is_sent_not_kept():
 
 
 def test_duration_bounds_the_probe_and_progress_is_reported():
+    # one client, 12.5 ms a request by the clock: a 0.3 s probe sends exactly 24 (a 25th would start at 0.3 s)
+    clock = FakeClock()
     seen: list[probe.ProbeProgress] = []
-    with ScriptedServer(lambda n, body: {"total_s": 0.01}) as server:
+    with ScriptedServer(lambda n, body: {"total_s": 0.0125}, clock) as server:
         result = asyncio.run(probe.run_probe_async(
-            server.url, settings(concurrency=2, duration_s=0.3, max_requests=100_000), seen.append, 0.05))
+            server.url, settings(concurrency=1, duration_s=0.3, max_requests=100_000), seen.append, 0.05,
+            clock=clock))
     assert result.stopped_by == "duration"
-    assert 0 < result.requests < 100_000
-    assert seen and seen[-1].done == result.ok
+    assert result.requests == result.ok == 24 and result.elapsed_s == pytest.approx(0.3)  # 24 * 0.0125 s
+    assert seen and seen[-1].done == result.ok and seen[-1].elapsed_s == pytest.approx(0.3)
     assert [p.done for p in seen] == sorted(p.done for p in seen)
 
 
@@ -167,13 +176,18 @@ def test_errors_and_timeouts_are_counted_not_raised():
         if n % 3 == 0:
             return {"status": 500}
         if n == 4:
-            return {"first_s": 4.0, "total_s": 4.0}  # far longer than the request timeout
+            return {"first_s": 40.0, "total_s": 40.0}  # four times the request timeout, by the clock
+        if n == 5:
+            return {"first_s": 9.5, "total_s": 9.5}  # just inside it
         return {}
 
-    with ScriptedServer(script) as server:  # a 1 s timeout: instant replies cannot time out even on a loaded box
-        result = probe.run_probe(server.url, settings(max_requests=9, request_timeout_s=1.0))
+    clock = FakeClock()
+    with ScriptedServer(script, clock) as server:
+        result = probe.run_probe(server.url, settings(max_requests=9, request_timeout_s=10.0, duration_s=600),
+                                 clock=clock)
     assert result.error_kinds == {"HTTP 500": 3, "timeout": 1}
     assert (result.ok, result.errors, result.requests) == (5, 4, 9)
+    assert max(result.latencies_ms) == pytest.approx(9500)
 
 
 def test_falls_back_to_plain_requests_when_extras_or_streaming_are_refused():

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from smartrun.clock import FakeClock
 
 FAKE_VLLM = Path(__file__).resolve().parent / "fake_vllm.py"
 
@@ -39,3 +43,23 @@ def process_gone(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state in ("Z", "X")
+
+
+class HeldClock(FakeClock):
+    """A FakeClock held still, in real time too, until `ready()` holds: its first sleep waits for it (polling
+    every 10 ms; an AssertionError after `patience_s`). For a real process that must get somewhere (its
+    worker started, loading weights) before the timeout under test may run out; from then on only the code
+    under test moves the clock, so how long the process really took does not matter."""
+
+    def __init__(self, ready: Callable[[], bool], patience_s: float = 60.0, **kw):
+        super().__init__(**kw)
+        self._ready, self._patience_s, self._open = ready, patience_s, False
+
+    def sleep(self, seconds: float) -> None:
+        if not self._open:
+            give_up = time.monotonic() + self._patience_s
+            while not self._ready():
+                assert time.monotonic() < give_up, f"HeldClock: not ready after {self._patience_s:g} s"
+                time.sleep(0.01)
+            self._open = True
+        super().sleep(seconds)
