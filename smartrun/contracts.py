@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, field_serializer
 
 from smartrun.frozen import Frozen
 from smartrun.knobs import CATALOGUE
@@ -104,6 +104,11 @@ class KnobBound(Frozen):
     def _secret(self) -> bool:
         return self.knob in CATALOGUE and CATALOGUE[self.knob].secret
 
+    @field_serializer("choices")
+    def _dump_choices(self, choices: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        """A secret knob's pinned value never leaves in a dump (the session record stores these bounds)."""
+        return (REDACTED,) if choices is not None and self._secret() else choices
+
     def describe(self) -> str:
         """The bound in words: "0.85 <= x <= 0.93", "one of ['bfloat16', 'float16']", "pinned to 8192"."""
         if self._secret():
@@ -149,6 +154,16 @@ class Bounds(Frozen):
     def to_json(self) -> dict[str, Any]:
         """{knob: {"min","max"} | {"choices"}, plus "pinned" when pinned and "sources"}."""
         return {name: bound.to_json() for name, bound in self.knobs.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], goal: str = "stable") -> Bounds:
+        """Bounds back from `to_json()`: every knob's limits and sources (the goal is not in it: pass it).
+
+        The model's own JSON (`model_dump_json`) keeps everything, notes and warnings too; this reads the
+        shorter form, which schema-1 session records and `--json` outputs hold.
+        """
+        knobs = {name: {"knob": name, **bound} for name, bound in data.items()}
+        return cls.model_validate({"knobs": knobs, "goal": goal})
 
 
 class Verdict(Frozen):
