@@ -43,17 +43,17 @@ THIRD_ARGS = ("--gpu-memory-utilization", "0.93", "--max-model-len", "4096", "--
 
 def _plan(result) -> str:
     """The plan as first launched (recovery may have changed it afterwards)."""
-    p = result.record.launch_attempts[0].attempt["params"]
+    p = result.record.launch_attempts[0].attempt.params
     return f"len {p['max_model_len']} util {p['gpu_memory_utilization']}"
 
 
 def _held(result) -> str:
     """The KV tokens the stand-in held for the plan as first launched (vLLM's estimate when it refused it)."""
     first = result.record.launch_attempts[0].attempt
-    tokens = (first.get("facts") or {}).get("kv_cache_tokens")
+    tokens = first.facts.kv_cache_tokens if first.facts else None
     if tokens is not None:
         return f"{tokens:,}"
-    return f"~{first.get('estimated_max_model_len') or 0:,}"
+    return f"~{first.estimated_max_model_len or 0:,}"
 
 
 def _promised(result) -> str:

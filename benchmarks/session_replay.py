@@ -45,7 +45,7 @@ def main() -> int:
         cli = _median_s(lambda path=path: subprocess.run(
             [sys.executable, "-m", "smartrun", "session", "replay", str(path)], check=True,
             capture_output=True), args.runs)
-        print(f"{path.stem:<28} {record.outcome.get('status', '?'):<9} {len(record.decisions):>9} "
+        print(f"{path.stem:<28} {record.outcome.status or '?':<9} {len(record.decisions):>9} "
               f"{len(record.llm_exchanges):>4} {len(record.launch_attempts):>6} {in_process * 1000:>10.1f} "
               f"{cli:>7.3f}")
     return 0

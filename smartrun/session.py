@@ -9,6 +9,7 @@ any incompatible change.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -17,20 +18,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from smartrun import fileio
+from smartrun.advisor.transport import LLMReply
+from smartrun.calibration import Correction, Observation
+from smartrun.contracts import Bounds, Plan
 from smartrun.errors import InputError, ReplayDivergence
 from smartrun.fileio import smartrun_home, write_user_file
+from smartrun.hardware import HardwareSnapshot
+from smartrun.launch.process import LaunchAttempt
+from smartrun.memory import MemoryEstimate
+from smartrun.model import ModelFacts
+from smartrun.plan_cache import CacheEntry, CacheKey
+from smartrun.request import RunRequest
 from smartrun.secrets import redact_tree
+from smartrun.tune.report import TuningReport
 
 
 class RecordError(InputError):
     """A session record (or a part of it) that cannot be read back; names the file or the part."""
 
 
-SCHEMA_VERSION = 1
-
+SCHEMA_VERSION = 2  # 2: the stage models themselves; 1 is migrated on load (`migrate`)
 
 
 # ---------------------------------------------------------------------------- paths and atomic writes
@@ -87,7 +97,7 @@ class LLMExchangeRecord(RecordModel):
     kind: str = "propose"  # "propose" | "recover" (as the advisor was called)
     messages: list[dict[str, Any]] = Field(default_factory=list)
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    reply: dict[str, Any] | None = None  # the transport's LLMReply (model, finish_reason, tokens...), as JSON
+    reply: LLMReply | None = None  # what the transport returned (replay serves it back)
     # {"type": class path, "message": ...}: the call raised (no reply), or the advisor did not use the reply
     # (cut off, no JSON, rejected by the bounds...; type smartrun.advisor.ReplyRejected)
     error: dict[str, str] | None = None
@@ -113,26 +123,35 @@ class AdviceRecord(RecordModel):
 
 
 class LaunchAttemptRecord(RecordModel):
-    """One `vllm serve` start: argv, env changes, classified outcome, log excerpt, duration."""
+    """One `vllm serve` start: the launcher's LaunchAttempt (argv and env really used, outcome, log excerpt,
+    duration; redacted, replayed as is), numbered in the order of the whole run, with its phase."""
 
     number: int
     phase: str = "launch"  # "launch" (start and recovery: decisions) or "tune" (restarts while tuning)
-    argv: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    outcome: str = ""  # "ready" or a failure class
     healthy: bool = False
-    log_excerpt: list[str] = Field(default_factory=list)
-    duration_s: float | None = None
-    attempt: dict[str, Any] = Field(default_factory=dict)  # the launcher's LaunchAttempt, as JSON (replayed)
+    attempt: LaunchAttempt
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self.attempt.argv)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.attempt.env_changes)
+
+    @property
+    def outcome(self) -> str:
+        """"ready", "interrupted", or the failure class vllm_log gave a failed start (e.g. "oom_cuda_graph")."""
+        return self.attempt.failure_class or self.attempt.outcome
 
 
 class CacheRecord(RecordModel):
     """The saved-parameters lookup: key, whether it hit, and the entry used (replayed as recorded)."""
 
-    key: dict[str, Any] = Field(default_factory=dict)
+    key: CacheKey | None = None
     looked_up: bool = False
     hit: bool = False
-    entry: dict[str, Any] | None = None
+    entry: CacheEntry | None = None
     note: str | None = None
     stored: bool = False
 
@@ -140,41 +159,120 @@ class CacheRecord(RecordModel):
 class CalibrationRecord(RecordModel):
     """Calibration in this session: the correction the plan was made with and what the healthy starts measured."""
 
-    used: dict[str, Any] | None = None  # calibration.Correction the estimates used (replay uses this one)
-    observations: list[dict[str, Any]] = Field(default_factory=list)  # calibration.Observation per healthy start
+    used: Correction | None = None  # the correction the estimates used (replay uses this one)
+    observations: list[Observation] = Field(default_factory=list)  # one per healthy start
     stored: bool = False  # the observations went into the calibration data
     note: str | None = None
 
 
+class BoundsFileRecord(RecordModel):
+    """The bounds file as read, whole, so replay does not need it on disk (path None: the built-in one)."""
+
+    path: str | None = None
+    text: str
+    sha256: str
+    builtin: bool = False
+
+
+class Outcome(RecordModel):
+    """How the run ended: status "dry-run" | "ok" | "running" | "stopped" | "died" | "error" | "interrupted"."""
+
+    status: str | None = None  # None while the run is still going
+    exit_code: int | None = None
+    message: str | None = None
+    error_type: str | None = None  # the SmartRunError class that ended the run (replay raises the same)
+    server_exit: int | None = None  # the exit status of a supervised vllm serve
+
+    def summary(self) -> dict[str, Any]:
+        """The fields that are set, as `--json` answers print the outcome."""
+        return self.model_dump(exclude_none=True)
+
+
 class SessionRecord(RecordModel):
-    """Everything one `model run` saw, asked, decided and what happened. See docs/session-record.md."""
+    """Everything one `model run` saw, asked, decided and what happened. See docs/session-record.md.
+
+    Each stage's result is stored as the stage's own model, so a record loads back with pydantic alone;
+    records of older schemas are brought up to this one by `migrate` before validation.
+    """
 
     schema_version: int = SCHEMA_VERSION
     tool_version: str
     started_at: str
     finished_at: str | None = None
     command_line: list[str] = Field(default_factory=list)
-    request: dict[str, Any] = Field(default_factory=dict)  # the RunRequest (redacted), the replay input
+    request: RunRequest | None = None  # redacted; the replay input (None only in a hand-made record)
     llm: dict[str, Any] = Field(default_factory=dict)  # {"configured", "base_url", "model"}; never a key
     vllm: dict[str, Any] = Field(default_factory=dict)  # {"version", "bin"}
-    hardware: dict[str, Any] | None = None  # HardwareSnapshot
-    model: dict[str, Any] | None = None  # ModelFacts
-    bounds_file: dict[str, Any] | None = None  # {"path", "text", "sha256", "builtin"}
-    bounds: dict[str, Any] | None = None  # Bounds.to_json() with sources
-    baseline: dict[str, Any] | None = None  # Plan
-    baseline_estimate: dict[str, Any] | None = None
+    hardware: HardwareSnapshot | None = None  # as detected (before --gpus / CUDA_VISIBLE_DEVICES)
+    model: ModelFacts | None = None
+    bounds_file: BoundsFileRecord | None = None
+    bounds: Bounds | None = None  # the effective bounds, with the sources of every limit
+    baseline: Plan | None = None
+    baseline_estimate: MemoryEstimate | None = None
     cache: CacheRecord = Field(default_factory=CacheRecord)
     llm_exchanges: list[LLMExchangeRecord] = Field(default_factory=list)
     advice: list[AdviceRecord] = Field(default_factory=list)
     launch_attempts: list[LaunchAttemptRecord] = Field(default_factory=list)
-    final_plan: dict[str, Any] | None = None
+    final_plan: Plan | None = None
     final_argv: list[str] | None = None
-    estimate: dict[str, Any] | None = None
-    tuning: dict[str, Any] | None = None  # filled by the tune stage (issue 10) when --tune ran
-    calibration: CalibrationRecord = Field(default_factory=CalibrationRecord)  # absent in older records
-    outcome: dict[str, Any] = Field(default_factory=dict)  # {"status", "exit_code", "message"}
+    estimate: MemoryEstimate | None = None
+    tuning: TuningReport | None = None  # the tune stage's report when --tune ran
+    calibration: CalibrationRecord = Field(default_factory=CalibrationRecord)
+    outcome: Outcome = Field(default_factory=Outcome)
     warnings: list[str] = Field(default_factory=list)
     decisions: list[Decision] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_schemas(cls, data: Any) -> Any:
+        return migrate(data) if isinstance(data, dict) else data
+
+
+# ---------------------------------------------------------------------------- older schemas
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 record's JSON in schema 2's shape (other versions are returned as they are).
+
+    Schema 1 kept `bounds` as `Bounds.to_json()` (per knob: limits and sources, no knob name, no goal) and
+    each launch attempt's argv, env, outcome, log excerpt and duration twice: beside the attempt and in it.
+    Everything else already had the shape of the stage models. A part that cannot be converted is left
+    as it is, so validation names it.
+    """
+    if data.get("schema_version") != 1:
+        return data
+    data = {**data, "schema_version": SCHEMA_VERSION}
+    bounds, request = data.get("bounds"), data.get("request")
+    if isinstance(bounds, dict):
+        goal = request.get("goal", "stable") if isinstance(request, dict) else "stable"
+        with contextlib.suppress(ValidationError, TypeError):
+            data["bounds"] = Bounds.from_json(bounds, goal).model_dump(mode="json")
+    if not data.get("request"):  # schema 1 defaulted the request to {}
+        data.pop("request", None)
+    if isinstance(data.get("cache"), dict) and data["cache"].get("key") == {}:
+        data["cache"] = {**data["cache"], "key": None}
+    attempts = data.get("launch_attempts")
+    if isinstance(attempts, list):
+        data["launch_attempts"] = [_attempt_v2(a) if isinstance(a, dict) else a for a in attempts]
+    return data
+
+
+def _attempt_v2(old: dict[str, Any]) -> dict[str, Any]:
+    """One schema-1 launch attempt: the recorded argv, env, excerpt and duration go into the attempt (they
+    are what the record showed and replay served); an attempt recorded empty is rebuilt from them."""
+    attempt = dict(old.get("attempt") or {})
+    moved = {"argv": "argv", "env": "env_changes", "log_excerpt": "log_excerpt", "duration_s": "duration_s"}
+    for was, now in moved.items():
+        if old.get(was) is not None:
+            attempt[now] = old[was]
+    if "outcome" not in attempt:  # schema 1's own `outcome` is the failure class, or "ready"
+        outcome = str(old.get("outcome") or "")
+        attempt["outcome"] = outcome if outcome in ("ready", "interrupted") else "failed"
+        if attempt["outcome"] == "failed":
+            attempt["failure_class"] = outcome or None
+    attempt.setdefault("number", old.get("number", 0))
+    return {"number": old.get("number"), "phase": old.get("phase", "launch"), "healthy": old.get("healthy", False),
+            "attempt": attempt}
 
 
 def default_session_path(started_at: datetime, model_name: str) -> Path:
@@ -211,7 +309,7 @@ def load_record(path: str | Path) -> SessionRecord:
     if not isinstance(data, dict):
         raise InputError(f"{path}: a session record is a JSON object")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in (1, SCHEMA_VERSION):  # schema 1 is migrated by SessionRecord's validator
         raise InputError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
     try:
         return SessionRecord.model_validate(data)
@@ -247,7 +345,7 @@ def list_sessions(directory: Path | None = None, limit: int = 20,
 
 def is_dry_run(record: SessionRecord | str) -> bool:
     """A record of a `--dry-run` (whatever its outcome: a dry run that failed launched nothing either)."""
-    return not isinstance(record, str) and bool(record.request.get("dry_run"))
+    return not isinstance(record, str) and record.request is not None and record.request.dry_run
 
 
 # ---------------------------------------------------------------------------- replay comparison

@@ -182,14 +182,14 @@ def test_two_launches_calibrate_a_third_configuration_within_2_percent_and_plans
     outcomes = [a.outcome for a in first.record.launch_attempts]
     assert outcomes == ["kv_cache_too_small", "ready"], outcomes
     assert first.record.calibration.used is None and first.record.calibration.stored
-    measured = first.record.calibration.observations[0]["measured"]
-    assert measured["kv_cache_gib"] == pytest.approx(first.estimate.kv_cache_gib - hidden, abs=0.02)
+    measured = first.record.calibration.observations[0].measured
+    assert measured.kv_cache_gib == pytest.approx(first.estimate.kv_cache_gib - hidden, abs=0.02)
 
     second = hidden_memory.launch(hidden, goal="stable", session=tmp_path / "second.json")
     assert [a.outcome for a in second.record.launch_attempts] == ["ready"]
-    assert second.record.calibration.used["startups"] == 1  # the first startup already shrank the estimate
+    assert second.record.calibration.used.startups == 1  # the first startup already shrank the estimate
 
-    correction = Store().correction(second.record.calibration.used["machine"], "0.33.0")
+    correction = Store().correction(second.record.calibration.used.machine, "0.33.0")
     assert correction.startups == 2 and correction.non_kv_gib == pytest.approx(hidden, abs=0.02)
     truth = hidden_memory.measured_tokens(hidden_memory.launch(hidden, args=third_args))
     before = hidden_memory.estimate(third).kv_cache_tokens
@@ -203,7 +203,7 @@ def test_two_launches_calibrate_a_third_configuration_within_2_percent_and_plans
     assert again.estimate.kv_cache_tokens <= hidden_memory.measured_tokens(again)
     assert memory.plan_safe_kv_tokens(again.estimate) <= hidden_memory.measured_tokens(again)
     counted_on = memory.plan_safe_kv_tokens(memory.MemoryEstimate.model_validate(first.record.baseline_estimate))
-    assert counted_on > first.record.launch_attempts[0].attempt["estimated_max_model_len"]  # before: not there
+    assert counted_on > first.record.launch_attempts[0].attempt.estimated_max_model_len  # before: not there
     step = next(d for d in again.record.decisions if d.step == "calibration")
     assert step.provenance.startswith("calibrated from 3 startups on this machine")
     assert first.estimate.kv_cache_tokens > hidden_memory.measured_tokens(first)  # before: it promised more
@@ -225,7 +225,7 @@ def test_a_surplus_grows_the_estimate_only_after_two_agreeing_startups():
     held = Store().correction(machine, "0.33.0")
     assert held.rule == "hold" and held.non_kv_gib == 0.0  # one startup: the estimate does not grow yet
     second = hidden_memory.launch(-0.6, args=("--gpu-memory-utilization", "0.90", "--max-model-len", "8192"))
-    assert second.record.calibration.used["rule"] == "hold"
+    assert second.record.calibration.used.rule == "hold"
     grown = Store().correction(machine, "0.33.0")
     assert grown.rule == "grow" and grown.non_kv_gib == pytest.approx(-0.6, abs=0.02)
     truth = hidden_memory.measured_tokens(hidden_memory.launch(-0.6, args=(
@@ -252,7 +252,7 @@ def test_an_edited_recorded_correction_is_a_one_line_error(tmp_path, capsys):
     copy.write_text(json.dumps(record))
     assert main(["session", "replay", str(copy)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "calibration.used is invalid" in err[0]
+    assert len(err) == 1 and "invalid session record at calibration.used" in err[0]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -292,7 +292,7 @@ def test_dry_run_explain_names_the_correction(capsys, tmp_path):
     assert "  calibrated from 1 startup on this machine (vLLM 0.33.0): non-KV +1.00 GiB per GPU" in out
     record = load_record(tmp_path / "s.json")
     assert Correction.model_validate(record.calibration.used).non_kv_gib == 1.0
-    assert record.estimate["calibration"]["non_kv_gib"] == 1.0
+    assert record.estimate.calibration.non_kv_gib == 1.0
 
 
 def test_calibration_show_and_reset(capsys):

@@ -539,7 +539,7 @@ def test_an_llm_that_trickles_its_reply_is_cut_off_at_the_llm_timeout(tmp_path, 
 def _plan_source(record_path) -> str:
     from smartrun.session import load_record
 
-    return load_record(record_path).final_plan["source"]
+    return load_record(record_path).final_plan.source
 
 
 def test_usage_errors_and_error_lines_never_echo_a_secret(tmp_path):

@@ -97,7 +97,7 @@ def test_a_launched_repo_id_answers_under_its_id_and_readiness_waited_for_that_n
 
     sources.launcher = keep
     result = pipeline.run(request, sources, session_out=tmp_path / "s.json")
-    assert result.record.outcome["status"] == "ok", result.record.outcome
+    assert result.record.outcome.status == "ok", result.record.outcome
     assert servers == [(200, 404)]  # the id works; the snapshot path (what vLLM would list) does not
     assert "--served-model-name" in result.record.launch_attempts[-1].argv
 
@@ -160,7 +160,7 @@ def test_every_json_error_is_one_object_on_stdout(tmp_path, monkeypatch):
         assert data["exit"] == code and data["error"], args
         assert ("session_record" in data) == recorded, args
         if recorded:
-            assert load_record(data["session_record"]).outcome["exit_code"] == code
+            assert load_record(data["session_record"]).outcome.exit_code == code
         assert "Traceback" not in proc.stderr
 
 
@@ -183,7 +183,7 @@ def test_gpus_restricts_planning_to_the_named_gpus(capsys, tmp_path):
     assert code == 0
     record = load_record(out)
     assert next(d for d in record.decisions if d.step == "gpus").value["visible"] == [1, 3]
-    assert len(record.hardware["gpus"]) == 4  # the record keeps the machine as detected; replay restricts again
+    assert len(record.hardware.gpus) == 4  # the record keeps the machine as detected; replay restricts again
     code, data, _ = _json_run(capsys, "model", "run", str(SMALL), "--dry-run", "--json", "--hardware", FOUR_H100,
                               "--gpus", "2", "--tensor-parallel-size", "2")
     assert code == 2 and "tensor_parallel_size must be one of [1]" in data["error"]  # one GPU allowed
@@ -220,7 +220,7 @@ def test_cuda_visible_devices_and_gpus_pick_what_the_launch_sets(tmp_path, monke
     sources = pipeline.live_sources(request, env={})
     sources.supervise = False
     result = pipeline.run(request, sources, session_out=tmp_path / "s.json")
-    assert result.record.outcome["status"] == "ok"
+    assert result.record.outcome.status == "ok"
     assert result.record.launch_attempts[-1].env["CUDA_VISIBLE_DEVICES"] == "2,3"
     from smartrun.cli.run_cmd import summary_lines
 
@@ -322,7 +322,7 @@ def test_a_launch_hands_vllm_its_own_flag_for_an_alias(tmp_path, monkeypatch):
     sources.supervise = False
     result = pipeline.run(request, sources, session_out=tmp_path / "s.json")
     attempt = result.record.launch_attempts[-1]
-    assert attempt.healthy and attempt.attempt["served_max_model_len"] == 8192
+    assert attempt.healthy and attempt.attempt.served_max_model_len == 8192
 
 
 # ---------------------------------------------------------------------------- typos
@@ -416,7 +416,7 @@ def test_a_launch_under_json_prints_one_object_also_when_the_server_dies(tmp_pat
     data = json.loads(proc.stdout)  # vLLM's log and our progress went to stderr
     assert data["exit"] == 4 and "died after it was ready" in data["error"]
     assert data["params"]["max_model_len"] == 8192 and data["provenance"]["max_model_len"] == "pin"
-    assert load_record(data["session_record"]).outcome["status"] == "died"
+    assert load_record(data["session_record"]).outcome.status == "died"
     assert "Starting to load model" in proc.stderr and proc.stderr.rstrip().splitlines()[-2].startswith(
         "session record: ")
 

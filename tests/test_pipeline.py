@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES
 from fakes.llm_server import FakeLLM
 
-from smartrun import pipeline
+from smartrun import hardware, pipeline
 from smartrun.errors import AdvisorError, ReplayDivergence
 from smartrun.plan_cache import CacheEntry, SavedParams
 from smartrun.session import load_record
@@ -59,7 +59,7 @@ def test_llm_proposal_recorded_and_replayed_clean(tmp_path):
         request, sources = _sources(_request(), llm.base_url)
         result, record = _run(tmp_path, "llm", request, sources)
     assert result.plan.source == "llm" and result.plan.params["max_num_seqs"] == 6
-    assert len(record.llm_exchanges) == 1 and record.llm_exchanges[0].reply["content"]
+    assert len(record.llm_exchanges) == 1 and record.llm_exchanges[0].reply.content
     assert record.llm_exchanges[0].tokens and record.llm_exchanges[0].latency_s is not None
     assert FAKE_KEY not in json.dumps(record.model_dump(mode="json"))
     out = pipeline.replay(record)
@@ -71,9 +71,11 @@ def test_edited_reply_makes_replay_diverge(tmp_path):
     with FakeLLM([step]) as llm:
         request, sources = _sources(_request(), llm.base_url)
         _result, record = _run(tmp_path, "edit", request, sources)
-    content = json.loads(record.llm_exchanges[0].reply["content"])
+    exchange = record.llm_exchanges[0]
+    assert exchange.reply is not None
+    content = json.loads(exchange.reply.content)
     content["changes"][0]["value"] = 5
-    record.llm_exchanges[0].reply["content"] = json.dumps(content)
+    exchange.reply = exchange.reply.model_copy(update={"content": json.dumps(content)})
     with pytest.raises(ReplayDivergence) as err:
         pipeline.replay(record)
     assert err.value.exit_code == 5 and "advice" in err.value.message
@@ -96,7 +98,7 @@ def test_strict_mode_failure_is_recorded_and_replays(tmp_path):
         with pytest.raises(AdvisorError):
             pipeline.run(request, sources, session_out=out)
     record = load_record(out)
-    assert record.outcome["status"] == "error" and record.outcome["exit_code"] == 3
+    assert record.outcome.status == "error" and record.outcome.exit_code == 3
     assert record.decisions[-1].step == "error"
     pipeline.replay(record)
 
@@ -133,8 +135,7 @@ def test_cache_hit_miss_refresh_and_corrupt(tmp_path):
 def test_replay_of_a_record_with_other_hardware_diverges(tmp_path):
     request, sources = _sources(_request())
     _result, record = _run(tmp_path, "hw", request, sources)
-    other = json.loads((FIXTURES / "hardware" / "1x-a100-40gb.json").read_text())
-    record.hardware = other
+    record.hardware = hardware.load_snapshot(str(FIXTURES / "hardware" / "1x-a100-40gb.json"))
     with pytest.raises(ReplayDivergence) as err:
         pipeline.replay(record)
     assert "decision 1 (hardware)" in err.value.message
@@ -145,10 +146,10 @@ def test_bounds_file_is_replayed_from_its_recorded_text(tmp_path):
     bounds.write_text((FIXTURES / "bounds" / "example-serving.toml").read_text())
     request, sources = _sources(_request(bounds_path=str(bounds), smart_run=False))
     _result, record = _run(tmp_path, "bounds", request, sources)
-    assert any(f"bounds:{bounds}:" in s for b in record.bounds.values() for s in b.get("sources", []))
+    assert any(f"bounds:{bounds}:" in s for b in record.bounds.knobs.values() for s in b.sources)
     bounds.unlink()  # replay needs only the record
     pipeline.replay(record)
-    record.bounds_file["text"] = record.bounds_file["text"].replace("version = 1", "version = 1\n", 1)
+    record.bounds_file.text = record.bounds_file.text.replace("version = 1", "version = 1\n", 1)
     with pytest.raises(ReplayDivergence) as err:  # a line moved: provenance differs
         pipeline.replay(record)
     assert "bounds" in err.value.message or "baseline" in err.value.message
@@ -161,7 +162,7 @@ def test_smartrun_toml_is_found_upward_from_the_current_directory(tmp_path, monk
     monkeypatch.chdir(deeper)
     request, sources = _sources(_request(smart_run=False))
     _result, record = _run(tmp_path, "found", request, sources)
-    assert record.bounds_file["path"] == str(tmp_path / "smartrun.toml") and not record.bounds_file["builtin"]
+    assert record.bounds_file.path == str(tmp_path / "smartrun.toml") and not record.bounds_file.builtin
 
 
 def test_served_api_key_never_reaches_the_llm_or_the_record(tmp_path):
@@ -190,7 +191,7 @@ def test_llm_record_keeps_model_finish_tokens_latency_and_why_each_reply_was_rej
     assert record.llm["model"] == "local-model" and "discovered" in record.llm["model_origin"]
     first, second, third = record.llm_exchanges
     assert all(isinstance(e.max_tokens, int) and e.max_tokens > 0 for e in record.llm_exchanges)
-    assert first.reply["finish_reason"] == "length" and first.tokens == {"prompt_tokens": 700,
+    assert first.reply.finish_reason == "length" and first.tokens == {"prompt_tokens": 700,
                                                                          "completion_tokens": 300}
     assert first.error["type"] == "smartrun.advisor.ReplyRejected" and "cut off" in first.error["message"]
     assert second.error and "gpu_memory_utilization=0.99" in second.error["message"] and second.accepted is False
@@ -228,7 +229,7 @@ def test_strict_llm_failure_under_json_is_one_object_naming_the_error_exit_and_r
     assert answer["exit"] == 3 and answer["error"].startswith("--smart-run-strict: LLM advice not used after 3")
     assert answer["session_record"] == str(out)
     record = load_record(out)
-    assert record.outcome["exit_code"] == 3
+    assert record.outcome.exit_code == 3
     assert [e.error["type"] for e in record.llm_exchanges] == ["smartrun.advisor.ReplyRejected"] * 3
     assert all(e.max_tokens for e in record.llm_exchanges)
     assert f"session record: {out}" in captured.err.splitlines()

@@ -90,14 +90,14 @@ def test_smart_run_recovers_oom_with_llm_and_replays(tmp_path, monkeypatch):
     text = session.read_text()
     assert FAKE_KEY not in text and SERVED_KEY not in text
     record = load_record(session)
-    assert record.outcome["status"] == "interrupted"
+    assert record.outcome.status == "interrupted"
     assert [a.healthy for a in record.launch_attempts] == [False, True]
     assert record.launch_attempts[0].outcome.startswith("oom")
     assert [a.kind for a in record.advice] == ["propose", "recover"]
-    assert record.final_plan["params"]["gpu_memory_utilization"] == 0.85
-    assert record.final_plan["params"]["max_num_seqs"] == 6
+    assert record.final_plan.params["gpu_memory_utilization"] == 0.85
+    assert record.final_plan.params["max_num_seqs"] == 6
     # the LLM's own reason, marked once (it read "llm: llm: ..." when launch re-validated the recover plan)
-    assert record.final_plan["provenance"]["gpu_memory_utilization"] == "llm: leave room for graph capture"
+    assert record.final_plan.provenance["gpu_memory_utilization"] == "llm: leave room for graph capture"
     assert record.cache.stored
 
     monkeypatch.setenv("SMARTRUN_HOME", str(tmp_path / "home"))
@@ -124,7 +124,7 @@ def test_launch_that_never_fits_exits_4_and_its_record_replays(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 4 and err[-1].startswith("localaistack: vllm serve did not become healthy after")
     record = load_record(session)
-    assert record.outcome["status"] == "error" and record.outcome["exit_code"] == 4
+    assert record.outcome.status == "error" and record.outcome.exit_code == 4
     assert record.launch_attempts and not any(a.healthy for a in record.launch_attempts)
     assert record.launch_attempts[0].outcome == "oom_loading"
     assert record.decisions[-2].step == "final" and record.decisions[-1].step == "error"
@@ -150,9 +150,9 @@ def test_tune_hook_after_a_healthy_start_is_recorded_and_replays(tmp_path, monke
     session = tmp_path / "tuned.json"
     result = pipeline.run(request, sources, session_out=session)
     record = load_record(session)
-    assert record.tuning and record.tuning["rounds"] and record.decisions[-2].step == "tune"
+    assert record.tuning and record.tuning.rounds and record.decisions[-2].step == "tune"
     assert record.launch_attempts[0].phase == "launch"
     assert {a.phase for a in record.launch_attempts[1:]} <= {"tune"} and len(record.launch_attempts) >= 2
-    assert result.plan.params == record.tuning["chosen"]["params"] == record.final_plan["params"]
+    assert result.plan.params == record.tuning.chosen.params == record.final_plan.params
     assert SavedParams().entries()[0][1].params == result.plan.params
     assert pipeline.replay(record).replayed.final_plan == record.final_plan

@@ -74,7 +74,7 @@ def test_dry_run_with_llama_cpp_finishes_every_exchange_inside_the_budget(llama,
 
     bounds = {name: KnobBound(knob=name, **{k: v for k, v in b.items() if k in KnobBound.model_fields})
               for name, b in record.bounds.items()}
-    baseline = record.baseline["params"]
+    baseline = record.baseline.params
     for knob, value in summary["params"].items():
         if value != baseline.get(knob):  # changed by the LLM: inside its bound
             assert knob in bounds and bounds[knob].contains(value), (knob, value)

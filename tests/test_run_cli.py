@@ -46,7 +46,7 @@ def test_dry_run_text_is_the_command_then_a_short_summary(capsys, tmp_path):
     assert "== effective bounds" not in out and "== decisions" not in out  # those are --explain's
     assert "warning: no vLLM version known" in err and err.rstrip().endswith(f"session record: {out_file}")
     record = load_record(out_file)
-    assert record.outcome["status"] == "dry-run" and record.final_plan["params"]["max_model_len"] == 8192
+    assert record.outcome.status == "dry-run" and record.final_plan.params["max_model_len"] == 8192
     assert [d.step for d in record.decisions][:4] == ["hardware", "model", "pins", "bounds"]
 
 
@@ -60,7 +60,7 @@ def test_dry_run_json_is_one_object_of_the_documented_shape(capsys):
     mml = data["bounds"]["max_model_len"]
     assert "sources" in mml and ("max" in mml or "choices" in mml)
     assert data["params"]["max_model_len"] == data["estimate"]["max_model_len"]
-    assert data["session"] and load_record(data["session"]).outcome["status"] == "dry-run"
+    assert data["session"] and load_record(data["session"]).outcome.status == "dry-run"
 
 
 def test_smart_run_without_llm_says_so_once_and_uses_the_baseline(capsys):
@@ -130,7 +130,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback_no_half_file(tmp_path, args, 
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
     for record in (env_home / "sessions").glob("*.json") if (env_home / "sessions").is_dir() else []:
-        assert load_record(record).outcome["exit_code"] == 2  # a complete record of the failed run
+        assert load_record(record).outcome.exit_code == 2  # a complete record of the failed run
 
 
 def _saved_entry(model: str = "qwen2.5-7b-instruct"):
@@ -167,9 +167,7 @@ def test_debug_line_for_a_cache_hit(capsys):
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     key = load_record(first["session"]).cache.key
-    from smartrun.plan_cache import CacheKey
-
-    SavedParams().store(CacheEntry(key=CacheKey(**key), params={**first["params"], "max_num_seqs": 2},
+    SavedParams().store(CacheEntry(key=key, params={**first["params"], "max_num_seqs": 2},
                                    saved_at="2026-01-01T00:00:00Z"))
     assert main(["model", "run", MODEL, "--smart-run", "--smart-run-debug", "--dry-run", "--hardware", H100]) == 0
     out = capsys.readouterr().out
@@ -194,7 +192,7 @@ def test_strict_without_an_llm_fails_with_exit_3(capsys):
 
 
 def test_request_command_line_parses_back_to_the_same_request(monkeypatch):
-    """smartrun's options are declared once (pipeline.request.OPTIONS): argparse, the request and the recorded
+    """smartrun's options are declared once (smartrun.request.OPTIONS): argparse, the request and the recorded
     command line all come from it, so a request's command line parses back to that request."""
     from smartrun.cli import build_parser
     from smartrun.cli.run_cmd import request_from_args

@@ -21,7 +21,7 @@ def test_a_failed_run_still_names_its_record(capsys):
     assert err.strip().splitlines()[-1].startswith("localaistack: --smart-run-strict")
     assert "session record:" not in out  # stdout holds the result only; the record is named on stderr
     path = Path(re.search(r"^session record: (.+)$", err, re.M).group(1))
-    assert path.parent == sessions_dir() and load_record(path).outcome["exit_code"] == 3
+    assert path.parent == sessions_dir() and load_record(path).outcome.exit_code == 3
 
 
 def test_a_record_that_cannot_be_written_is_not_named(capsys):
@@ -36,12 +36,12 @@ def test_a_record_that_cannot_be_written_is_not_named(capsys):
 def test_a_saved_entry_edited_to_carry_security_flags_is_used_without_them_and_warned_about(capsys):
     import json
 
-    from smartrun.plan_cache import CacheEntry, CacheKey, SavedParams
+    from smartrun.plan_cache import CacheEntry, SavedParams
 
     args = ["model", "run", MODEL, "--smart-run", "--dry-run", "--json", "--hardware", L4, "--vllm-version", "0.33.0"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    key = CacheKey(**load_record(first["session"]).cache.key)
+    key = load_record(first["session"]).cache.key
     tampered = {**first["params"], "max_num_seqs": 2, "host": "0.0.0.0", "trust_remote_code": True}
     SavedParams().store(CacheEntry(key=key, params=tampered, saved_at="2026-01-01T00:00:00Z"))
     assert main(args) == 0
@@ -74,4 +74,4 @@ def test_a_start_that_never_gets_ready_is_exit_4_naming_vllms_last_line_not_our_
     assert last.startswith("localaistack: ") and "startup_timeout" in last and "last line: " in last
     assert "Shutting down" not in last  # the stop we sent is not vLLM's last word
     path = Path(re.search(r"^session record: (.+)$", proc.stderr, re.M).group(1))
-    assert load_record(path).outcome["exit_code"] == 4
+    assert load_record(path).outcome.exit_code == 4

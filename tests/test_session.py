@@ -117,8 +117,9 @@ def test_default_path_and_list_newest_first(home):
 
 def test_timeline_mentions_each_part():
     rec = _record(decisions=[Decision(step="plan", value={"a": 1}, provenance="pin")],
-                  launch_attempts=[{"number": 1, "argv": ["vllm", "serve"], "outcome": "cuda_oom",
-                                    "log_excerpt": ["torch.OutOfMemoryError: CUDA out of memory."]}],
+                  launch_attempts=[{"number": 1, "attempt": {
+                      "argv": ["vllm", "serve"], "outcome": "failed", "failure_class": "cuda_oom",
+                      "log_excerpt": ["torch.OutOfMemoryError: CUDA out of memory."]}}],
                   outcome={"status": "ok", "exit_code": 0})
     text = "\n".join(timeline(rec))
     assert "launch   #1 cuda_oom" in text and "CUDA out of memory" in text and "outcome  ok" in text
@@ -168,7 +169,7 @@ def test_redaction_keeps_json_valid_for_odd_secrets(tmp_path):
     rec = _record(warnings=[f"key {odd} here", "true"], outcome={"status": "ok", "exit_code": 0})
     path = write_record(rec, tmp_path / "odd.json", secrets=[odd, "true"])
     loaded = load_record(path)  # still valid JSON, types intact
-    assert loaded.warnings[0] == f"key {REDACTED} here" and loaded.outcome["exit_code"] == 0
+    assert loaded.warnings[0] == f"key {REDACTED} here" and loaded.outcome.exit_code == 0
     assert secret_values([], {"SOME_TOKEN": "1", "HF_TOKEN": "hf_longenoughvalue"}) == ("hf_longenoughvalue",)
 
 

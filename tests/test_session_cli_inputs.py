@@ -24,12 +24,12 @@ def _edited(tmp_path, edit) -> str:
 @pytest.mark.parametrize(
     ("command", "edit", "words"),
     [
-        ("show", lambda d: d.update(hardware={"gpus": "x"}), "wrong shape"),
+        ("show", lambda d: d.update(hardware={"gpus": "x"}), "invalid session record at hardware"),
         ("replay", lambda d: d.update(started_at="yesterday"), "started_at 'yesterday'"),
         ("replay", lambda d: d["vllm"].update(version=5), "vllm.version 5"),
         ("replay", lambda d: d["bounds_file"].update(text=None), "bounds_file"),
         ("replay", lambda d: d["model"].update(hidden_size=-1), "edited by hand"),
-        ("replay", lambda d: d.update(hardware={"gpus": []}), "HardwareSnapshot is invalid"),
+        ("replay", lambda d: d.update(hardware={"gpus": []}), "invalid session record at hardware"),
     ],
 )
 def test_hand_edited_records_are_one_line_exit_2_naming_the_file(tmp_path, capsys, command, edit, words):

@@ -83,7 +83,7 @@ def test_list_hides_dry_runs_unless_all(tmp_path, capsys):
     sessions.mkdir(parents=True)
     for p in SESSIONS:
         (sessions / p.name).write_text(p.read_text())
-    dry = {p.name for p in SESSIONS if load_record(p).request.get("dry_run")}
+    dry = {p.name for p in SESSIONS if load_record(p).request.dry_run}
     launched = {p.name for p in SESSIONS} - dry
     assert dry and launched
     assert main(["session", "list", "--json"]) == 0
@@ -103,4 +103,4 @@ def test_hand_broken_record_part_is_one_line_exit_2(tmp_path, capsys):
     copy.write_text(json.dumps(record))
     assert main(["session", "replay", str(copy)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "launch_attempts[].attempt is invalid at outcome" in err[0]
+    assert len(err) == 1 and "invalid session record at launch_attempts.0.attempt.outcome" in err[0]

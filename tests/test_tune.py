@@ -345,7 +345,7 @@ def test_cli_options_make_settings_and_name_bad_flags():
 
     parser = argparse.ArgumentParser(allow_abbrev=False)
     tune.add_arguments(parser)
-    assert "--tune" not in parser._option_string_actions  # a model run option (pipeline.request.OPTIONS)
+    assert "--tune" not in parser._option_string_actions  # a model run option (smartrun.request.OPTIONS)
     args = parser.parse_args(["--tune-rounds", "5", "--slo-p95-ms", "900", "--probe-concurrency", "8",
                               "--probe-duration", "3"])
     settings = tune.settings_from_args(args)

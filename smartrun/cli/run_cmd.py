@@ -27,7 +27,7 @@ def register(subparsers) -> None:
         allow_abbrev=False,
     )
     p.add_argument("model", metavar="MODEL", help="local model directory or a Hugging Face repo id in the HF cache")
-    from smartrun.pipeline.request import add_options
+    from smartrun.request import add_options
 
     add_options(p)  # smartrun's own options, declared once with the request they set
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -104,15 +104,15 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         summary_json = result.json_summary()
         if result.exit_code:  # a server that died after it was ready: the error keys every --json failure has
-            summary_json.update(error=result.record.outcome.get("message", "vllm serve exited"),
+            summary_json.update(error=result.record.outcome.message or "vllm serve exited",
                                 exit=result.exit_code, session_record=str(_written(result.session_path) or "") or None)
         print(redact_text(json.dumps(summary_json, indent=2), result.secrets), flush=True)
     elif not request.dry_run:
-        print(f"outcome: {result.record.outcome.get('status')}; final command: "
+        print(f"outcome: {result.record.outcome.status}; final command: "
               f"{redact_text(result.command or ' '.join(result.argv), result.secrets)}", flush=True)
     _print_session_path(_written(result.session_path))
     if result.exit_code:
-        print(f"localaistack: {result.record.outcome.get('message', 'vllm serve exited')}", file=sys.stderr)
+        print(f"localaistack: {result.record.outcome.message or 'vllm serve exited'}", file=sys.stderr)
     return result.exit_code
 
 

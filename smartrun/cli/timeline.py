@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import ValidationError
-
+from smartrun.calibration import Correction, Observation
 from smartrun.session import CalibrationRecord, SessionRecord, short
 
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -30,21 +29,19 @@ def _timeline(record: SessionRecord) -> list[str]:
         f"command  {' '.join(record.command_line)}",
     ]
     if record.hardware:
-        gpus = record.hardware.get("gpus") or []
-        names = ", ".join(f"{g.get('index')}:{g.get('name')} {g.get('memory_free_mib')}/"
-                          f"{g.get('memory_total_mib')} MiB free" for g in gpus)
-        lines.append(f"hardware {len(gpus)} GPU(s) from {record.hardware.get('source')}: {names}")
+        gpus = record.hardware.gpus
+        names = ", ".join(f"{g.index}:{g.name} {g.memory_free_mib}/{g.memory_total_mib} MiB free" for g in gpus)
+        lines.append(f"hardware {len(gpus)} GPU(s) from {record.hardware.source}: {names}")
     if record.model:
         m = record.model
-        lines.append(f"model    {m.get('name')} ({m.get('architecture')}, {m.get('num_hidden_layers')} layers, "
-                     f"derived max len {m.get('derived_max_model_len')})")
+        lines.append(f"model    {m.name} ({m.architecture}, {m.num_hidden_layers} layers, "
+                     f"derived max len {m.derived_max_model_len})")
     if record.bounds_file:
-        lines.append(f"bounds   {record.bounds_file.get('path') or 'builtin'} "
-                     f"(sha256 {str(record.bounds_file.get('sha256'))[:12]})")
-    lines.append(f"goal     {req.get('goal', 'stable')}  smart-run={req.get('smart_run')}  "
+        lines.append(f"bounds   {record.bounds_file.path or 'builtin'} (sha256 {record.bounds_file.sha256[:12]})")
+    lines.append(f"goal     {req.goal if req else 'stable'}  smart-run={req.smart_run if req else None}  "
                  f"llm={'configured' if record.llm.get('configured') else 'none'}  vllm={record.vllm.get('version')}")
     if record.baseline:
-        lines.append(f"baseline {_params(record.baseline.get('params', {}))}")
+        lines.append(f"baseline {_params(record.baseline.params)}")
     cache = record.cache
     if cache.looked_up:
         lines.append(f"cache    {'hit' if cache.hit else 'miss'}" + (f" ({cache.note})" if cache.note else ""))
@@ -60,38 +57,37 @@ def _timeline(record: SessionRecord) -> list[str]:
     for ex in exchanges:
         state = f"error {ex.error.get('type')}: {ex.error.get('message')}" if ex.error else "reply"
         if ex.reply is not None:
-            finish = ex.reply.get("finish_reason") if isinstance(ex.reply, dict) else None
+            finish = ex.reply.finish_reason
             state = f"reply (finish {finish}, max_tokens {ex.max_tokens})" + (f"; {state}" if ex.error else "")
         tokens = f" tokens={ex.tokens}" if ex.tokens else ""
         lines.append(f"llm      [{ex.kind}] {state} latency={_fmt_s(ex.latency_s)}{tokens}")
     previous: dict[str, Any] | None = None
-    why = (record.final_plan or {}).get("provenance", {})
+    set_by = record.final_plan.provenance if record.final_plan else {}
     for att in record.launch_attempts:
-        params = att.attempt.get("params") or {}
+        params = att.attempt.params
         if previous is not None:
             for knob, value in params.items():
                 if previous.get(knob) != value:
                     lines.append(f"retry    {knob} {previous.get(knob)} -> {value}" +
-                                 (f"  ({why[knob]})" if knob in why else ""))
+                                 (f"  ({set_by[knob]})" if knob in set_by else ""))
         previous = params
         phase = "" if att.phase == "launch" else f" [{att.phase}]"
-        lines.append(f"launch   #{att.number}{phase} {att.outcome} after {_fmt_s(att.duration_s)}: {' '.join(att.argv)}")
+        lines.append(f"launch   #{att.number}{phase} {att.outcome} after {_fmt_s(att.attempt.duration_s)}: {' '.join(att.argv)}")
         if att.env:
             lines.append(f"  env    {' '.join(f'{k}={v}' for k, v in att.env.items())}")
-        if att.attempt.get("evidence"):
-            lines.append(f"  why    {att.attempt['evidence']}")
-        for line in att.log_excerpt[-3:]:
+        if att.attempt.evidence:
+            lines.append(f"  why    {att.attempt.evidence}")
+        for line in att.attempt.log_excerpt[-3:]:
             lines.append(f"  log    {line}")
     lines += _calibration_lines(record.calibration)
     if record.final_plan:
-        lines.append(f"final    source={record.final_plan.get('source')} {_params(record.final_plan.get('params', {}))}")
+        lines.append(f"final    source={record.final_plan.source} {_params(record.final_plan.params)}")
     if record.final_argv:
         lines.append(f"argv     {' '.join(record.final_argv)}")
     for warning in record.warnings:
         lines.append(f"warning  {warning}")
     out = record.outcome
-    lines.append(f"outcome  {out.get('status')} (exit {out.get('exit_code')})" +
-                 (f": {out.get('message')}" if out.get("message") else ""))
+    lines.append(f"outcome  {out.status} (exit {out.exit_code})" + (f": {out.message}" if out.message else ""))
     lines.append(f"decisions {len(record.decisions)}:")
     for i, d in enumerate(record.decisions, 1):
         why = d.provenance if len(d.provenance) <= 80 else d.provenance[:77] + "..."
@@ -100,18 +96,9 @@ def _timeline(record: SessionRecord) -> list[str]:
 
 
 def _calibration_lines(cal: CalibrationRecord) -> list[str]:
-    """The correction the run planned with and what its healthy starts measured (hand-edited parts skipped)."""
-    from smartrun.calibration import Correction, Observation
-
-    lines = []
-    parts: list[tuple[str, Any, type[Correction] | type[Observation]]] = [
-        ("used", cal.used, Correction), *(("measured", o, Observation) for o in cal.observations)]
-    for kind, data, model in parts:
-        try:
-            lines.append(f"calib    {model.model_validate(data).describe()}" if data is not None else "")
-        except ValidationError:
-            lines.append(f"calib    {kind}: unreadable")
-    return [line for line in lines if line]
+    """The correction the run planned with and what its healthy starts measured."""
+    parts: list[Correction | Observation] = [*([cal.used] if cal.used is not None else []), *cal.observations]
+    return [f"calib    {part.describe()}" for part in parts]
 
 
 def _params(params: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """The orchestrator: composes the stages for `model run`; decides nothing a stage should decide.
 
 Read top-down:
-- request.py   RunRequest: what the user asked for (recorded, redacted)
+(what the user asked for, RunRequest, is smartrun/request.py: the session record stores it)
 - context.py   Sources (the outside world), RunResult, Recorder, RunContext (one run's state)
 - planning.py  plan_stages: hardware -> model -> pins -> bounds file -> effective bounds -> baseline ->
                saved parameters -> advisor -> validate -> argv (`model run --dry-run` and `bounds show`)
@@ -29,8 +29,8 @@ from smartrun.pipeline.context import (
 from smartrun.pipeline.live import calibration_store, check_vllm_flags, live_sources
 from smartrun.pipeline.planning import plan_stages
 from smartrun.pipeline.replay import ReplayLauncher, ReplayResult, ReplayTransport, replay, replay_sources
-from smartrun.pipeline.request import EventSink, RunRequest
 from smartrun.pipeline.run import run
+from smartrun.request import EventSink, RunRequest
 
 __all__ = [
     "BoundsInput", "CacheSource", "EventSink", "Recorder", "ReplayLauncher", "ReplayResult", "ReplayTransport",

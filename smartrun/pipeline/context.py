@@ -16,8 +16,8 @@ from smartrun.errors import InputError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
-from smartrun.pipeline.request import EventSink, RunRequest, no_events
 from smartrun.plan_cache import CacheEntry, CacheKey
+from smartrun.request import EventSink, RunRequest, no_events
 from smartrun.secrets import redact_argv, secret_values
 from smartrun.session import (
     Decision,
@@ -70,17 +70,14 @@ class Sources:
 
 @dataclass
 class RunResult:
-    """What `run` produced, for the CLI to print. `record` is what was (or would be) written."""
+    """What `run` produced, for the CLI to print. `record` is what was (or would be) written.
+
+    The stages' results live in the record, written once; the properties read them from there.
+    """
 
     record: SessionRecord
     request: RunRequest
-    hardware: HardwareSnapshot | None = None
-    facts: ModelFacts | None = None
-    bounds: Any = None
-    baseline: Plan | None = None
-    plan: Plan | None = None
-    argv: list[str] = field(default_factory=list)
-    estimate: Any = None
+    hardware: HardwareSnapshot | None = None  # the machine as planned for (--gpus applied; the record: as detected)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     advice: list[Any] = field(default_factory=list)
     launch_report: Any = None
@@ -93,6 +90,31 @@ class RunResult:
     debug_lines: list[str] = field(default_factory=list)
     calibration: Correction | None = None  # the correction every estimate of this run used
     placement: Any = None  # cluster.ClusterPlacement when the hardware is a cluster
+
+    @property
+    def facts(self) -> ModelFacts | None:
+        return self.record.model
+
+    @property
+    def bounds(self) -> Bounds | None:
+        return self.record.bounds
+
+    @property
+    def baseline(self) -> Plan | None:
+        return self.record.baseline
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan chosen before the launch, then the one the launch (and tuning) ended on."""
+        return self.record.final_plan
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self.record.final_argv or [])
+
+    @property
+    def estimate(self) -> MemoryEstimate | None:
+        return self.record.estimate
 
     def json_summary(self) -> dict[str, Any]:
         """The one object `--json` prints (issue 6 shape, plus warnings and session)."""
@@ -108,7 +130,7 @@ class RunResult:
             "reason": self.plan.reason if self.plan else None,
             "llm": [_advice_summary(a) for a in self.advice],
             "warnings": list(self.record.warnings),
-            "outcome": self.record.outcome,
+            "outcome": self.record.outcome.summary(),
             "session": str(self.session_path) if self.session_path else None,
         }
 
@@ -152,7 +174,8 @@ def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
         tool_version=__version__,
         started_at=utc_iso(sources.clock.now()),
         command_line=redact_argv(request.command_line()),
-        request=_redacted_request(request),
+        request=request.model_copy(update={"user_args": tuple(redact_argv(request.user_args)),
+                                           "extra_args": tuple(redact_argv(request.extra_args))}),
         llm=dict(sources.llm_info),
     )
 
@@ -177,13 +200,6 @@ def save_record(record: SessionRecord, path: Path, sources: Sources) -> bool:
     return True
 
 
-def _redacted_request(request: RunRequest) -> dict[str, Any]:
-    data = request.model_dump(mode="json")
-    data["user_args"] = redact_argv(request.user_args)
-    data["extra_args"] = redact_argv(request.extra_args)
-    return data
-
-
 @dataclass
 class RunContext:
     """One run's inputs and its growing state: what every stage after planning reads.
@@ -199,12 +215,21 @@ class RunContext:
     pins: dict[str, Any] = field(default_factory=dict)
     passthrough: tuple[str, ...] = ()
     version: str | None = None
-    bounds: Bounds | None = None
-    baseline: Plan | None = None
-    base_estimate: MemoryEstimate | None = None
     fit: Callable[[dict[str, Any]], str | None] | None = None
     key: CacheKey | None = None
     model_path: str = ""
+
+    @property
+    def bounds(self) -> Bounds | None:
+        return self.rec.record.bounds
+
+    @property
+    def baseline(self) -> Plan | None:
+        return self.rec.record.baseline
+
+    @property
+    def base_estimate(self) -> MemoryEstimate | None:
+        return self.rec.record.baseline_estimate
 
 
 def context(request: RunRequest, sources: Sources, *, on_event: EventSink = no_events,

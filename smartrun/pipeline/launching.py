@@ -17,41 +17,38 @@ from smartrun.pipeline.planning import (
     without_security,
 )
 from smartrun.pipeline.recording import RecordingLauncher, RecordingTransport, attempt_outcome
-from smartrun.pipeline.request import RunRequest
 from smartrun.plan_cache import CacheEntry
+from smartrun.request import RunRequest
 from smartrun.secrets import redact_argv, redact_text
-from smartrun.session import to_jsonable
+from smartrun.session import Outcome, to_jsonable
+from smartrun.tune.report import TuningOutcome, TuningReport
 
 
 def _observe_startups(ctx: RunContext) -> None:
     """Every healthy start's measured figures next to the uncalibrated estimate: on record and into the
     calibration data (replay: on record only). A problem is a warning; the server keeps running."""
-    from pydantic import ValidationError
-
-    from smartrun.vllm_log import StartupFacts
-
     sources, rec, result, version = ctx.sources, ctx.rec, ctx.result, ctx.version
     facts, hw = result.facts, result.hardware
     assert facts is not None and hw is not None
     record = rec.record
     observations = []
     for entry in record.launch_attempts:
-        startup, params = entry.attempt.get("facts"), entry.attempt.get("params")
-        if not entry.healthy or not isinstance(startup, dict) or not isinstance(params, dict):
+        startup, params = entry.attempt.facts, entry.attempt.params
+        if not entry.healthy or startup is None:
             continue
         try:
             raw = estimate_for(Plan(params=params), facts, hw, version)
-            seen = calibration.observe(raw, StartupFacts.model_validate(startup), model=facts.name, params=params,
+            seen = calibration.observe(raw, startup, model=facts.name, params=params,
                                        at=record.started_at, tool_version=__version__,
                                        session=str(result.session_path) if result.session_path else None)
-        except (SmartRunError, ValidationError):
+        except SmartRunError:
             continue
         if seen is not None:
             observations.append(seen)
     if not observations:
         record.calibration.note = "vLLM printed no KV cache figure: nothing to calibrate from"
         return
-    record.calibration.observations = [to_jsonable(o) for o in observations]
+    record.calibration.observations = observations
     try:
         sources.calibration.add(*calibration.key(hw, version), [g.name for g in hw.gpus], observations)
     except SmartRunError as err:
@@ -114,17 +111,17 @@ def _after_healthy(ctx: RunContext, final: Plan, server: Any, launcher: Any, che
             from smartrun import launch
 
             last = record.launch_attempts[-1]
-            result.argv = record.final_argv = last.argv
+            record.final_argv = last.argv
             result.command = launch.command_line(last.argv, last.env)
     _observe_startups(ctx)
     if request.smart_run:
         _store(ctx, final)
-    record.outcome = {"status": "running", "exit_code": 0}
+    record.outcome = Outcome(status="running", exit_code=0)
     if not (sources.supervise and server is not None):
         on_event("ready", "final command: " + (result.command or " ".join(result.argv)))
         if server is not None and not sources.replaying:
             server.stop()
-        record.outcome = {"status": "ok", "exit_code": 0}
+        record.outcome = Outcome(status="ok", exit_code=0)
         return
     if result.session_path:
         save_record(record, result.session_path, sources)  # a long-running server still leaves its record now
@@ -133,27 +130,24 @@ def _after_healthy(ctx: RunContext, final: Plan, server: Any, launcher: Any, che
     died = getattr(server, "failure", None)
     if died is not None:  # not a decision: replay does not supervise, so nothing is appended to decisions
         result.exit_code = 4
-        record.outcome = {"status": "died", "exit_code": 4, "server_exit": code,
-                          "message": f"vllm serve died after it was ready: {getattr(died, 'evidence', died)}"}
+        record.outcome = Outcome(status="died", exit_code=4, server_exit=code,
+                                 message=f"vllm serve died after it was ready: {getattr(died, 'evidence', died)}")
     else:
-        record.outcome = {"status": "stopped", "exit_code": 0, "server_exit": code}
+        record.outcome = Outcome(status="stopped", exit_code=0, server_exit=code)
 
 
 def _record_final(ctx: RunContext, report: Any, plan: Plan, healthy: bool) -> Plan:
     """The plan the launch stage ended on (healthy or not), its argv and estimate, as the `final` decision."""
     rec, result = ctx.rec, ctx.result
     record = rec.record
-    final = getattr(report, "plan", None) or plan
+    final = record.final_plan = getattr(report, "plan", None) or plan
     result.launch_report = report
-    result.plan = final
-    record.final_plan = to_jsonable(final)
     argv = list(getattr(report, "argv", None) or (record.launch_attempts[-1].argv if record.launch_attempts else []))
-    result.argv = record.final_argv = redact_argv(argv)
+    record.final_argv = redact_argv(argv)
     result.command = redact_text(getattr(report, "command_line", "") or "", rec.secrets)
     if final.params != plan.params:
         assert result.facts is not None and result.hardware is not None
-        result.estimate = estimate_for(final, result.facts, result.hardware, ctx.version, result.calibration)
-        record.estimate = to_jsonable(result.estimate)
+        record.estimate = estimate_for(final, result.facts, result.hardware, ctx.version, result.calibration)
     rec.decide("final", {"healthy": healthy, "source": final.source, "params": final.params},
                provenance_line(final))
     return final
@@ -235,8 +229,8 @@ def _store(ctx: RunContext, plan: Plan) -> None:
 
 
 def _tune_stage(ctx: RunContext, plan: Plan, server: Any, launcher: Any,
-                check: Callable[..., Any]) -> tuple[dict[str, Any] | None, Plan, Any]:
-    """--tune after a healthy launch: hand over to the tune stage; keep what it chose."""
+                check: Callable[..., Any]) -> tuple[TuningReport | None, Plan, Any]:
+    """--tune after a healthy launch: hand over to the tune stage; keep what it chose (replay: what it chose)."""
     rec, result = ctx.rec, ctx.result
     assert ctx.bounds is not None
     hook = ctx.sources.tune
@@ -249,19 +243,12 @@ def _tune_stage(ctx: RunContext, plan: Plan, server: Any, launcher: Any,
                    facts=result.facts, hardware=result.hardware, transport=ctx.sources.transport,
                    on_event=ctx.on_event, model_path=ctx.model_path, passthrough=ctx.passthrough,
                    clock=ctx.sources.clock)
-    report = getattr(outcome, "report", None)
-    value = to_jsonable(report if report is not None else outcome)
-    value = value if isinstance(value, dict) else {"result": value}
-    chosen = getattr(report, "chosen", None)
-    if isinstance(chosen, Plan):
-        plan = chosen
-        server = getattr(outcome, "server", server)
-    elif isinstance(value.get("chosen"), dict):  # replayed: the recorded report
-        plan = Plan.model_validate(value["chosen"])
-    rec.decide("tune", {"chosen": plan.params, "source": plan.source}, str(value.get("stopped_because", "tune")))
-    result.plan = plan
-    rec.record.final_plan = to_jsonable(plan)
-    return value, plan, server
+    report = None  # the tuner skipped (it says why)
+    if isinstance(outcome, TuningOutcome):
+        report, plan, server = outcome.report, outcome.report.chosen, outcome.server
+    rec.decide("tune", {"chosen": plan.params, "source": plan.source}, report.stopped_because if report else "tune")
+    rec.record.final_plan = plan
+    return report, plan, server
 
 
 def probe_served_name(request: RunRequest, passthrough: tuple[str, ...]) -> RunRequest:

@@ -11,8 +11,8 @@ from smartrun.errors import SmartRunError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.model import ModelFacts
 from smartrun.pipeline.context import BoundsInput, Sources, request_secrets
-from smartrun.pipeline.request import EventSink, RunRequest, no_events
 from smartrun.plan_cache import SavedParams
+from smartrun.request import EventSink, RunRequest, no_events
 
 
 def live_sources(request: RunRequest, env: dict[str, str] | None = None,

@@ -14,11 +14,12 @@ from smartrun.hardware import HardwareSnapshot
 from smartrun.model import ModelFacts
 from smartrun.pipeline.context import Recorder, RunContext, RunResult, Sources
 from smartrun.pipeline.recording import RecordingTransport
-from smartrun.pipeline.request import RunRequest
 from smartrun.plan_cache import CacheKey
+from smartrun.request import RunRequest
 from smartrun.secrets import redact_argv
 from smartrun.session import (
     AdviceRecord,
+    BoundsFileRecord,
     CacheRecord,
     RecordError,
     to_jsonable,
@@ -38,14 +39,12 @@ def plan_stages(ctx: RunContext) -> None:
     request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
     record = rec.record
     hw = sources.hardware()
-    record.hardware = to_jsonable(hw)
+    record.hardware = hw
     rec.decide("hardware", hw_mod.fingerprint(hw), hw.source)
     hw = _visible_gpus(request, hw, rec)
     result.hardware = hw
 
-    facts = sources.model(request.model)
-    result.facts = facts
-    record.model = to_jsonable(facts)
+    facts = record.model = sources.model(request.model)
     rec.decide("model", {"name": facts.name, "architecture": facts.architecture,
                          "weight_bytes": facts.weight_bytes}, facts.weight_bytes_source or "config")
 
@@ -56,8 +55,8 @@ def plan_stages(ctx: RunContext) -> None:
     rec.decide("pins", pins, "user")
 
     bounds_in = sources.bounds()
-    record.bounds_file = {"path": bounds_in.path, "text": bounds_in.text, "sha256": bounds_in.sha256,
-                          "builtin": bounds_in.builtin}
+    record.bounds_file = BoundsFileRecord(path=bounds_in.path, text=bounds_in.text, sha256=bounds_in.sha256,
+                                          builtin=bounds_in.builtin)
     if bounds_in.path and not request.bounds_path and not sources.replaying:  # found by searching upward
         ctx.on_event("bounds", f"bounds file in force: {bounds_in.path} (smartrun.toml found from {Path.cwd()}; "
                                "--bounds FILE picks another)")
@@ -78,22 +77,18 @@ def plan_stages(ctx: RunContext) -> None:
                                         force=request.force, estimate_fn=estimate_fn)
     except InfeasibleError as err:  # a model too big for these nodes: say how many would hold it
         raise InfeasibleError(cluster_plan.refusal(err.message, facts, hw, pins, version)) from err
-    result.bounds = ctx.bounds = bounds
-    record.bounds = to_jsonable(bounds.to_json())
+    record.bounds = bounds
     for warning in bounds.warnings:
         rec.warn(warning)
-    rec.decide("bounds", record.bounds, bounds_in.path or "builtin")
+    rec.decide("bounds", bounds.to_json(), bounds_in.path or "builtin")
 
     try:
         baseline, base_estimate = sizing.baseline(bounds, facts, hw, request.goal, vllm_version=version,
                                                  estimate_fn=estimate_fn)
     except InfeasibleError as err:
         raise InfeasibleError(cluster_plan.refusal(err.message, facts, hw, pins, version)) from err
-    baseline = cluster_plan.finish_plan(baseline, hw, pins)
-    result.baseline = ctx.baseline = baseline
-    ctx.base_estimate = base_estimate
-    record.baseline = to_jsonable(baseline)
-    record.baseline_estimate = to_jsonable(base_estimate)
+    baseline = record.baseline = cluster_plan.finish_plan(baseline, hw, pins)
+    record.baseline_estimate = base_estimate
     rec.decide("baseline", baseline.params, provenance_line(baseline))
 
     ctx.fit = fit.fit_check(facts, hw, version, estimate_fn=estimate_fn)
@@ -105,17 +100,14 @@ def plan_stages(ctx: RunContext) -> None:
         plan = _from_cache(ctx)
         if plan.source != "cache":
             plan = _advise(ctx)
-    result.plan = plan
-    record.final_plan = to_jsonable(plan)
+    record.final_plan = plan
     rec.decide("plan", {"source": plan.source, "params": plan.params}, provenance_line(plan))
     _warn_without_nvlink(plan, hw, rec)
 
     ctx.model_path = facts.path or request.model
     argv = knobs.build_argv(ctx.model_path, plan.params, ctx.passthrough)
-    result.argv = redact_argv(argv)
-    record.final_argv = result.argv
-    result.estimate = estimate_for(plan, facts, hw, version, correction)
-    record.estimate = to_jsonable(result.estimate) if result.estimate is not None else None
+    record.final_argv = redact_argv(argv)
+    record.estimate = estimate_for(plan, facts, hw, version, correction)
     if cluster.is_cluster(hw):  # which node holds which stage, with each stage's memory
         result.placement = cluster_plan.placement(facts, hw, plan.params, version, correction)
     rec.decide("argv", result.argv, plan.source)
@@ -242,7 +234,7 @@ def _calibration(sources: Sources, rec: Recorder, hw: HardwareSnapshot, version:
         correction = None
     for problem in getattr(sources.calibration, "problems", []) or []:
         rec.warn(problem)
-    rec.record.calibration.used = to_jsonable(correction) if correction is not None else None
+    rec.record.calibration.used = correction
     if correction is not None:
         rec.decide("calibration", {"machine": correction.machine, "vllm_version": correction.vllm_version,
                                    "startups": correction.startups, "non_kv_gib": correction.non_kv_gib,
@@ -258,7 +250,7 @@ def _from_cache(ctx: RunContext) -> Plan:
     bounds, baseline, fit, key = ctx.bounds, ctx.baseline, ctx.fit, ctx.key
     assert bounds is not None and baseline is not None and key is not None
     record = rec.record
-    record.cache = CacheRecord(key=key.model_dump(), looked_up=not request.refresh)
+    record.cache = CacheRecord(key=key, looked_up=not request.refresh)
     if request.refresh:
         record.cache.note = "ignored (--smart-run-refresh)"
         rec.decide("cache", {"looked_up": False}, "--smart-run-refresh")
@@ -270,7 +262,7 @@ def _from_cache(ctx: RunContext) -> Plan:
         rec.decide("cache", {"hit": False}, "saved-parameters")
         return baseline
     record.cache.hit = True
-    record.cache.entry = to_jsonable(entry)
+    record.cache.entry = entry
     saved, hidden = without_security(Plan(params=entry.params, provenance=entry.provenance))
     ignored = sorted(hidden & set(entry.params))
     if ignored:  # smartrun never saves these: the entry was edited; say so rather than drop them silently

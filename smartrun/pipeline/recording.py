@@ -42,7 +42,7 @@ class RecordingTransport:
             raise
         finally:
             self._note_model()
-        entry.reply = to_jsonable(reply)
+        entry.reply = reply
         entry.latency_s = _recorded_latency(reply, self.monotonic() - started)
         entry.tokens = _tokens_of(reply)
         return reply
@@ -110,20 +110,12 @@ class RecordingLauncher:
         started = self.monotonic()
         attempt, server = self.inner.start(plan, argv, env)
         number = len(self.recorder.record.launch_attempts) + 1
-        raw = to_jsonable(attempt)
         outcome = attempt_outcome(attempt)
-        entry = LaunchAttemptRecord(
-            number=number,
-            phase=self.phase,
-            argv=redact_argv(argv),
-            env=redact_env(dict(env or {})),
-            outcome=outcome,
-            healthy=server is not None,
-            log_excerpt=[redact_text(str(x), self.recorder.secrets)
-                         for x in (getattr(attempt, "log_excerpt", None) or [])][-40:],
-            duration_s=_recorded_latency_attr(attempt, "duration_s", self.monotonic() - started),
-            attempt=raw if isinstance(raw, dict) else {"value": raw},
-        )
+        recorded = attempt.model_copy(update={  # the argv and env really used, redacted; the log's last lines
+            "argv": tuple(redact_argv(argv)), "env_changes": redact_env(dict(env or {})),
+            "log_excerpt": tuple(redact_text(str(x), self.recorder.secrets) for x in attempt.log_excerpt)[-40:],
+            "duration_s": _recorded_latency_attr(attempt, "duration_s", self.monotonic() - started)})
+        entry = LaunchAttemptRecord(number=number, phase=self.phase, healthy=server is not None, attempt=recorded)
         self.recorder.record.launch_attempts.append(entry)
         if self.phase != "launch":  # the tune stage is replayed from its recorded report, not re-run
             return attempt, server

@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from smartrun.calibration import Correction
 from smartrun.clock import FakeClock
 from smartrun.contracts import Plan
 from smartrun.errors import SmartRunError
-from smartrun.hardware import HardwareSnapshot
-from smartrun.model import ModelFacts
 from smartrun.pipeline.context import BoundsInput, RunResult, Sources, new_record
-from smartrun.pipeline.request import RunRequest
 from smartrun.pipeline.run import run
 from smartrun.plan_cache import CacheEntry, CacheKey
 from smartrun.session import (
@@ -24,8 +21,10 @@ from smartrun.session import (
     RecordError,
     SessionRecord,
     check_replay,
-    validation_problem,
 )
+from smartrun.tune.report import TuningOutcome
+
+T = TypeVar("T")
 
 
 class _RecordedLLMError(SmartRunError):
@@ -41,7 +40,6 @@ class ReplayTransport:
             self.budget_s = float(budget_s)  # the recorded --llm-timeout: the advisor charges the same times
 
     def complete(self, messages: Any, schema: Any = None, **_options: Any) -> Any:
-        from smartrun import advisor
         from smartrun.errors import ReplayDivergence
 
         item = next(self._items, None)
@@ -49,7 +47,9 @@ class ReplayTransport:
             raise ReplayDivergence("replay diverged: the pipeline asked the LLM more often than the record holds")
         if item.error is not None and item.reply is None:  # with a reply, the error is the advisor's verdict
             raise _rebuild_error(item.error)
-        return _validated(advisor.LLMReply, item.reply, "llm_exchanges[].reply")
+        if item.reply is None:
+            raise RecordError("session record: an LLM exchange has neither a reply nor an error")
+        return item.reply
 
 
 def _replayable_errors() -> dict[str, type[Exception]]:
@@ -92,14 +92,12 @@ class ReplayLauncher:
         return (list(item.argv), dict(item.env), []) if item else (list(argv), {}, [])
 
     def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> Any:
-        from smartrun import launch
         from smartrun.errors import ReplayDivergence
 
         item = next(self._items, None)
         if item is None:
             raise ReplayDivergence("replay diverged: the pipeline launched more often than the record holds")
-        attempt = _validated(launch.LaunchAttempt, item.attempt, "launch_attempts[].attempt")
-        return attempt, (ReplayServer() if item.healthy else None)
+        return item.attempt, (ReplayServer() if item.healthy else None)
 
 
 class RecordedCache:
@@ -109,9 +107,7 @@ class RecordedCache:
         self.cache = cache
 
     def lookup(self, key: CacheKey) -> CacheEntry | None:
-        if self.cache.entry is None:
-            return None
-        return _validated(CacheEntry, self.cache.entry, "cache.entry")
+        return self.cache.entry
 
     def store(self, entry: CacheEntry) -> None:
         return None
@@ -126,7 +122,7 @@ class RecordedCalibration:
         self.used = record.calibration.used
 
     def correction(self, machine: str, vllm_version: str) -> Correction | None:
-        return None if self.used is None else _validated(Correction, self.used, "calibration.used")
+        return self.used
 
     def add(self, *_: Any) -> None:
         return None
@@ -142,8 +138,8 @@ def replay_sources(record: SessionRecord) -> Sources:
         if not isinstance(record.vllm.get(key), str | None):
             raise RecordError(f"session record: vllm.{key} {record.vllm.get(key)!r} is not text")
     return Sources(
-        hardware=lambda: _recorded(HardwareSnapshot, record.hardware, record),
-        model=lambda _model: _recorded(ModelFacts, record.model, record),
+        hardware=lambda: _recorded(record.hardware, record),
+        model=lambda _model: _recorded(record.model, record),
         bounds=lambda: _recorded_bounds(record),
         transport=(ReplayTransport(record.llm_exchanges, record.llm.get("timeout_s"))
                    if record.llm.get("configured") else None),
@@ -152,50 +148,36 @@ def replay_sources(record: SessionRecord) -> Sources:
         vllm=lambda: (record.vllm.get("version"), record.vllm.get("bin")),
         clock=FakeClock(wall=started),  # stands still at the recorded start: nothing replayed takes time
         llm_info=dict(record.llm),
-        tune=lambda **_: record.tuning or {},
+        tune=lambda server=None, **_: TuningOutcome(report=_recorded(record.tuning, record), server=server),
         supervise=False,
         replaying=True,
         calibration=RecordedCalibration(record),
     )
 
 
-def _recorded(cls: type, data: dict[str, Any] | None, record: SessionRecord) -> Any:
-    if data is None:  # the recorded run failed before this stage: fail the same way
+def _recorded(part: T | None, record: SessionRecord) -> T:
+    """A stage's recorded result; none recorded means the run failed before that stage: fail the same way."""
+    if part is None:
         raise _recorded_failure(record)
-    return _validated(cls, data, cls.__name__)
-
-
-def _validated(cls: Any, data: Any, what: str) -> Any:
-    """A recorded part as its model; a hand-edited part that no longer fits is an InputError, not a traceback."""
-    from pydantic import ValidationError
-
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise RecordError(f"session record: {what} is invalid {validation_problem(err)}") from err
+    return part
 
 
 def _recorded_failure(record: SessionRecord) -> SmartRunError:
     from smartrun import errors
 
-    cls = getattr(errors, str(record.outcome.get("error_type")), SmartRunError)
+    cls = getattr(errors, str(record.outcome.error_type), SmartRunError)
     if not (isinstance(cls, type) and issubclass(cls, SmartRunError)):
         cls = SmartRunError
-    return cls(str(record.outcome.get("message", "recorded failure")))
+    return cls(record.outcome.message or "recorded failure")
 
 
 def _recorded_bounds(record: SessionRecord) -> BoundsInput:
     """The recorded file text, loaded under its recorded name so `bounds:<file>:<line>` provenance matches."""
     from smartrun import bounds
 
-    info = record.bounds_file
-    if info is None:
-        raise _recorded_failure(record)
-    if not isinstance(info.get("text"), str) or not isinstance(info.get("path"), str | None):
-        raise RecordError("session record: bounds_file needs its text (and path) as strings")
-    name = bounds.BUILTIN_NAME if info.get("builtin") else str(info.get("path"))
-    return BoundsInput(path=info.get("path"), text=info["text"], loaded=bounds.load_text(info["text"], name),
-                       builtin=bool(info.get("builtin")))
+    info = _recorded(record.bounds_file, record)
+    name = bounds.BUILTIN_NAME if info.builtin else str(info.path)
+    return BoundsInput(path=info.path, text=info.text, loaded=bounds.load_text(info.text, name), builtin=info.builtin)
 
 
 @dataclass
@@ -211,7 +193,9 @@ def replay(record: SessionRecord) -> ReplayResult:
     """Re-run the pipeline from the record's sources and compare every decision; ReplayDivergence on the first miss."""
     from smartrun.errors import ReplayDivergence
 
-    request = _validated(RunRequest, record.request, "request")
+    if record.request is None:
+        raise RecordError("session record: no request to replay")
+    request = record.request
     sources = replay_sources(record)
     replayed = new_record(request, sources)
     out = ReplayResult(record=record, replayed=replayed)
@@ -226,6 +210,6 @@ def replay(record: SessionRecord) -> ReplayResult:
         raise RecordError(f"session record: replay cannot use a recorded value ({type(err).__name__}: {err}); "
                           "was the record edited by hand?") from None
     check_replay(record.decisions, out.replayed.decisions)
-    if out.error is not None and record.outcome.get("status") != "error":
+    if out.error is not None and record.outcome.status != "error":
         raise ReplayDivergence(f"replay failed where the record succeeded: {out.error.message}")
     return out

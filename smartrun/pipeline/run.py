@@ -9,8 +9,9 @@ from smartrun.errors import SmartRunError
 from smartrun.pipeline.context import RunContext, RunResult, Sources, context, save_record
 from smartrun.pipeline.launching import launch_stages
 from smartrun.pipeline.planning import check_cluster, plan_stages
-from smartrun.pipeline.request import EventSink, RunRequest, no_events
+from smartrun.request import EventSink, RunRequest, no_events
 from smartrun.session import (
+    Outcome,
     SessionRecord,
     default_session_path,
     utc_iso,
@@ -38,15 +39,15 @@ def run(request: RunRequest, sources: Sources, *, on_event: EventSink = no_event
         on_started(result)
     try:
         _run_stages(ctx, on_planned)
-        if record.outcome.get("status") is None:
-            record.outcome = {"status": "dry-run" if request.dry_run else "ok", "exit_code": 0}
+        if record.outcome.status is None:
+            record.outcome = Outcome(status="dry-run" if request.dry_run else "ok", exit_code=0)
     except SmartRunError as err:
         recorder.decide("error", {"type": type(err).__name__, "message": err.message})
-        record.outcome = {"status": "error", "exit_code": err.exit_code, "message": err.message,
-                          "error_type": type(err).__name__}
+        record.outcome = Outcome(status="error", exit_code=err.exit_code, message=err.message,
+                                 error_type=type(err).__name__)
         raise
     except KeyboardInterrupt:
-        record.outcome = {"status": "interrupted", "exit_code": 130}
+        record.outcome = Outcome(status="interrupted", exit_code=130)
         raise
     finally:
         record.finished_at = utc_iso(sources.clock.now())

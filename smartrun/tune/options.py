@@ -3,7 +3,7 @@
 TUNE_OPTIONS names each option's flag and the TuneSettings field it sets; `add_arguments` makes them
 argparse options, `settings_from_args` reads them back into TuneSettings (a bad value names its flag),
 `given` says which were typed (they need --tune) and `command_line` writes settings back out as flags.
---tune itself is a `model run` option (smartrun.pipeline.request.OPTIONS).
+--tune itself is a `model run` option (smartrun.request.OPTIONS).
 """
 
 from __future__ import annotations

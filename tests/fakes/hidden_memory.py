@@ -66,7 +66,7 @@ def measured_tokens(result: Any) -> int | None:
     """The KV tokens the stand-in printed on the healthy start."""
     for entry in reversed(result.record.launch_attempts):
         if entry.healthy:
-            return (entry.attempt.get("facts") or {}).get("kv_cache_tokens")
+            return entry.attempt.facts.kv_cache_tokens if entry.attempt.facts else None
     return None
 
 
