@@ -139,7 +139,13 @@ PROFILES: dict[str, Profile] = {
         tokens_group_aware=False,
         has_160gib_tier=False,
         native_topk_topp_bytes=16.0,
-        checked_in=("0.9.2", "0.10.1.1"),
+        # TP without NVLink: the snapshot precedes NCCL init, so NCCL's own buffers count, but there
+        # is no custom all-reduce IPC buffer or NVLS buffer over PCIe; 0.10.2 printed "0.21 GiB for
+        # non-torch memory" for 8 L40S at TP 8 (Qwen3-235B-A22B FP8 with expert parallelism; search-
+        # index file 38962983769, not in the set). Checked against pub-109 (2x L4 TP 2, 0.9.0.1): -2.8%
+        # (-21.6% with the NVLink-class term, which NVLink-connected and unknown groups keep).
+        non_torch_tp_no_nvlink_gib=0.21,
+        checked_in=("0.9.2", "0.10.1.1", "0.10.2"),
         source=(
             "vllm/v1/worker/gpu_worker.py: requested = total x util (free-memory check), snapshot taken "
             "BEFORE NCCL init; KV = requested - (weights + non_torch_increase + torch_peak_increase)"
@@ -147,8 +153,9 @@ PROFILES: dict[str, Profile] = {
         margin=0.04,
         margin_floor_gib=0.25,
         evidence=(
-            "3 public single-GPU startups (A100 40GB 0.9.2 and 0.10.1.1, 46 GB L40S-class 0.10.1): KV tokens "
-            "-1.8% to +0.4%; no TP startup measured, so TP keeps the 0.19 NCCL term (errs low)"
+            "12 public startups (A100 40GB 0.9.2 and 0.10.1.1; L40S-class 0.10.1 and 0.10.2 incl. compressed-"
+            "tensors AWQ/GPTQ W4A16; L4 0.9.0.1 and 0.10.2; Qwen2.5-VL at TP 1 and TP 2 over PCIe): KV tokens "
+            "-12.9% to +0.4%, none over by more than 0.4%; TP over NVLink unmeasured (keeps the 0.19 term, errs low)"
         ),
     ),
     "0.19": Profile(
