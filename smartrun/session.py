@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from smartrun import fileio
 from smartrun.advisor.transport import LLMReply
 from smartrun.calibration import Correction, Observation
-from smartrun.contracts import Bounds, Plan
+from smartrun.contracts import Bounds, Plan, Proposal, Rejection
 from smartrun.errors import InputError, ReplayDivergence
 from smartrun.fileio import smartrun_home, write_user_file
 from smartrun.hardware import HardwareSnapshot
@@ -109,17 +109,42 @@ class LLMExchangeRecord(RecordModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class AdviceStep(RecordModel):
+    """What became of one reply of an advisor call (its messages and the reply itself are in llm_exchanges)."""
+
+    proposal: Proposal | None = None  # as parsed from the reply; None when it held none
+    ignored: list[str] = Field(default_factory=list)  # keys of the reply the advisor does not use
+    rejections: list[Rejection] = Field(default_factory=list)  # the changes the validator refused
+    accepted: bool = False
+    kept_baseline: bool = False  # the reply changed nothing: the baseline stands, with its reason
+    error: str | None = None  # why the reply could not be used (cut off, no JSON...)
+    max_tokens: int | None = None
+    prompt_tokens_est: int | None = None
+
+
 class AdviceRecord(RecordModel):
-    """What the advisor made of its exchanges: parsed proposal, validation result, fallback reason."""
+    """One advisor call: the source and reason of the plan it returned, each reply's fate, the fallback, the cost."""
 
     kind: str = "propose"
     source: str = "static"
     reason: str = ""
-    proposal: Any = None
-    rejections: list[Any] = Field(default_factory=list)
     accepted: bool = False
     fallback: str | None = None
-    detail: dict[str, Any] = Field(default_factory=dict)
+    steps: list[AdviceStep] = Field(default_factory=list)
+    kept_baseline: bool = False
+    latency_s: float | None = None
+    tokens: list[int] = Field(default_factory=list)  # prompt, completion
+    budget_s: float | None = None  # --llm-timeout: the whole decision's budget
+    spent_s: float | None = None
+
+    @property
+    def proposal(self) -> Proposal | None:
+        """The last proposal parsed (the one accepted, when one was)."""
+        return next((s.proposal for s in reversed(self.steps) if s.proposal is not None), None)
+
+    @property
+    def rejections(self) -> list[Rejection]:
+        return [r for step in self.steps for r in step.rejections]
 
 
 class LaunchAttemptRecord(RecordModel):
@@ -234,8 +259,9 @@ class SessionRecord(RecordModel):
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """A schema-1 record's JSON in schema 2's shape (other versions are returned as they are).
 
-    Schema 1 kept `bounds` as `Bounds.to_json()` (per knob: limits and sources, no knob name, no goal) and
-    each launch attempt's argv, env, outcome, log excerpt and duration twice: beside the attempt and in it.
+    Schema 1 kept `bounds` as `Bounds.to_json()` (per knob: limits and sources, no knob name, no goal),
+    each launch attempt's argv, env, outcome, log excerpt and duration twice (beside the attempt and in
+    it) and each advisor call's last proposal and rejections twice (beside its `detail` and in it).
     Everything else already had the shape of the stage models. A part that cannot be converted is left
     as it is, so validation names it.
     """
@@ -254,7 +280,23 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     attempts = data.get("launch_attempts")
     if isinstance(attempts, list):
         data["launch_attempts"] = [_attempt_v2(a) if isinstance(a, dict) else a for a in attempts]
+    advice = data.get("advice")
+    if isinstance(advice, list):
+        data["advice"] = [_advice_v2(a) if isinstance(a, dict) else a for a in advice]
     return data
+
+
+def _advice_v2(old: dict[str, Any]) -> dict[str, Any]:
+    """One schema-1 advisor call: its `detail` (each reply's fate, the cost) becomes the record's own fields;
+    the last proposal and all rejections, which schema 1 also kept beside it, are read from the steps."""
+    new = {k: v for k, v in old.items() if k not in ("proposal", "rejections", "detail")}
+    detail: dict[str, Any] = old["detail"] if isinstance(old.get("detail"), dict) else {}
+    steps = detail.get("exchanges")
+    if steps is None and (old.get("proposal") is not None or old.get("rejections")):  # no detail: one step
+        steps = [{"proposal": old.get("proposal"), "rejections": old.get("rejections") or []}]
+    new["steps"] = steps or []
+    new.update({k: detail[k] for k in ("kept_baseline", "latency_s", "tokens", "budget_s", "spent_s") if k in detail})
+    return new
 
 
 def _attempt_v2(old: dict[str, Any]) -> dict[str, Any]:

@@ -91,10 +91,18 @@ def test_schema_1_is_migrated_keeping_every_part(path):
         assert (new.number, new.phase, new.healthy) == (was["number"], was["phase"], was["healthy"])
         assert (new.argv, new.env, new.outcome) == (was["argv"], was["env"], was["outcome"])
         assert list(new.attempt.log_excerpt) == was["log_excerpt"] and new.attempt.duration_s == was["duration_s"]
+    assert len(record.advice) == len(old["advice"])
+    for new_advice, was in zip(record.advice, old["advice"], strict=True):
+        assert to_jsonable(new_advice.proposal) == was["proposal"]
+        assert to_jsonable(new_advice.rejections) == was["rejections"]
+        assert to_jsonable(new_advice.steps) == was.get("detail", {}).get("exchanges", [])
+        assert new_advice.spent_s == was.get("detail", {}).get("spent_s")
     written = json.loads(dump_record(record))
     assert written["schema_version"] == SCHEMA_VERSION
     for entry in written["launch_attempts"]:  # stored once: in the attempt
         assert set(entry) == {"number", "phase", "healthy", "attempt"}
+    for entry in written["advice"]:  # stored once: in the steps
+        assert not {"proposal", "rejections", "detail"} & set(entry)
 
 
 def test_migrate_leaves_its_input_alone_and_other_schemas_as_they_are():

@@ -50,8 +50,7 @@ def _timeline(record: SessionRecord) -> list[str]:
         lines.append(f"advice   [{advice.kind}] source={advice.source} accepted={advice.accepted} "
                      f"reason={advice.reason or '-'}")
         for rej in advice.rejections:
-            if isinstance(rej, dict):
-                lines.append(f"  reject {rej.get('knob')}={rej.get('value')!r}: {rej.get('reason')}")
+            lines.append(f"  reject {rej.knob}={rej.value!r}: {rej.reason}")
         if advice.fallback:
             lines.append(f"  fallback: {advice.fallback}")
     for ex in exchanges:

@@ -19,6 +19,7 @@ from smartrun.request import RunRequest
 from smartrun.secrets import redact_argv
 from smartrun.session import (
     AdviceRecord,
+    AdviceStep,
     BoundsFileRecord,
     CacheRecord,
     RecordError,
@@ -368,25 +369,22 @@ def take_advice(advice: Any, rec: Recorder, result: RunResult, base: Plan, kind:
     plan = advice.plan if advice.plan is not None and advice.plan.source == "llm" else base  # the full base
     if advice.kept_baseline:  # the LLM's answer: no change. Said so, with its reason, not as source=llm
         plan = base.model_copy(update={"reason": advice.plan.reason})
-    steps = [{"proposal": to_jsonable(ex.proposal), "ignored": list(ex.ignored),
-              "rejections": [to_jsonable(r) for r in ex.rejections], "accepted": ex.accepted,
-              "kept_baseline": ex.kept_baseline, "error": ex.error, "max_tokens": ex.max_tokens,
-              "prompt_tokens_est": ex.prompt_tokens_est} for ex in advice.exchanges]
-    rejections = [r for step in steps for r in step["rejections"]]
-    result.rejected.extend(rejections)
+    steps = [AdviceStep(proposal=ex.proposal, ignored=list(ex.ignored), rejections=list(ex.rejections),
+                        accepted=ex.accepted, kept_baseline=ex.kept_baseline, error=ex.error,
+                        max_tokens=ex.max_tokens, prompt_tokens_est=ex.prompt_tokens_est) for ex in advice.exchanges]
     fallback = advice.fallback_reason
-    last = next((step["proposal"] for step in reversed(steps) if step["proposal"] is not None), None)
     entry = AdviceRecord(kind=kind, source=str(plan.source), reason=str(plan.reason or fallback or ""),
-                         proposal=last, rejections=rejections, accepted=plan.source == "llm" or advice.kept_baseline,
-                         fallback=fallback, detail={"exchanges": steps, "latency_s": advice.latency_s,
-                                                    "tokens": list(advice.tokens), "kept_baseline": advice.kept_baseline,
-                                                    "budget_s": advice.budget_s, "spent_s": advice.spent_s})
+                         accepted=plan.source == "llm" or advice.kept_baseline, fallback=fallback, steps=steps,
+                         kept_baseline=advice.kept_baseline, latency_s=advice.latency_s, tokens=list(advice.tokens),
+                         budget_s=advice.budget_s, spent_s=advice.spent_s)
+    rejections = [to_jsonable(r) for r in entry.rejections]
+    result.rejected.extend(rejections)
     rec.record.advice.append(entry)
     result.advice.append(advice)
     result.debug_lines.append(advisor.debug_line(advice))
     if fallback:
         rec.warn(f"LLM advice not used ({kind}): {fallback}; using the {plan.source} plan")
     rec.decide(f"advice.{kind}", {"source": plan.source, "params": plan.params, "rejected": rejections,
-                                  "ignored": [i for step in steps for i in step["ignored"]],
+                                  "ignored": [i for step in steps for i in step.ignored],
                                   "fallback": fallback}, entry.reason)
     return plan
