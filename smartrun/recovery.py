@@ -1,6 +1,7 @@
 """The guide's recovery ladders as rules: a classified failure -> the next proposal inside the bounds, or Stop.
 
-Ladders (vllm-run-params-guide.md 4.2 and 3.6, refined by what vLLM's own messages say):
+Ladders (the tuning guide's order for out-of-memory and too-long contexts, refined by what vLLM's own messages
+say):
 - OOM (profiling or unknown phase): lower max_model_len, then gpu_memory_utilization, then max_num_seqs.
 - OOM after the KV cache is allocated (CUDA-graph capture, sampler warm-up): the memory outside the
   utilization share ran out, and a shorter context does not give any of it back, so the ladder starts

@@ -357,7 +357,7 @@ def effective_bounds(
 ) -> Bounds:
     """vLLM's domain ∩ bounds file (global, model, GPU, goal) ∩ hardware ∩ model ∩ estimate ∩ pins.
 
-    `pins` are typed values by knob (knobs.parse_user_args(...).pins); `pin_flags` how they were typed.
+    `pins` are typed values by knob (argv.parse_user_args(...).pins); `pin_flags` how they were typed.
     """
     if goal not in GOALS:
         raise InputError(f"--goal {goal!r}: expected one of {', '.join(GOALS)}")

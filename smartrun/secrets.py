@@ -33,7 +33,7 @@ _PATTERNS = (  # the part in group "keep" stays, the rest of the match is redact
     re.compile(r"(?P<keep>)\bsk-[A-Za-z0-9_-]{8,}"),
     re.compile(r"(?P<keep>)\bhf_[A-Za-z0-9]{8,}"),
     # user:password@ in URLs; the scheme starts where a scheme character does not precede it, so a long
-    # run of letters is scanned once, not once per position (that was quadratic)
+    # run of letters is scanned once, not once per position (which would be quadratic)
     re.compile(r"(?P<keep>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]+:[^/\s@]+(?=@)"),
 )
 _SECRET_ENV = re.compile(r"(?i)^[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)[A-Z0-9_]*$")

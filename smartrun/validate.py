@@ -85,7 +85,7 @@ def _combination(bounds: Bounds, params: dict[str, Any]) -> str | None:
 def check(bounds: Bounds, base: Plan, proposal: Proposal, fit_check: FitCheck | None = None) -> Verdict:
     """Accept the whole proposal on top of `base`, or reject it with every reason; never clamps.
 
-    `fit_check(params)` (see rules.fit_check) returns why a full parameter set will not start.
+    `fit_check(params)` (see fit.fit_check) returns why a full parameter set will not start.
     """
     rejections: list[Rejection] = []
     accepted: dict[str, Any] = {}

@@ -1,6 +1,6 @@
 """The one parser of vLLM's log lines: startup figures, progress phases and failure classes.
 
-vLLM's wording changes between versions (see vllm_facts.md section 3), so every pattern lists the
+vLLM's wording changes between versions, so every pattern lists the
 variants seen in real logs. Lines carry process prefixes such as `(EngineCore pid=1) INFO ... [file.py:12]`;
 all patterns match on substrings. Launch uses this for progress and diagnosis, the estimator benchmark
 and the saved-parameters cache use `parse_startup` to learn what vLLM really did.

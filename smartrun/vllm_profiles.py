@@ -19,7 +19,7 @@ from smartrun.frozen import Frozen
 
 
 class Profile(Frozen):
-    """vLLM behaviour that changes the memory budget (vllm_facts.md 1.6, 2.3, 4.3)."""
+    """vLLM behaviour that changes the memory budget: defaults, what the worker subtracts, how it counts tokens."""
 
     name: str
     versions: str  # the range it covers, in words
@@ -196,7 +196,7 @@ PROFILES: dict[str, Profile] = {
         cudagraph_subtracted=True,
         tokens_group_aware=True,
         has_160gib_tier=True,
-        source="as 0.20; 160 GiB default tier; group-aware token count (vllm_facts.md 1.3, 2.3)",
+        source="as 0.20; 160 GiB default tier; group-aware token count (the hybrid KV cache manager)",
         margin=0.06,
         margin_floor_gib=0.5,
         evidence="no measured startup: the 0.19 terms plus the graph estimate (4.6% median, +21% worst in-sample)",

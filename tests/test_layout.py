@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "smartrun"
@@ -114,3 +115,23 @@ def test_no_module_is_over_600_lines_outside_the_estimator_package():
     assert "smartrun/rules.py" in sizes and not any(name.startswith("smartrun/memory/") for name in sizes)
     over = {name: lines for name, lines in sizes.items() if lines > MAX_LINES}
     assert over == {}, f"split these along a seam: {over}"
+
+
+def _readme_module_map() -> str:
+    """The right-hand column of the README's module map (the code block that starts with `detect hardware`)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme[readme.index("```\ndetect hardware") + 4:]
+    block = block[: block.index("```")]
+    return " ".join(line[54:] for line in block.splitlines())
+
+
+def test_the_readme_module_map_names_only_modules_that_exist():
+    text = _readme_module_map()
+    named: set[Path] = set()
+    for package, members in re.findall(r"(?:smartrun/)?([\w/]+/) \(([^)]*)\)", text):
+        named |= {PACKAGE / package / f"{member.strip()}.py" for member in members.split(",")}
+    text = re.sub(r"\([^)]*\)", "", text)
+    named |= {PACKAGE / path for path in re.findall(r"(?:smartrun/)?([\w/]+\.py|\w+/)", text)}
+    assert {PACKAGE / "memory" / "budget.py", PACKAGE / "rules.py", PACKAGE / "pipeline/"} <= named
+    missing = sorted(str(path.relative_to(PACKAGE.parent)) for path in named if not path.exists())
+    assert missing == [], f"the README's module map names what is not there: {missing}"

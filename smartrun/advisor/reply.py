@@ -194,7 +194,7 @@ def _json_objects(text: str) -> list[tuple[int, Any]]:
     return found
 
 
-# only a "{" that can open an object: decoding from every "{" of "{{{{..." was quadratic
+# only a "{" that can open an object: decoding from every "{" of "{{{{..." would be quadratic
 _OBJECT_START = re.compile(r"\{(?=\s*[\"}])")
 
 

@@ -2,7 +2,8 @@
 
 CONTRACT (types below are shared by rules, validate, launch and the CLI; add fields, do not rename).
 
-The budget follows vLLM's own worker (vllm_facts.md 1.2-1.6):
+The budget follows vLLM's own worker (vllm/v1/worker/gpu_worker.py determine_available_memory; V0:
+vllm/worker/worker.py determine_num_available_blocks):
     total     = NVML memory.total - CUDA_RESERVED_MIB (what cudaMemGetInfo/torch report)
     requested = ceil(util x total); start fails if free-at-start < requested (V1 only)
     kv        = requested - weights - activation peak - non-torch [- CUDA graph estimate, 0.20+]

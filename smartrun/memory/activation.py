@@ -30,7 +30,7 @@ class Coefficients(Frozen):
     graph_per_expert: float = 0.0047  # per layer and routed expert per token (MoE)
     # "Model loading took" exceeds the tensors' bytes by the allocator's rounding and the loader's
     # leftovers: the mean excess over the 0.19 logs (0-1.4%; Qwen2-72B at tp2 +0.12%, whose thin KV
-    # was over-predicted by 3% without it).
+    # cache is over-predicted by 3% without it).
     weight_load_slack: float = 0.0017
 
 

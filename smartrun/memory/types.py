@@ -94,7 +94,7 @@ class GpuSpec(Frozen):
 
     @classmethod
     def from_name(cls, name: str) -> GpuSpec:
-        """From the shipped GPU table (a copy of reference/gpus.json). EstimateError lists close matches."""
+        """From the shipped GPU table (smartrun/data/gpus.json). EstimateError lists close matches."""
         row = match_gpu(name)
         return cls(
             name=row["nvml_name"],
@@ -162,7 +162,7 @@ class MemoryEstimate(Frozen):
     fits: bool
     reason: str | None = None  # why not, with the shortfall in GiB
     largest_max_model_len: int  # largest max_model_len that fits (vLLM's own estimate)
-    # The plan-safe low end of the profile's uncertainty band (None in records made before it existed).
+    # The plan-safe low end of the profile's uncertainty band (None in a recorded estimate without one).
     kv_cache_tokens_low: int | None = None
     max_concurrency_low: float | None = None
     largest_max_model_len_low: int | None = None

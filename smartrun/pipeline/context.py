@@ -117,7 +117,8 @@ class RunResult:
         return self.record.estimate
 
     def json_summary(self) -> dict[str, Any]:
-        """The one object `--json` prints (issue 6 shape, plus warnings and session)."""
+        """The one object `--json` prints: the plan (source, params, provenance, reason), argv, bounds,
+        rejections, estimate, LLM decisions, warnings, outcome and the session record's path."""
         return {
             "source": self.plan.source if self.plan else None,
             "params": to_jsonable(self.plan.params) if self.plan else {},
