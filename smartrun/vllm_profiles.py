@@ -39,6 +39,9 @@ class Profile(Frozen):
     # TP >= 2 on GPUs known to have no NVLink (None = use the figure above / the fitted one)
     non_torch_tp_no_nvlink_gib: float | None = None
     no_nvlink_fitted_on: tuple[str, ...] = ()  # public startups that figure was read from (in-sample)
+    # NCCL's NVLink SHARP buffers per GPU of a TP group of 3+ NVLS-capable GPUs (HGX Hopper), GiB,
+    # where the profile's budget counts them (see the "0.6" profile); 0 = not counted / not measured.
+    nvls_gib_per_rank: float = 0.0
     big_tier_includes_a100: bool = False  # 0.8: >= 70 GiB gets 8192/1024 whatever the name
     mla_latent_cache: bool = True  # False before 0.7.1: DeepSeek MLA cached full heads padded to 256
     # V0 0.7.2-0.7.3 (VLLM_CUDA_MEM_ALIGN_KV_CACHE, default on) pads the MLA entry to 256 bytes of the
@@ -86,6 +89,17 @@ PROFILES: dict[str, Profile] = {
         # NVLink-class fitted figure (pub-017: 8x A100 SXM4 40GB, 0.7.1, TP 8 printed 2.10 GiB; the
         # earlier 0.25 for every TP group over-predicted that startup's KV cache by 7%)
         non_torch_tp_no_nvlink_gib=0.25,
+        # TP of 3+ on NVLS-capable GPUs (HGX H100/H200): V0's baseline snapshot is taken before
+        # init_distributed_environment (worker.py init_device), and the profile run creates a second
+        # NCCL communicator: the logits are gathered to rank 0 with torch.distributed.gather on the TP
+        # device group (base_device_communicator.gather, 0.7.3), lazily initialised then; the pynccl one
+        # exists from init. On NVSwitch Hopper NCCL gives each one NVLS buffers of nvlsPerRankSize x
+        # group size (src/transport/nvls.cc ncclNvlsSetup; NCCL_NVLS_ENABLE is not set by vLLM).
+        # Measured apart from the cases here: vllm-project/vllm#9699 (8x H200, TP 8, V0): NVLS off
+        # raised the GPU blocks of Llama-3.1-405B from 17595 to 227xx (1,032,192 B a block), 4.91-5.00
+        # GiB a GPU; NCCL's own line there gives 2.25 GiB a communicator. The upper end per GPU of the
+        # group. DeepSeek-R1 on 8x H200 (0.7.3) printed non-torch 7.16 GiB: 2.35 + 5.00 = 7.35 predicted.
+        nvls_gib_per_rank=0.625,
         checked_in=("0.6.6.post1", "0.7.1", "0.7.2", "0.7.3", "0.8.5.post1", "0.10.1.1"),
         source=(
             "vllm/worker/worker.py determine_num_available_blocks: KV = total x util - (weights + "
@@ -94,11 +108,12 @@ PROFILES: dict[str, Profile] = {
         margin=0.06,
         margin_floor_gib=0.35,
         evidence=(
-            "11 held-out V0 startups with KV tokens (4 T4 0.6.6-0.8.2, 2 RTX 3090 ~0.6.4/0.6.6, L40 0.7.2, "
+            "12 held-out V0 startups with KV tokens (4 T4 0.6.6-0.8.2, 2 RTX 3090 ~0.6.4/0.6.6, L40 0.7.2, "
             "V100 32GB 0.7.1, 2x RTX 4090 TP 2 0.7.x, DeepSeek-V2-Lite MLA on an L40S 0.7.2 and on 8x A100 "
-            "TP 8 0.7.1): KV tokens -14.8% to +1.4%, median -2.6%; single-GPU non-torch prints 0.01-0.11 GiB "
-            "from 0.6.6 (0.35 on ~0.6.4), below the 0.25 used (errs low); MLA activation at 40k batched "
-            "tokens over-counted (pub-016 -12.7%)"
+            "TP 8 0.7.1, DeepSeek-R1 fp8 MLA on 8x H200 TP 8 0.7.3): KV tokens -7.8% to +0.0%, median -2.7%; "
+            "single-GPU non-torch prints 0.01-0.11 GiB from 0.6.6 (0.35 on ~0.6.4), below the 0.25 used "
+            "(errs low); R1 printed 0.66 GiB more activation than the source count (not explained) and "
+            "1.2 GiB less non-torch than the NVLS + gather-root terms"
         ),
     ),
     "0.8": Profile(

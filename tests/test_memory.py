@@ -889,3 +889,75 @@ def test_tp_without_nvlink_on_0_9_and_0_10_uses_the_printed_pcie_figure():
     assert estimate(LLAMA8, [H100] * 2, flags, "0.10.2").non_torch_gib > 2  # NVLink: unmeasured, errs low
     row = HELD_OUT["pub-109"]
     assert -3 <= 100 * (row["tok_pred"] - row["tok_real"]) / row["tok_real"] <= 0
+
+
+R1 = bench.facts_for(CONFIGS["deepseek-ai/deepseek-r1"], "deepseek-ai/DeepSeek-R1")
+H200 = GpuSpec.from_name("H200")
+R1_FLAGS = EngineFlags(
+    tensor_parallel_size=8, gpu_memory_utilization=0.85, max_model_len=128000, max_num_seqs=1024,
+    max_num_batched_tokens=32000,
+)
+
+
+def test_v0_fp8_mla_requantizes_its_absorbed_matrices():
+    """0.7.3 mla/utils.py: an fp8 checkpoint's W_Q_UK and W_UV_O are requantized to fp8 with block
+    scales, W_QR stays in the model dtype and the dequantized kv_b_proj stays alive (W_UK/W_UV views).
+    DeepSeek-R1 at TP 8 (pub-201) printed 83.88 GiB; 16-bit copies would make it 87.7."""
+    assert HELD_OUT["pub-201"]["w_pred"] == pytest.approx(83.88, rel=0.002)
+    heads, q_in, r, h = 128 // 8, 1536, 512, 7168
+    fp8 = (q_in * heads * r + heads * r * h) + heads * q_in * 64 * 2 + r * heads * 256 * 2
+    v073 = estimate(R1, [H200] * 8, R1_FLAGS, "0.7.3").weights_gib
+    v070 = estimate(R1, [H200] * 8, R1_FLAGS, "0.7.0").weights_gib  # no absorption before 0.7.1
+    assert v073 - v070 == pytest.approx(61 * fp8 / GIB, abs=0.02)
+
+
+def test_v0_moe_caches_are_per_call_and_a_layer_is_dense_or_moe():
+    """V0 fused_experts_impl frees its caches on return, so the sampler phase does not hold them, and
+    DeepSeek's dense layers and MoE layers peak apart: pub-017 printed 0.36 GiB activation (0.42 when
+    the two MLPs were summed), pub-016 4.02 (5.86 summed; 4.50 now, 1.09 of it the offloaded layer's
+    weights copied in for its forward). V1 keeps the fitted, summed form."""
+    assert HELD_OUT["pub-017"]["act_pred"] == pytest.approx(0.36, abs=0.01)
+    assert 4.02 <= HELD_OUT["pub-016"]["act_pred"] <= 4.02 + 0.5  # was 5.86
+    mnbt = 40000
+    moe_ws = mnbt * 6 * (3 * 1408 + 2048) * 2
+    held = mnbt * 4 * 2048 * 2
+    assert activation(DSV2, "bfloat16", 1, 256, mnbt, True, 36.8, per_call_moe=True) == moe_ws + held
+    assert activation(DSV2, "bfloat16", 1, 256, mnbt, True, 36.8) == moe_ws + held + mnbt * 3 * 10944 * 2
+    # an fp8 checkpoint's first MoE GEMM quantizes its input while the caches are held (R1, TP 8):
+    r1_ws = 32000 * 8 * (3 * 256 + 7168) * 2 + 32000 * 7168 + 32000 * 56 * 4
+    assert activation(R1, "bfloat16", 8, 1024, 32000, True, 36.8, per_call_moe=True) == r1_ws + 32000 * 4 * 7168 * 2
+
+
+def test_cpu_offload_holds_the_largest_offloaded_layer_while_it_runs():
+    """models/utils.py maybe_offload_to_cpu: functional_call over `v.to(device)` copies of the layer's
+    state_dict, so one offloaded layer is on the GPU at a time (DeepSeek-V2-Lite: an MoE layer, 1.09 GiB)."""
+    flags = EngineFlags(max_model_len=4096, enforce_eager=True)
+    base = estimate(DSV2, [GpuSpec.from_name("L40S")], flags, "0.7.2").activation_gib
+    off = estimate(DSV2, [GpuSpec.from_name("L40S")], flags.model_copy(update={"cpu_offload_gb": 30}), "0.7.2")
+    assert off.activation_gib - base == pytest.approx(1.09, abs=0.02)
+    small = estimate(DSV2, [GpuSpec.from_name("L40S")], flags.model_copy(update={"cpu_offload_gb": 0.5}), "0.7.2")
+    assert small.activation_gib - base == pytest.approx(0.5, abs=0.01)  # never more than was offloaded
+
+
+def test_v0_tp_on_hopper_nvswitch_counts_nvls_and_the_gather_roots_p2p_buffers():
+    """V0 (baseline before NCCL init) on 8x H200: NVLS buffers per GPU of the group (vllm#9699: 4.91-5.00
+    GiB at TP 8, the upper end) and, on rank 0, NCCL p2p receive buffers for the logits gather
+    (7 peers x 16 channels x 9.19 MiB on Hopper). Not on two GPUs (NCCL: NVLS needs 3+), not on
+    A100s (no NVLS; P2P read keeps SIMPLE on the sender), not on V1 (all_gather, no p2p)."""
+    from smartrun.memory.activation import v0_gather_root_bytes
+
+    base = FITTED.non_torch_tp_base + FITTED.non_torch_tp_slope * 8
+    root = 7 * 16 * (8 * 512 * 8 * 16 + 120 * 640 * 8 * 8 + (4 << 20))
+    est = estimate(R1, [H200] * 8, R1_FLAGS, "0.7.3")
+    assert est.non_torch_gib == pytest.approx(base + 5.0 + root / GIB, abs=0.01)
+    assert v0_gather_root_bytes(8, "8.0") == 7 * 16 * (8 * 512 * 8 * 16 + 120 * 640 * 8 * 8)
+    two = estimate(LLAMA8, [H200] * 2, EngineFlags(tensor_parallel_size=2, max_model_len=4096), "0.7.3")
+    assert two.non_torch_gib == pytest.approx(FITTED.non_torch_tp_base + 2 * FITTED.non_torch_tp_slope
+                                              + v0_gather_root_bytes(2, "9.0") / GIB, abs=0.01)
+    a100 = GpuSpec.from_name("A100-SXM4-80GB")
+    eight = EngineFlags(tensor_parallel_size=8, max_model_len=4096)
+    assert not a100.nvls_capable and H200.nvls_capable and not GpuSpec.from_name("H100 PCIe").nvls_capable
+    v1 = estimate(LLAMA8, [H200] * 8, eight, "0.10.1").non_torch_gib
+    assert v1 < est.non_torch_gib - 5  # the V1 profiles do not take the V0 terms
+    row = HELD_OUT["pub-201"]  # R1: KV tokens within the V0 tolerance and the low end below what vLLM had
+    assert -5 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 0 and row["tok_low"] <= row["tok_real"]

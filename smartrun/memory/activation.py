@@ -6,6 +6,7 @@ import math
 
 from smartrun.frozen import Frozen
 from smartrun.memory.types import DTYPE_BYTES, GIB
+from smartrun.memory.weights import _is_moe_layer
 from smartrun.model import ModelFacts
 from smartrun.vllm_profiles import Profile
 
@@ -53,6 +54,7 @@ def activation_bytes(
     first: bool = True,
     pp: int = 1,
     pp_buffers: float = FITTED.pp_hidden_buffers,
+    per_call_moe: bool = False,
 ) -> int:
     """Peak transient memory of vLLM's profile run.
 
@@ -68,9 +70,9 @@ def activation_bytes(
     Multimodal models first run their encoder on a dummy batch and keep its outputs (about mnbt
     embeddings of the text hidden size, on every TP rank of the first stage) through both phases.
     With PP, each stage also holds `pp_buffers` (fitted) mnbt x hidden buffers: the hidden and
-    residual states it sends on or receives.
+    residual states it sends on or receives. `per_call_moe`: see activation_terms (V0).
     """
-    fixed, per_logit = activation_terms(model, dtype, tp, max_num_seqs, mnbt, last, first)
+    fixed, per_logit = activation_terms(model, dtype, tp, max_num_seqs, mnbt, last, first, per_call_moe)
     pp_hold = pp_buffers * pp_buffer_bytes(model, dtype, mnbt) if pp > 1 else 0
     return int(max(fixed[0] + per_logit * sampler_extra, fixed[1]) + pp_hold)
 
@@ -81,12 +83,26 @@ def pp_buffer_bytes(model: ModelFacts, dtype: str, mnbt: int) -> int:
 
 
 def activation_terms(
-    model: ModelFacts, dtype: str, tp: int, max_num_seqs: int, mnbt: int, last: bool, first: bool = True
+    model: ModelFacts,
+    dtype: str,
+    tp: int,
+    max_num_seqs: int,
+    mnbt: int,
+    last: bool,
+    first: bool = True,
+    per_call_moe: bool = False,
 ) -> tuple[tuple[int, int], int]:
     """((sampler phase without the fitted part, forward phase), logit elements) in bytes/elements.
 
     The sampler phase is fixed[0] + logit_elements x sampler_extra_bytes; kept apart so the fit
     routine sees the same physical features the estimate uses.
+
+    `per_call_moe` (V0, 0.6-0.7.3): fused_experts_impl allocates its three caches on every call and
+    frees them on return (vllm/model_executor/layers/fused_moe/fused_moe.py, 0.7.2 l.1172-1182), so
+    they are gone when the sampler runs; and a decoder layer is either dense or MoE (DeepSeek's
+    first_k_dense_replace layers), so the forward peak is the larger of the two MLPs, not their sum.
+    pub-016 (DeepSeek-V2-Lite, 40k tokens) printed 4.02 GiB against 5.86 summed; pub-017 0.36 against
+    0.42. The V1 estimate keeps the summed, held form its 0.19 coefficients were fitted with.
     """
     dtype_bytes = DTYPE_BYTES[dtype]
     h = model.hidden_size
@@ -104,10 +120,17 @@ def activation_terms(
     else:
         encoder_cache = mnbt * h * dtype_bytes if model.is_multimodal and first else 0
     held += encoder_cache
-    forward = mnbt * (3 * model.intermediate_size // tp + 4 * h) * dtype_bytes + moe_ws + encoder_cache
+    sampler_fixed = logits * dtype_bytes + held + moe_ws
+    if per_call_moe and model.moe is not None:
+        dense_inter = model.moe.dense_intermediate_size or model.intermediate_size
+        dense = 3 * dense_inter // tp * mnbt * dtype_bytes if _has_dense_layer(model) else 0
+        forward = max(dense, moe_ws + _fp8_moe_input_bytes(model, mnbt)) + mnbt * 4 * h * dtype_bytes + encoder_cache
+        sampler_fixed -= moe_ws
+    else:
+        forward = mnbt * (3 * model.intermediate_size // tp + 4 * h) * dtype_bytes + moe_ws + encoder_cache
     if vision is not None:
         forward = max(forward, qwen_vl_encoder_peak_bytes(model, dtype, tp, vision[1]) + encoder_cache)
-    return (logits * dtype_bytes + held + moe_ws, forward), logits
+    return (sampler_fixed, forward), logits
 
 
 # Qwen2-VL / Qwen2.5-VL: vLLM profiles the encoder on one image of the processor's largest size
@@ -150,6 +173,22 @@ def qwen_vl_encoder_peak_bytes(model: ModelFacts, dtype: str, tp: int, patches: 
     return patches * pixel * 4 + patches * max(attention, mlp) * dtype_bytes
 
 
+def _fp8_moe_input_bytes(model: ModelFacts, mnbt: int) -> int:
+    """An fp8 (w8a8) checkpoint's fused-MoE first GEMM quantizes its input while the caches are held:
+    one byte a hidden element plus fp32 scales per 128-element group with block quantization
+    (invoke_fused_moe_kernel -> per_token_group_quant_fp8 / scaled_fp8_quant, 0.7.3)."""
+    if model.quantization is None or model.quantization.method != "fp8":
+        return 0
+    block = (model.quantization.raw.get("weight_block_size") or [0, 0])[-1] or 0
+    scales = mnbt * math.ceil(model.hidden_size / block) * 4 if block else 0
+    return mnbt * model.hidden_size + scales
+
+
+def _has_dense_layer(model: ModelFacts) -> bool:
+    """Whether any decoder layer runs a plain MLP instead of the experts."""
+    return any(not _is_moe_layer(model, i) for i in range(model.num_hidden_layers))
+
+
 def non_torch_bytes(
     tp: int,
     pp: int,
@@ -157,6 +196,7 @@ def non_torch_bytes(
     coeffs: Coefficients = FITTED,
     profile: Profile | None = None,
     without_nvlink: bool = False,
+    nvls: bool = False,
 ) -> int:
     """Non-torch growth during profiling: CUDA context/cuBLAS workspaces (~0.25 GiB on one GPU).
 
@@ -167,7 +207,16 @@ def non_torch_bytes(
     less with TP, 0.8 counts the whole CUDA context. A TP group known to have no NVLink uses its
     profile's `non_torch_tp_no_nvlink_gib` where one was measured (NCCL over PCIe/shared memory,
     no custom all-reduce without P2P); elsewhere the fitted NVLink-class figure (errs low).
+    `nvls`: the group can use NVLink SHARP (GpuSpec.nvls_capable); groups of 3+ GPUs then add the
+    profile's `nvls_gib_per_rank` per GPU of the group (NCCL sizes its NVLS buffers by the group).
     """
+    extra = profile.nvls_gib_per_rank * tp if nvls and tp > 2 and profile is not None else 0.0
+    return _non_torch_base(tp, pp, v0_engine, coeffs, profile, without_nvlink) + int(extra * GIB)
+
+
+def _non_torch_base(
+    tp: int, pp: int, v0_engine: bool, coeffs: Coefficients, profile: Profile | None, without_nvlink: bool
+) -> int:
     if tp >= 2 and without_nvlink and profile is not None and profile.non_torch_tp_no_nvlink_gib is not None:
         return int(profile.non_torch_tp_no_nvlink_gib * GIB)
     if profile is not None and (profile.non_torch_single_gib is not None or profile.non_torch_tp_gib is not None):
@@ -182,6 +231,34 @@ def non_torch_bytes(
     if tp >= 2:
         return int((coeffs.non_torch_tp_base + coeffs.non_torch_tp_slope * tp) * GIB)
     return int((coeffs.non_torch_single if pp == 1 else coeffs.non_torch_pp_only) * GIB)
+
+
+# One NCCL p2p receive connection's buffers (NCCL 2.21, torch 2.5; cudaMalloc'd, vLLM sets
+# NCCL_CUMEM_ENABLE=0): LL 8 lines x 512 threads x 8 steps x 16 B, LL128 120 x 640 x 8 x 8 B, and the
+# 4 MiB SIMPLE buffer unless P2P read puts it on the sender (NVLink between compute capability 8.0
+# GPUs only): src/include/device.h, src/init.cc DEFAULT_*_BUFFSIZE, src/transport/p2p.cc p2pRecvSetup,
+# src/graph/paths.cc ncclTopoCheckP2p.
+P2P_RECV_BYTES = 8 * 512 * 8 * 16 + 120 * 640 * 8 * 8
+P2P_SIMPLE_BYTES = 4 << 20
+# Channels NCCL connects per peer on first send/recv (enqueue.cc pre-connects all p2pnChannelsPerPeer):
+# nextPow2(min(comm channels up to 32, 2 x NVLinks to the peer)), at least 16 on NVLink boards
+# (A100 12 links, H100/H200 18); the lower bound is used.
+P2P_CHANNELS_PER_NVLINK_PEER = 16
+
+
+def v0_gather_root_bytes(tp: int, compute_capability: str) -> int:
+    """V0 TP over NVLink: rank 0 (the driver, whose budget is the smallest) receives every rank's logits.
+
+    vLLM 0.6-0.7 gathers the logits to rank 0 with torch.distributed.gather on the TP device group
+    (distributed/device_communicators/base_device_communicator.py gather, 0.7.3); torch's NCCL process
+    group runs it as one ncclRecv per peer, so the profile run connects tp-1 peers x the channels per
+    peer on rank 0, each with its receive buffers (non-torch memory, after V0's baseline snapshot).
+    V1 gathers with all_gather (a collective: no p2p connections)."""
+    if tp < 2:
+        return 0
+    read = compute_capability.split(".")[:2] == ["8", "0"]
+    per_connection = P2P_RECV_BYTES + (0 if read else P2P_SIMPLE_BYTES)
+    return (tp - 1) * P2P_CHANNELS_PER_NVLINK_PEER * per_connection
 
 
 def cudagraph_features(model: ModelFacts, num_layers_rank: int, tp: int) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from smartrun.memory.activation import (
     activation_bytes,
     cudagraph_bytes,
     non_torch_bytes,
+    v0_gather_root_bytes,
 )
 from smartrun.memory.correction import Correction
 from smartrun.memory.kv import KVGroup, blocks_per_request, kv_bytes_per_token_layer, kv_groups, layer_kinds
@@ -34,6 +35,7 @@ from smartrun.memory.weights import (
     _gpu_list,
     _kv_bytes_per_element,
     _mla_absorbed_bytes,
+    _offloaded_layer_bytes,
     _quant_layout,
     _rank_weight_bytes,
     allocator_rounding_bytes,
@@ -101,11 +103,21 @@ def _stage_budgets(
             stage.first,
             pp,
             coeffs.pp_hidden_buffers,
+            profile.v0_engine,
         )
+        activation += _offloaded_layer_bytes(model, dtype, tp, stage, flags.cpu_offload_gb)
         group = gpus[stage_idx * tp : (stage_idx + 1) * tp]
         non_torch = non_torch_bytes(
-            tp, pp, profile.v0_engine, coeffs, profile, bool(group) and all(g.without_nvlink for g in group)
+            tp,
+            pp,
+            profile.v0_engine,
+            coeffs,
+            profile,
+            bool(group) and all(g.without_nvlink for g in group),
+            bool(group) and all(g.nvls_capable for g in group),
         )
+        if profile.v0_engine and stage.last and group and all(g.has_nvlink for g in group):
+            non_torch += v0_gather_root_bytes(tp, min((g.compute_capability for g in group), key=_cc_key))
         graphs = cudagraph_bytes(
             model, len(stage.layers), tp, flags.enforce_eager, flags.optimization_level, coeffs
         )

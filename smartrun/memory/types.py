@@ -35,6 +35,7 @@ CUDA_RESERVED_MIB_BY_GPU = {
     "NVIDIA GeForce RTX 3090": 24576 - 23.58 * 1024,  # vsl-001/002
     "NVIDIA L40S": 46068 - 44.39 * 1024,  # an L40 (same 46068 MiB part) V0 log (search-index file 60430572081)
     "NVIDIA L40": 46068 - 44.39 * 1024,
+    "NVIDIA H200": 143771 - 139.81 * 1024,  # 8 x H200 V0 log (search-index file 20903468563): 139.81 GiB
 }
 
 # GPU models whose cards have no peer access to each other with the stock driver (so neither NVLink
@@ -82,6 +83,31 @@ class GpuSpec(Frozen):
             return match_gpu(self.name).get("nvlink") is False
         except EstimateError:
             return False
+
+    @property
+    def has_nvlink(self) -> bool:
+        """True only where known: said so, or a GPU model the table lists with NVLink (SXM boards)."""
+        if self.nvlink is not None:
+            return self.nvlink
+        try:
+            return match_gpu(self.name).get("nvlink") is True
+        except EstimateError:
+            return False
+
+    @property
+    def nvls_capable(self) -> bool:
+        """NVLink SHARP (NCCL's NVLS algorithm) is possible: an SXM board of compute capability 9.0+ with
+        NVLink (the HGX NVSwitch nodes). NCCL turns it on by itself for groups of more than two GPUs
+        there (src/transport/nvls.cc ncclNvlsInit: NVLS_ENABLE default 2 = when the device reports
+        multicast support). Unknown GPUs: False."""
+        if self.nvlink is False:
+            return False
+        try:
+            row = match_gpu(self.name)
+        except EstimateError:
+            return False
+        major = int((self.compute_capability or "0").split(".")[0])
+        return str(row.get("form_factor") or "").startswith("SXM") and major >= 9 and row.get("nvlink") is not False
 
     @classmethod
     def from_gpu(cls, gpu: GpuInfo) -> GpuSpec:

@@ -502,14 +502,40 @@ def _mla_absorbed_bytes(model: ModelFacts, dtype: str, tp: int, layers: int, pro
     (vllm/attention/backends/mla/utils.py process_weights_after_loading, VLLM_MLA_PERFORM_MATRIX_
     ABSORPTION on): W_Q_UK (q_in x heads*kv_lora), W_UV_O (heads*kv_lora x hidden) and W_QR (q_in x
     heads*rope) per layer, heads split by TP; counted in "Loading model weights took" (pub-017:
-    3.97 GiB printed, 0.22 GiB of it these). Gone in 0.8 (views of kv_b_proj instead)."""
+    3.97 GiB printed, 0.22 GiB of it these). Gone in 0.8 (views of kv_b_proj instead).
+
+    An fp8 checkpoint (DeepSeek-V3/R1) requantizes W_Q_UK and W_UV_O to fp8 with the checkpoint's
+    block scales (VLLM_MLA_DISABLE_REQUANTIZATION off), keeps W_QR in the model dtype, and keeps the
+    dequantized kv_b_proj alive (W_UK/W_UV are views of get_and_maybe_dequant_weights' new tensor):
+    DeepSeek-R1 at TP 8 on 0.7.3 printed 83.88 GiB, 87.73 predicted with 16-bit copies, 83.92 so."""
     if model.mla is None or not profile.mla_absorbed_weights:
         return 0
     m = model.mla
+    act = DTYPE_BYTES.get(dtype, 2)
     heads = max(1, model.num_attention_heads // tp)
     q_in = m.q_lora_rank or model.hidden_size
-    per_layer = heads * (q_in * m.kv_lora_rank + m.kv_lora_rank * model.hidden_size + q_in * m.qk_rope_head_dim)
-    return per_layer * layers * DTYPE_BYTES.get(dtype, 2)
+    q_uk, uv_o = q_in * heads * m.kv_lora_rank, heads * m.kv_lora_rank * model.hidden_size
+    qr = heads * q_in * m.qk_rope_head_dim
+    if model.quantization is None or model.quantization.method != "fp8":
+        return (q_uk + uv_o + qr) * layers * act
+    block = (model.quantization.raw.get("weight_block_size") or [0, 0])[0] or 0
+    scales = 4 * (math.ceil(q_in / block) * math.ceil(heads * m.kv_lora_rank / block)
+                  + math.ceil(heads * m.kv_lora_rank / block) * math.ceil(model.hidden_size / block)) if block else 8
+    kv_b = m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim) * act
+    return (q_uk + uv_o + scales + qr * act + kv_b) * layers
+
+
+def _offloaded_layer_bytes(model: ModelFacts, dtype: str, tp: int, stage: RankWeights, offload_gib: float) -> int:
+    """GPU bytes an offloaded decoder layer takes while it runs: maybe_offload_to_cpu wraps the layer's
+    forward in functional_call over `v.to(device)` copies of its whole state_dict, freed when the
+    layer returns (vllm/model_executor/models/utils.py, 0.7.2 l.487-540), so the profile's peak holds
+    the largest offloaded layer once (pub-016: DeepSeek-V2-Lite, 1.09 GiB for an MoE layer)."""
+    if offload_gib <= 0 or not stage.layers:
+        return 0
+    db = DTYPE_BYTES[dtype]
+    rope = rope_cache_params(model) * db
+    largest = max(_rank_weight_bytes(model, db, tp, range(i, i + 1), False, False) - rope for i in stage.layers)
+    return min(largest, int(offload_gib * GIB))
 
 
 def _after_cpu_offload(
