@@ -105,7 +105,8 @@ def _stage_budgets(
             coeffs.pp_hidden_buffers,
             profile.v0_engine,
         )
-        activation += _offloaded_layer_bytes(model, dtype, tp, stage, flags.cpu_offload_gb)
+        if profile.v0_engine:  # V1 maps offloaded weights through UVA instead of copying them in
+            activation += _offloaded_layer_bytes(model, dtype, tp, stage, flags.cpu_offload_gb)
         group = gpus[stage_idx * tp : (stage_idx + 1) * tp]
         non_torch = non_torch_bytes(
             tp,

@@ -529,7 +529,9 @@ def _offloaded_layer_bytes(model: ModelFacts, dtype: str, tp: int, stage: RankWe
     """GPU bytes an offloaded decoder layer takes while it runs: maybe_offload_to_cpu wraps the layer's
     forward in functional_call over `v.to(device)` copies of its whole state_dict, freed when the
     layer returns (vllm/model_executor/models/utils.py, 0.7.2 l.487-540), so the profile's peak holds
-    the largest offloaded layer once (pub-016: DeepSeek-V2-Lite, 1.09 GiB for an MoE layer)."""
+    the largest offloaded layer once (pub-016: DeepSeek-V2-Lite, 1.09 GiB for an MoE layer). V0 only:
+    the V1 engine maps the pinned CPU copy into the GPU's address space (UVA, get_cuda_view_from_cpu_tensor,
+    0.9.2 l.567-603) and copies nothing in."""
     if offload_gib <= 0 or not stage.layers:
         return 0
     db = DTYPE_BYTES[dtype]
