@@ -88,7 +88,6 @@ class RunResult:
     command: str = ""  # the shell line to rerun the healthy launch by hand (env prefix + argv)
     secrets: tuple[str, ...] = ()  # values the CLI must not print either (API keys)
     debug_lines: list[str] = field(default_factory=list)
-    calibration: Correction | None = None  # the correction every estimate of this run used
     placement: Any = None  # cluster.ClusterPlacement when the hardware is a cluster
 
     @property
@@ -115,6 +114,11 @@ class RunResult:
     @property
     def estimate(self) -> MemoryEstimate | None:
         return self.record.estimate
+
+    @property
+    def calibration(self) -> Correction | None:
+        """The correction every estimate of this run used."""
+        return self.record.calibration.used
 
     def json_summary(self) -> dict[str, Any]:
         """The one object `--json` prints: the plan (source, params, provenance, reason), argv, bounds,

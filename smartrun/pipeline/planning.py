@@ -71,7 +71,6 @@ def plan_stages(ctx: RunContext) -> None:
                  "default profile")
 
     correction = _calibration(sources, rec, hw, version)
-    result.calibration = correction
     estimate_fn = calibration.estimator(correction)
     try:
         bounds = rules.effective_bounds(facts, hw, bounds_in.loaded, pins, request.goal, vllm_version=version,
