@@ -207,7 +207,7 @@ def test_total_time_bound_stops_retries_before_the_attempt_count():
 
 def test_reply_slower_than_the_timeout_falls_back():
     advice, llm = run([{"content": GOOD, "delay_s": 5}], timeout_s=0.3, max_attempts=3)
-    assert_fallback(advice, "timed out", "within the 0.3s left of the --llm-timeout budget; not resent")
+    assert_fallback(advice, "timed out", "no complete reply before the --llm-timeout budget ran out; not resent")
     assert len(llm.chat_requests) == 1 and advice.spent_s == 0.3
 
 
@@ -358,8 +358,8 @@ def test_llm_timeout_is_the_whole_decision_budget_and_a_timed_out_request_is_not
     advice, llm = run([{"content": bad, "delay_s": 4}, {"content": GOOD, "delay_s": 30}],
                       timeout_s=10, max_attempts=4)
     assert len(llm.chat_requests) == 2  # the timed-out repair was not sent again
-    # the repair got what the first answer left of the 10 s budget, not a fresh 10 s
-    assert_fallback(advice, "timed out", "no complete reply within the 6s left of the --llm-timeout budget; not resent")
+    assert_fallback(advice, "timed out", "before the --llm-timeout budget ran out; not resent")
+    # the repair got (and was charged) the 6 s the first answer left of the 10 s budget, not a fresh 10 s
     assert advice.spent_s == 10 and advice.budget_s == 10
     assert [e.reply.elapsed_s if e.reply else None for e in advice.exchanges] == [4, None]
 
@@ -382,7 +382,7 @@ def test_a_trickled_reply_is_abandoned_at_the_deadline():
     with FakeLLM([{"content": GOOD, "trickle_s": 0.2, "times": 3}], clock=clock) as llm:
         ctx = context()
         advice = advise(ctx, transport(llm.base_url, clock, timeout_s=1.0), check_for(ctx.bounds, ctx.baseline))
-        assert_fallback(advice, "timed out", "within the 1s left")
+        assert_fallback(advice, "timed out", "before the --llm-timeout budget ran out")
         assert len(llm.chat_requests) == 1 and advice.spent_s == 1.0
         # the abandoned request's socket was shut down: its thread ends now, while the server (still open, 20 ms
         # of real time a byte) would otherwise go on sending for seconds

@@ -10,9 +10,11 @@ import json
 
 import pytest
 from conftest import FIXTURES
+from fakes import free_port
 from fakes.llm_server import FakeLLM
 
 from smartrun import hardware, pipeline
+from smartrun.clock import FakeClock
 from smartrun.errors import AdvisorError, ReplayDivergence
 from smartrun.plan_cache import CacheEntry, SavedParams
 from smartrun.session import load_record
@@ -233,3 +235,34 @@ def test_strict_llm_failure_under_json_is_one_object_naming_the_error_exit_and_r
     assert [e.error["type"] for e in record.llm_exchanges] == ["smartrun.advisor.ReplyRejected"] * 3
     assert all(e.max_tokens for e in record.llm_exchanges)
     assert f"session record: {out}" in captured.err.splitlines()
+
+
+def test_a_record_holds_no_timing_in_its_decisions_fast_or_slow(tmp_path):
+    """The same answers, quick or slow (by the clock), decide the same: the durations sit in typed fields
+    (exchange latency, advice budget) that replay does not compare, never in decision or warning text."""
+    bad = _reply([{"knob": "gpu_memory_utilization", "value": 0.99, "reason": "all of it"}])
+    good = _reply([{"knob": "max_num_seqs", "value": 6, "reason": "a few more"}])
+    port = free_port()  # one URL for every run: it is in the decisions
+
+    def record_with(delays: tuple[float, float]):
+        clock = FakeClock()
+        steps = [{**bad, "delay_s": delays[0]}, {**good, "delay_s": delays[1]}]
+        with FakeLLM(steps, clock=clock, port=port) as llm:
+            request = _request(llm_base_url=llm.base_url, llm_model="fake-model", llm_timeout=10.0)
+            sources = pipeline.live_sources(request, env={}, config_path="/nonexistent/config.toml", clock=clock)
+            _, record = _run(tmp_path, f"took-{delays[0]}-{delays[1]}", request, sources)
+        return record
+
+    fast, slow = record_with((0.5, 1.0)), record_with((2.0, 4.0))
+    timed_out_early, timed_out_late = record_with((1.0, 30.0)), record_with((7.0, 30.0))  # 9 s or 3 s were left
+    assert fast.final_plan.source == slow.final_plan.source == "llm"
+    assert timed_out_early.final_plan.source == "static"
+    for one, other in ((fast, slow), (timed_out_early, timed_out_late)):
+        assert [e.latency_s for e in one.llm_exchanges] != [e.latency_s for e in other.llm_exchanges]
+        assert one.decisions == other.decisions and one.warnings == other.warnings
+        assert one.advice[0].reason == other.advice[0].reason and one.advice[0].fallback == other.advice[0].fallback
+        pipeline.replay(one)
+    assert (fast.advice[0].spent_s, slow.advice[0].spent_s) == (1.5, 6.0)
+    assert "not resent" in timed_out_early.advice[0].fallback
+    assert timed_out_early.advice[0].spent_s == timed_out_late.advice[0].spent_s == 10.0
+    assert slow.started_at == fast.started_at == "2026-01-01T00:00:00.000Z"  # wall time from the clock too

@@ -172,8 +172,8 @@ class OpenAITransport:
             ), clock, started) from None
         except _OutOfTime:
             raise _spent(LLMUnavailable(
-                f"LLM endpoint {shown_url(self.settings.base_url)} timed out: no complete reply within the "
-                f"{budget:g}s left of the --llm-timeout budget; not resent"
+                f"LLM endpoint {shown_url(self.settings.base_url)} timed out: no complete reply before the "
+                "--llm-timeout budget ran out; not resent"  # what was left is the exchange's latency, not text
             ), clock, started, budget) from None
         except LLMUnavailable as err:
             raise _spent(err, clock, started) from None
