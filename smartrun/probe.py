@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, ValidationError
 
@@ -37,18 +37,34 @@ class ProbeSettings(Frozen):
     model: str | None = None
 
 
-# CLI flag for each setting, so a bad value is reported under the name the user typed.
-SETTING_FLAGS = {
-    "concurrency": "--concurrency",
-    "duration_s": "--duration",
-    "prompt_tokens": "--prompt-tokens",
-    "output_tokens": "--output-tokens",
-    "max_requests": "--max-requests",
-    "request_timeout_s": "--request-timeout",
-}
+class ProbeOption(NamedTuple):
+    """One probe setting as a command-line option: the ProbeSettings field it sets and how it is typed."""
+
+    field: str
+    flag: str
+    type: Callable[[str], Any]
+    metavar: str
+    help: str  # "{default}" is the setting's default
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
 
 
-def make_settings(flag_prefix: str = "--", **values: Any) -> ProbeSettings:
+# Declared once: `localaistack probe` takes these as they are, `model run --tune` as --probe-* (tune.options),
+# and a bad value is reported under the flag the user typed (make_settings).
+PROBE_OPTIONS: tuple[ProbeOption, ...] = (
+    ProbeOption("concurrency", "--concurrency", int, "N", "clients sending at once (default {default})"),
+    ProbeOption("duration_s", "--duration", float, "S", "seconds to keep sending (default {default:g})"),
+    ProbeOption("prompt_tokens", "--prompt-tokens", int, "N", "prompt length in tokens (default {default})"),
+    ProbeOption("output_tokens", "--output-tokens", int, "N", "tokens to generate per request (default {default})"),
+    ProbeOption("max_requests", "--max-requests", int, "N", "stop after this many requests (default {default})"),
+    ProbeOption("request_timeout_s", "--request-timeout", float, "S", "seconds per request (default {default:g})"),
+)
+SETTING_FLAGS = {option.field: option.flag for option in PROBE_OPTIONS}
+
+
+def make_settings(**values: Any) -> ProbeSettings:
     """ProbeSettings from user input; a bad value raises InputError naming its flag (None = default)."""
     given = {k: v for k, v in values.items() if v is not None}
     try:
@@ -56,7 +72,7 @@ def make_settings(flag_prefix: str = "--", **values: Any) -> ProbeSettings:
     except ValidationError as err:
         first = err.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
-        flag = SETTING_FLAGS.get(field, field).replace("--", flag_prefix, 1)
+        flag = SETTING_FLAGS.get(field, field)
         raise InputError(f"{flag} {given.get(field)!r}: {first['msg'].lower()}") from None
 
 

@@ -326,3 +326,22 @@ def test_ctrl_c_during_a_probe_exits_130_without_a_traceback():
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "localaistack: interrupted"
+
+
+def test_probe_options_are_declared_once_for_the_probe_command_and_for_tune():
+    """probe.PROBE_OPTIONS is the one table: `localaistack probe` takes its flags, `model run --tune` the
+    --probe-* form of them, and both read back into the same ProbeSettings field."""
+    from smartrun.cli import build_parser
+    from smartrun.tune import TUNE_OPTIONS
+
+    values = {"concurrency": "3", "duration_s": "2.5", "prompt_tokens": "7", "output_tokens": "5",
+              "max_requests": "9", "request_timeout_s": "4"}
+    argv = [part for o in probe.PROBE_OPTIONS for part in (o.flag, values[o.field])]
+    args = build_parser().parse_args(["probe", "http://127.0.0.1:1", *argv])
+    typed = {o.field: getattr(args, o.dest) for o in probe.PROBE_OPTIONS}
+    assert probe.make_settings(**typed) == probe.ProbeSettings(
+        concurrency=3, duration_s=2.5, prompt_tokens=7, output_tokens=5, max_requests=9, request_timeout_s=4.0)
+    assert probe.make_settings(**dict.fromkeys(typed)) == probe.ProbeSettings()  # not typed: the defaults
+    tuned = {o.field.removeprefix("probe."): o.flag for o in TUNE_OPTIONS if o.field.startswith("probe.")}
+    assert tuned == {o.field: "--probe-" + o.flag[2:] for o in probe.PROBE_OPTIONS if o.field in tuned}
+    assert {"concurrency", "duration_s", "max_requests"} <= set(tuned)

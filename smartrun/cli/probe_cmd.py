@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from smartrun.probe import PROBE_OPTIONS, ProbeSettings
+
 
 def register(subparsers) -> None:
     """Add `probe` to `subparsers`."""
@@ -18,12 +20,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("url", metavar="URL", help="e.g. http://127.0.0.1:8000 or http://127.0.0.1:8000/v1")
     parser.add_argument("--model", help="model name to request (default: the first one /v1/models lists)")
-    parser.add_argument("--concurrency", type=int, default=16, help="clients sending at once (default 16)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds to keep sending (default 10)")
-    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
-    parser.add_argument("--output-tokens", type=int, default=128, help="tokens to generate per request (default 128)")
-    parser.add_argument("--max-requests", type=int, default=1000, help="stop after this many requests (default 1000)")
-    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    defaults = ProbeSettings()
+    for option in PROBE_OPTIONS:  # None: not typed, the setting's default (make_settings)
+        parser.add_argument(option.flag, type=option.type, default=None, metavar=option.metavar,
+                            help=option.help.format(default=getattr(defaults, option.field)))
     parser.add_argument("--api-key", metavar="KEY",
                         help="bearer token for a server started with --api-key (default: env VLLM_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -35,11 +35,7 @@ def run_probe_command(args: argparse.Namespace) -> int:
 
     from smartrun import probe
 
-    settings = probe.make_settings(
-        concurrency=args.concurrency, duration_s=args.duration, prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens, max_requests=args.max_requests,
-        request_timeout_s=args.request_timeout, model=args.model,
-    )
+    settings = probe.make_settings(model=args.model, **{o.field: getattr(args, o.dest) for o in PROBE_OPTIONS})
     line = probe.ProgressLine()
     try:
         result = probe.run_probe(args.url, settings, on_progress=line,

@@ -15,7 +15,10 @@ from typing import Any, NamedTuple
 from pydantic import ValidationError
 
 from smartrun.errors import InputError
+from smartrun.probe import PROBE_OPTIONS
 from smartrun.tune.report import TuneSettings
+
+PROBED = ("concurrency", "duration_s", "prompt_tokens", "output_tokens", "max_requests")  # --tune may set these
 
 
 class TuneOption(NamedTuple):
@@ -48,15 +51,9 @@ TUNE_OPTIONS: tuple[TuneOption, ...] = (
     TuneOption("--tune-min-gain", "min_gain", float, "FRACTION",
                "a step that gains less than this ends its rung (default {default:g})"),
     TuneOption("--slo-p95-ms", "slo_p95_ms", float, "MS", "keep only configurations with p95 latency <= MS"),
-    TuneOption("--probe-concurrency", "probe.concurrency", int, "N",
-               "clients sending at once while probing (default {default})"),
-    TuneOption("--probe-duration", "probe.duration_s", float, "S", "seconds per probe (default {default:g})"),
-    TuneOption("--probe-prompt-tokens", "probe.prompt_tokens", int, "N",
-               "prompt tokens per request (default {default})"),
-    TuneOption("--probe-output-tokens", "probe.output_tokens", int, "N",
-               "output tokens per request (default {default})"),
-    TuneOption("--probe-max-requests", "probe.max_requests", int, "N",
-               "requests per probe at most (default {default})"),
+    # the probe's own options (probe.PROBE_OPTIONS) as --probe-*, with the tuner's defaults
+    *(TuneOption(f"--probe-{option.flag[2:]}", f"probe.{option.field}", option.type, option.metavar,
+                 f"each probe: {option.help}") for option in PROBE_OPTIONS if option.field in PROBED),
     TuneOption("--tune-vs-defaults", "vs_defaults", None, None,
                "also measure plain vllm serve with only your flags (one more restart), as the yardstick"),
 )
