@@ -355,10 +355,15 @@ def print_grouped(rows: list[dict[str, Any]], title: str) -> None:
 def leave_one_out_errors(configs: dict[str, dict[str, Any]]) -> dict[str, float]:
     """KV-token error of each public startup a profile figure was read from, re-predicted with the
     figure the other startups need (the larger need, as shipped): the held-out error for those."""
+    return {k: pct(row["tok_pred"], row["tok_real"]) for k, row in leave_one_out_rows(configs).items()}
+
+
+def leave_one_out_rows(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The benchmark rows of those startups re-predicted leave-one-out (plan-safe low end included)."""
     from smartrun import vllm_profiles
 
     cases = {c["id"]: c for c in load_public()}
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, profile in list(vllm_profiles.PROFILES.items()):
         fitted = [cases[i] for i in profile.no_nvlink_fitted_on if i in cases]
         if len(fitted) < 2:
@@ -374,7 +379,8 @@ def leave_one_out_errors(configs: dict[str, dict[str, Any]]) -> dict[str, float]
                 figure = round(max(v for k, v in needs.items() if k != case["id"]), 2)
                 vllm_profiles.PROFILES[name] = profile.model_copy(update={"non_torch_tp_no_nvlink_gib": figure})
                 row = run_case(case, configs)
-                out[case["id"]] = pct(row["tok_pred"], row["tok_real"])
+                assert not isinstance(row, str)
+                out[case["id"]] = row
         finally:
             vllm_profiles.PROFILES[name] = profile
     return out

@@ -125,16 +125,23 @@ PROFILES: dict[str, Profile] = {
         has_160gib_tier=False,
         big_tier_includes_a100=True,
         # 0.8 counts the whole device use minus torch's as non-KV, so the CUDA context (~0.5 GiB)
-        # is in it (pub-013, one RTX 3090: KV tokens +0.7% with it). TP over PCIe without P2P
-        # (custom all-reduce off, NCCL over shared memory): 0.96 GiB, the larger of the two figures
-        # two TP 2 startups on RTX 3090s need (pub-014 0.96, pub-015 0.72; fitted on them, so those
-        # two are in-sample for this term: leave-one-out +2.4% / -2.4%). NVLink-class TP keeps the
-        # fitted 0.19 terms (NCCL/NVLS buffers there; errs low).
+        # is in it (pub-013, one RTX 3090: KV tokens +0.7% with it). TP over PCIe without P2P:
+        # 0.96 GiB, the larger of the two figures two TP 2 startups on RTX 3090s need (pub-014 0.96,
+        # pub-015 0.72; read from them, so those two are in-sample for this term: leave-one-out
+        # +2.5% / -2.3%, and the plan-safe low end stays below what vLLM had either way - tested).
+        # Not derivable from 0.8.4's source: non-torch there is device used minus torch *allocated*
+        # after empty_cache (v1/worker/gpu_worker.py determine_available_memory), and TP without P2P
+        # adds no custom all-reduce buffer (custom_all_reduce.py checks P2P before create_shared_buffer)
+        # and no NCCL device buffer (NCCL 2.21.5 src/transport/shm.cc keeps the SHM FIFOs in host
+        # memory unless NCCL_SHM_USE_CUDA_MEMCPY), so the source predicts about the TP 1 figure; the two
+        # startups need 0.17 and 0.41 GiB more and differ from each other by 0.24 GiB with identical
+        # settings on one machine (run-to-run: allocator fragmentation, other processes on the GPU,
+        # which 0.8's device-wide measure counts). NVLink-class TP keeps the fitted 0.19 terms (errs low).
         non_torch_single_gib=0.55,
         non_torch_tp_no_nvlink_gib=0.96,
         no_nvlink_fitted_on=("pub-014", "pub-015"),
         native_topk_topp_bytes=16.0,
-        checked_in=("0.8.5.post1",),
+        checked_in=("0.8.4", "0.8.5.post1"),
         source=(
             "vllm/v1/worker/gpu_worker.py determine_available_memory: KV = total x util - (torch peak "
             "allocated + device used - torch allocated): the CUDA context and other processes count"
@@ -142,8 +149,8 @@ PROFILES: dict[str, Profile] = {
         margin=0.06,
         margin_floor_gib=0.35,
         evidence=(
-            "3 public 0.8.4 startups on RTX 3090s (TP 1 and TP 2 without P2P; the TP figure is fitted on the "
-            "two TP 2 ones): KV tokens -2.4% to +0.7%; few cases, so the widest band"
+            "3 public 0.8.4 startups on RTX 3090s (TP 1 and TP 2 without P2P; the TP figure is read from the "
+            "two TP 2 ones, leave-one-out +2.5% / -2.3%): KV tokens -2.4% to +0.7%; few cases, so the widest band"
         ),
     ),
     "0.9": Profile(
@@ -154,6 +161,16 @@ PROFILES: dict[str, Profile] = {
         tokens_group_aware=False,
         has_160gib_tier=False,
         native_topk_topp_bytes=16.0,
+        # TP over NVLink keeps the NVLink-class term, and the source gives the reason (0.9.2, 0.10.1.1):
+        # the snapshot precedes init_worker_distributed_environment (v1/worker/gpu_worker.py init_device),
+        # and two NCCL communicators are set up by the end of the profile run - pynccl's at init and
+        # the TP device group's, created by the logits all_gather (base_device_communicator.all_gather
+        # -> dist.all_gather_into_tensor on device_group) - with every ring/tree connection's buffers
+        # allocated eagerly: NCCL 2.26 (torch 2.7) connects at runtime only with cuMem, which vLLM turns
+        # off (env_override.py NCCL_CUMEM_ENABLE=0; NCCL init.cc runtimeConn = cuMemSupport && ...).
+        # That is V0's situation, where 8 NVSwitch A100s printed 2.10 GiB (pub-017); custom all-reduce
+        # adds two 8 MiB IPC buffers. So no smaller NVLink figure is read from the source, and none is
+        # measured (no 0.9-0.10 NVLink TP startup with its settings was found).
         # TP without NVLink: the snapshot precedes NCCL init, so NCCL's own buffers count, but there
         # is no custom all-reduce IPC buffer or NVLS buffer over PCIe; 0.10.2 printed "0.21 GiB for
         # non-torch memory" for 8 L40S at TP 8 (Qwen3-235B-A22B FP8 with expert parallelism; search-
