@@ -190,6 +190,23 @@ class CalibrationRecord(RecordModel):
     note: str | None = None
 
 
+class LLMInfo(RecordModel):
+    """The LLM the run was configured with; never its key."""
+
+    configured: bool = False
+    base_url: str | None = None
+    model: str | None = None
+    model_origin: str | None = None  # said when the model name was discovered from the server's /models
+    timeout_s: float | None = None  # --llm-timeout: one decision's budget, which replay charges the recorded times
+
+
+class VllmRecord(RecordModel):
+    """The vLLM version planned for and the binary used (None: not known / not found)."""
+
+    version: str | None = None
+    bin: str | None = None
+
+
 class BoundsFileRecord(RecordModel):
     """The bounds file as read, whole, so replay does not need it on disk (path None: the built-in one)."""
 
@@ -226,8 +243,8 @@ class SessionRecord(RecordModel):
     finished_at: str | None = None
     command_line: list[str] = Field(default_factory=list)
     request: RunRequest | None = None  # redacted; the replay input (None only in a hand-made record)
-    llm: dict[str, Any] = Field(default_factory=dict)  # {"configured", "base_url", "model"}; never a key
-    vllm: dict[str, Any] = Field(default_factory=dict)  # {"version", "bin"}
+    llm: LLMInfo = Field(default_factory=LLMInfo)
+    vllm: VllmRecord = Field(default_factory=VllmRecord)
     hardware: HardwareSnapshot | None = None  # as detected (before --gpus / CUDA_VISIBLE_DEVICES)
     model: ModelFacts | None = None
     bounds_file: BoundsFileRecord | None = None

@@ -238,8 +238,8 @@ def test_a_replayed_record_from_before_calibration_stays_uncalibrated(tmp_path):
     record = load_record(FIXTURES / "sessions" / "kv-too-small-recovered.json")
     assert record.calibration.used is None
     snapshot = hardware.HardwareSnapshot.model_validate(record.hardware)
-    Store().add(*calibration.key(snapshot, record.vllm.get("version")), ["GPU"], [_seen(5.0)])
-    assert calibration.for_machine(snapshot, record.vllm.get("version"))[0].non_kv_gib == 5.0
+    Store().add(*calibration.key(snapshot, record.vllm.version), ["GPU"], [_seen(5.0)])
+    assert calibration.for_machine(snapshot, record.vllm.version)[0].non_kv_gib == 5.0
     out = pipeline.replay(record)
     assert out.divergence is None and out.replayed.calibration.used is None
     assert not any(d.step == "calibration" for d in out.replayed.decisions)

@@ -190,7 +190,7 @@ def test_llm_record_keeps_model_finish_tokens_latency_and_why_each_reply_was_rej
         sources = pipeline.live_sources(request, env={}, config_path="/nonexistent/config.toml")
         result, record = _run(tmp_path, "story", request, sources)
     assert result.plan.source == "llm" and result.plan.params["max_num_seqs"] == 6
-    assert record.llm["model"] == "local-model" and "discovered" in record.llm["model_origin"]
+    assert record.llm.model == "local-model" and "discovered" in (record.llm.model_origin or "")
     first, second, third = record.llm_exchanges
     assert all(isinstance(e.max_tokens, int) and e.max_tokens > 0 for e in record.llm_exchanges)
     assert first.reply.finish_reason == "length" and first.tokens == {"prompt_tokens": 700,

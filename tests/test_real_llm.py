@@ -59,7 +59,7 @@ def test_dry_run_with_llama_cpp_finishes_every_exchange_inside_the_budget(llama,
     assert wall < 60, f"dry run took {wall:.1f}s"
 
     record = load_record(record_path)
-    assert record.llm["model"] == "SmolLM2-135M-Instruct"  # discovered from /v1/models, kept in the record
+    assert record.llm.model == "SmolLM2-135M-Instruct"  # discovered from /v1/models, kept in the record
     assert record.llm_exchanges, "the LLM was not asked"
     for ex in record.llm_exchanges:
         assert ex.reply is not None, ex.error  # no transport failure, no timeout

@@ -26,7 +26,7 @@ def _edited(tmp_path, edit) -> str:
     [
         ("show", lambda d: d.update(hardware={"gpus": "x"}), "invalid session record at hardware"),
         ("replay", lambda d: d.update(started_at="yesterday"), "started_at 'yesterday'"),
-        ("replay", lambda d: d["vllm"].update(version=5), "vllm.version 5"),
+        ("replay", lambda d: d["vllm"].update(version=5), "invalid session record at vllm.version"),
         ("replay", lambda d: d["bounds_file"].update(text=None), "bounds_file"),
         ("replay", lambda d: d["model"].update(hidden_size=-1), "edited by hand"),
         ("replay", lambda d: d.update(hardware={"gpus": []}), "invalid session record at hardware"),

@@ -39,7 +39,7 @@ def _timeline(record: SessionRecord) -> list[str]:
     if record.bounds_file:
         lines.append(f"bounds   {record.bounds_file.path or 'builtin'} (sha256 {record.bounds_file.sha256[:12]})")
     lines.append(f"goal     {req.goal if req else 'stable'}  smart-run={req.smart_run if req else None}  "
-                 f"llm={'configured' if record.llm.get('configured') else 'none'}  vllm={record.vllm.get('version')}")
+                 f"llm={'configured' if record.llm.configured else 'none'}  vllm={record.vllm.version}")
     if record.baseline:
         lines.append(f"baseline {_params(record.baseline.params)}")
     cache = record.cache

@@ -21,6 +21,7 @@ from smartrun.request import EventSink, RunRequest, no_events
 from smartrun.secrets import redact_argv, secret_values
 from smartrun.session import (
     Decision,
+    LLMInfo,
     SessionRecord,
     sha256_text,
     to_jsonable,
@@ -60,7 +61,7 @@ class Sources:
     cache: CacheSource
     vllm: Callable[[], tuple[str | None, str | None]]  # (version, binary path)
     clock: Clock = SYSTEM  # record timestamps, and the time every timeout and budget of the run is read from
-    llm_info: dict[str, Any] = field(default_factory=dict)  # {"configured", "base_url", "model"}; no key
+    llm_info: LLMInfo = field(default_factory=LLMInfo)
     secrets: tuple[str, ...] = ()  # values to redact from the record (API keys)
     tune: Callable[..., Any] | None = None  # the --tune stage; None = smartrun.tune.tune_after_launch
     supervise: bool = True  # wait on a healthy server (replay: False)
@@ -181,7 +182,7 @@ def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
         command_line=redact_argv(request.command_line()),
         request=request.model_copy(update={"user_args": tuple(redact_argv(request.user_args)),
                                            "extra_args": tuple(redact_argv(request.extra_args))}),
-        llm=dict(sources.llm_info),
+        llm=sources.llm_info.model_copy(),  # the record's own: the transport may name the model later
     )
 
 

@@ -13,6 +13,7 @@ from smartrun.model import ModelFacts
 from smartrun.pipeline.context import BoundsInput, Sources, request_secrets
 from smartrun.plan_cache import SavedParams
 from smartrun.request import EventSink, RunRequest, no_events
+from smartrun.session import LLMInfo
 
 
 def live_sources(request: RunRequest, env: dict[str, str] | None = None,
@@ -84,19 +85,18 @@ def _builtin_bounds() -> BoundsInput:
 
 
 def _live_transport(request: RunRequest, env: dict[str, str], config_path: str | None,
-                    clock: Clock = SYSTEM) -> tuple[Any | None, dict[str, Any], list[str]]:
+                    clock: Clock = SYSTEM) -> tuple[Any | None, LLMInfo, list[str]]:
     if not request.smart_run:
-        return None, {"configured": False}, []
+        return None, LLMInfo(), []
     from smartrun import advisor
 
     settings = advisor.resolve_settings(request.llm_base_url, request.llm_model, request.llm_timeout, env,
                                         config_path)
     if settings is None:
-        return None, {"configured": False}, []
+        return None, LLMInfo(), []
     key = getattr(settings, "api_key", None)
     key_text = key.get_secret_value() if key is not None and hasattr(key, "get_secret_value") else key
-    info = {"configured": True, "base_url": getattr(settings, "base_url", None),
-            "model": getattr(settings, "model", None), "timeout_s": getattr(settings, "timeout_s", None)}
+    info = LLMInfo(configured=True, base_url=settings.base_url, model=settings.model, timeout_s=settings.timeout_s)
     return advisor.OpenAITransport(settings, clock=clock), info, [key_text] if key_text else []
 
 

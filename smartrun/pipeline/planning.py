@@ -23,6 +23,7 @@ from smartrun.session import (
     BoundsFileRecord,
     CacheRecord,
     RecordError,
+    VllmRecord,
     to_jsonable,
 )
 
@@ -65,7 +66,7 @@ def plan_stages(ctx: RunContext) -> None:
         rec.warn(line)
     version, vllm_bin = sources.vllm()
     ctx.version = version
-    record.vllm = {"version": version, "bin": vllm_bin}
+    record.vllm = VllmRecord(version=version, bin=vllm_bin)
     if version is None:
         rec.warn("no vLLM version known (vllm not found, no --vllm-version): planning with the estimator's "
                  "default profile")

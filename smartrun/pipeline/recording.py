@@ -61,9 +61,9 @@ class RecordingTransport:
     def _note_model(self) -> None:
         """The model name into the record once the transport knows it (discovered from /models)."""
         name = getattr(self.inner, "model_name", None)
-        if isinstance(name, str) and name and not self.recorder.record.llm.get("model"):
-            self.recorder.record.llm["model"] = name
-            self.recorder.record.llm["model_origin"] = "discovered from the server's /models"
+        llm = self.recorder.record.llm
+        if isinstance(name, str) and name and not llm.model:
+            llm.model, llm.model_origin = name, "discovered from the server's /models"
 
     def __getattr__(self, name: str) -> Any:  # settings, model name etc. of the inner transport
         return getattr(self.inner, name)

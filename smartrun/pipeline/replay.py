@@ -134,20 +134,16 @@ def replay_sources(record: SessionRecord) -> Sources:
         started = datetime.fromisoformat(record.started_at.replace("Z", "+00:00"))
     except ValueError:
         raise RecordError(f"session record: started_at {record.started_at!r} is not an ISO time") from None
-    for key in ("version", "bin"):
-        if not isinstance(record.vllm.get(key), str | None):
-            raise RecordError(f"session record: vllm.{key} {record.vllm.get(key)!r} is not text")
     return Sources(
         hardware=lambda: _recorded(record.hardware, record),
         model=lambda _model: _recorded(record.model, record),
         bounds=lambda: _recorded_bounds(record),
-        transport=(ReplayTransport(record.llm_exchanges, record.llm.get("timeout_s"))
-                   if record.llm.get("configured") else None),
+        transport=ReplayTransport(record.llm_exchanges, record.llm.timeout_s) if record.llm.configured else None,
         launcher=lambda *_: ReplayLauncher(record.launch_attempts),
         cache=RecordedCache(record.cache),
-        vllm=lambda: (record.vllm.get("version"), record.vllm.get("bin")),
+        vllm=lambda: (record.vllm.version, record.vllm.bin),
         clock=FakeClock(wall=started),  # stands still at the recorded start: nothing replayed takes time
-        llm_info=dict(record.llm),
+        llm_info=record.llm,
         tune=lambda server=None, **_: TuningOutcome(report=_recorded(record.tuning, record), server=server),
         supervise=False,
         replaying=True,
