@@ -206,7 +206,7 @@ def run_case(
         est = estimate(facts, gpus, flags, version, coeffs)
     except SmartRunError as err:
         return f"not estimable: {err.message}"
-    util = flags.gpu_memory_utilization or (0.9 if est.profile == "0.19" else 0.92)
+    util = flags.gpu_memory_utilization or vllm_profiles.PROFILES[est.profile].default_util
     dtype_bytes = 4 if "float32" in (case.get("dtype") or "") else 2
     naive_kv, naive_tokens = naive(facts, gpus, flags, util, dtype_bytes)
     real_tokens = case.get("kv_cache_tokens")
@@ -439,16 +439,20 @@ def over_gib(row: dict[str, Any]) -> float | None:
 
 
 def profile_bands(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
-    """Per profile: (band, n). The band is the largest KV over-prediction seen, as a fraction of the
-    predicted non-KV memory, widened by (1 + 2/sqrt(n)) for the few-sample case; 0 when never over."""
+    """Per profile: (band, n). The band is the largest KV over-prediction seen, widened by
+    (1 + 2/sqrt(n)) for the few-sample case, as a fraction of the predicted non-KV memory; 0 when
+    never over, or when the widened over-prediction is within the profile's floor in GiB (the plan
+    keeps back max(band x non-KV, floor): Profile.margin_bytes)."""
     bands: dict[str, tuple[float, int]] = {}
     for name in sorted({r["profile"] for r in rows}):
         part = [(over_gib(r), r["nonkv_pred"]) for r in rows if r["profile"] == name]
         part = [(o, n) for o, n in part if o is not None and n > 0]
         if not part:
             continue
-        worst = max(0.0, *(o / n for o, n in part))
-        bands[name] = (worst * (1 + 2 / len(part) ** 0.5), len(part))
+        widen = 1 + 2 / len(part) ** 0.5
+        floor = vllm_profiles.PROFILES[name].margin_floor_gib
+        worst = max(0.0, *(o * widen / n for o, n in part if o * widen > floor), 0.0)
+        bands[name] = (worst, len(part))
     return bands
 
 

@@ -190,9 +190,32 @@ PROFILES: dict[str, Profile] = {
             "-12.9% to +0.4%, none over by more than 0.4%; TP over NVLink unmeasured (keeps the 0.19 term, errs low)"
         ),
     ),
+    "0.11": Profile(
+        name="0.11",
+        versions="0.11.x (V1 only; V0 removed)",
+        default_util=0.90,
+        cudagraph_subtracted=False,
+        tokens_group_aware=False,
+        has_160gib_tier=False,
+        # 0.11.0's wheel has FlashInfer only as an optional extra, so a pip install samples with the
+        # PyTorch-native top-k/top-p sort (resolve() adds it for 0.11.0; from 0.11.1 FlashInfer is a
+        # requirement: the METADATA of the 0.11.0 / 0.11.1 / 0.11.2 / 0.12.0 / 0.19.0 wheels)
+        checked_in=("0.11.0",),
+        source=(
+            "as 0.19 (the snapshot after NCCL init appeared in 0.11.0: vllm/v1/worker/gpu_worker.py); "
+            "V1 also on compute capability < 8.0 (FlexAttention on a T4)"
+        ),
+        margin=0.06,
+        # one startup over by 0.21 GiB, widened x3 (1 + 2/sqrt(1)) as every band: 0.63 GiB
+        margin_floor_gib=0.65,
+        evidence=(
+            "1 public startup (0.11.0 on a T4, FlashInfer absent, pub-110): KV tokens +2.0% with the native "
+            "sort counted (+7.4% without); few cases, so the widest band and a floor over its miss x3"
+        ),
+    ),
     "0.19": Profile(
         name="0.19",
-        versions="0.11.0-0.19.x (V1)",
+        versions="0.12.0-0.19.x (V1)",
         default_util=0.90,
         cudagraph_subtracted=False,
         tokens_group_aware=False,
@@ -279,6 +302,12 @@ def resolve(
         return PROFILES["0.8"]
     if v < (0, 11, 0):
         return PROFILES["0.9"]
+    if v < (0, 11, 1):  # 0.11.0's wheel lists FlashInfer as an optional extra (from 0.11.1 a requirement):
+        # a pip install samples with the PyTorch-native top-k/top-p sort, as 0.8-0.10 (METADATA of the
+        # 0.11.0 / 0.11.1 / 0.11.2 / 0.12.0 / 0.19.0 wheels; v1/sample/ops/topk_topp_sampler.py 0.11.0)
+        return PROFILES["0.11"].model_copy(update={"native_topk_topp_bytes": PROFILES["0.9"].native_topk_topp_bytes})
+    if v < (0, 12, 0):
+        return PROFILES["0.11"]
     if v < (0, 20, 0):
         return PROFILES["0.19"]
     if v < (0, 28, 0):  # graph estimate on and util 0.92 from 0.20; the 160 GiB tier from 0.28

@@ -21,8 +21,9 @@ Calibration: `estimate(..., calibration=)` takes a Correction (smartrun.memory.c
 smartrun.calibration from this machine's own startups), adds its GiB to every GPU's non-KV memory and sets the plan-safe band from
 those startups once enough agree (Correction.margin_bytes); the caller looks it up.
 
-Profiles: "0.6" (V0 engine, < 0.8), "0.19" (V1, 0.8-0.19), "0.20" (graph estimate subtracted,
-util 0.92, 0.20-0.27), "0.33" (0.28+: 160 GiB tier, group-aware token count).
+Profiles (smartrun/vllm_profiles.py): "0.6" (V0 engine, < 0.8 and the V0 fallbacks), "0.8", "0.9" (V1,
+0.9-0.10), "0.11", "0.19" (0.12-0.19), "0.20" (graph estimate subtracted, util 0.92, 0.20-0.27), "0.33"
+(0.28+: 160 GiB tier, group-aware token count).
 """
 
 from __future__ import annotations
