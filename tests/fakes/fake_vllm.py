@@ -11,8 +11,9 @@ Like vLLM, --served-model-name NAME... names the model in /v1/models and in requ
 "hidden_non_kv_gib" is non-KV memory particular to this machine (a larger CUDA context, a driver's
 carve-out) that no printed figure names, so an estimator cannot know it: only the KV cache shows it.
 Faults: "cudagraph_error" (unless eager / -O0), "nccl_error" (tp > 1 unless
---disable-custom-all-reduce), "never_ready", "die_after_ready_s", "giant_line_mib" (one log line that
-long), "trickle_models" (/v1/models answers a byte every half second, for ever), and with
+--disable-custom-all-reduce), "never_ready", "die_after_ready_s" (counted from the first /v1/models
+answer), "giant_line_mib" (one log line that long), "trickle_models" (/v1/models answers a byte every
+half second, for ever), and with
 --distributed-executor-backend ray "ray_not_running", "ray_node_died" (a node lost while loading); scenario
 "ray_gpus" is what the Ray cluster offers (default: "gpus"), too few ends in vLLM's placement-group timeout.
 "record" names a file that gets one
@@ -390,6 +391,7 @@ def run_http(sock, host, port, names, mml, params, perf, sc) -> None:
     model = names[0]
     state = {"in_flight": 0, "count": 0}
     lock = threading.Lock()
+    listed = threading.Event()  # /v1/models answered once: ready as a launcher sees it
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -436,6 +438,7 @@ def run_http(sock, host, port, names, mml, params, perf, sc) -> None:
                           "root": sc.get("model_path", model), "parent": None, "max_model_len": mml,
                           "permission": []} for name in (sc.get("list_names") or names)]
                 self.reply(200, {"object": "list", "data": cards})
+                listed.set()
             elif self.path == "/version":
                 self.reply(200, {"version": VERSION})
             else:
@@ -491,7 +494,8 @@ def run_http(sock, host, port, names, mml, params, perf, sc) -> None:
     print(f"(APIServer pid={os.getpid()}) INFO Application startup complete.", flush=True)
     die_after = sc.get("faults", {}).get("die_after_ready_s")
     if die_after is not None:
-        def die() -> None:
+        def die() -> None:  # counted from the first /v1/models answer, so a slow readiness poll cannot miss it
+            listed.wait()
             time.sleep(float(die_after))
             print("RuntimeError: CUDA error: an illegal memory access was encountered", flush=True)
             print(f"(APIServer pid={os.getpid()}) ERROR AsyncLLM output_handler failed. EngineDeadError", flush=True)
