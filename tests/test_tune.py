@@ -446,6 +446,7 @@ def test_a_probe_that_cannot_run_is_a_failed_round_and_ctrl_c_stops_the_server()
     assert sim.running.params["max_num_seqs"] == 8 and sim.running.stopped
 
 
+@pytest.mark.realtime  # the real launcher and real probes: round 1 (8 sequences) must measure faster
 def test_hook_with_the_real_launcher_restarts_and_leaves_the_chosen_server_running(tmp_path, monkeypatch):
     launch = pytest.importorskip("smartrun.launch")
     from types import SimpleNamespace
