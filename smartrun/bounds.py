@@ -45,6 +45,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from smartrun import fileio
 from smartrun.contracts import GOALS
 from smartrun.errors import BoundsError
 from smartrun.frozen import Frozen
@@ -386,8 +387,6 @@ def _problems_in_text(text: str) -> tuple[list[tuple[int, str]], dict | None]:
 def read_text(path: Path) -> str:
     """A bounds file's text; one BoundsError line naming the file when it is missing, unreadable, not a
     regular file (a FIFO would hang the read) or too large."""
-    from smartrun import fileio
-
     if not path.exists() and not path.is_symlink():
         raise BoundsError(f"{path}: bounds file not found")
     try:

@@ -4,7 +4,9 @@ way to read what others wrote (regular files only, size, depth and number caps).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,8 +48,6 @@ MAX_INT_DIGITS = 4300  # CPython's own limit for int <-> str; enforced on 3.10 t
 
 
 def _kind(mode: int) -> str:
-    import stat
-
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -62,9 +62,6 @@ def open_regular(path: str | Path, error: type[Exception] | None = None) -> Any:
     Opened non-blocking first, so a FIFO without a writer cannot hang the open; checked with fstat on the
     opened descriptor, so nothing can be swapped in between the check and the read.
     """
-    import stat
-
-    from smartrun.errors import InputError
 
     error = error or InputError
     try:
@@ -86,7 +83,6 @@ def open_regular(path: str | Path, error: type[Exception] | None = None) -> Any:
 
 def read_bytes(path: str | Path, limit: int = MAX_TEXT_BYTES, error: type[Exception] | None = None) -> bytes:
     """The whole regular file, at most `limit` bytes (more is an error naming the file and the cap)."""
-    from smartrun.errors import InputError
 
     error = error or InputError
     with open_regular(path, error) as fh:
@@ -101,7 +97,6 @@ def read_bytes(path: str | Path, limit: int = MAX_TEXT_BYTES, error: type[Except
 
 def read_text(path: str | Path, limit: int = MAX_TEXT_BYTES, error: type[Exception] | None = None) -> str:
     """read_bytes decoded as UTF-8; undecodable text is an error naming the file."""
-    from smartrun.errors import InputError
 
     error = error or InputError
     try:
@@ -131,8 +126,6 @@ def _no_constant(name: str) -> Any:
 def loads_json(text: str | bytes, *, allow_nonfinite: bool = False) -> Any:
     """json.loads with the caps: ValueError for an integer over 4300 digits, and for Infinity/NaN/1e999 unless
     `allow_nonfinite`; json.JSONDecodeError (a ValueError) and RecursionError as json.loads raises them."""
-    import json
-
     extra: dict[str, Any] = {} if allow_nonfinite else {"parse_constant": _no_constant, "parse_float": _finite}
     return json.loads(text, parse_int=_int, **extra)
 
@@ -141,9 +134,6 @@ def parse_json(text: str | bytes, where: str, error: type[Exception] | None = No
                allow_nonfinite: bool = False) -> Any:
     """JSON with caps: `where: not JSON (...)` one line for bad syntax, too deep nesting, an integer over
     4300 digits, or Infinity/NaN (also 1e999) unless `allow_nonfinite` (our own records may hold them)."""
-    import json
-
-    from smartrun.errors import InputError
 
     error = error or InputError
     try:
@@ -163,7 +153,6 @@ def parse_toml(text: str, where: str, error: type[Exception] | None = None) -> d
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
 
-    from smartrun.errors import InputError
 
     error = error or InputError
     try:

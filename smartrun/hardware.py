@@ -42,6 +42,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from smartrun import fileio
 from smartrun.errors import HardwareError, SnapshotError
 from smartrun.fileio import atomic_write_text
 from smartrun.frozen import Frozen
@@ -395,8 +396,6 @@ def load_snapshot(path: str | Path) -> HardwareSnapshot:
     The returned snapshot's `source` is the path it was read from (whatever the file says), so
     a plan or session record tells a planned-for machine from the live one.
     """
-    from smartrun import fileio
-
     path = Path(path)
     try:
         text = fileio.read_text(path, error=SnapshotError)  # a FIFO or /dev/zero: one error, no hang

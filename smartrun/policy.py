@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError
 
 from smartrun.errors import InputError
 from smartrun.frozen import Frozen
+from smartrun.knobs import CATALOGUE
 
 POLICY_FILE = "policy.toml"
 
@@ -95,8 +96,6 @@ def parse(text: str, where: str = POLICY_FILE) -> Policy:
         first = err.errors()[0]
         loc = ".".join(str(part) for part in first["loc"])
         raise InputError(f"{where}: {loc}: {first['msg']}") from None
-    from smartrun.knobs import CATALOGUE
-
     for goal in policy.goals.values():
         unknown = sorted(set(goal.template) - set(CATALOGUE))
         if unknown:
