@@ -651,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     print_grouped([r for r in rows if r["subset"] == "0.19.0 H100"], "in-sample (the 0.19 H100 sweep the terms are fitted on)")
     print_grouped(
         [r for r in rows if r["subset"] != "0.19.0 H100"],
-        "held out (public startups + other shared cases; pub-014/015 are in-sample for the 0.8 no-NVLink TP figure)",
+        "held out (public startups + other shared cases; pub-014/015 are in-sample for the 0.8 no-NVLink TP figure, "
+        "pub-006/101-107 printed the 0.9-0.11 one-Ada-GPU non-torch figure (all 0.02 GiB: leave-one-out is the same))",
     )
     done = done_when(rows, leave_one_out_errors(configs))
     print(

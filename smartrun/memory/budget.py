@@ -117,6 +117,9 @@ def _stage_budgets(
             bool(group) and all(g.without_nvlink for g in group),
             bool(group) and all(g.nvls_capable for g in group),
         )
+        ada = bool(group) and all(g.compute_capability == "8.9" for g in group)
+        if tp == 1 and pp == 1 and ada and profile.non_torch_single_ada_gib is not None:
+            non_torch = int(profile.non_torch_single_ada_gib * GIB)
         if profile.v0_engine and stage.last and group and all(g.has_nvlink for g in group):
             non_torch += v0_gather_root_bytes(tp, min((g.compute_capability for g in group), key=_cc_key))
         graphs = cudagraph_bytes(
