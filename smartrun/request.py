@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 from smartrun.argv import positive_seconds
@@ -61,10 +61,11 @@ class RunRequest(Frozen):
         return out + (["--", *self.extra_args] if self.extra_args else [])
 
     @classmethod
-    def fields_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-        """The request's fields that smartrun's own options set (parsed by a parser `add_options` built)."""
+    def fields_from_args(cls, args: argparse.Namespace, only: Collection[str] | None = None) -> dict[str, Any]:
+        """The request's fields that smartrun's own options set (parsed by a parser `add_options` built with
+        the same `only`)."""
         out: dict[str, Any] = {}
-        for option in OPTIONS:
+        for option in _chosen(only):
             value = getattr(args, option.dest)
             if option.field == "hardware_path":  # --hardware once per node: the head first, then the others
                 out["hardware_path"], out["more_hardware"] = (value or [None])[0], tuple((value or [])[1:])
@@ -125,9 +126,10 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """smartrun's own `model run` options, from OPTIONS."""
-    for option in OPTIONS:
+def add_options(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> None:
+    """smartrun's own `model run` options, from OPTIONS; `only` these request fields (`bounds show` plans
+    with a few of them)."""
+    for option in _chosen(only):
         if option.field == "more_hardware":
             continue
         default = RunRequest.model_fields[option.field].default
@@ -139,6 +141,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
             typed: dict[str, Any] = {"type": option.type} if option.type is not None else {}
             parser.add_argument(option.flag, default=default, metavar=option.metavar, choices=option.choices,
                                 help=option.help, **typed)
+
+
+def _chosen(only: Collection[str] | None) -> tuple[Option, ...]:
+    if only is None:
+        return OPTIONS
+    unknown = set(only) - {option.field for option in OPTIONS}
+    assert not unknown, f"not options of model run: {sorted(unknown)}"
+    return tuple(option for option in OPTIONS if option.field in only)
 
 
 def _values(request: RunRequest, field: str) -> tuple[Any, ...]:

@@ -228,3 +228,22 @@ def test_a_tuning_request_command_line_parses_back_to_the_same_request(monkeypat
     assert request_from_args(args) == request
     plain = RunRequest(model="m", tune=True, tune_options=TuneSettings().model_dump(mode="json"))
     assert plain.command_line() == ["localaistack", "model", "run", "m", "--tune"]
+
+
+def test_bounds_show_plans_with_model_runs_own_options():
+    """`bounds show` takes its planning options from model run's one table (request.OPTIONS), so the same
+    flags read into the same request fields in both commands."""
+    from smartrun.cli import build_parser
+    from smartrun.cli.bounds_cmd import PLANNING_OPTIONS
+    from smartrun.request import RunRequest
+
+    argv = ["--hardware", "a.json", "--hardware", "b.json", "--gpus", "0,1", "--bounds", "b.toml", "--goal",
+            "latency", "--force", "--vllm-version", "0.19.0"]
+    show, _ = build_parser().parse_known_args(["bounds", "show", "m", *argv])
+    run, _ = build_parser().parse_known_args(["model", "run", "m", *argv])
+    fields = RunRequest.fields_from_args(show, only=PLANNING_OPTIONS)
+    assert fields == {k: v for k, v in RunRequest.fields_from_args(run).items() if k in fields}
+    assert fields == {"hardware_path": "a.json", "more_hardware": ("b.json",), "gpus": "0,1",
+                      "bounds_path": "b.toml", "goal": "latency", "force": True, "vllm_version": "0.19.0"}
+    defaults, _ = build_parser().parse_known_args(["bounds", "show", "m"])
+    assert RunRequest(model="m", **RunRequest.fields_from_args(defaults, only=PLANNING_OPTIONS)) == RunRequest(model="m")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+# The `model run` options `bounds show` plans with (declared once, in smartrun.request.OPTIONS).
+PLANNING_OPTIONS = ("hardware_path", "gpus", "bounds_path", "goal", "force", "vllm_version")
+
 
 def register(subparsers) -> None:
     """Add the `bounds` group with `check` and `show`."""
-    from smartrun.contracts import GOALS
+    from smartrun.request import add_options
 
     group = subparsers.add_parser("bounds", help="check a bounds file or show effective bounds", allow_abbrev=False)
     commands = group.add_subparsers(dest="command", metavar="{check,show}")
@@ -27,14 +30,7 @@ def register(subparsers) -> None:
         allow_abbrev=False,
         description="vLLM flags after MODEL (e.g. --max-model-len 8192) are your pins.")
     show.add_argument("model", metavar="MODEL", help="model directory or cached Hugging Face repo id")
-    show.add_argument("--hardware", metavar="SNAPSHOT.json", action="append",
-                      help="machine snapshot (default: detect with NVML); once per node (head first) for a cluster")
-    show.add_argument("--gpus", metavar="LIST", help="only these GPUs (nvidia-smi indices or UUIDs), as model run "
-                      "--gpus; CUDA_VISIBLE_DEVICES also applies to a detected machine")
-    show.add_argument("--bounds", metavar="FILE", help="bounds file (default: smartrun.toml upward, else built-in)")
-    show.add_argument("--goal", choices=GOALS, default="stable")
-    show.add_argument("--force", action="store_true", help="let pins win over other sources' bounds")
-    show.add_argument("--vllm-version", metavar="V", help="estimate for this vLLM version")
+    add_options(show, only=PLANNING_OPTIONS)
     show.add_argument("--baseline", action="store_true", help="also print the baseline plan and its argv")
     show.add_argument("--no-calibration", action="store_true",
                       help="ignore what this machine's startups taught the estimator")
@@ -83,10 +79,9 @@ def show_command(args: argparse.Namespace) -> int:
 
     user_args, extra_args = split_extra(list(getattr(args, "extra", None) or []))
     request = pipeline.RunRequest(
-        model=args.model, user_args=tuple(user_args), extra_args=tuple(extra_args), dry_run=True, goal=args.goal,
-        force=args.force, vllm_version=args.vllm_version, hardware_path=(args.hardware or [None])[0],
-        more_hardware=tuple((args.hardware or [])[1:]), bounds_path=args.bounds, gpus=args.gpus,
-        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        model=args.model, user_args=tuple(user_args), extra_args=tuple(extra_args), dry_run=True,
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        **pipeline.RunRequest.fields_from_args(args, only=PLANNING_OPTIONS))
     sources = pipeline.live_sources(request)
     if args.no_calibration:
         sources.calibration = NoCalibration()
