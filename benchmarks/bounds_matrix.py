@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from smartrun import hardware, model, rules, sizing
+from smartrun.contracts import GOALS
 from smartrun.errors import InfeasibleError
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -19,7 +20,7 @@ FIX = Path(__file__).resolve().parent.parent / "fixtures"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--goal", choices=rules.GOALS, default="stable")
+    parser.add_argument("--goal", choices=GOALS, default="stable")
     goal = parser.parse_args().goal
     machines = {p.stem: hardware.load_snapshot(p) for p in sorted((FIX / "hardware").glob("*.json"))}
     models = {p.name: model.inspect(str(p)) for p in sorted((FIX / "models").iterdir()) if (p / "config.json").exists()}

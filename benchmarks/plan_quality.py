@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "tests" / "fakes"))
 import perf_model as pm  # noqa: E402
 
 from smartrun import hardware, memory, model, rules, sizing  # noqa: E402
+from smartrun.contracts import GOALS  # noqa: E402
 from smartrun.errors import SmartRunError  # noqa: E402
 from smartrun.fit import fit_check, flags_from_params  # noqa: E402
 from smartrun.gpus import select_gpus, tp_divides  # noqa: E402
@@ -251,7 +252,7 @@ def _ratio(a: float, b: float) -> float | None:
 def main() -> None:
     global WORKLOAD
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    ap.add_argument("--goals", nargs="+", default=list(rules.GOALS))
+    ap.add_argument("--goals", nargs="+", default=list(GOALS))
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--machines", nargs="+", default=None)
     ap.add_argument("--clients", type=int, default=WORKLOAD[2], help=f"closed-loop clients (default {WORKLOAD[2]})")

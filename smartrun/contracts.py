@@ -13,8 +13,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, field_serializer
 
 from smartrun.frozen import Frozen
-from smartrun.knobs import CATALOGUE
-from smartrun.secrets import REDACTED
+from smartrun.knobs import CATALOGUE, REDACTED
 
 Goal = Literal["stable", "latency", "throughput", "long-context"]
 GOALS: tuple[str, ...] = get_args(Goal)

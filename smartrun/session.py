@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from smartrun import fileio
 from smartrun.advisor.transport import LLMReply
-from smartrun.calibration import Correction, Observation
+from smartrun.calibration import Observation
 from smartrun.contracts import Bounds, Plan, Proposal, Rejection
 from smartrun.errors import InputError, ReplayDivergence
 from smartrun.fileio import smartrun_home, write_user_file
 from smartrun.hardware import HardwareSnapshot
 from smartrun.launch.process import LaunchAttempt
-from smartrun.memory import MemoryEstimate
+from smartrun.memory import Correction, MemoryEstimate
 from smartrun.model import ModelFacts
 from smartrun.plan_cache import CacheEntry, CacheKey
 from smartrun.request import RunRequest

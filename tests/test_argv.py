@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from smartrun import argv as argv_mod
 from smartrun import launch, tune
 from smartrun.argv import parse_user_args
-from smartrun.knobs import CATALOGUE
+from smartrun.knobs import CATALOGUE, REDACTED
 from smartrun.secrets import (
-    REDACTED,
     cap_line,
     redact_argv,
     redact_env,

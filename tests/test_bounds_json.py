@@ -9,7 +9,7 @@ from conftest import FIXTURES
 
 from smartrun import pipeline
 from smartrun.contracts import Bounds
-from smartrun.secrets import REDACTED
+from smartrun.knobs import REDACTED
 
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")

@@ -12,8 +12,9 @@ from conftest import FIXTURES
 from fakes import hidden_memory
 
 from smartrun import calibration, hardware, memory, pipeline
-from smartrun.calibration import Correction, Figures, Observation, Store, learn
+from smartrun.calibration import Figures, Observation, Store, learn
 from smartrun.cli import main
+from smartrun.memory import Correction
 from smartrun.session import load_record
 from smartrun.vllm_log import StartupFacts
 

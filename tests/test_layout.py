@@ -135,3 +135,58 @@ def test_the_readme_module_map_names_only_modules_that_exist():
     assert {PACKAGE / "memory" / "budget.py", PACKAGE / "rules.py", PACKAGE / "pipeline/"} <= named
     missing = sorted(str(path.relative_to(PACKAGE.parent)) for path in named if not path.exists())
     assert missing == [], f"the README's module map names what is not there: {missing}"
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module defines itself (def, class, assignment, also under if/try), not the ones it imports."""
+    names: set[str] = set()
+    for node in tree.body:
+        for sub in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else (node,):
+            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(sub.name)
+            elif isinstance(sub, ast.Assign):
+                names |= {n.id for target in sub.targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+            elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+                names.add(sub.target.id)
+    return names
+
+
+def _public_api(tree: ast.Module) -> set[str]:
+    """A package's `__all__`: what it re-exports on purpose."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def reexported_imports(modules: dict[str, Path], files: list[Path]) -> list[str]:
+    """`from smartrun.X import Y` in `files` where X neither defines Y, nor is a package listing it in
+    `__all__`, nor has a submodule Y: a name reached through a module that only imported it."""
+    trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or node.module not in trees:
+                continue
+            own = _top_level_names(trees[node.module]) | _public_api(trees[node.module])
+            for alias in node.names:
+                if alias.name not in own and f"{node.module}.{alias.name}" not in modules:
+                    found.append(f"{path.name}:{node.lineno}: {alias.name} from {node.module}")
+    return found
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it():
+    root = PACKAGE.parent
+    files = [p for folder in ("smartrun", "tests", "benchmarks") for p in sorted((root / folder).rglob("*.py"))]
+    assert reexported_imports(_modules(), files) == []
+
+
+def test_the_reexport_check_finds_a_name_reached_through_another_module(tmp_path):
+    pkg = tmp_path / "smartrun"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('from smartrun.a import A\n__all__ = ["A"]\n')
+    (pkg / "a.py").write_text("A = 1\n")
+    (pkg / "b.py").write_text("from smartrun.a import A\n\ndef f():\n    return A\n")
+    user = tmp_path / "user.py"
+    user.write_text("from smartrun import A, a\nfrom smartrun.a import A\nfrom smartrun.b import A, f\n")
+    assert reexported_imports(_modules(pkg), [user]) == ["user.py:3: A from smartrun.b"]

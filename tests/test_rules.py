@@ -9,15 +9,14 @@ import pytest
 from smartrun import bounds as bounds_mod
 from smartrun import hardware, model, rules, sizing
 from smartrun.argv import parse_user_args
-from smartrun.contracts import Change, Proposal
+from smartrun.contracts import GOALS, Change, Proposal
 from smartrun.errors import InfeasibleError, InputError, PinConflictError
 from smartrun.fit import fit_check
 from smartrun.gpus import select_gpus
 from smartrun.hardware import GpuInfo, GpuProcess, HardwareSnapshot
-from smartrun.knobs import build_argv
+from smartrun.knobs import REDACTED, build_argv
 from smartrun.memory import MemoryEstimate
 from smartrun.model import ModelFacts
-from smartrun.secrets import REDACTED
 from smartrun.validate import check
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -394,7 +393,7 @@ def test_every_fixture_model_and_goal_gets_a_starting_baseline_or_a_clear_error(
     hw = machines[machine]
     outcomes = []
     for name, facts in models.items():
-        for goal in rules.GOALS:
+        for goal in GOALS:
             try:
                 b = rules.effective_bounds(facts, hw, None, {}, goal)
                 plan, est = sizing.baseline(b, facts, hw, goal)
@@ -458,7 +457,7 @@ def _random_file(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=_random_file(), goal=st.sampled_from(rules.GOALS), gpus=st.integers(1, 4),
+@given(text=_random_file(), goal=st.sampled_from(GOALS), gpus=st.integers(1, 4),
        weights=st.sampled_from([2.0, 14.0, 60.0, 150.0]))
 def test_baseline_is_inside_arbitrary_bounds_or_infeasible(tmp_path, text, goal, gpus, weights):
     file = _file(tmp_path, text)

@@ -9,8 +9,9 @@ import pytest
 
 from smartrun.cli.timeline import timeline
 from smartrun.errors import InputError, ReplayDivergence
+from smartrun.knobs import REDACTED
 from smartrun.plan_cache import CacheEntry, CacheKey, SavedParams
-from smartrun.secrets import REDACTED, redact_argv, redact_env, redact_text, secret_values
+from smartrun.secrets import redact_argv, redact_env, redact_text, secret_values
 from smartrun.session import (
     Decision,
     SessionRecord,

@@ -12,13 +12,12 @@ import pytest
 from conftest import FIXTURES
 
 from smartrun import pipeline
-from smartrun.calibration import Correction
 from smartrun.cli import main
 from smartrun.contracts import Bounds, Plan
 from smartrun.errors import InputError
 from smartrun.hardware import HardwareSnapshot
 from smartrun.launch import LaunchAttempt
-from smartrun.memory import MemoryEstimate
+from smartrun.memory import Correction, MemoryEstimate
 from smartrun.model import ModelFacts
 from smartrun.plan_cache import CacheEntry
 from smartrun.request import RunRequest

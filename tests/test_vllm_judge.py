@@ -18,6 +18,7 @@ pytest.importorskip("vllm")
 
 from smartrun import hardware, model, rules, sizing
 from smartrun.argv import parse_user_args
+from smartrun.contracts import GOALS
 from smartrun.errors import InfeasibleError
 from smartrun.knobs import build_argv
 
@@ -85,7 +86,7 @@ def test_every_baseline_argv_passes_vllms_parser_and_model_config(machine, vllm_
     judged = 0
     for name in MODELS:
         facts = model.inspect(str(FIX / "models" / name))
-        for goal in rules.GOALS:
+        for goal in GOALS:
             try:
                 plan, _ = sizing.baseline(rules.effective_bounds(facts, snapshot, None, {}, goal), facts, snapshot, goal)
             except InfeasibleError:

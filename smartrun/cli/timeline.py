@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from smartrun.calibration import Correction, Observation
+from smartrun.calibration import Observation
+from smartrun.memory import Correction
 from smartrun.session import CalibrationRecord, SessionRecord, short
 
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")

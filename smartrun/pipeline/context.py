@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from smartrun import __version__
-from smartrun.calibration import Correction, NoCalibration
+from smartrun.calibration import NoCalibration
 from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, Plan
 from smartrun.errors import InputError
 from smartrun.hardware import HardwareSnapshot
-from smartrun.memory import MemoryEstimate
+from smartrun.memory import Correction, MemoryEstimate
 from smartrun.model import ModelFacts
 from smartrun.plan_cache import CacheEntry, CacheKey
 from smartrun.request import EventSink, RunRequest, no_events

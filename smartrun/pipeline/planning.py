@@ -7,10 +7,10 @@ from typing import Any
 
 from smartrun import argv as argv_mod
 from smartrun import calibration
-from smartrun.calibration import Correction
 from smartrun.contracts import Change, Plan, Proposal
 from smartrun.errors import InputError, SmartRunError
 from smartrun.hardware import HardwareSnapshot
+from smartrun.memory import Correction
 from smartrun.model import ModelFacts
 from smartrun.pipeline.context import Recorder, RunContext, RunResult, Sources
 from smartrun.pipeline.recording import RecordingTransport

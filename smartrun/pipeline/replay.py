@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from smartrun.calibration import Correction
 from smartrun.clock import FakeClock
 from smartrun.contracts import Plan
 from smartrun.errors import SmartRunError
+from smartrun.memory import Correction
 from smartrun.pipeline.context import BoundsInput, RunResult, Sources, new_record
 from smartrun.pipeline.run import run
 from smartrun.plan_cache import CacheEntry, CacheKey
