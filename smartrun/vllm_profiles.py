@@ -212,9 +212,11 @@ PROFILES: dict[str, Profile] = {
         cudagraph_subtracted=False,
         tokens_group_aware=False,
         has_160gib_tier=False,
-        # 0.11.0's wheel has FlashInfer only as an optional extra, so a pip install samples with the
-        # PyTorch-native top-k/top-p sort (resolve() adds it for 0.11.0; from 0.11.1 FlashInfer is a
-        # requirement: the METADATA of the 0.11.0 / 0.11.1 / 0.11.2 / 0.12.0 / 0.19.0 wheels)
+        # The dummy sampler sorts the logits (PyTorch-native top-k/top-p, 16 B a logit as 0.8-0.10) in
+        # every 0.11.x: 0.11.0's wheel has FlashInfer only as an optional extra (its METADATA), and from
+        # 0.11.1 the FlashInfer sampler is opt-in (VLLM_USE_FLASHINFER_SAMPLER=1; topk_topp_sampler.py
+        # of 0.11.1 / 0.11.2), so a default 0.11 server sorts (0.17 brought a Triton kernel instead).
+        native_topk_topp_bytes=16.0,
         # one Ada GPU: as 0.9-0.10 (a single GPU creates no NCCL communicator, so moving the snapshot
         # after NCCL init changed nothing there); pub-111 (0.11.0 L4) agrees: -5.2% -> -0.3%
         non_torch_single_ada_gib=0.02,
@@ -223,12 +225,13 @@ PROFILES: dict[str, Profile] = {
             "as 0.19 (the snapshot after NCCL init appeared in 0.11.0: vllm/v1/worker/gpu_worker.py); "
             "V1 also on compute capability < 8.0 (FlexAttention on a T4)"
         ),
-        margin=0.06,
-        # one startup over by 0.21 GiB, widened x3 (1 + 2/sqrt(1)) as every band: 0.63 GiB
+        # 4 startups, widened x2 (1 + 2/sqrt(4)) as every band: pub-115 over by 0.74 GiB of its 18.5 GiB
+        # non-KV memory (8%), pub-110 by 0.21 GiB (under the floor)
+        margin=0.08,
         margin_floor_gib=0.65,
         evidence=(
-            "1 public startup (0.11.0 on a T4, FlashInfer absent, pub-110): KV tokens +2.0% with the native "
-            "sort counted (+7.4% without); few cases, so the widest band and a floor over its miss x3"
+            "4 public startups (0.11.0 on a T4, an L4 and an A100 40GB, 0.11.2 on an H200): KV tokens -0.1% to "
+            "+2.0% with the native sort counted (+2.6% to +7.4% without it on the two that are over)"
         ),
     ),
     "0.19": Profile(
@@ -320,12 +323,12 @@ def resolve(
         return PROFILES["0.8"]
     if v < (0, 11, 0):
         return PROFILES["0.9"]
-    if v < (0, 11, 1):  # 0.11.0's wheel lists FlashInfer as an optional extra (from 0.11.1 a requirement):
-        # a pip install samples with the PyTorch-native top-k/top-p sort, as 0.8-0.10 (METADATA of the
-        # 0.11.0 / 0.11.1 / 0.11.2 / 0.12.0 / 0.19.0 wheels; v1/sample/ops/topk_topp_sampler.py 0.11.0)
-        return PROFILES["0.11"].model_copy(update={"native_topk_topp_bytes": PROFILES["0.9"].native_topk_topp_bytes})
     if v < (0, 12, 0):
         return PROFILES["0.11"]
+    if v < (0, 17, 0):  # the FlashInfer sampler is opt-in and the Triton top-k/top-p kernel (0.17+, what
+        # the 0.19 fit saw) not there yet: the dummy sampler sorts the logits (topk_topp_sampler.py of
+        # 0.12.0, 0.14.0, 0.15.0, 0.16.0 read; no startup of these versions measured)
+        return PROFILES["0.19"].model_copy(update={"native_topk_topp_bytes": PROFILES["0.9"].native_topk_topp_bytes})
     if v < (0, 20, 0):
         return PROFILES["0.19"]
     if v < (0, 28, 0):  # graph estimate on and util 0.92 from 0.20; the 160 GiB tier from 0.28

@@ -692,7 +692,12 @@ def test_shipped_bands_cover_what_every_startup_measured():
         assert PROFILES[name].margin >= band, (name, band, n)
     # wider where a profile has few measurements: none is narrower than the measured 0.19 one
     assert all(p.margin >= PROFILES["0.19"].margin for p in PROFILES.values())
-    assert max(p.margin for p in PROFILES.values()) == PROFILES["0.33"].margin == PROFILES["0.8"].margin
+    # the unmeasured eras get the widest default band; a measured one is wider only where its own
+    # startups need it (0.11: pub-115, 0.74 GiB over at 1024 sequences, widened x2 for n = 4)
+    default = PROFILES["0.33"].margin
+    assert default == PROFILES["0.20"].margin == PROFILES["0.8"].margin
+    needed = bench.profile_bands(ALL_ROWS)
+    assert all(p.margin <= default or needed[p.name][0] > default for p in PROFILES.values())
 
 
 def test_the_public_startups_are_there_with_their_provenance():
@@ -995,3 +1000,16 @@ def test_one_ada_gpu_grows_the_non_torch_memory_its_startups_printed():
     for cid in ("pub-108", "pub-111"):
         row = HELD_OUT[cid]
         assert -3 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1, cid
+
+
+def test_the_dummy_sampler_sorts_the_logits_until_0_17():
+    """topk_topp_sampler.py: FlashInfer's sampler is used by default only in 0.9-0.11.0 when installed
+    (0.11.0's wheel has it as an extra), opt-in from 0.11.1; the Triton top-k/top-p kernel came in
+    0.17. So 0.11.x-0.16 sort the logits in the profile's dummy sampler (16 B a logit counted)."""
+    from smartrun.vllm_profiles import resolve
+
+    assert {v: resolve(v, "9.0").native_topk_topp_bytes for v in ("0.11.0", "0.11.2", "0.14.0", "0.16.0")} == {
+        "0.11.0": 16.0, "0.11.2": 16.0, "0.14.0": 16.0, "0.16.0": 16.0}
+    assert resolve("0.17.0", "9.0").native_topk_topp_bytes == resolve("0.19.0", "9.0").native_topk_topp_bytes == 0
+    row = HELD_OUT["pub-115"]  # 0.11.2 on an H200, 1024 sequences: +2.6% without the sort
+    assert -3 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1 and row["tok_low"] <= row["tok_real"]
