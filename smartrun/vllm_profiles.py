@@ -220,7 +220,7 @@ PROFILES: dict[str, Profile] = {
         # one Ada GPU: as 0.9-0.10 (a single GPU creates no NCCL communicator, so moving the snapshot
         # after NCCL init changed nothing there); pub-111 (0.11.0 L4) agrees: -5.2% -> -0.3%
         non_torch_single_ada_gib=0.02,
-        checked_in=("0.11.0",),
+        checked_in=("0.11.0", "0.11.1", "0.11.2"),
         source=(
             "as 0.19 (the snapshot after NCCL init appeared in 0.11.0: vllm/v1/worker/gpu_worker.py); "
             "V1 also on compute capability < 8.0 (FlexAttention on a T4)"
@@ -241,7 +241,7 @@ PROFILES: dict[str, Profile] = {
         cudagraph_subtracted=False,
         tokens_group_aware=False,
         has_160gib_tier=False,
-        checked_in=("0.11.0",),
+        checked_in=("0.11.0", "0.19.0"),
         source=(
             "vllm/v1/worker/gpu_worker.py: snapshot AFTER NCCL init (0.11.0); KV = requested - (weights + "
             "non_torch_increase + torch_peak_increase); CUDA-graph estimate absent/off"
