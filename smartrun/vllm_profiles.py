@@ -200,9 +200,10 @@ PROFILES: dict[str, Profile] = {
         margin=0.04,
         margin_floor_gib=0.25,
         evidence=(
-            "12 public startups (A100 40GB 0.9.2 and 0.10.1.1; L40S-class 0.10.1 and 0.10.2 incl. compressed-"
-            "tensors AWQ/GPTQ W4A16; L4 0.9.0.1 and 0.10.2; Qwen2.5-VL at TP 1 and TP 2 over PCIe): KV tokens "
-            "-12.9% to +0.4%, none over by more than 0.4%; TP over NVLink unmeasured (keeps the 0.19 term, errs low)"
+            "22 public startups (A100 40GB 0.9.2 and 0.10.1.1; A100 80GB 0.10.1.1 at TP 1 and TP 2 without P2P; "
+            "L40S-class 0.10.1 and 0.10.2 incl. compressed-tensors AWQ/GPTQ W4A16; RTX 4090 0.10.2; L4 0.9.0.1 and "
+            "0.10.2; Qwen2.5-VL at TP 1 and TP 2 over PCIe; 8x H100 TP 8 0.10.0): KV tokens -16.8% to +0.6%, none "
+            "over by more than 0.6%; the low tail is the FlashInfer sampler (no sort) on a small KV cache"
         ),
     ),
     "0.11": Profile(

@@ -32,6 +32,11 @@ CUDA_RESERVED_MIB_BY_GPU = {
     "Tesla T4": 15360 - 14.74 * 1024,  # pub-003/pub-004 (Colab): 14.74 GiB
     "NVIDIA A100-SXM4-40GB": 40960 - 39.39 * 1024,  # 8 x A100 40GB V0 log (search-index file 3706561278)
     "NVIDIA A100-PCIE-40GB": 40960 - 39.39 * 1024,  # same memory part as the SXM4 40GB
+    # an A100-SXM4-80GB (0.8.2 V0 log, search-index file 6934259882: torch "Max memory: 79.151 GB"
+    # and "total_gpu_memory (79.15GiB)"); an "NVIDIA A100 80GB PCIe" printed the same 79.151
+    # (search-index file 2805250333)
+    "NVIDIA A100-SXM4-80GB": 81920 - 79.15 * 1024,
+    "NVIDIA A100 80GB PCIe": 81920 - 79.15 * 1024,
     "NVIDIA GeForce RTX 3090": 24576 - 23.58 * 1024,  # vsl-001/002
     "NVIDIA L40S": 46068 - 44.39 * 1024,  # an L40 (same 46068 MiB part) V0 log (search-index file 60430572081)
     "NVIDIA L40": 46068 - 44.39 * 1024,
