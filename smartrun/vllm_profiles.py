@@ -46,6 +46,11 @@ class Profile(Frozen):
     # where the profile's budget counts them (see the "0.6" profile); 0 = not counted / not measured.
     nvls_gib_per_rank: float = 0.0
     big_tier_includes_a100: bool = False  # 0.8: >= 70 GiB gets 8192/1024 whatever the name
+    # A sliding-window (or chunked) group holds window - 1 + this many max_num_batched_tokens batches
+    # per request in vLLM's concurrency / max-model-len arithmetic: 1 in SlidingWindowSpec and
+    # ChunkedLocalAttentionSpec.max_memory_usage_bytes of 0.8.4, 0.9.2, 0.10.1.1, 0.10.2 and 0.11.0
+    # (vllm/v1/kv_cache_interface.py); 2 where the 0.19 fit was made (the default).
+    sliding_in_flight_batches: int = 2
     mla_latent_cache: bool = True  # False before 0.7.1: DeepSeek MLA cached full heads padded to 256
     # V0 0.7.2-0.7.3 (VLLM_CUDA_MEM_ALIGN_KV_CACHE, default on) pads the MLA entry to 256 bytes of the
     # model dtype: 576 -> 640 elements (vllm/worker/cache_engine.py; absent in 0.7.1 and 0.8.5.post1)
@@ -121,6 +126,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "0.8": Profile(
         name="0.8",
+        sliding_in_flight_batches=1,
         versions="0.8.0-0.8.5 (V1 default where supported)",
         default_util=0.90,
         cudagraph_subtracted=False,
@@ -158,6 +164,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "0.9": Profile(
         name="0.9",
+        sliding_in_flight_batches=1,
         versions="0.9.0-0.10.2 (V1)",
         default_util=0.90,
         cudagraph_subtracted=False,
@@ -200,7 +207,8 @@ PROFILES: dict[str, Profile] = {
         margin=0.04,
         margin_floor_gib=0.25,
         evidence=(
-            "22 public startups (A100 40GB 0.9.2 and 0.10.1.1; A100 80GB 0.10.1.1 at TP 1 and TP 2 without P2P; "
+            "23 public startups (A100 40GB 0.9.2 and 0.10.1.1; A100 80GB 0.10.1.1 at TP 1 and TP 2 without P2P, "
+            "and gpt-oss-120b MXFP4 (Marlin) at TP 4 across nodes; "
             "L40S-class 0.10.1 and 0.10.2 incl. compressed-tensors AWQ/GPTQ W4A16; RTX 4090 0.10.2; L4 0.9.0.1 and "
             "0.10.2; Qwen2.5-VL at TP 1 and TP 2 over PCIe; 8x H100 TP 8 0.10.0): KV tokens -16.8% to +0.6%, none "
             "over by more than 0.6%; the low tail is the FlashInfer sampler (no sort) on a small KV cache"
@@ -208,6 +216,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "0.11": Profile(
         name="0.11",
+        sliding_in_flight_batches=1,
         versions="0.11.x (V1 only; V0 removed)",
         default_util=0.90,
         cudagraph_subtracted=False,

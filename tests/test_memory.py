@@ -559,6 +559,22 @@ def test_mxfp4_experts_are_held_padded_for_the_kernel():
     assert unpadded < triton < marlin  # Hopper's Triton kernels pad the intermediate size to 64 only
 
 
+def test_sliding_window_requests_hold_one_batch_in_flight_before_the_0_19_fit():
+    """SlidingWindowSpec.max_memory_usage_bytes of 0.8.4-0.11.0 (vllm/v1/kv_cache_interface.py): window - 1 +
+    max_num_batched_tokens, + 1 block. gpt-oss-120b at TP 4 on 0.10.1.1 (pub-124) printed 284.25x for
+    2,640,144 tokens at 16384 (18 full + 18 sliding layers of 128, 2048 batched tokens)."""
+    from smartrun.memory import blocks_per_request
+    from smartrun.memory.kv import KVGroup
+    from smartrun.vllm_profiles import PROFILES
+
+    sliding = KVGroup(kind="sliding", layers=18, window=128)
+    assert blocks_per_request(sliding, 16384, 16, 2048, 1) == math.ceil((127 + 2048) / 16) + 1 == 137
+    assert blocks_per_request(sliding, 16384, 16, 2048) == math.ceil((127 + 4096) / 16) + 1
+    assert [PROFILES[p].sliding_in_flight_batches for p in ("0.8", "0.9", "0.11", "0.19")] == [1, 1, 1, 2]
+    per_request = 18 * (1024 + 137)  # blocks of one layer
+    assert 2640144 // 16 * 36 / per_request == pytest.approx(284.25, abs=0.01)
+
+
 def test_plan_safe_low_end_is_below_the_estimate_and_wider_without_evidence():
     from smartrun.memory import plan_safe_kv_tokens, plan_safe_max_model_len
 
@@ -616,7 +632,8 @@ OPEN_CLASSES = {
 NOT_ESTIMABLE = {
     **dict.fromkeys(("vsl-004", "vsl-005", "vsl-007", "vsl-008", "vsl-009", "vsl-010", "vsl-011", "vsl-012",
                      "vsl-013", "vsl-014", "vsl-015", "vsl-016", "vsl-017", "vsl-018", "vsl-020", "vsl-022",
-                     "vsl-024", "pub-007"), "no config for the model"),
+                     "vsl-024"), "no config for the model"),
+    "pub-007": "utilization not shown",
     "vsl-003": "GPU not named",
     "vsl-021": "utilization not shown",
     "vsl-023": "not estimable: --gpu 'A100 (memory size not stated)': unknown GPU",

@@ -174,21 +174,21 @@ def _budget(model: ModelFacts, gpus: list[GpuSpec], flags: EngineFlags, profile:
     return min(stages, key=lambda b: (b.num_blocks, b.kv))
 
 
-def _request_blocks(b: _Budget, max_model_len: int, block_size: int, mnbt: int) -> int:
-    return sum(blocks_per_request(g, max_model_len, block_size, mnbt) for g in b.groups)
+def _request_blocks(b: _Budget, max_model_len: int, block_size: int, mnbt: int, in_flight: int = 2) -> int:
+    return sum(blocks_per_request(g, max_model_len, block_size, mnbt, in_flight) for g in b.groups)
 
 
-def _largest_len(b: _Budget, derived: int, block_size: int, mnbt: int) -> int:
+def _largest_len(b: _Budget, derived: int, block_size: int, mnbt: int, in_flight: int = 2) -> int:
     """Binary search, as vLLM's auto-fit / estimated maximum model length (one null block kept back)."""
     usable = b.num_blocks - 1
-    if usable <= 0 or _request_blocks(b, 1, block_size, mnbt) > usable:
+    if usable <= 0 or _request_blocks(b, 1, block_size, mnbt, in_flight) > usable:
         return 0
     lo, hi = 1, derived
-    if _request_blocks(b, hi, block_size, mnbt) <= usable:
+    if _request_blocks(b, hi, block_size, mnbt, in_flight) <= usable:
         return hi
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _request_blocks(b, mid, block_size, mnbt) <= usable:
+        if _request_blocks(b, mid, block_size, mnbt, in_flight) <= usable:
             lo = mid
         else:
             hi = mid - 1
@@ -301,7 +301,7 @@ def _estimate(
     calibrated = int(calibration.non_kv_gib * GIB) if calibration is not None else 0
     b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad,
                 calibrated)
-    largest = _largest_len(b, derived, block_size, mnbt)
+    largest = _largest_len(b, derived, block_size, mnbt, profile.sliding_in_flight_batches)
     if auto and largest > 0:
         max_model_len = largest
         seqs, mnbt = effective_batch_defaults(
@@ -309,7 +309,7 @@ def _estimate(
         )
         b = _budget(model, used, flags, profile, dtype, kv_elem, util, seqs, mnbt, block_size, coefficients, mxfp4_pad,
                     calibrated)
-    per_request = _request_blocks(b, max_model_len, block_size, mnbt)
+    per_request = _request_blocks(b, max_model_len, block_size, mnbt, profile.sliding_in_flight_batches)
     concurrency = b.num_blocks / per_request if per_request else 0.0
     tokens = _tokens(b, b.num_blocks, concurrency, profile, block_size, max_model_len)
     # The plan-safe low end: the profile's band of non-KV memory kept back (vllm_profiles.Profile.margin).
@@ -320,7 +320,7 @@ def _estimate(
     low = b.model_copy(update={"kv": b.kv - margin, "num_blocks": max(0, (b.kv - margin) // b.bytes_per_block)})
     concurrency_low = low.num_blocks / per_request if per_request else 0.0
     tokens_low = _tokens(low, low.num_blocks, concurrency_low, profile, block_size, max_model_len)
-    largest_low = _largest_len(low, derived, block_size, mnbt)
+    largest_low = _largest_len(low, derived, block_size, mnbt, profile.sliding_in_flight_batches)
     fits, reason = True, None
     if b.free < b.requested and not profile.v0_engine:  # V0 had no startup free-memory check
         fits = False

@@ -77,10 +77,13 @@ def kv_bytes_per_token_layer(
     return 2 * heads_rank * model.head_dim * kv_elem_bytes
 
 
-def blocks_per_request(group: KVGroup, max_model_len: int, block_size: int, mnbt: int) -> int:
-    """Blocks one request at max_model_len takes in a group (sliding/chunked capped by window + in flight)."""
+def blocks_per_request(group: KVGroup, max_model_len: int, block_size: int, mnbt: int, in_flight_batches: int = 2) -> int:
+    """Blocks one request at max_model_len takes in a group (sliding/chunked capped by window + in flight).
+
+    `in_flight_batches`: how many max_num_batched_tokens batches beyond the window vLLM counts
+    (Profile.sliding_in_flight_batches: 1 in 0.8.4-0.11.0's SlidingWindowSpec.max_memory_usage_bytes)."""
     if group.kind == "full" or not group.window:
         return math.ceil(max_model_len / block_size)
-    in_flight = 2 * mnbt
+    in_flight = in_flight_batches * mnbt
     span = min(group.window - 1 + in_flight, max_model_len)
     return math.ceil(span / block_size) + 1
