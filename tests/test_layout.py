@@ -190,3 +190,44 @@ def test_the_reexport_check_finds_a_name_reached_through_another_module(tmp_path
     user = tmp_path / "user.py"
     user.write_text("from smartrun import A, a\nfrom smartrun.a import A\nfrom smartrun.b import A, f\n")
     assert reexported_imports(_modules(pkg), [user]) == ["user.py:3: A from smartrun.b"]
+
+
+LOADERS = {"spec_from_file_location", "run_path", "SourceFileLoader", "import_module", "__import__"}
+
+
+def benchmark_imports(files: list[Path]) -> list[str]:
+    """Places in `files` that import code from benchmarks/ (an import statement, or importlib/runpy
+    pointed at it): what tests need belongs in the package, and a benchmark only prints."""
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in LOADERS:
+                names = ["benchmarks"] if "benchmarks" in ast.unparse(node) else []
+            else:
+                continue
+            if any(name.split(".")[0] == "benchmarks" for name in names):
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_test_imports_a_benchmark():
+    files = sorted((PACKAGE.parent / "tests").rglob("*.py"))
+    assert len(files) > 20 and benchmark_imports(files) == []
+
+
+def test_the_benchmark_import_check_finds_each_way_in(tmp_path):
+    user = tmp_path / "test_user.py"
+    user.write_text(
+        "import importlib.util, runpy, subprocess\n"
+        "import benchmarks.estimator_accuracy\n"
+        "from benchmarks import cli_cold_start\n"
+        'spec = importlib.util.spec_from_file_location("b", ROOT / "benchmarks" / "b.py")\n'
+        'runpy.run_path("benchmarks/b.py")\n'
+        'subprocess.run(["python", "benchmarks/b.py"])\n'  # running it as a user does is fine
+        'importlib.util.spec_from_file_location("m", "fixtures/models/make_fixtures.py")\n'
+    )
+    assert benchmark_imports([user]) == ["test_user.py:2", "test_user.py:3", "test_user.py:4", "test_user.py:5"]

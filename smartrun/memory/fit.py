@@ -2,7 +2,7 @@
 
 `features` is the physics side of one startup (what the formulas count for its model and flags);
 the measured side (activation peak, non-torch, CUDA graphs, weights as vLLM logged them) comes from
-the reference logs, which benchmarks/estimator_accuracy.py reads. `fit_coefficients` turns a list of
+the reference logs, which smartrun.memory.evidence reads. `fit_coefficients` turns a list of
 samples (features + measurements) into Coefficients; tests check that it reproduces FITTED.
 """
 
