@@ -42,9 +42,10 @@ class Profile(Frozen):
     # One GPU of compute capability 8.9 (Ada: L4, L40S, RTX 4090): the non-torch growth V1 printed there
     # (None = the figure above / the fitted one, which A100 and H100 startups need)
     non_torch_single_ada_gib: float | None = None
-    # NCCL's NVLink SHARP buffers per GPU of a TP group of 3+ NVLS-capable GPUs (HGX Hopper), GiB,
-    # where the profile's budget counts them (see the "0.6" profile); 0 = not counted / not measured.
-    nvls_gib_per_rank: float = 0.0
+    # NCCL communicators whose NVLink SHARP buffers (TP groups of 3+ NVLS-capable GPUs, HGX Hopper) the
+    # budget counts beyond its base TP term: those created after the memory snapshot that the base term
+    # does not already hold (memory.activation.nvls_bytes says which and why; V0 2, 0.9-0.10 1, else 0).
+    nvls_communicators: int = 0
     big_tier_includes_a100: bool = False  # 0.8: >= 70 GiB gets 8192/1024 whatever the name
     # A sliding-window (or chunked) group holds window - 1 + this many max_num_batched_tokens batches
     # per request in vLLM's concurrency / max-model-len arithmetic: 1 in SlidingWindowSpec and
@@ -97,17 +98,11 @@ PROFILES: dict[str, Profile] = {
         # NVLink-class fitted figure (pub-017: 8x A100 SXM4 40GB, 0.7.1, TP 8 printed 2.10 GiB; the
         # earlier 0.25 for every TP group over-predicted that startup's KV cache by 7%)
         non_torch_tp_no_nvlink_gib=0.25,
-        # TP of 3+ on NVLS-capable GPUs (HGX H100/H200): V0's baseline snapshot is taken before
-        # init_distributed_environment (worker.py init_device), and the profile run creates a second
-        # NCCL communicator: the logits are gathered to rank 0 with torch.distributed.gather on the TP
-        # device group (base_device_communicator.gather, 0.7.3), lazily initialised then; the pynccl one
-        # exists from init. On NVSwitch Hopper NCCL gives each one NVLS buffers of nvlsPerRankSize x
-        # group size (src/transport/nvls.cc ncclNvlsSetup; NCCL_NVLS_ENABLE is not set by vLLM).
-        # Measured apart from the cases here: vllm-project/vllm#9699 (8x H200, TP 8, V0): NVLS off
-        # raised the GPU blocks of Llama-3.1-405B from 17595 to 227xx (1,032,192 B a block), 4.91-5.00
-        # GiB a GPU; NCCL's own line there gives 2.25 GiB a communicator. The upper end per GPU of the
-        # group. DeepSeek-R1 on 8x H200 (0.7.3) printed non-torch 7.16 GiB: 2.35 + 5.00 = 7.35 predicted.
-        nvls_gib_per_rank=0.625,
+        # TP of 3+ on NVLS-capable GPUs (HGX H100/H200): the snapshot precedes NCCL init, so both NCCL
+        # communicators' NVLS buffers count (pynccl's and the device group's, created by the logits
+        # gather); the measured figure (vllm#9699, V0) is both. memory.activation.nvls_bytes. DeepSeek-R1
+        # on 8x H200 (0.7.3) printed non-torch 7.16 GiB: 2.35 + 5.00 + the gather root 1.00 = 8.35 predicted.
+        nvls_communicators=2,
         checked_in=("0.6.6.post1", "0.7.1", "0.7.2", "0.7.3", "0.8.5.post1", "0.10.1.1"),
         source=(
             "vllm/worker/worker.py determine_num_available_blocks: KV = total x util - (weights + "
@@ -171,16 +166,14 @@ PROFILES: dict[str, Profile] = {
         tokens_group_aware=False,
         has_160gib_tier=False,
         native_topk_topp_bytes=16.0,
-        # TP over NVLink keeps the NVLink-class term, and the source gives the reason (0.9.2, 0.10.1.1):
-        # the snapshot precedes init_worker_distributed_environment (v1/worker/gpu_worker.py init_device),
-        # and two NCCL communicators are set up by the end of the profile run - pynccl's at init and
-        # the TP device group's, created by the logits all_gather (base_device_communicator.all_gather
-        # -> dist.all_gather_into_tensor on device_group) - with every ring/tree connection's buffers
-        # allocated eagerly: NCCL 2.26 (torch 2.7) connects at runtime only with cuMem, which vLLM turns
-        # off (env_override.py NCCL_CUMEM_ENABLE=0; NCCL init.cc runtimeConn = cuMemSupport && ...).
-        # That is V0's situation, where 8 NVSwitch A100s printed 2.10 GiB (pub-017); custom all-reduce
-        # adds two 8 MiB IPC buffers. So no smaller NVLink figure is read from the source, and none is
-        # measured (no 0.9-0.10 NVLink TP startup with its settings was found).
+        # TP over NVLink keeps the NVLink-class (0.19-fitted) term and adds one NCCL communicator's NVLS
+        # buffers on HGX Hopper (nvls_communicators below). Read in 0.9.2, 0.10.0, 0.10.1.1: the snapshot
+        # precedes init_worker_distributed_environment (v1/worker/gpu_worker.py init_device), and two NCCL
+        # communicators are set up by the end of the profile run, each with every ring/tree/NVLS buffer
+        # allocated at init (vLLM's NCCL_CUMEM_ENABLE=0 turns NCCL's lazy connect off): pynccl's at init
+        # and the TP device group's, created by the logits all_gather. 0.11+ take the snapshot after
+        # pynccl's, so the 0.19-fitted term holds the device group's; 0.9-0.10 count pynccl's on top.
+        # No A100 NVLink TP startup of 0.9-0.10 with its settings was found to size the ring/tree part.
         # TP without NVLink: the snapshot precedes NCCL init, so NCCL's own buffers count, but there
         # is no custom all-reduce IPC buffer or NVLS buffer over PCIe; 0.10.2 printed "0.21 GiB for
         # non-torch memory" for 8 L40S at TP 8 (Qwen3-235B-A22B FP8 with expert parallelism; search-
@@ -192,13 +185,10 @@ PROFILES: dict[str, Profile] = {
         # need the fitted 0.26 (pub-001, pub-005; the 0.19 sweep). The cause is not read from source.
         # Checked on Ada startups that print no breakdown: pub-108 (0.9.0.1 L4) -12.9% -> -1.9%.
         non_torch_single_ada_gib=0.02,
-        # TP of 3+ on NVLS-capable GPUs (HGX Hopper): 0.9-0.10 take the snapshot before
-        # init_worker_distributed_environment (gpu_worker.py init_device, 0.10.2 l.172-193), which creates
-        # the pynccl communicator (and warms it up); 0.11+ take it after. So 0.9-0.10 count that one
-        # communicator's NCCL NVLS buffers beyond what the 0.19-fitted term holds: half the V0 figure
-        # (V0 counts two communicators, profile "0.6"). Checked on pub-114 (8x H100 TP 8, 0.10.0):
+        # TP of 3+ on NVLS-capable GPUs (HGX Hopper): pynccl's communicator, the one 0.9-0.10 count beyond
+        # the 0.19-fitted term (memory.activation.nvls_bytes). Checked on pub-114 (8x H100 TP 8, 0.10.0):
         # +2.0% (over, past the 4% band) with the 0.19 term alone, -2.5% with it.
-        nvls_gib_per_rank=0.3125,
+        nvls_communicators=1,
         checked_in=("0.9.2", "0.10.1.1", "0.10.2"),
         source=(
             "vllm/v1/worker/gpu_worker.py: requested = total x util (free-memory check), snapshot taken "

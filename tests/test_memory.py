@@ -1004,6 +1004,32 @@ def test_v0_tp_on_hopper_nvswitch_counts_nvls_and_the_gather_roots_p2p_buffers()
     # buffers, half the V0 figure, and no gather root (V1 all-gathers the logits)
     v10 = estimate(LLAMA8, [H200] * 8, eight, "0.10.1").non_torch_gib
     assert v10 == pytest.approx(v1 + 2.5, abs=0.01)
+
+
+def test_nvls_buffers_have_one_code_path_counted_per_communicator():
+    """One size per NCCL communicator (vllm#9699's, per GPU of the group) times the communicators a
+    profile's budget counts beyond its base TP term: V0 both (snapshot before NCCL init, its figure
+    measured on V0), 0.9-0.10 pynccl's (the device group's is in the 0.19-fitted term, since 0.11+ also
+    create it during the profile), 0.11+ none; never on two GPUs (NCCL needs 3+ for NVLS)."""
+    from smartrun import vllm_profiles
+    from smartrun.memory.activation import NVLS_GIB_PER_RANK_PER_COMMUNICATOR, nvls_bytes
+
+    assert abs(NVLS_GIB_PER_RANK_PER_COMMUNICATOR * 2 * 8 - 5.0) < 1e-9  # 5.00 GiB a GPU: two at TP 8
+    counted = {name: p.nvls_communicators for name, p in vllm_profiles.PROFILES.items()}
+    assert counted == {"0.6": 2, "0.8": 0, "0.9": 1, "0.11": 0, "0.19": 0, "0.20": 0, "0.33": 0}
+    for version, comms in (("0.7.3", 2), ("0.9.2", 1), ("0.10.0", 1), ("0.10.2", 1), ("0.11.0", 0), ("0.19.0", 0)):
+        profile = vllm_profiles.resolve(version, "9.0")
+        for tp in (2, 4, 8):
+            want = comms * NVLS_GIB_PER_RANK_PER_COMMUNICATOR * tp * GIB if tp > 2 else 0
+            assert nvls_bytes(tp, profile, True) == int(want), (version, tp)
+            assert nvls_bytes(tp, profile, False) == 0
+    on = estimate(LLAMA8, [H200] * 4, EngineFlags(tensor_parallel_size=4, max_model_len=4096), "0.10.0")
+    a100 = [GpuSpec.from_name("A100-SXM4-80GB")] * 4
+    off = estimate(LLAMA8, a100, EngineFlags(tensor_parallel_size=4, max_model_len=4096), "0.10.0")
+    assert on.non_torch_gib - off.non_torch_gib == pytest.approx(4 * NVLS_GIB_PER_RANK_PER_COMMUNICATOR, abs=0.01)
+    for cid in ("pub-114", "pub-201"):  # the two Hopper NVSwitch startups stay on the safe side, within -3%
+        row = HELD_OUT[cid]
+        assert -3 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 0 and row["tok_low"] <= row["tok_real"], cid
     row = HELD_OUT["pub-201"]  # R1: KV tokens within the V0 tolerance and the low end below what vLLM had
     assert -5 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 0 and row["tok_low"] <= row["tok_real"]
 

@@ -207,11 +207,54 @@ def non_torch_bytes(
     less with TP, 0.8 counts the whole CUDA context. A TP group known to have no NVLink uses its
     profile's `non_torch_tp_no_nvlink_gib` where one was measured (NCCL over PCIe/shared memory,
     no custom all-reduce without P2P); elsewhere the fitted NVLink-class figure (errs low).
-    `nvls`: the group can use NVLink SHARP (GpuSpec.nvls_capable); groups of 3+ GPUs then add the
-    profile's `nvls_gib_per_rank` per GPU of the group (NCCL sizes its NVLS buffers by the group).
+    `nvls`: the group can use NVLink SHARP (GpuSpec.nvls_capable); see `nvls_bytes`.
     """
-    extra = profile.nvls_gib_per_rank * tp if nvls and tp > 2 and profile is not None else 0.0
-    return _non_torch_base(tp, pp, v0_engine, coeffs, profile, without_nvlink) + int(extra * GIB)
+    return _non_torch_base(tp, pp, v0_engine, coeffs, profile, without_nvlink) + nvls_bytes(tp, profile, nvls)
+
+
+# NCCL's NVLink SHARP (NVLS) buffers of ONE communicator, GiB per GPU of the TP group for each rank in it
+# (NCCL sizes them nvlsPerRankSize x the group's heads, one head per GPU on one node). Measured on V0 in
+# vllm-project/vllm#9699 (8x H200, TP 8): NCCL_NVLS_ENABLE=0 raised the GPU blocks of Llama-3.1-405B from
+# 17595 to 227xx (1,032,192 B a block), 4.91-5.00 GiB a GPU for the two communicators V0 counts; the upper
+# end, 5.00 / 2 / 8. See `nvls_bytes` for why this size is kept where NCCL's own formula gives less.
+NVLS_GIB_PER_RANK_PER_COMMUNICATOR = 0.3125
+
+
+def nvls_bytes(tp: int, profile: Profile | None, nvls: bool) -> int:
+    """NVLS buffers of the NCCL communicators a profile's budget counts beyond its base TP term.
+
+    When NCCL allocates them: at communicator init. vLLM sets NCCL_CUMEM_ENABLE=0 (vllm/env_override.py,
+    0.7-0.11), so NCCL's cuMemSupport is 0 and runtimeConn (= cuMemSupport && NCCL_RUNTIME_CONNECT) is
+    off: ncclCommInitRank connects rings and trees and runs ncclNvlsSetup + ncclNvlsBufferSetup
+    (NCCL 2.26.2 src/init.cc l.1135-1158); the lazy path (src/group.cc: ncclNvlsBufferSetup on the first
+    NVLS collective) needs cuMem, and NCCL 2.20/2.21 (vLLM 0.6-0.8) have no lazy path at all. NVLS
+    needs 3+ GPUs (src/transport/nvls.cc ncclNvlsInit: gpuCount <= 2 turns it off).
+
+    Which communicators a TP group has by the end of the profile run (0.10.0 and 0.11.0 read): pynccl's
+    (device_communicators/cuda_communicator.py -> PyNcclCommunicator: ncclCommInitRank and a warm-up
+    all_reduce, in init_worker_distributed_environment), and torch's ProcessGroupNCCL on the group's
+    device_group, created by the first collective on it: the logits all_gather of the dummy sampler run
+    (LogitsProcessor.use_all_gather under V1 -> base_device_communicator.all_gather ->
+    dist.all_gather_into_tensor; CudaCommunicator does not override all_gather), V0's logits gather.
+    Which ones a budget counts: those created after the memory snapshot. V0 and 0.9-0.10 take it before
+    NCCL init (worker.py / v1/worker/gpu_worker.py init_device): both. 0.11+ take it after: only torch's,
+    so the 0.19-fitted TP term (H100 sweep, NVLS at TP 4) already holds that one. So beyond the base
+    term: V0 counts two (its measured figure is both communicators), 0.9-0.10 one (pynccl's), 0.11+ none
+    (Profile.nvls_communicators).
+
+    The size is #9699's measurement. NCCL's own formula gives less in later releases: 2.21.5 (vLLM
+    0.6.4-0.8, torch 2.5-2.6) nChannels x 2 x (1 MiB + 2 MiB) per rank of the group (1.125 GiB a
+    communicator at 24 channels, #9699's count), 2.26.2 (0.9-0.10.1, torch 2.7) 16 NVLS channels x 2 x
+    1 MiB (0.25 GiB at TP 8). But both Hopper NVSwitch startups need more than that formula: DeepSeek-R1
+    on 8x H200 (0.7.3, NCCL 2.21.5, pub-201) printed 7.16 GiB of non-torch memory, 1.56 GiB above the base
+    term + gather root + two formula-sized communicators; Qwen3-32B on 8x H100 (0.10.0, NCCL 2.26.2,
+    pub-114) needs about 1.1 GiB beyond the 0.19 term, where pynccl's NVLS buffers by the formula are
+    0.25 GiB (the rest of that communicator, its ring and tree buffers, is not in the 0.19 term either).
+    So the measured size stays, the safe end: pub-201 -2.7%, pub-114 -2.5% (KV tokens).
+    """
+    if not nvls or tp <= 2 or profile is None:
+        return 0
+    return int(profile.nvls_communicators * NVLS_GIB_PER_RANK_PER_COMMUNICATOR * tp * GIB)
 
 
 def _non_torch_base(
