@@ -7,11 +7,17 @@ import contextlib
 import json
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from smartrun.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 
 def atomic_write_text(path: str | Path, text: str, *, make_parents: bool = False) -> None:
@@ -148,11 +154,6 @@ def parse_json(text: str | bytes, where: str, error: type[Exception] | None = No
 
 def parse_toml(text: str, where: str, error: type[Exception] | None = None) -> dict[str, Any]:
     """TOML with the same caps as parse_json; a syntax error keeps tomllib's `(at line N, column M)`."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
 
     error = error or InputError
     try:

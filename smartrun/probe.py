@@ -9,12 +9,14 @@ or vLLM's extras (ignore_eos, stream_options) is retried once in a plainer form 
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, ValidationError
 
+from smartrun import fileio
 from smartrun.clock import SYSTEM, Clock
 from smartrun.errors import InputError, SmartRunError
 from smartrun.frozen import Frozen
@@ -165,8 +167,6 @@ async def first_model(client: Any, root: str, timeout_s: float = 60.0) -> str:
     import asyncio
 
     import httpx
-
-    from smartrun import fileio
 
     async def fetch() -> tuple[int, bytes]:
         async with client.stream("GET", f"{root}/v1/models", timeout=timeout_s) as reply:
@@ -448,8 +448,6 @@ class ProgressLine:
     """A progress callback that rewrites one status line on a terminal and stays quiet in a pipe."""
 
     def __init__(self, stream: Any = None):
-        import sys
-
         self.out = stream or sys.stderr
         self.interactive = bool(getattr(self.out, "isatty", lambda: False)())
         self.shown = False

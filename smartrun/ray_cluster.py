@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import smartrun
 from smartrun import hardware
 from smartrun.cluster import combine, gpus_per_node, split
 from smartrun.errors import ClusterError
@@ -110,8 +111,6 @@ def detect_cluster(address: str, timeout: float = 120.0) -> HardwareSnapshot:
     _reachable(address)
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    import smartrun
 
     # smartrun travels with the job (Ray's py_modules), so a node needs only what a vLLM install has: Ray,
     # pydantic and nvidia-ml-py

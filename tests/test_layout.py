@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "smartrun"
@@ -231,3 +233,78 @@ def test_the_benchmark_import_check_finds_each_way_in(tmp_path):
         'importlib.util.spec_from_file_location("m", "fixtures/models/make_fixtures.py")\n'
     )
     assert benchmark_imports([user]) == ["test_user.py:2", "test_user.py:3", "test_user.py:4", "test_user.py:5"]
+
+
+# Imported inside functions on purpose, anywhere in smartrun: heavy or optional packages most commands never
+# need, kept off every command's start-up (cost from `python -X importtime -c 'import X'` on the 2-core box).
+LAZY = {
+    "openai": "about 300 ms; only when an LLM is asked",
+    "httpx": "about 50 ms; /health polling, the probe, the advisor's transport",
+    "jinja2": "about 28 ms; the prompt templates, only when an LLM is asked",
+    "asyncio": "about 27 ms; the probe's concurrent requests",
+    "tenacity": "about 17 ms; the advisor's retries",
+    "ray": "the optional `ray` extra: multi-node only",
+    "pynvml": "NVML, only for live detection (tests swap it through sys.modules)",
+}
+# Besides those, a module that `localaistack --help` loads (the CLI, its command modules, what they
+# register options from) may import inside a function what `--help` does not load: a command's stage
+# modules (pipeline, session, calibration, cluster, ...), loaded only when that command runs. Anywhere
+# else an in-function import only hides a dependency: it goes to the top of the module.
+STARTUP_PROBE = (
+    "import contextlib, io, sys, smartrun.cli as cli\n"
+    "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+    "    cli.main(['--help'])\n"
+    "print('\\n'.join(sorted(sys.modules)))\n"
+)
+
+
+def startup_modules() -> set[str]:
+    """Every module loaded by `localaistack --help`, in a fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", STARTUP_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent, check=True)
+    return set(done.stdout.split())
+
+
+def in_function_imports(modules: dict[str, Path]) -> list[tuple[str, int, str]]:
+    """(module, line, imported module) for each import inside a function."""
+    found = set()
+    for name, path in modules.items():
+        for func in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, ast.Import):
+                    found |= {(name, node.lineno, alias.name) for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    found |= {(name, node.lineno, f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}"
+                               in modules else node.module) for alias in node.names}
+    return sorted(found)
+
+
+def needless_lazy_imports(modules: dict[str, Path], startup: set[str]) -> list[str]:
+    """In-function imports that are neither of a LAZY package nor keep a module off the CLI's start-up."""
+    return [
+        f"{importer}:{line}: {target}"
+        for importer, line, target in in_function_imports(modules)
+        if target.split(".")[0] not in LAZY and not (importer in startup and target not in startup)
+    ]
+
+
+def test_in_function_imports_are_lazy_on_purpose():
+    modules, startup = _modules(), startup_modules()
+    assert {"smartrun.cli", "smartrun.cli.run_cmd"} <= startup and "smartrun.pipeline" not in startup
+    assert needless_lazy_imports(modules, startup) == []
+    assert sorted(set(LAZY) & startup) == []  # the lazy packages stay off the start-up
+    assert "smartrun.pipeline" in {target for _, _, target in in_function_imports(modules)}  # model run's stages
+
+
+def test_the_lazy_import_check_finds_an_import_that_hides_a_dependency(tmp_path):
+    pkg = tmp_path / "demo"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text("def run():\n    from demo import stage\n    import httpx\n    from demo import util\n")
+    (pkg / "stage.py").write_text("def f():\n    from demo.util import g\n    import openai\n    return g\n")
+    (pkg / "util.py").write_text("def g():\n    import os\n    return os\n")
+    startup = {"demo", "demo.cli", "demo.util", "os"}  # os: loaded by every interpreter
+    assert needless_lazy_imports(_modules(pkg), startup) == [
+        "demo.cli:4: demo.util", "demo.stage:2: demo.util", "demo.util:2: os"]

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+from platformdirs import user_config_dir
 from pydantic import (
     Field,
     SecretStr,
 )
 
+from smartrun import fileio
 from smartrun.errors import AdvisorError, InputError
 from smartrun.frozen import Frozen
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -57,8 +66,6 @@ class LLMSettings(Frozen):
 
 
 def default_config_path() -> Path:
-    from platformdirs import user_config_dir
-
     return Path(user_config_dir("localaistack")) / "config.toml"
 
 
@@ -66,11 +73,6 @@ def _read_llm_table(path: Path) -> dict[str, Any]:
     """The [llm] table of the user config file; {} when the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    from smartrun import fileio
 
     try:
         data = tomllib.loads(fileio.read_text(path, 1 << 20))  # regular file, size-capped: no FIFO hang
@@ -110,7 +112,6 @@ def _timeout(value: Any, origin: str) -> float:
 
 def _base_url(value: Any, origin: str) -> str:
     """An http(s) URL, or InputError now: a typo is bad input, not an endpoint to retry for seconds."""
-    from urllib.parse import urlsplit
 
     text = str(value).strip().rstrip("/")
     try:

@@ -1,8 +1,9 @@
 """The `localaistack` command: parses arguments, calls the stages, prints. Decides nothing.
 
 Each command group registers itself from its own module (`register(subparsers)`), so the
-stages' owners can add commands without touching each other. Heavy imports stay inside
-the command functions so the CLI starts fast.
+stages' owners can add commands without touching each other. A command's stage modules (pipeline,
+session, calibration, ...) are imported inside its function, so the CLI starts without them; every
+other import is at the top of its module (tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ import sys
 from typing import Any, NoReturn
 
 from smartrun import __version__
+from smartrun.cli import (
+    bounds_cmd,
+    calibration_cmd,
+    estimate_cmd,
+    hardware_cmd,
+    inspect_cmd,
+    probe_cmd,
+    run_cmd,
+    session_cmd,
+)
 from smartrun.errors import SmartRunError
+from smartrun.secrets import redact_text, secret_values
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,7 +47,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _hidden(text: str, secrets: tuple[str, ...]) -> str:
     """A message for the terminal: the command line's secret values and key-shaped text redacted."""
-    from smartrun.secrets import redact_text
 
     return redact_text(text, secrets)
 
@@ -55,17 +66,6 @@ def wants_json(argv: list[str]) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from smartrun.cli import (
-        bounds_cmd,
-        calibration_cmd,
-        estimate_cmd,
-        hardware_cmd,
-        inspect_cmd,
-        probe_cmd,
-        run_cmd,
-        session_cmd,
-    )
-
     parser = OneLineParser(
         prog="localaistack",
         description="Start vllm serve with flags that fit the machine and the model (smart-run).",
@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(argv)
     OneLineParser.json_errors = as_json
-    from smartrun.secrets import secret_values
 
     hidden = OneLineParser.secrets = secret_values(argv)
     try:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+
+from smartrun.cli.run_cmd import split_extra
+from smartrun.request import add_options
 
 # The `model run` options `bounds show` plans with (declared once, in smartrun.request.OPTIONS).
 PLANNING_OPTIONS = ("hardware_path", "gpus", "bounds_path", "goal", "force", "vllm_version")
@@ -11,7 +16,6 @@ PLANNING_OPTIONS = ("hardware_path", "gpus", "bounds_path", "goal", "force", "vl
 
 def register(subparsers) -> None:
     """Add the `bounds` group with `check` and `show`."""
-    from smartrun.request import add_options
 
     group = subparsers.add_parser("bounds", help="check a bounds file or show effective bounds", allow_abbrev=False)
     commands = group.add_subparsers(dest="command", metavar="{check,show}")
@@ -69,12 +73,9 @@ def check_command(args: argparse.Namespace) -> int:
 def show_command(args: argparse.Namespace) -> int:
     """The planning stages of `model run --dry-run` (pipeline.plan_stages) with this command's options;
     vLLM flags before `--` are pins, after it passthrough, as in `model run`."""
-    import os
-    import sys
 
     from smartrun import pipeline, rules
     from smartrun.calibration import NoCalibration
-    from smartrun.cli.run_cmd import split_extra
     from smartrun.gpus import describe_gpus
 
     user_args, extra_args = split_extra(list(getattr(args, "extra", None) or []))

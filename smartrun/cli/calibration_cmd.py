@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from smartrun.memory import resolve_version
+
 
 def register(groups) -> None:
     """Add the `calibration` command group."""
@@ -67,7 +69,6 @@ def _entry_json(path: Any, data: Any) -> dict[str, Any]:
 
 def run_reset(args: argparse.Namespace) -> int:
     from smartrun.calibration import Store, check_machine
-    from smartrun.memory import resolve_version
 
     if args.machine is not None:
         check_machine(args.machine)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from smartrun.errors import EstimateError
+from smartrun.hardware import load_snapshot
+from smartrun.knobs import CATALOGUE, parse_value
+from smartrun.memory import EngineFlags, GpuSpec, estimate, plan_safe_kv_tokens, plan_safe_max_model_len
+from smartrun.model import inspect
+from smartrun.vllm_profiles import PROFILES
 
 MAX_GPUS = 4096  # far above any node; a typo like --gpus 99999999 must not build a list that size
 
 
 def engine_knobs() -> list:
     """The catalogue's entries for the estimator's flags (memory.EngineFlags): declared once, in smartrun.knobs."""
-    from smartrun.knobs import CATALOGUE
-    from smartrun.memory import EngineFlags
 
     return [CATALOGUE[name] for name in EngineFlags.model_fields if name in CATALOGUE]
 
@@ -53,8 +57,6 @@ def register(subparsers) -> None:
 
 def _flags(args: argparse.Namespace):
     """EngineFlags from the typed flags, each value read as `model run` reads it (32k, auto, half)."""
-    from smartrun.knobs import parse_value
-    from smartrun.memory import EngineFlags
 
     values = {}
     for k in engine_knobs():
@@ -65,11 +67,7 @@ def _flags(args: argparse.Namespace):
 
 
 def _gpus(args: argparse.Namespace, flags):
-    from smartrun.memory import GpuSpec
-
     if args.hardware:
-        from smartrun.hardware import load_snapshot
-
         snapshot = load_snapshot(args.hardware)
         if not snapshot.gpus:
             raise EstimateError(f"{args.hardware}: the snapshot has no GPU")
@@ -83,15 +81,12 @@ def _gpus(args: argparse.Namespace, flags):
 
 
 def _graphs_subtracted(est) -> bool:
-    from smartrun.vllm_profiles import PROFILES
-
     profile = PROFILES.get(est.profile)
     return profile is not None and profile.cudagraph_subtracted
 
 
 def _low(est) -> str:
     """The low end of the band: what a plan counts on (memory.plan_safe_*)."""
-    from smartrun.memory import plan_safe_kv_tokens, plan_safe_max_model_len
 
     return (
         f"{plan_safe_kv_tokens(est):,} (low end: {est.margin_gib:.2f} GiB kept back; concurrency "
@@ -132,7 +127,6 @@ def _correction(args: argparse.Namespace, gpus):
     """The correction learned from startups on the snapshot's machine (none for a --gpu name: no machine)."""
     if not args.hardware or args.no_calibration:
         return None
-    import sys
 
     from smartrun import calibration
 
@@ -143,9 +137,6 @@ def _correction(args: argparse.Namespace, gpus):
 
 
 def run(args: argparse.Namespace) -> int:
-    from smartrun.memory import estimate
-    from smartrun.model import inspect
-
     facts = inspect(args.model)
     flags = _flags(args)
     gpus = _gpus(args, flags)

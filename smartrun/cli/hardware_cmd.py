@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from smartrun import hardware
 from smartrun.argv import positive_seconds
 
 
@@ -38,8 +39,6 @@ def register(subparsers) -> None:
 
 
 def detect_command(args: argparse.Namespace) -> int:
-    from smartrun import hardware
-
     if args.ray_address:
         from smartrun import ray_cluster
 
@@ -55,7 +54,7 @@ def detect_command(args: argparse.Namespace) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
-    from smartrun import cluster, hardware
+    from smartrun import cluster
 
     _print(cluster.combine([hardware.load_snapshot(path) for path in args.snapshot]), args.json)
     return 0

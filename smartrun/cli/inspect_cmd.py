@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from smartrun.model import inspect
+
 GIB = 1024**3
 
 
@@ -23,8 +25,6 @@ def register(subparsers) -> None:
 
 
 def run_inspect(args) -> int:
-    from smartrun.model import inspect
-
     facts = inspect(args.model)
     if args.json:
         exclude = None if args.verbose else {"config", "text_config"}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
+from smartrun import probe
 from smartrun.probe import PROBE_OPTIONS, ProbeSettings
 
 
@@ -31,10 +33,6 @@ def register(subparsers) -> None:
 
 
 def run_probe_command(args: argparse.Namespace) -> int:
-    import os
-
-    from smartrun import probe
-
     settings = probe.make_settings(model=args.model, **{o.field: getattr(args, o.dest) for o in PROBE_OPTIONS})
     line = probe.ProgressLine()
     try:

@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from smartrun.errors import SmartRunError
+from smartrun import hardware, tune
+from smartrun.errors import InputError, SmartRunError
+from smartrun.request import RunRequest, add_options
+from smartrun.secrets import redact_text
+from smartrun.tune.options import given as tune_flags_given
 
 
 def register(subparsers) -> None:
@@ -27,14 +32,12 @@ def register(subparsers) -> None:
         allow_abbrev=False,
     )
     p.add_argument("model", metavar="MODEL", help="local model directory or a Hugging Face repo id in the HF cache")
-    from smartrun.request import add_options
 
     add_options(p)  # smartrun's own options, declared once with the request they set
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--explain", action="store_true", help="print every bound, decision and rejection with its source")
     p.add_argument("--session-out", metavar="FILE", help="write the session record here instead of the data dir "
                    "(`session list` shows only the data dir; use `session show FILE`)")
-    from smartrun import tune
 
     tune.add_arguments(p)  # the --tune-*/--probe-* options (tune.TUNE_OPTIONS); --tune itself is in OPTIONS
     own = tuple(sorted(flag for action in p._actions for flag in action.option_strings if flag.startswith("--")))
@@ -49,12 +52,7 @@ def split_extra(extra: list[str]) -> tuple[list[str], list[str]]:
     return list(extra), []
 
 
-def request_from_args(args: argparse.Namespace) -> Any:
-    from smartrun import tune
-    from smartrun.errors import InputError
-    from smartrun.pipeline import RunRequest
-    from smartrun.tune.options import given as tune_flags_given
-
+def request_from_args(args: argparse.Namespace) -> RunRequest:
     if args.max_attempts < 1:
         raise InputError(f"--max-attempts {args.max_attempts}: must be at least 1")
     if not 0 < args.port < 65536:
@@ -77,7 +75,6 @@ def run_command(args: argparse.Namespace) -> int:
     goes to stdout: the command first, then a short summary (or, under --json, one object); the session
     record's path always ends on stderr."""
     from smartrun import pipeline
-    from smartrun.secrets import redact_text
 
     request = request_from_args(args)
     pipeline.check_vllm_flags(request, getattr(args, "own_flags", ()))  # a typo: exit 2, nothing recorded
@@ -134,13 +131,9 @@ def _path(value: str | None) -> Path | None:
         return None
     path = Path(value)
     if not path.parent.is_dir():
-        from smartrun.errors import InputError
-
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise InputError(f"--session-out {value}: folder {path.parent} {what} (create it first)")
     if path.is_dir():
-        from smartrun.errors import InputError
-
         raise InputError(f"--session-out {value}: is a directory; name a file")
     return path
 
@@ -231,8 +224,6 @@ def summary_lines(result: Any) -> list[str]:
 
 def _gpu_words(result: Any, tp: int, pp: int, dp: int = 1) -> str:
     """Which GPUs the launch uses (their nvidia-smi indices), how they split the model, and over what link."""
-    from smartrun import hardware
-    from smartrun.errors import SmartRunError
     from smartrun.gpus import select_gpus
 
     hw = result.hardware
@@ -343,6 +334,4 @@ def _params(params: dict[str, Any]) -> str:
 
 
 def _quote(arg: str) -> str:
-    import shlex
-
     return shlex.quote(arg)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from smartrun.errors import InputError
+
 
 def register(subparsers) -> None:
     """Add `session ...` commands."""
@@ -67,8 +69,6 @@ def list_command(args: argparse.Namespace) -> int:
     from smartrun.session import list_sessions, sessions_dir
 
     if args.limit < 1:
-        from smartrun.errors import InputError
-
         raise InputError(f"--limit {args.limit}: must be at least 1")
     rows = list_sessions(limit=args.limit, include_dry_runs=args.all)
     if args.json:  # one object, like every --json answer

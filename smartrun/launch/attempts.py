@@ -7,8 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smartrun import recovery
 from smartrun.contracts import Change, LaunchEvent, Plan, Proposal
 from smartrun.errors import InputError, LaunchError
+from smartrun.knobs import build_argv as catalogue_argv
 from smartrun.launch.command import shown_command_line
 from smartrun.launch.process import LaunchAttempt, Launcher
 from smartrun.vllm_log import Failure
@@ -74,8 +76,6 @@ def run_with_recovery(plan: Plan, bounds: Any, launcher: Launcher, *, check: Cal
     failure)` may return a Plan, a Proposal or None. Raises LaunchError (exit 4) with a summary when no
     attempt becomes healthy; KeyboardInterrupt after stopping the child when the user interrupts.
     """
-    from smartrun import recovery
-    from smartrun.knobs import build_argv as catalogue_argv
 
     make_argv = build_argv if build_argv is not None else catalogue_argv
     model = model_path or getattr(launcher, "model_path", None)

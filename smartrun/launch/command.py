@@ -6,9 +6,14 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+from smartrun import argv as argv_mod
+from smartrun.argv import last, tokenize
+from smartrun.contracts import gpus_used
 from smartrun.errors import InputError
-from smartrun.hardware import HardwareSnapshot
+from smartrun.gpus import select_gpus
+from smartrun.hardware import HardwareSnapshot, physical_index
 from smartrun.launch.vllm import VllmInfo, _version_tuple
+from smartrun.secrets import launch_env_secrets, redact_argv, redact_env, redact_text, secret_values
 
 
 def _translate(flag: str, value: str | None, info: VllmInfo) -> tuple[list[str] | None, str]:
@@ -31,7 +36,6 @@ def _translate(flag: str, value: str | None, info: VllmInfo) -> tuple[list[str] 
 
 def adapt_argv(argv: Sequence[str], info: VllmInfo) -> tuple[list[str], list[str]]:
     """The argv this vllm accepts: unknown flags dropped or translated, each with a warning naming it."""
-    from smartrun.argv import tokenize
 
     if not info.flags:
         return list(argv), [f"could not read the flags of {info.path} (serve --help): argv passed unchanged"]
@@ -68,9 +72,6 @@ def gpu_env(hardware: HardwareSnapshot | None, params: dict[str, Any],
         return {"RAY_ADDRESS": ray_address}, []
     if hardware is None or not hardware.gpus:
         return {}, []
-    from smartrun.contracts import gpus_used
-    from smartrun.gpus import select_gpus
-    from smartrun.hardware import physical_index
 
     count = gpus_used(params)
     chosen = select_gpus(hardware, count)
@@ -91,7 +92,6 @@ def command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None)
 
 def shown_command_line(argv: Sequence[str], env_changes: dict[str, str] | None = None) -> str:
     """command_line for printing, events and records: secret flag values and credential env vars hidden."""
-    from smartrun.secrets import redact_argv, redact_env, redact_text
 
     secrets = launch_secrets(argv, env_changes)
     return redact_text(command_line(redact_argv(argv, secrets), redact_env(env_changes or {}, secrets)), secrets)
@@ -99,14 +99,12 @@ def shown_command_line(argv: Sequence[str], env_changes: dict[str, str] | None =
 
 def launch_secrets(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[str, ...]:
     """The secrets of one launch: secret flag values in argv and credentials in the child's environment."""
-    from smartrun.secrets import launch_env_secrets, secret_values
 
     return tuple(dict.fromkeys((*secret_values(argv), *launch_env_secrets(env))))
 
 
 def served_name(argv: Sequence[str]) -> str | None:
     """The first --served-model-name in argv: the name vLLM serves (and /v1/models lists) the model under."""
-    from smartrun import argv as argv_mod
 
     names = argv_mod.values_of(argv, "served_model_name")
     return str(names[0]) if names else None
@@ -115,7 +113,6 @@ def served_name(argv: Sequence[str]) -> str | None:
 def endpoint(argv: Sequence[str], host: str | None = None, port: int | None = None) -> tuple[str, int, str | None]:
     """(host, port, first API key) vllm will serve with: the last --host/--port/--api-key in any spelling,
     else the given defaults (vLLM's port 8000) and VLLM_API_KEY."""
-    from smartrun.argv import last, tokenize
 
     tokens = tokenize(argv)
     found = {name: (tok.values if tok is not None else ()) for name in ("host", "port", "api_key")

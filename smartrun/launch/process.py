@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
+from smartrun import fileio
 from smartrun.argv import with_defaults
 from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Plan
@@ -446,8 +447,6 @@ MAX_MODELS_BYTES = 4 * 1024 * 1024  # a /v1/models answer larger than this is no
 def _ready_check(client: Any, base_url: str) -> tuple[dict[str, Any]] | None:
     """(the /v1/models listing,) when /health is 200 and /v1/models answers a JSON object; None when not yet."""
     import httpx
-
-    from smartrun import fileio
 
     try:
         if client.get(base_url + "/health").status_code != 200:

@@ -8,11 +8,14 @@ import os
 import re
 import shutil
 import subprocess
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import platformdirs
 from pydantic import Field
 
+from smartrun import fileio
 from smartrun.errors import InputError
 from smartrun.fileio import atomic_write_text
 from smartrun.frozen import Frozen
@@ -77,7 +80,6 @@ SHIPPED_HELP = "vllm-0.33.0-serve-help-all.txt"  # smartrun/data: `vllm serve --
 
 def shipped_vllm_info() -> VllmInfo:
     """The flags of vLLM 0.33.0 as shipped with smartrun, for a dry run on a machine without vLLM."""
-    from importlib import resources
 
     text = resources.files("smartrun").joinpath("data", SHIPPED_HELP).read_text(encoding="utf-8")
     arity = parse_help_arity(text)
@@ -102,15 +104,11 @@ def _run_text(argv: list[str], timeout: float) -> tuple[int, str]:
 
 def _cache_path(cache_dir: str | Path | None) -> Path:
     if cache_dir is None:
-        import platformdirs
-
         cache_dir = platformdirs.user_cache_dir("localaistack")
     return Path(cache_dir) / CACHE_FILE
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
-    from smartrun import fileio
-
     try:
         data = fileio.loads_json(fileio.read_bytes(path, 16 * 1024 * 1024))
     except (InputError, ValueError, RecursionError):

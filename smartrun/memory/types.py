@@ -6,7 +6,7 @@ import difflib
 import json
 import re
 from functools import lru_cache
-from importlib import resources
+from importlib import metadata, resources
 from typing import Any
 
 from smartrun import vllm_profiles
@@ -210,7 +210,6 @@ def _version_tuple(version: str) -> tuple[int, int]:
 
 def installed_vllm_version() -> str | None:
     """The installed vllm's version, if any (never imports vllm itself)."""
-    from importlib import metadata
 
     try:
         return metadata.version("vllm")

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from smartrun import fileio
@@ -205,7 +205,6 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
 
 def _inside(name: str) -> bool:
     """A weight file name from an index stays inside the model directory: relative, no `..`, no drive."""
-    from pathlib import PurePosixPath, PureWindowsPath
 
     parts = PurePosixPath(name).parts
     return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts \

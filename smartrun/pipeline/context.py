@@ -18,7 +18,7 @@ from smartrun.memory import Correction, MemoryEstimate
 from smartrun.model import ModelFacts
 from smartrun.plan_cache import CacheEntry, CacheKey
 from smartrun.request import EventSink, RunRequest, no_events
-from smartrun.secrets import redact_argv, secret_values
+from smartrun.secrets import redact_argv, redact_line, secret_values
 from smartrun.session import (
     Decision,
     LLMInfo,
@@ -188,7 +188,6 @@ def new_record(request: RunRequest, sources: Sources) -> SessionRecord:
 
 def _redacting(sink: EventSink, secrets: tuple[str, ...]) -> EventSink:
     """The event sink with every line capped and redacted before the CLI prints it."""
-    from smartrun.secrets import redact_line
 
     def show(kind: str, text: str) -> None:
         sink(kind, redact_line(str(text), secrets))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from smartrun import __version__, calibration
+from smartrun import __version__, advisor, calibration, launch, tune, validate
 from smartrun.contracts import LaunchEvent, Plan, Proposal
-from smartrun.errors import SmartRunError
+from smartrun.errors import LaunchError, SmartRunError
 from smartrun.pipeline.context import Recorder, RunContext, save_record
 from smartrun.pipeline.planning import (
     advice_context,
@@ -65,8 +65,6 @@ def _observe_startups(ctx: RunContext) -> None:
 
 def launch_stages(ctx: RunContext) -> None:
     """Start the plan with recovery; once healthy, tune, save and supervise (Ctrl+C leaves no vllm behind)."""
-    from smartrun import launch, validate
-    from smartrun.errors import LaunchError
 
     request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
     bounds, fit, plan, hw = ctx.bounds, ctx.fit, result.plan, result.hardware
@@ -108,7 +106,6 @@ def _after_healthy(ctx: RunContext, final: Plan, server: Any, launcher: Any, che
             launcher.phase = "launch"
         result.server = server
         if record.launch_attempts:  # the server now runs the tuned plan: its command is the one to show
-            from smartrun import launch
 
             last = record.launch_attempts[-1]
             record.final_argv = last.argv
@@ -168,7 +165,6 @@ def _launch_events(rec: Recorder) -> Callable[[LaunchEvent], None]:
 
 def _recover_advisor(ctx: RunContext, check: Callable[..., Any]) -> Callable[..., Any]:
     """The advisor's `recover` prompt as a callable for run_with_recovery: (plan, attempts) -> Plan | None."""
-    from smartrun import advisor
 
     rec, result = ctx.rec, ctx.result
     transport = RecordingTransport(ctx.sources.transport, rec, ctx.sources.clock.monotonic)
@@ -235,8 +231,6 @@ def _tune_stage(ctx: RunContext, plan: Plan, server: Any, launcher: Any,
     assert ctx.bounds is not None
     hook = ctx.sources.tune
     if hook is None:
-        from smartrun import tune
-
         hook = tune.tune_after_launch
     request = probe_served_name(ctx.request, ctx.passthrough)
     outcome = hook(request=request, plan=plan, bounds=ctx.bounds, server=server, launcher=launcher, check=check,
@@ -253,7 +247,6 @@ def _tune_stage(ctx: RunContext, plan: Plan, server: Any, launcher: Any,
 
 def probe_served_name(request: RunRequest, passthrough: tuple[str, ...]) -> RunRequest:
     """The tuner's probe asks for the served name (not whatever /v1/models happens to list first)."""
-    from smartrun import launch
 
     name = launch.served_name(passthrough)
     probe = dict((request.tune_options or {}).get("probe") or {})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from smartrun import calibration
+from smartrun import advisor, argv, bounds, calibration, cluster, hardware, launch, ray_cluster
+from smartrun import model as model_mod
 from smartrun.clock import SYSTEM, Clock
 from smartrun.errors import SmartRunError
 from smartrun.hardware import HardwareSnapshot
@@ -21,7 +23,6 @@ def live_sources(request: RunRequest, env: dict[str, str] | None = None,
     """The real world: NVML or a snapshot, config.json, the bounds file, the LLM, `vllm serve`, the cache.
 
     `clock` is what the LLM's budget, the launcher's timeouts and the tuner's probes are timed by."""
-    import os
 
     env = dict(os.environ if env is None else env)
     transport, llm_info, secrets = _live_transport(request, env, config_path, clock)
@@ -42,7 +43,6 @@ def live_sources(request: RunRequest, env: dict[str, str] | None = None,
 
 def _live_hardware(request: RunRequest) -> HardwareSnapshot:
     """--hardware (once per node: a cluster), else the Ray cluster at --ray-address, else NVML here."""
-    from smartrun import cluster, hardware, ray_cluster
 
     if request.hardware_path:
         paths = (request.hardware_path, *request.more_hardware)
@@ -53,14 +53,11 @@ def _live_hardware(request: RunRequest) -> HardwareSnapshot:
 
 
 def _live_model(model: str) -> ModelFacts:
-    from smartrun import model as model_mod
-
     return model_mod.inspect(model)
 
 
 def _live_bounds(request: RunRequest) -> BoundsInput:
     """--bounds FILE, else smartrun.toml searched upward from the current directory, else the built-in default."""
-    from smartrun import bounds
 
     if request.bounds_path:
         return _bounds_from_path(Path(request.bounds_path))
@@ -71,15 +68,11 @@ def _live_bounds(request: RunRequest) -> BoundsInput:
 
 
 def _bounds_from_path(path: Path) -> BoundsInput:
-    from smartrun import bounds
-
     text = bounds.read_text(path)
     return BoundsInput(path=str(path), text=text, loaded=bounds.load_text(text, str(path)))
 
 
 def _builtin_bounds() -> BoundsInput:
-    from smartrun import bounds
-
     text = bounds.BUILTIN_PATH.read_text(encoding="utf-8")
     return BoundsInput(path=None, text=text, loaded=bounds.load_text(text, bounds.BUILTIN_NAME), builtin=True)
 
@@ -88,7 +81,6 @@ def _live_transport(request: RunRequest, env: dict[str, str], config_path: str |
                     clock: Clock = SYSTEM) -> tuple[Any | None, LLMInfo, list[str]]:
     if not request.smart_run:
         return None, LLMInfo(), []
-    from smartrun import advisor
 
     settings = advisor.resolve_settings(request.llm_base_url, request.llm_model, request.llm_timeout, env,
                                         config_path)
@@ -104,7 +96,6 @@ def _live_vllm(request: RunRequest) -> tuple[str | None, str | None]:
     """--vllm-version wins; else the installed vllm's version. A dry run plans without vllm installed."""
     if request.dry_run and request.vllm_version:
         return request.vllm_version, request.vllm_bin
-    from smartrun import launch
 
     try:
         found = launch.find_vllm(request.vllm_bin)
@@ -123,7 +114,6 @@ def check_vllm_flags(request: RunRequest, own: tuple[str, ...] = ()) -> None:
     without it, or planning for another --vllm-version, uses the 0.33.0 list shipped with smartrun. A launch
     without vllm is left to fail on that (vllm not found), not on a flag.
     """
-    from smartrun import argv, launch
 
     if not request.user_args:
         return
@@ -147,7 +137,6 @@ def check_vllm_flags(request: RunRequest, own: tuple[str, ...] = ()) -> None:
 def _live_launcher(request: RunRequest, hw: HardwareSnapshot, version: str | None,
                    on_event: EventSink = no_events, *, clock: Clock = SYSTEM) -> Any:
     """`vllm serve` as a child process; its log lines and startup phases go to the CLI's event sink."""
-    from smartrun import launch
 
     return launch.ProcessLauncher(vllm_bin=request.vllm_bin, hardware=hw, host=request.host, port=request.port,
                                   startup_timeout=request.startup_timeout, ray_address=request.ray_address,

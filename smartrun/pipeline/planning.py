@@ -5,11 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from smartrun import (
+    advisor,
+    calibration,
+    cluster,
+    cluster_plan,
+    fit,
+    hardware,
+    knobs,
+    memory,
+    ray_cluster,
+    rules,
+    sizing,
+    validate,
+)
 from smartrun import argv as argv_mod
-from smartrun import calibration
+from smartrun import hardware as hw_mod
 from smartrun.contracts import Change, Plan, Proposal
-from smartrun.errors import InputError, SmartRunError
+from smartrun.errors import AdvisorError, ClusterError, InfeasibleError, InputError, SmartRunError
+from smartrun.fit import flags_from_params
+from smartrun.gpus import select_gpus
 from smartrun.hardware import HardwareSnapshot
+from smartrun.knobs import CATALOGUE
 from smartrun.memory import Correction
 from smartrun.model import ModelFacts
 from smartrun.pipeline.context import Recorder, RunContext, RunResult, Sources
@@ -34,9 +51,6 @@ def plan_stages(ctx: RunContext) -> None:
 
     `model run --dry-run` stops here; `bounds show` is this with the request its options make.
     """
-    from smartrun import cluster, cluster_plan, fit, knobs, rules, sizing
-    from smartrun import hardware as hw_mod
-    from smartrun.errors import InfeasibleError
 
     request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
     record = rec.record
@@ -121,7 +135,6 @@ def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> H
     CUDA_VISIBLE_DEVICES does not apply there (said once). vLLM then sees the allowed GPUs as cuda:0.. and
     the launch sets CUDA_VISIBLE_DEVICES to the ones the plan uses.
     """
-    from smartrun import hardware
 
     visible = request.visible_devices
     if len(hw.nodes) > 1:  # a cluster: Ray gives each worker its GPU on its node; whole nodes are planned
@@ -144,8 +157,6 @@ def _visible_gpus(request: RunRequest, hw: HardwareSnapshot, rec: Recorder) -> H
 
 def check_cluster(request: RunRequest, hw: HardwareSnapshot, plan: Plan) -> None:
     """Before a launch: a plan across nodes needs a Ray cluster that is up and holds it."""
-    from smartrun import cluster, cluster_plan, ray_cluster
-    from smartrun.errors import ClusterError
 
     spans = cluster.is_cluster(hw) and cluster_plan.placement_nodes(hw, plan.params) > 1
     if request.ray_address:
@@ -161,7 +172,6 @@ def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
     so the plan, its estimate and its bounds would describe another launch. Typed before `--` it is a pin."""
     if not extra_args:
         return
-    from smartrun import knobs
 
     planned = [name for name in argv_mod.parse_user_args(list(extra_args)).pins if name in knobs.TUNING_KNOBS]
     if planned:
@@ -172,9 +182,6 @@ def _refuse_planned_knobs_after_dashdash(extra_args: tuple[str, ...]) -> None:
 def _warn_without_nvlink(plan: Plan, hw: HardwareSnapshot, rec: Recorder) -> None:
     """Tensor parallelism over GPUs without NVLink is slow (and vLLM's custom all-reduce unsafe): say so, but
     only when the plan really splits layers (tp > 1); at tp 1 there is no all-reduce to speak of."""
-    from smartrun import hardware
-    from smartrun.errors import SmartRunError
-    from smartrun.gpus import select_gpus
 
     tp, pp = (int(plan.params.get(k) or 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
     if tp < 2:
@@ -207,9 +214,6 @@ def provenance_line(plan: Plan) -> str:
 def estimate_for(plan: Plan, facts: ModelFacts, hw: HardwareSnapshot, version: str | None,
                   correction: Correction | None = None) -> Any:
     """The estimator's numbers for the chosen plan, on the GPUs the rules would pick."""
-    from smartrun import memory
-    from smartrun.fit import flags_from_params
-    from smartrun.gpus import select_gpus
 
     flags = flags_from_params(plan.params)
     n = max(1, flags.tensor_parallel_size * flags.pipeline_parallel_size)
@@ -245,7 +249,6 @@ def _calibration(sources: Sources, rec: Recorder, hw: HardwareSnapshot, version:
 
 def _from_cache(ctx: RunContext) -> Plan:
     """A saved plan for this key, re-validated against today's bounds; the baseline when none is usable."""
-    from smartrun import validate
 
     request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
     bounds, baseline, fit, key = ctx.bounds, ctx.baseline, ctx.fit, ctx.key
@@ -308,8 +311,6 @@ def _advise(ctx: RunContext) -> Plan:
     assert bounds is not None and baseline is not None and hw is not None and facts is not None
     if sources.transport is None:
         if request.strict:
-            from smartrun.errors import AdvisorError
-
             raise AdvisorError("--smart-run-strict: no LLM configured (set --llm-base-url or SMARTRUN_LLM_BASE_URL)")
         text = ("--smart-run: no LLM configured (set --llm-base-url or SMARTRUN_LLM_BASE_URL); "
                 "using the baseline plan (source=static)")
@@ -319,7 +320,6 @@ def _advise(ctx: RunContext) -> Plan:
         rec.decide("advice.propose", {"source": "static", "reason": "no LLM configured"}, "no-llm")
         result.debug_lines.append("source=static reason=no LLM configured")
         return baseline
-    from smartrun import advisor, validate
 
     transport = RecordingTransport(sources.transport, rec, sources.clock.monotonic)
     transport.kind = "propose"
@@ -342,7 +342,6 @@ def _llm_view(bounds: Any, plan: Plan) -> tuple[Any, Plan]:
 
 def without_security(plan: Plan) -> tuple[Plan, set[str]]:
     """The plan without security knobs, and the names removed."""
-    from smartrun.knobs import CATALOGUE
 
     hidden = {name for name, k in CATALOGUE.items() if k.security}
     kept = Plan(params={k: v for k, v in plan.params.items() if k not in hidden}, source=plan.source,
@@ -352,8 +351,6 @@ def without_security(plan: Plan) -> tuple[Plan, set[str]]:
 
 def advice_context(request: RunRequest, bounds: Any, base: Plan, estimate: Any, hw: HardwareSnapshot,
                     facts: ModelFacts, attempts: tuple[Any, ...] = (), failure: dict | None = None) -> Any:
-    from smartrun import advisor
-
     bounds, base = _llm_view(bounds, base)
     attempts = tuple({**a, "params": _llm_view(bounds, Plan(params=a.get("params", {})))[1].params}
                      if isinstance(a, dict) else a for a in attempts)
@@ -364,7 +361,6 @@ def advice_context(request: RunRequest, bounds: Any, base: Plan, estimate: Any, 
 
 def take_advice(advice: Any, rec: Recorder, result: RunResult, base: Plan, kind: str) -> Plan:
     """Record what the advisor concluded (each proposal, its validation) and return its plan."""
-    from smartrun import advisor
 
     plan = advice.plan if advice.plan is not None and advice.plan.source == "llm" else base  # the full base
     if advice.kept_baseline:  # the LLM's answer: no change. Said so, with its reason, not as source=llm

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from smartrun import advisor
 from smartrun.contracts import Plan
 from smartrun.pipeline.context import Recorder
 from smartrun.secrets import redact_argv, redact_env, redact_text, redact_tree
@@ -54,8 +55,6 @@ class RecordingTransport:
             return
         entry.accepted = bool(exchange.accepted)
         if not exchange.accepted or exchange.error:
-            from smartrun import advisor
-
             entry.error = {"type": "smartrun.advisor.ReplyRejected", "message": advisor.rejection_text(exchange)}
 
     def _note_model(self) -> None:

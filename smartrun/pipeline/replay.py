@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+from smartrun import advisor, bounds, errors
 from smartrun.clock import FakeClock
 from smartrun.contracts import Plan
-from smartrun.errors import SmartRunError
+from smartrun.errors import ReplayDivergence, SmartRunError
 from smartrun.memory import Correction
 from smartrun.pipeline.context import BoundsInput, RunResult, Sources, new_record
 from smartrun.pipeline.run import run
@@ -40,8 +41,6 @@ class ReplayTransport:
             self.budget_s = float(budget_s)  # the recorded --llm-timeout: the advisor charges the same times
 
     def complete(self, messages: Any, schema: Any = None, **_options: Any) -> Any:
-        from smartrun.errors import ReplayDivergence
-
         item = next(self._items, None)
         if item is None:
             raise ReplayDivergence("replay diverged: the pipeline asked the LLM more often than the record holds")
@@ -54,7 +53,6 @@ class ReplayTransport:
 
 def _replayable_errors() -> dict[str, type[Exception]]:
     """The only errors a recorded LLM exchange may name: what the advisor's transport raises on purpose."""
-    from smartrun import advisor, errors
 
     classes = (errors.AdvisorError, advisor.LLMUnavailable, advisor.ReplyParseError)
     return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes}
@@ -92,8 +90,6 @@ class ReplayLauncher:
         return (list(item.argv), dict(item.env), []) if item else (list(argv), {}, [])
 
     def start(self, plan: Plan, argv: list[str], env: dict[str, str]) -> Any:
-        from smartrun.errors import ReplayDivergence
-
         item = next(self._items, None)
         if item is None:
             raise ReplayDivergence("replay diverged: the pipeline launched more often than the record holds")
@@ -159,8 +155,6 @@ def _recorded(part: T | None, record: SessionRecord) -> T:
 
 
 def _recorded_failure(record: SessionRecord) -> SmartRunError:
-    from smartrun import errors
-
     cls = getattr(errors, str(record.outcome.error_type), SmartRunError)
     if not (isinstance(cls, type) and issubclass(cls, SmartRunError)):
         cls = SmartRunError
@@ -169,7 +163,6 @@ def _recorded_failure(record: SessionRecord) -> SmartRunError:
 
 def _recorded_bounds(record: SessionRecord) -> BoundsInput:
     """The recorded file text, loaded under its recorded name so `bounds:<file>:<line>` provenance matches."""
-    from smartrun import bounds
 
     info = _recorded(record.bounds_file, record)
     name = bounds.BUILTIN_NAME if info.builtin else str(info.path)
@@ -187,7 +180,6 @@ class ReplayResult:
 
 def replay(record: SessionRecord) -> ReplayResult:
     """Re-run the pipeline from the record's sources and compare every decision; ReplayDivergence on the first miss."""
-    from smartrun.errors import ReplayDivergence
 
     if record.request is None:
         raise RecordError("session record: no request to replay")

@@ -9,6 +9,7 @@ from smartrun.argv import serve_args, values_of
 from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, LaunchEvent, Plan, Proposal
 from smartrun.errors import SmartRunError
+from smartrun.knobs import CATALOGUE
 from smartrun.tune.ladder import rules_step
 from smartrun.tune.loop import _default_probe, run_tuning
 from smartrun.tune.report import (
@@ -90,8 +91,6 @@ def tune_messages(state: TuneState, *, goal: str, facts: dict[str, Any]) -> list
 
 
 def _secret(knob: str) -> bool:
-    from smartrun.knobs import CATALOGUE
-
     entry = CATALOGUE.get(knob)
     return entry is not None and entry.security
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from smartrun import probe as probe_mod
 from smartrun.clock import SYSTEM, Clock
 from smartrun.contracts import Bounds, Plan
 from smartrun.errors import LaunchError, SmartRunError
@@ -223,8 +224,6 @@ def _default_check(bounds: Bounds) -> Check:
 
 
 def _default_probe(settings: TuneSettings, api_key: str | None = None, clock: Clock = SYSTEM) -> ProbeFn:
-    from smartrun import probe as probe_mod
-
     def run(server: Any) -> ProbeResult:
         line = probe_mod.ProgressLine()
         try:
