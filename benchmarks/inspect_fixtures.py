@@ -9,30 +9,27 @@ HF repo (TP 1, no quantization flag); vLLM's figure includes small buffers the c
 from __future__ import annotations
 
 import importlib.util
-import json
 import statistics
 import time
 from pathlib import Path
 
+from smartrun.memory import evidence
 from smartrun.model import inspect
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "fixtures" / "models"
-LOGS = REPO / "fixtures" / "reference" / "vllm_startup_logs.jsonl"
-REFERENCE = REPO / "fixtures" / "reference" / "models.json"
 GIB = 1024**3
 
 
 def vllm_weights_gib() -> dict[str, float]:
     """Median `Model loading took` per repo id, over single-GPU, unquantized, bf16/default runs."""
     seen: dict[str, list[float]] = {}
-    for line in LOGS.read_text().splitlines():
-        run = json.loads(line)
-        if run.get("weights_gib") is None or run.get("quantization") or run.get("tensor_parallel_size") not in (1, None):
+    for run in evidence.load_cases():
+        if run.weights_gib is None or run.quantization or run.tensor_parallel_size not in (1, None):
             continue
-        if run.get("dtype") not in (None, "torch.bfloat16"):
+        if run.dtype not in (None, "torch.bfloat16"):
             continue
-        seen.setdefault(run["model"], []).append(run["weights_gib"])
+        seen.setdefault(run.model, []).append(run.weights_gib)
     return {model: statistics.median(values) for model, values in seen.items()}
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import FIXTURES
 
+from smartrun.memory import evidence
 from smartrun.vllm_log import classify_failure, parse_startup, phase_of
 
-CASES = [json.loads(line) for line in (FIXTURES / "reference" / "vllm_startup_logs.jsonl").read_text().splitlines()]
-# field in the JSONL -> field of StartupFacts
+CASES = evidence.load_cases()  # fixtures/reference/vllm_startup_logs.jsonl
+# field of the record -> field of StartupFacts
 FIELDS = {
     "weights_gib": "weights_gib",
     "kv_cache_gib": "available_kv_cache_gib",
@@ -31,13 +29,13 @@ PROSE_FIELDS = {("vsl-019", "kv_cache_gib"), ("vsl-019", "activation_peak_gib"),
 def test_every_recorded_figure_is_read_back_from_its_log_lines():
     checked = 0
     for case in CASES:
-        if case["id"] in NOT_FROM_LINES:
+        if case.id in NOT_FROM_LINES:
             continue
-        facts = parse_startup(case["log_lines"])
+        facts = parse_startup(case.log_lines)
         for src, dst in FIELDS.items():
-            if case.get(src) is None or (case["id"], src) in PROSE_FIELDS:
+            if getattr(case, src) is None or (case.id, src) in PROSE_FIELDS:
                 continue
-            assert getattr(facts, dst) == pytest.approx(case[src]), (case["id"], src)
+            assert getattr(facts, dst) == pytest.approx(getattr(case, src)), (case.id, src)
             checked += 1
     assert checked > 350
 
@@ -96,7 +94,7 @@ KV_085 = ("ValueError: To serve at least one request with the models's max seq l
     (KV_033, "kv_cache_too_small", 50192, {"max_model_len": 131072, "needed_gib": 16.0, "available_gib": 6.13}),
     (KV_021, "kv_cache_too_small", 20464, {"max_model_len": 32768}),
     (KV_085, "kv_cache_too_small", None, {"max_model_len": 32768}),
-    (CASES[17]["log_lines"][0], "kv_cache_too_small", 24320, {"max_model_len": 32768, "kv_cache_tokens": 24320}),
+    (CASES[17].log_lines[0], "kv_cache_too_small", 24320, {"max_model_len": 32768, "kv_cache_tokens": 24320}),
     ("ValueError: No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when "
      "initializing the engine.", "no_kv_cache_memory", None, {}),
     ("Cannot auto-fit max_model_len: not enough GPU memory available to serve even a single token. Try increasing "

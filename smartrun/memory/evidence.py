@@ -70,6 +70,7 @@ class StartupCase(BaseModel):
     kv_cache_dtype: str | None = None
     gpu: str | None = None
     gpu_count: int | None = None
+    total_gpu_memory_gib: float | None = None
     nvlink: bool | None = None
     tensor_parallel_size: int | None = None
     pipeline_parallel_size: int | None = None
@@ -87,6 +88,7 @@ class StartupCase(BaseModel):
     kv_cache_tokens: int | None = None
     num_gpu_blocks: int | None = None
     max_concurrency: float | None = None
+    max_concurrency_tokens_per_request: int | None = None
     startup_succeeded: bool | None = None
     extra_printed: dict[str, Any] | None = None
     log_lines: list[str] = []
