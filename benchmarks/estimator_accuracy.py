@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print_grouped(
         [r for r in rows if r["subset"] != FIT_SUBSET],
         "held out (public startups + other shared cases; pub-014/015 are in-sample for the 0.8 no-NVLink TP figure, "
+        "pub-013 for the 0.8 single-GPU one, pub-105..107 for the compiled-0.10.2 sort-sized peak, "
         "pub-006/101-107 printed the 0.9-0.11 one-Ada-GPU non-torch figure (all 0.02 GiB: leave-one-out is the same))",
     )
     done = done_when(rows, leave_one_out_errors(configs))

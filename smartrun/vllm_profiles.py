@@ -29,10 +29,18 @@ class Profile(Frozen):
     has_160gib_tier: bool
     v0_engine: bool = False  # V0: no free-memory check, chunked prefill off <= 32K, one prompt per profile step
     sampler_extra_bytes: float | None = None  # per logit element beyond the dtype copy; None = fitted
-    # PyTorch-native top-k/top-p in the profile's dummy sampler run (no FlashInfer in the wheel):
-    # logits.sort keeps fp32 values (4 B) and int64 indices (8 B) and top-p a fp32 softmax (4 B)
-    # per logit element (vllm/v1/sample/ops/topk_topp_sampler.py apply_top_k_top_p, 0.9.2 l.168-205).
+    # PyTorch-native top-k/top-p in the profile's dummy sampler run: bytes per logit element beyond the
+    # fitted sampler (NATIVE_TOPK_TOPP_BYTES where this era sorts, 0 where it does not).
     native_topk_topp_bytes: float = 0.0
+    # vLLM uses FlashInfer's top-k/top-p sampler (rejection sampling, no sort) whenever the flashinfer
+    # package is installed, unless VLLM_USE_FLASHINFER_SAMPLER=0 (topk_topp_sampler.py: V1 reads None as
+    # True; 0.8.4, 0.9.2, 0.10.1.1, 0.10.2, 0.11.0). False: opt-in (=1) from 0.11.1.
+    flashinfer_sampler_by_default: bool = False
+    # Compiled (CUDA-graph) startups that peak as high as the native sort even with FlashInfer's sampler:
+    # 0.10.2 (torch 2.8) on three L40S lifetimes, pub-105..107 (1.19 GiB printed, 0.56 without the sort);
+    # not explained by vLLM's sampler source (0.10.1.1 -> 0.10.2 changed only the logprobs-mode plumbing),
+    # so the sort-sized term stays there; 0.10.1.1 compiled (pub-120..124) and every eager startup do not.
+    compiled_peak_as_sort: bool = False
     # Non-torch growth counted in the budget (GiB per GPU); None = the fitted 0.19 terms.
     non_torch_single_gib: float | None = None
     non_torch_tp_gib: float | None = None
@@ -46,6 +54,9 @@ class Profile(Frozen):
     # budget counts beyond its base TP term: those created after the memory snapshot that the base term
     # does not already hold (memory.activation.nvls_bytes says which and why; V0 2, 0.9-0.10 1, else 0).
     nvls_communicators: int = 0
+    # NVLS buffers of one communicator, GiB per rank of the group: vllm#9699's measurement (V0) by default;
+    # the 0.9-0.10 profile takes NCCL 2.26's own size (memory.activation.nvls_bytes says why).
+    nvls_gib_per_rank_per_communicator: float = 0.3125  # NVLS_9699_GIB_PER_RANK
     big_tier_includes_a100: bool = False  # 0.8: >= 70 GiB gets 8192/1024 whatever the name
     # A sliding-window (or chunked) group holds window - 1 + this many max_num_batched_tokens batches
     # per request in vLLM's concurrency / max-model-len arithmetic: 1 in SlidingWindowSpec and
@@ -73,6 +84,26 @@ class Profile(Frozen):
         """The non-KV memory a plan keeps back beyond the estimate (the low end of the KV band)."""
         return int(max(self.margin * non_kv_bytes, self.margin_floor_gib * (1 << 30)))
 
+
+# The PyTorch-native top-k/top-p of the dummy sampler run (vllm/v1/sample/ops/topk_topp_sampler.py
+# apply_top_k_top_p: logits.sort, 0.8.4-0.16.0; Sampler.forward holds the fp32 copy of the logits) peaks
+# inside the sort, per logit element beyond the model-dtype logits: the fp32 logits 4 B + sorted values
+# 4 B + int64 indices 8 B + torch's segmented radix sort's own buffers 20 B (aten/src/ATen/native/cuda/
+# SortStable.cu segmented_sort_pairs, 128+ rows: int64 reverse indices 8 B, and CUB's
+# DeviceSegmentedRadixSort::SortPairs without a DoubleBuffer keeps alternate key and value buffers, 4 + 8 B)
+# = 36 B. The dummy run has min(max_num_seqs, max_num_batched_tokens) rows: 128+ at every default. The
+# fitted sampler (Coefficients.sampler_extra_bytes, 12.96 B: fp32 copy, probabilities, the exponential
+# draw) is what the other paths hold at their peak, so the sort adds 36 - 12.96. (16 B, counted before,
+# left out the fp32 copy and the sort's own buffers: it held 0.11.0 on a T4 0.2 GiB short, pub-110.)
+NATIVE_TOPK_TOPP_BYTES = 36.0 - 12.96
+# NCCL's NVLS buffers of one communicator per rank of the group, measured on V0 in vllm-project/vllm#9699
+# (8x H200, TP 8): NCCL_NVLS_ENABLE=0 raised the GPU blocks of Llama-3.1-405B from 17595 to 227xx
+# (1,032,192 B a block), 4.91-5.00 GiB a GPU for the two communicators V0 counts; the upper end, 5.00 / 2 / 8.
+NVLS_9699_GIB_PER_RANK = 0.3125
+# NCCL 2.26-2.27 (torch 2.7-2.8: vLLM 0.9-0.11.0) NVLS buffers of one communicator per rank of the group:
+# NVLS_NCHANNELS_SM90 (16) x 2 x NCCL_NVLS_CHUNKSIZE (128 KiB) x NCCL_STEPS (8) (src/transport/nvls.cc
+# ncclNvlsBufferSetup: nvlsPerRankSize = nChannels x 2 x buffSize; total = that x nHeads, a head per GPU).
+NVLS_2_26_GIB_PER_RANK = 16 * 2 * (128 << 10) * 8 / (1 << 30)
 
 # The bands cover what `benchmarks/estimator_accuracy.py` prints as "needed" per profile: the
 # largest KV over-prediction seen on the profile's startups as a share of the predicted non-KV
@@ -128,23 +159,25 @@ PROFILES: dict[str, Profile] = {
         tokens_group_aware=False,
         has_160gib_tier=False,
         big_tier_includes_a100=True,
-        # 0.8 counts the whole device use minus torch's as non-KV, so the CUDA context (~0.5 GiB)
-        # is in it (pub-013, one RTX 3090: KV tokens +0.7% with it). TP over PCIe without P2P:
-        # 0.96 GiB, the larger of the two figures two TP 2 startups on RTX 3090s need (pub-014 0.96,
-        # pub-015 0.72; read from them, so those two are in-sample for this term: leave-one-out
-        # +2.5% / -2.3%, and the plan-safe low end stays below what vLLM had either way - tested).
+        # 0.8 counts the whole device use minus torch's as non-KV, so part of the CUDA context is in
+        # it: 0.33 GiB, read from pub-013 (one RTX 3090; in-sample), with the native sort counted from
+        # source (NATIVE_TOPK_TOPP_BYTES; 0.55 when 16 B a logit were counted). TP over PCIe without P2P:
+        # 0.71 GiB, the larger of the two figures two TP 2 startups on RTX 3090s need (pub-014 0.71,
+        # pub-015 0.47; read from them, so those two are in-sample for this term: leave-one-out
+        # +2.4% / -2.35%, and the plan-safe low end stays below what vLLM had either way - tested).
         # Not derivable from 0.8.4's source: non-torch there is device used minus torch *allocated*
         # after empty_cache (v1/worker/gpu_worker.py determine_available_memory), and TP without P2P
         # adds no custom all-reduce buffer (custom_all_reduce.py checks P2P before create_shared_buffer)
         # and no NCCL device buffer (NCCL 2.21.5 src/transport/shm.cc keeps the SHM FIFOs in host
         # memory unless NCCL_SHM_USE_CUDA_MEMCPY), so the source predicts about the TP 1 figure; the two
-        # startups need 0.17 and 0.41 GiB more and differ from each other by 0.24 GiB with identical
+        # startups need 0.14 and 0.38 GiB more and differ from each other by 0.24 GiB with identical
         # settings on one machine (run-to-run: allocator fragmentation, other processes on the GPU,
         # which 0.8's device-wide measure counts). NVLink-class TP keeps the fitted 0.19 terms (errs low).
-        non_torch_single_gib=0.55,
-        non_torch_tp_no_nvlink_gib=0.96,
+        non_torch_single_gib=0.33,
+        non_torch_tp_no_nvlink_gib=0.71,
         no_nvlink_fitted_on=("pub-014", "pub-015"),
-        native_topk_topp_bytes=16.0,
+        native_topk_topp_bytes=NATIVE_TOPK_TOPP_BYTES,
+        flashinfer_sampler_by_default=True,
         checked_in=("0.8.4", "0.8.5.post1"),
         source=(
             "vllm/v1/worker/gpu_worker.py determine_available_memory: KV = total x util - (torch peak "
@@ -153,8 +186,8 @@ PROFILES: dict[str, Profile] = {
         margin=0.06,
         margin_floor_gib=0.35,
         evidence=(
-            "3 public 0.8.4 startups on RTX 3090s (TP 1 and TP 2 without P2P; the TP figure is read from the "
-            "two TP 2 ones, leave-one-out +2.5% / -2.3%): KV tokens -2.4% to +0.7%; few cases, so the widest band"
+            "3 public 0.8.4 startups on RTX 3090s (TP 1 and TP 2 without P2P; both figures are read from them: "
+            "the TP one leave-one-out +2.4% / -2.35%): KV tokens -2.45% to +0.03%; few cases, so the widest band"
         ),
     ),
     "0.9": Profile(
@@ -165,7 +198,8 @@ PROFILES: dict[str, Profile] = {
         cudagraph_subtracted=False,
         tokens_group_aware=False,
         has_160gib_tier=False,
-        native_topk_topp_bytes=16.0,
+        native_topk_topp_bytes=NATIVE_TOPK_TOPP_BYTES,
+        flashinfer_sampler_by_default=True,
         # TP over NVLink keeps the NVLink-class (0.19-fitted) term and adds one NCCL communicator's NVLS
         # buffers on HGX Hopper (nvls_communicators below). Read in 0.9.2, 0.10.0, 0.10.1.1: the snapshot
         # precedes init_worker_distributed_environment (v1/worker/gpu_worker.py init_device), and two NCCL
@@ -180,16 +214,21 @@ PROFILES: dict[str, Profile] = {
         # index file 38962983769, not in the set). Checked against pub-109 (2x L4 TP 2, 0.9.0.1): -2.8%
         # (-21.6% with the NVLink-class term, which NVLink-connected and unknown groups keep).
         non_torch_tp_no_nvlink_gib=0.21,
-        # One Ada GPU: every single-GPU V1 startup on an L4 or L40S that printed its non-torch growth
-        # printed 0.02 GiB (pub-006 0.10.1; pub-101..107 0.10.2: 8 prints), where A100 and H100 startups
-        # need the fitted 0.26 (pub-001, pub-005; the 0.19 sweep). The cause is not read from source.
-        # Checked on Ada startups that print no breakdown: pub-108 (0.9.0.1 L4) -12.9% -> -1.9%.
+        # One GPU: V1 0.9-0.10 grow little non-torch memory on one GPU. Every single-GPU startup on an L4
+        # or L40S that printed it printed 0.02 GiB (pub-006 0.10.1; pub-101..107 0.10.2: 8 prints); the one
+        # 0.9-0.10 print on another GPU, an H100 at 0.10.2 (a LLaVA-NeXT model; search-index file
+        # 34680831065, not in the set), 0.07 GiB, used for every non-Ada GPU instead of the 0.19 sweep's
+        # 0.26. With the native sort counted from source and FlashInfer's sampler known, the A100 startups
+        # agree: pub-001 (0.9.2) +0.05%, pub-005 (0.10.1.1) -0.29%, pub-120/121 (0.10.1.1, FlashInfer)
+        # -1.4% / -0.4% (they were -16.8% / -3.5% with the sort and 0.26 counted).
         non_torch_single_ada_gib=0.02,
+        non_torch_single_gib=0.07,
         # TP of 3+ on NVLS-capable GPUs (HGX Hopper): pynccl's communicator, the one 0.9-0.10 count beyond
-        # the 0.19-fitted term (memory.activation.nvls_bytes). Checked on pub-114 (8x H100 TP 8, 0.10.0):
-        # +2.0% (over, past the 4% band) with the 0.19 term alone, -2.5% with it.
+        # the 0.19-fitted term, at NCCL 2.26's own size (memory.activation.nvls_bytes). Checked on pub-114
+        # (8x H100 TP 8, 0.10.0, native sort): -0.3% (+1.5% without it; -4.4% with vllm#9699's V0 size).
         nvls_communicators=1,
-        checked_in=("0.9.2", "0.10.1.1", "0.10.2"),
+        nvls_gib_per_rank_per_communicator=NVLS_2_26_GIB_PER_RANK,
+        checked_in=("0.9.2", "0.10.0", "0.10.1.1", "0.10.2"),
         source=(
             "vllm/v1/worker/gpu_worker.py: requested = total x util (free-memory check), snapshot taken "
             "BEFORE NCCL init; KV = requested - (weights + non_torch_increase + torch_peak_increase)"
@@ -200,8 +239,9 @@ PROFILES: dict[str, Profile] = {
             "23 public startups (A100 40GB 0.9.2 and 0.10.1.1; A100 80GB 0.10.1.1 at TP 1 and TP 2 without P2P, "
             "and gpt-oss-120b MXFP4 (Marlin) at TP 4 across nodes; "
             "L40S-class 0.10.1 and 0.10.2 incl. compressed-tensors AWQ/GPTQ W4A16; RTX 4090 0.10.2; L4 0.9.0.1 and "
-            "0.10.2; Qwen2.5-VL at TP 1 and TP 2 over PCIe; 8x H100 TP 8 0.10.0): KV tokens -16.8% to +0.6%, none "
-            "over by more than 0.6%; the low tail is the FlashInfer sampler (no sort) on a small KV cache"
+            "0.10.2; Qwen2.5-VL at TP 1 and TP 2 over PCIe; 8x H100 TP 8 0.10.0): KV tokens -3.0% to +0.6%, median "
+            "-0.4%, none over by more than 0.6%; 17 printed their sampler (FlashInfer: no sort counted, except "
+            "compiled 0.10.2, whose three startups pub-105..107 peaked as high as the sort)"
         ),
     ),
     "0.11": Profile(
@@ -212,26 +252,34 @@ PROFILES: dict[str, Profile] = {
         cudagraph_subtracted=False,
         tokens_group_aware=False,
         has_160gib_tier=False,
-        # The dummy sampler sorts the logits (PyTorch-native top-k/top-p, 16 B a logit as 0.8-0.10) in
-        # every 0.11.x: 0.11.0's wheel has FlashInfer only as an optional extra (its METADATA), and from
-        # 0.11.1 the FlashInfer sampler is opt-in (VLLM_USE_FLASHINFER_SAMPLER=1; topk_topp_sampler.py
-        # of 0.11.1 / 0.11.2), so a default 0.11 server sorts (0.17 brought a Triton kernel instead).
-        native_topk_topp_bytes=16.0,
+        # The dummy sampler sorts the logits (PyTorch-native top-k/top-p, as 0.8-0.10) unless FlashInfer's
+        # sampler runs: 0.11.0's wheel has FlashInfer only as an optional extra (its METADATA) and uses it
+        # when installed; from 0.11.1 it is opt-in (VLLM_USE_FLASHINFER_SAMPLER=1; topk_topp_sampler.py of
+        # 0.11.1 / 0.11.2; resolve() turns the default off), so a default 0.11 server sorts (0.17 brought a
+        # Triton kernel instead).
+        native_topk_topp_bytes=NATIVE_TOPK_TOPP_BYTES,
+        flashinfer_sampler_by_default=True,
+        compiled_peak_as_sort=True,  # torch 2.8, as 0.10.2: not measured with FlashInfer, the safe side
         # one Ada GPU: as 0.9-0.10 (a single GPU creates no NCCL communicator, so moving the snapshot
-        # after NCCL init changed nothing there); pub-111 (0.11.0 L4) agrees: -5.2% -> -0.3%
+        # after NCCL init changed nothing there); pub-111 (0.11.0 L4) agrees: -5.2% -> -2.3%. Other GPUs
+        # keep the 0.19-fitted 0.26 (pub-112 A100 -1.25%, pub-115 H200 -0.1%; 0.07 as 0.9 would take
+        # pub-110 over): the T4 of pub-110 runs data parallel 2, and 0.11.0's DP padding all_reduce runs
+        # on the DP group's device group in the profile run (forward_context.py DPMetadata, called from
+        # gpu_model_runner _dummy_run unless eager), creating torch's NCCL communicator for that group
+        # after the snapshot - so DP 2 does add non-torch memory per GPU; no print sizes it.
         non_torch_single_ada_gib=0.02,
         checked_in=("0.11.0", "0.11.1", "0.11.2"),
         source=(
             "as 0.19 (the snapshot after NCCL init appeared in 0.11.0: vllm/v1/worker/gpu_worker.py); "
             "V1 also on compute capability < 8.0 (FlexAttention on a T4)"
         ),
-        # 4 startups, widened x2 (1 + 2/sqrt(4)) as every band: pub-115 over by 0.74 GiB of its 18.5 GiB
-        # non-KV memory (8%), pub-110 by 0.21 GiB (under the floor)
-        margin=0.08,
-        margin_floor_gib=0.65,
+        # 4 startups, none over with the sort counted from source: the widest default band
+        margin=0.06,
+        margin_floor_gib=0.35,
         evidence=(
-            "4 public startups (0.11.0 on a T4, an L4 and an A100 40GB, 0.11.2 on an H200): KV tokens -0.1% to "
-            "+2.0% with the native sort counted (+2.6% to +7.4% without it on the two that are over)"
+            "4 public startups (0.11.0 on a T4 with data parallel 2, an L4 and an A100 40GB, 0.11.2 on an H200): "
+            "KV tokens -2.3% to -0.1% with the native sort counted from source (16 B a logit left the T4 +2.0% "
+            "over; +2.6% to +7.4% without any sort on the two that were over); few cases, so the widest band"
         ),
     ),
     "0.19": Profile(
@@ -325,10 +373,14 @@ def resolve(
         return profile
     if v < (0, 9, 0):
         return PROFILES["0.8"]
-    if v < (0, 11, 0):
+    if v < (0, 10, 2):
         return PROFILES["0.9"]
-    if v < (0, 12, 0):
+    if v < (0, 11, 0):  # 0.10.2 (torch 2.8): compiled startups peak as high as the sort (pub-105..107)
+        return PROFILES["0.9"].model_copy(update={"compiled_peak_as_sort": True})
+    if v < (0, 11, 1):
         return PROFILES["0.11"]
+    if v < (0, 12, 0):  # the FlashInfer sampler is opt-in from 0.11.1
+        return PROFILES["0.11"].model_copy(update={"flashinfer_sampler_by_default": False})
     if v < (0, 17, 0):  # the FlashInfer sampler is opt-in and the Triton top-k/top-p kernel (0.17+, what
         # the 0.19 fit saw) not there yet: the dummy sampler sorts the logits (topk_topp_sampler.py of
         # 0.12.0, 0.14.0, 0.15.0, 0.16.0 read; no startup of these versions measured)

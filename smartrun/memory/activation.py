@@ -212,14 +212,6 @@ def non_torch_bytes(
     return _non_torch_base(tp, pp, v0_engine, coeffs, profile, without_nvlink) + nvls_bytes(tp, profile, nvls)
 
 
-# NCCL's NVLink SHARP (NVLS) buffers of ONE communicator, GiB per GPU of the TP group for each rank in it
-# (NCCL sizes them nvlsPerRankSize x the group's heads, one head per GPU on one node). Measured on V0 in
-# vllm-project/vllm#9699 (8x H200, TP 8): NCCL_NVLS_ENABLE=0 raised the GPU blocks of Llama-3.1-405B from
-# 17595 to 227xx (1,032,192 B a block), 4.91-5.00 GiB a GPU for the two communicators V0 counts; the upper
-# end, 5.00 / 2 / 8. See `nvls_bytes` for why this size is kept where NCCL's own formula gives less.
-NVLS_GIB_PER_RANK_PER_COMMUNICATOR = 0.3125
-
-
 def nvls_bytes(tp: int, profile: Profile | None, nvls: bool) -> int:
     """NVLS buffers of the NCCL communicators a profile's budget counts beyond its base TP term.
 
@@ -242,19 +234,20 @@ def nvls_bytes(tp: int, profile: Profile | None, nvls: bool) -> int:
     term: V0 counts two (its measured figure is both communicators), 0.9-0.10 one (pynccl's), 0.11+ none
     (Profile.nvls_communicators).
 
-    The size is #9699's measurement. NCCL's own formula gives less in later releases: 2.21.5 (vLLM
-    0.6.4-0.8, torch 2.5-2.6) nChannels x 2 x (1 MiB + 2 MiB) per rank of the group (1.125 GiB a
-    communicator at 24 channels, #9699's count), 2.26.2 (0.9-0.10.1, torch 2.7) 16 NVLS channels x 2 x
-    1 MiB (0.25 GiB at TP 8). But both Hopper NVSwitch startups need more than that formula: DeepSeek-R1
-    on 8x H200 (0.7.3, NCCL 2.21.5, pub-201) printed 7.16 GiB of non-torch memory, 1.56 GiB above the base
-    term + gather root + two formula-sized communicators; Qwen3-32B on 8x H100 (0.10.0, NCCL 2.26.2,
-    pub-114) needs about 1.1 GiB beyond the 0.19 term, where pynccl's NVLS buffers by the formula are
-    0.25 GiB (the rest of that communicator, its ring and tree buffers, is not in the 0.19 term either).
-    So the measured size stays, the safe end: pub-201 -2.7%, pub-114 -2.5% (KV tokens).
+    The size of one communicator's buffers (Profile.nvls_gib_per_rank_per_communicator, per rank of the
+    group): NCCL's own formula where it fits, the measured figure where the startups need more. NCCL
+    2.26-2.27 (torch 2.7-2.8, vLLM 0.9-0.11.0): 16 NVLS channels x 2 x 1 MiB (vllm_profiles.
+    NVLS_2_26_GIB_PER_RANK: 0.25 GiB a communicator at TP 8); Qwen3-32B on 8x H100 (0.10.0, pub-114) needs
+    0.08 GiB beyond the 0.19 term with the native sort counted from source, so one formula-sized
+    communicator (0.25) holds it at -0.3% (vllm#9699's size: -4.4%). V0 keeps #9699's measurement
+    (vllm_profiles.NVLS_9699_GIB_PER_RANK: NCCL 2.20's 4 MiB steps): NCCL 2.21's formula (vLLM 0.6.4-0.8:
+    nChannels x 2 x (1 MiB + 2 MiB), 1.125 GiB a communicator at 24 channels) leaves DeepSeek-R1 on 8x H200
+    (0.7.3, pub-201, 7.16 GiB of non-torch memory printed) 1.56 GiB short - +7% KV over - where #9699's
+    size is 1.19 GiB over (-2.7%), the safe end.
     """
     if not nvls or tp <= 2 or profile is None:
         return 0
-    return int(profile.nvls_communicators * NVLS_GIB_PER_RANK_PER_COMMUNICATOR * tp * GIB)
+    return int(profile.nvls_communicators * profile.nvls_gib_per_rank_per_communicator * tp * GIB)
 
 
 def _non_torch_base(

@@ -26,6 +26,8 @@ from smartrun.memory.types import (
     EngineFlags,
     GpuSpec,
     MemoryEstimate,
+    installed_flashinfer_sampler,
+    installed_vllm_version,
     resolve_version,
 )
 from smartrun.memory.weights import (
@@ -99,7 +101,7 @@ def _stage_budgets(
             seqs,
             mnbt,
             stage.last,
-            (coeffs.sampler_extra_bytes if sampler is None else sampler) + profile.native_topk_topp_bytes,
+            (coeffs.sampler_extra_bytes if sampler is None else sampler) + _native_sort_bytes(profile, flags),
             stage.first,
             pp,
             coeffs.pp_hidden_buffers,
@@ -163,6 +165,15 @@ def _stage_budgets(
         assert best is not None
         out.append(best)
     return out
+
+
+def _native_sort_bytes(profile: Profile, flags: EngineFlags) -> float:
+    """The native top-k/top-p sort's bytes per logit the dummy sampler adds, unless FlashInfer's sampler
+    runs instead (no sort): known from flags.flashinfer_sampler (resolved from the install by `_estimate`),
+    and not on compiled startups of the versions whose compiled peak was measured as high as the sort."""
+    if flags.flashinfer_sampler and (flags.enforce_eager or not profile.compiled_peak_as_sort):
+        return 0.0
+    return profile.native_topk_topp_bytes
 
 
 def _budget(model: ModelFacts, gpus: list[GpuSpec], flags: EngineFlags, profile: Profile, dtype: str,
@@ -281,6 +292,8 @@ def _estimate(
     used = gpu_list[: flags.tensor_parallel_size * flags.pipeline_parallel_size]
     low_cc = min((g.compute_capability for g in used), key=_cc_key)
     version, profile = resolve_version(vllm_version, low_cc, flags.kv_cache_dtype.lower())
+    if flags.flashinfer_sampler is None and profile.native_topk_topp_bytes and version == installed_vllm_version():
+        flags = flags.model_copy(update={"flashinfer_sampler": installed_flashinfer_sampler(profile)})
     mxfp4_pad = vllm_profiles.mxfp4_padding(version, low_cc)
     dtype = dtype_name(flags.dtype, model, low_cc)
     kv_elem = _kv_bytes_per_element(flags.kv_cache_dtype, dtype)

@@ -195,6 +195,7 @@ def case_flags(case: StartupCase) -> EngineFlags:
         enforce_eager=bool(case.enforce_eager),
         quantization="fp8" if case.quantization == "fp8" else None,
         cpu_offload_gb=case.cpu_offload_gb or 0.0,
+        flashinfer_sampler={"flashinfer": True, "native": False}.get(case.sampler or ""),
     )
 
 

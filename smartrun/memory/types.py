@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import metadata, resources
 from typing import Any
@@ -167,6 +169,11 @@ class EngineFlags(Frozen):
     disable_custom_all_reduce: bool = False
     quantization: str | None = None  # --quantization (e.g. "fp8" online) when the checkpoint has none
     cpu_offload_gb: float = 0.0  # --cpu-offload-gb: GiB of weights per GPU kept in CPU memory (UVA)
+    # Whether the engine's top-k/top-p sampler is FlashInfer's (the log's "Using FlashInfer for top-p &
+    # top-k sampling"): set by the install (the flashinfer package) and VLLM_USE_FLASHINFER_SAMPLER, not a
+    # serve flag. None = not known: the installed vllm's environment is looked at when it is the version
+    # estimated (installed_flashinfer_sampler), else the estimate counts the native sort (the safe side).
+    flashinfer_sampler: bool | None = None
 
 
 class MemoryEstimate(Frozen):
@@ -215,6 +222,28 @@ def installed_vllm_version() -> str | None:
         return metadata.version("vllm")
     except metadata.PackageNotFoundError:
         return None
+
+
+def installed_flashinfer_sampler(profile: Profile, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the installed vllm, run with this environment, samples with FlashInfer (no sort).
+
+    topk_topp_sampler.py: FlashInfer's sampler needs the flashinfer package (flashinfer-python); 0.8-0.11.0
+    use it unless VLLM_USE_FLASHINFER_SAMPLER=0, 0.11.1+ only with =1 (Profile.flashinfer_sampler_by_default).
+    """
+    from importlib import metadata
+
+    env = os.environ if environ is None else environ
+    setting = env.get("VLLM_USE_FLASHINFER_SAMPLER")
+    wanted = profile.flashinfer_sampler_by_default if setting is None else setting.strip() not in ("", "0")
+    if not wanted:
+        return False
+    for dist in ("flashinfer-python", "flashinfer"):
+        try:
+            metadata.version(dist)
+            return True
+        except metadata.PackageNotFoundError:
+            continue
+    return False
 
 
 def resolve_version(
