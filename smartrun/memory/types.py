@@ -230,8 +230,6 @@ def installed_flashinfer_sampler(profile: Profile, environ: Mapping[str, str] | 
     topk_topp_sampler.py: FlashInfer's sampler needs the flashinfer package (flashinfer-python); 0.8-0.11.0
     use it unless VLLM_USE_FLASHINFER_SAMPLER=0, 0.11.1+ only with =1 (Profile.flashinfer_sampler_by_default).
     """
-    from importlib import metadata
-
     env = os.environ if environ is None else environ
     setting = env.get("VLLM_USE_FLASHINFER_SAMPLER")
     wanted = profile.flashinfer_sampler_by_default if setting is None else setting.strip() not in ("", "0")
