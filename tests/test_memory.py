@@ -1119,5 +1119,7 @@ def test_flashinfer_sampler_skips_the_sort_where_the_install_uses_it(monkeypatch
     assert not memtypes.installed_flashinfer_sampler(resolve("0.10.1.1", "8.0"), {"VLLM_USE_FLASHINFER_SAMPLER": "0"})
     assert not memtypes.installed_flashinfer_sampler(resolve("0.11.2", "8.0"))  # opt-in from 0.11.1
     assert memtypes.installed_flashinfer_sampler(resolve("0.11.2", "8.0"), {"VLLM_USE_FLASHINFER_SAMPLER": "1"})
-    assert estimate(QWEN3_8B, a100, flags).activation_gib == pytest.approx(told)  # the installed vllm, detected
+    detected = estimate(QWEN3_8B, a100, flags)  # the installed vllm, whose environment has flashinfer
+    assert detected.activation_gib == pytest.approx(told) and detected.sampler == "FlashInfer's (no sort counted)"
+    assert "not known" in estimate(QWEN3_8B, a100, flags, "0.10.1").sampler
     assert estimate(QWEN3_8B, a100, flags, "0.10.1").activation_gib == pytest.approx(unknown)  # another version

@@ -102,6 +102,7 @@ def _table(est) -> str:
         ("free at start", f"{est.free_gib:.2f} GiB"),
         ("weights", f"{est.weights_gib:.2f} GiB"),
         ("activation peak", f"{est.activation_gib:.2f} GiB"),
+        ("sampler (top-k/top-p)", est.sampler or "-"),
         ("non-torch", f"{est.non_torch_gib:.2f} GiB"),
         (
             "CUDA graphs",

@@ -176,6 +176,19 @@ def _native_sort_bytes(profile: Profile, flags: EngineFlags) -> float:
     return profile.native_topk_topp_bytes
 
 
+def _sampler_text(profile: Profile, flags: EngineFlags) -> str:
+    """What the estimate counted for the dummy sampler's top-k/top-p, and why (shown by `model estimate`)."""
+    if not profile.native_topk_topp_bytes:
+        return "the version's own top-k/top-p kernel (no sort; the fitted sampler)"
+    if _native_sort_bytes(profile, flags) == 0:
+        return "FlashInfer's (no sort counted)"
+    if flags.flashinfer_sampler:
+        return "FlashInfer's, but compiled startups of this version peaked as high as the native sort (counted)"
+    if flags.flashinfer_sampler is None:
+        return "PyTorch-native sort counted (whether the install samples with FlashInfer is not known)"
+    return "PyTorch-native sort counted"
+
+
 def _budget(model: ModelFacts, gpus: list[GpuSpec], flags: EngineFlags, profile: Profile, dtype: str,
             kv_elem: int, util: float, seqs: int, mnbt: int, block_size: int, coeffs: Coefficients = FITTED,
             mxfp4_pad: tuple[int, int] | None = None, calibrated: int = 0) -> _Budget:
@@ -417,6 +430,7 @@ def _estimate(
             + (f"; {calibration.band_text()}" if calibration is not None else "")
         ),
         calibration=calibration,
+        sampler=_sampler_text(profile, flags),
     ), per_stage
 
 

@@ -207,6 +207,7 @@ class MemoryEstimate(Frozen):
     margin_gib: float = 0.0  # non-KV memory kept back per GPU for the band
     uncertainty: str = ""  # the profile, its band and what the band rests on
     calibration: Correction | None = None  # the correction learned from this machine's startups, if one was applied
+    sampler: str = ""  # the dummy sampler's top-k/top-p as counted (native sort or not, and why)
 
 
 
