@@ -96,6 +96,23 @@ class Profile(Frozen):
 # draw) is what the other paths hold at their peak, so the sort adds 36 - 12.96. (16 B, counted before,
 # left out the fp32 copy and the sort's own buffers: it held 0.11.0 on a T4 0.2 GiB short, pub-110.)
 NATIVE_TOPK_TOPP_BYTES = 36.0 - 12.96
+
+
+def native_topk_topp_bytes(rows: int) -> float:
+    """The native sort's bytes per logit beyond the fitted sampler, for the dummy run's `rows` (see above).
+
+    torch picks the sort by the number of rows (SortStable.cu launch_stable_sort_kernel): 128+ rows
+    segmented_sort_pairs (20 B of its own buffers, NATIVE_TOPK_TOPP_BYTES); 2-127 rows
+    segmented_sort_pairs_by_full_sort (two int2 index/segment arrays 16 B, the keys it allocates 4 B and
+    CUB's alternate buffers 12 B: 32 B); one row a single radix sort whose buffers are one row's, so the
+    later peak of apply_top_k_top_p holds (fp32 logits, sorted values and indices, the top-p softmax,
+    two masks, the scattered result: 26 B).
+    """
+    if rows >= 128:
+        return NATIVE_TOPK_TOPP_BYTES
+    if rows >= 2:
+        return 4 + 4 + 8 + 32 - 12.96
+    return 26 - 12.96
 # NCCL's NVLS buffers of one communicator per rank of the group, measured on V0 in vllm-project/vllm#9699
 # (8x H200, TP 8): NCCL_NVLS_ENABLE=0 raised the GPU blocks of Llama-3.1-405B from 17595 to 227xx
 # (1,032,192 B a block), 4.91-5.00 GiB a GPU for the two communicators V0 counts; the upper end, 5.00 / 2 / 8.

@@ -1081,6 +1081,16 @@ def test_the_native_sort_is_counted_as_torch_allocates_it():
     native = estimate(QWEN3_8B, a100, flags, "0.10.1").activation_gib
     flashinfer = estimate(QWEN3_8B, a100, flags.model_copy(update={"flashinfer_sampler": True}), "0.10.1")
     assert native - flashinfer.activation_gib == pytest.approx(256 * 151936 * NATIVE_TOPK_TOPP_BYTES / GIB, abs=0.01)
+    from smartrun.vllm_profiles import native_topk_topp_bytes
+
+    # fewer than 128 rows take torch's full-sort path (32 B of its own buffers), one row a plain sort
+    assert native_topk_topp_bytes(256) == NATIVE_TOPK_TOPP_BYTES
+    assert native_topk_topp_bytes(64) + FITTED.sampler_extra_bytes == 4 + 4 + 8 + 16 + 4 + 12
+    assert native_topk_topp_bytes(1) + FITTED.sampler_extra_bytes == 4 + 4 + 8 + 4 + 2 + 4
+    few = flags.model_copy(update={"max_num_seqs": 64, "max_num_batched_tokens": 256})
+    extra = estimate(QWEN3_8B, a100, few, "0.10.1").activation_gib - estimate(
+        QWEN3_8B, a100, few.model_copy(update={"flashinfer_sampler": True}), "0.10.1").activation_gib
+    assert extra == pytest.approx(64 * 151936 * native_topk_topp_bytes(64) / GIB, abs=0.01)
     for cid in ("pub-001", "pub-005", "pub-110", "pub-112", "pub-114"):  # native, printed or the default
         row = HELD_OUT[cid]
         assert -1.5 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 0.5, cid

@@ -101,7 +101,7 @@ def _stage_budgets(
             seqs,
             mnbt,
             stage.last,
-            (coeffs.sampler_extra_bytes if sampler is None else sampler) + _native_sort_bytes(profile, flags),
+            (coeffs.sampler_extra_bytes if sampler is None else sampler) + _native_sort_bytes(profile, flags, min(seqs, mnbt)),
             stage.first,
             pp,
             coeffs.pp_hidden_buffers,
@@ -167,13 +167,16 @@ def _stage_budgets(
     return out
 
 
-def _native_sort_bytes(profile: Profile, flags: EngineFlags) -> float:
-    """The native top-k/top-p sort's bytes per logit the dummy sampler adds, unless FlashInfer's sampler
-    runs instead (no sort): known from flags.flashinfer_sampler (resolved from the install by `_estimate`),
-    and not on compiled startups of the versions whose compiled peak was measured as high as the sort."""
+def _native_sort_bytes(profile: Profile, flags: EngineFlags, rows: int = 256) -> float:
+    """The native top-k/top-p sort's bytes per logit the dummy sampler adds for its `rows`, unless
+    FlashInfer's sampler runs instead (no sort): known from flags.flashinfer_sampler (resolved from the
+    install by `_estimate`), and not on compiled startups of the versions whose compiled peak was
+    measured as high as the sort."""
+    if not profile.native_topk_topp_bytes:
+        return 0.0
     if flags.flashinfer_sampler and (flags.enforce_eager or not profile.compiled_peak_as_sort):
         return 0.0
-    return profile.native_topk_topp_bytes
+    return vllm_profiles.native_topk_topp_bytes(rows)
 
 
 def _sampler_text(profile: Profile, flags: EngineFlags) -> str:
