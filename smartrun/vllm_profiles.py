@@ -75,7 +75,7 @@ class Profile(Frozen):
     source: str = ""  # what the budget is, in vLLM's own terms
     # Plan-safe band: fraction of the predicted non-KV memory (weights + activation + non-torch
     # [+ graphs]) a startup of this era may exceed it by; floor in GiB. Measured per profile by
-    # benchmarks/estimator_accuracy.py --bands (tests check the shipped values still cover it).
+    # the band table of benchmarks/estimator_accuracy.py --summary-only (tests check the shipped values cover it).
     margin: float = 0.05
     margin_floor_gib: float = 0.25
     evidence: str = "no measured startup"  # what the band rests on
