@@ -19,7 +19,6 @@ import pytest
 from conftest import FIXTURES
 from llama_server import LlamaServer, missing
 
-from smartrun.contracts import KnobBound
 from smartrun.session import load_record
 
 pytestmark = [pytest.mark.real_llm,
@@ -63,8 +62,8 @@ def test_dry_run_with_llama_cpp_finishes_every_exchange_inside_the_budget(llama,
     assert record.llm_exchanges, "the LLM was not asked"
     for ex in record.llm_exchanges:
         assert ex.reply is not None, ex.error  # no transport failure, no timeout
-        assert ex.reply["finish_reason"] == "stop", ex.reply  # complete, not cut off
-        assert isinstance(ex.max_tokens, int) and ex.reply["completion_tokens"] < ex.max_tokens
+        assert ex.reply.finish_reason == "stop", ex.reply  # complete, not cut off
+        assert isinstance(ex.max_tokens, int) and ex.reply.completion_tokens < ex.max_tokens
         assert ex.error is None or ex.error["type"] == "smartrun.advisor.ReplyRejected"  # judged, not lost
         assert ex.latency_s is not None and ex.latency_s < BUDGET_S
     decision = summary["llm"][0]
@@ -72,8 +71,8 @@ def test_dry_run_with_llama_cpp_finishes_every_exchange_inside_the_budget(llama,
     assert not (decision["fallback"] or "").startswith("LLM not used")  # never given up on the endpoint
     assert all(e["finish_reason"] == "stop" for e in decision["exchanges"])
 
-    bounds = {name: KnobBound(knob=name, **{k: v for k, v in b.items() if k in KnobBound.model_fields})
-              for name, b in record.bounds.items()}
+    assert record.bounds is not None
+    bounds = record.bounds.knobs  # the record holds the Bounds model itself
     baseline = record.baseline.params
     for knob, value in summary["params"].items():
         if value != baseline.get(knob):  # changed by the LLM: inside its bound
