@@ -17,7 +17,8 @@ from typing import Protocol
 
 class Clock(Protocol):
     """Monotonic seconds for durations and deadlines, wall time for record timestamps, a sleep (this thread
-    takes its time) and a wait (this thread waits on work another thread does, at most `seconds`)."""
+    takes its time), a wait (this thread waits on work another thread does, until a deadline on this clock)
+    and the real-time limit to put on I/O (a socket or asyncio timeout) that stands for seconds of this clock."""
 
     def monotonic(self) -> float: ...
 
@@ -25,7 +26,9 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None: ...
 
-    def wait(self, event: threading.Event, seconds: float) -> bool: ...
+    def wait_until(self, event: threading.Event, deadline: float) -> bool: ...
+
+    def io_limit(self, seconds: float) -> float: ...
 
 
 class SystemClock:
@@ -40,13 +43,20 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         time.sleep(max(0.0, seconds))
 
-    def wait(self, event: threading.Event, seconds: float) -> bool:
-        return event.wait(max(0.0, seconds))
+    def wait_until(self, event: threading.Event, deadline: float) -> bool:
+        return event.wait(max(0.0, deadline - time.monotonic()))
+
+    def io_limit(self, seconds: float) -> float:
+        return seconds
 
 
 SYSTEM = SystemClock()
 
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+class FakeClockStuck(RuntimeError):
+    """A wait on a FakeClock that nothing ended within its real-time patience: a test that hangs."""
 
 
 class FakeClock:
@@ -58,7 +68,7 @@ class FakeClock:
     start and nothing it does takes time.
     """
 
-    PATIENCE_S = 30.0  # real seconds a wait lasts when nothing sets its event nor moves the clock (a stuck test)
+    PATIENCE_S = 30.0  # real seconds after which a wait (or I/O timed by this clock) is a stuck test, not a timeout
 
     def __init__(self, start: float = 0.0, wall: datetime = EPOCH):
         self._lock = threading.Lock()
@@ -79,22 +89,27 @@ class FakeClock:
             self._now += max(0.0, seconds)
         time.sleep(0)  # let other threads run, as a real sleep would
 
-    def wait(self, event: threading.Event, seconds: float) -> bool:
-        """True once `event` is set; False once other threads' sleeps have moved the clock past `seconds` on.
+    def wait_until(self, event: threading.Event, deadline: float) -> bool:
+        """True once `event` is set; False once other threads' sleeps have moved the clock past `deadline`.
 
-        Time stands still while this thread waits: work done elsewhere in real time takes none of it. Work that
-        ends exactly at the end of the wait is waited for (a deadline is met on the dot)."""
-        end = self.monotonic() + max(0.0, seconds)
+        Time stands still while this thread waits: work done elsewhere in real time takes none of it, however
+        slow the machine (only this clock decides: no real-time limit may end a wait early). Work that ends
+        exactly at the deadline is waited for (a deadline is met on the dot). After PATIENCE_S of real time with
+        neither, the test is stuck: FakeClockStuck, never a timeout decided by the machine's speed."""
         given_up = time.monotonic() + self.PATIENCE_S
         while not event.is_set():
-            if self.monotonic() > end:
+            if self.monotonic() > deadline:
                 return False
             if time.monotonic() > given_up:
-                with self._lock:
-                    self._now = max(self._now, end)
-                return event.is_set()
+                raise FakeClockStuck(f"FakeClock: nothing set the event nor moved the clock past {deadline:g} "
+                                     f"in {self.PATIENCE_S:g} s of real time")
             event.wait(0.001)
         return True
+
+    def io_limit(self, seconds: float) -> float:
+        """This clock's seconds pass only by sleeps, never in real time: I/O that stands for them is given the
+        patience of a stuck test, so a loaded machine's slow socket never cuts short what is on time by it."""
+        return max(seconds, self.PATIENCE_S)
 
     def advance(self, seconds: float) -> None:
         """Move the time on without it counting as a sleep (time that passes elsewhere)."""

@@ -16,7 +16,8 @@ def within(seconds: float, call: Callable[[], Any], on_abandon: Callable[[], Non
 
     The call runs in a daemon thread; an abandoned one is left to end on its own per-read timeout after
     `on_abandon` (e.g. closing the client) has dropped what it can. Ctrl+C still interrupts the wait.
-    The wait is on `clock`; a call that finished later than `seconds` by it timed out too (on a test's
+    The wait is on `clock`, until the one deadline read before the call starts (a second read could fall after
+    other threads moved the clock); a call that finished past it by the clock timed out too (on a test's
     FakeClock a server "delayed" 30 s answers at once in real time, but 30 s late by the clock).
     """
     box: dict[str, Any] = {}
@@ -33,7 +34,7 @@ def within(seconds: float, call: Callable[[], Any], on_abandon: Callable[[], Non
             done.set()
 
     threading.Thread(target=work, name="smartrun-deadline", daemon=True).start()
-    if not clock.wait(done, seconds) or box["finished"] > deadline:
+    if not clock.wait_until(done, deadline) or box["finished"] > deadline:
         if on_abandon is not None:
             on_abandon()
         raise TimeoutError(f"no complete answer within {seconds:g} s")

@@ -297,7 +297,7 @@ async def _one_request(client: Any, url: str, model: str, run: _Run, index: int)
         chunk_tokens = 0
         usage_tokens = None
         try:
-            async with client.stream("POST", url, json=body, timeout=s.request_timeout_s) as reply:
+            async with client.stream("POST", url, json=body, timeout=clock.io_limit(s.request_timeout_s)) as reply:
                 if reply.status_code in (400, 422) and variant + 1 < len(_Run.VARIANTS):
                     await reply.aread()
                     run.variant = max(run.variant, variant + 1)
@@ -362,7 +362,7 @@ async def _worker(client: Any, url: str, model: str, run: _Run, started: float) 
         run.issued += 1
         run.in_flight += 1
         try:  # the whole request within its timeout of wall clock, even when the server trickles
-            await asyncio.wait_for(_one_request(client, url, model, run, index), s.request_timeout_s)
+            await asyncio.wait_for(_one_request(client, url, model, run, index), run.clock.io_limit(s.request_timeout_s))
         except asyncio.TimeoutError:
             run.errors["timeout"] += 1
         finally:
@@ -381,7 +381,7 @@ async def run_probe_async(
 
     `api_key` (a server started with --api-key) is sent as a bearer token and kept out of the result.
     The duration, latencies and each request's timeout are read from `clock`; the asyncio timeouts on the
-    same figures are the real-time backstop.
+    same figures are the real-time backstop (`clock.io_limit`: on a test's FakeClock only its time decides).
     """
     import asyncio  # lazy: the CLI starts faster without it
 
@@ -390,9 +390,9 @@ async def run_probe_async(
     root = api_root(base_url)
     limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(limits=limits, timeout=settings.request_timeout_s, trust_env=False,
+    async with httpx.AsyncClient(limits=limits, timeout=clock.io_limit(settings.request_timeout_s), trust_env=False,
                                  headers=headers) as client:
-        model = settings.model or await first_model(client, root, settings.request_timeout_s)
+        model = settings.model or await first_model(client, root, clock.io_limit(settings.request_timeout_s))
         run = _Run(settings, clock)
         started = clock.monotonic()
 
@@ -402,7 +402,7 @@ async def run_probe_async(
 
         workers = [asyncio.create_task(_worker(client, f"{root}/v1/completions", model, run, started))
                    for _ in range(settings.concurrency)]
-        hard_stop = settings.duration_s + settings.request_timeout_s + 5.0
+        hard_stop = clock.io_limit(settings.duration_s + settings.request_timeout_s) + 5.0
 
         async def watch() -> None:
             while not all(w.done() for w in workers):

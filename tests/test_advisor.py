@@ -371,6 +371,16 @@ def test_no_repair_is_sent_once_the_budget_is_spent():
     assert_fallback(advice, "after 1 reply", "the --llm-timeout budget of 10s is spent")
 
 
+def test_a_reply_on_time_by_the_clock_is_used_however_long_it_takes_in_real_time():
+    # a loaded machine: the reply is on the dot of the 0.3 s budget by the clock but takes 1.6 s of real time,
+    # past the socket's old real-time limit (budget + 1 s); only the clock may decide, so it is used, once
+    bad = reply([{"knob": "max_model_len", "value": 131072, "reason": "more context"}])
+    advice, llm = run([{"content": bad, "delay_s": 0.3, "real_s": 1.6}, {"content": GOOD}], timeout_s=0.3)
+    assert len(llm.chat_requests) == 1
+    assert_fallback(advice, "after 1 reply", "the --llm-timeout budget of 0.3s is spent")
+    assert advice.spent_s == 0.3 and advice.exchanges[0].reply.latency_s == 0.3
+
+
 def test_a_trickled_reply_is_abandoned_at_the_deadline():
     import time
 

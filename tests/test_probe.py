@@ -24,7 +24,8 @@ class ScriptedServer:
 
     behaviour returns a dict: status (200), first_s (delay before the first chunk), total_s (delay
     before the end), stream (honour stream=True), tokens (chunks to send), reject_extras (400 when
-    vLLM-only fields are present). Delays are real unless a `clock` is given.
+    vLLM-only fields are present), real_s (with a clock: real seconds the reply also takes, as on a loaded
+    machine). Delays are real unless a `clock` is given.
     """
 
     def __init__(self, behaviour: Callable[[int, dict], dict], clock: FakeClock | None = None):
@@ -62,7 +63,7 @@ class ScriptedServer:
                     n = len(server.bodies)
                     server.bodies.append(body)
                 plan = {"status": 200, "first_s": 0.0, "total_s": 0.0, "stream": True, "tokens": 4,
-                        "reject_extras": False, **server.behaviour(n, body)}
+                        "reject_extras": False, "real_s": 0.0, **server.behaviour(n, body)}
                 if plan["reject_extras"] and ("ignore_eos" in body or "stream_options" in body):
                     self._send(400, {"error": "unknown field"})
                     return
@@ -87,6 +88,7 @@ class ScriptedServer:
                     self.wfile.flush()
 
                 pause(plan["first_s"])
+                time.sleep(plan["real_s"])
                 for _ in range(tokens):
                     chunk("data: " + json.dumps({"choices": [{"text": "x", "index": 0}]}) + "\n\n")
                 pause(max(0.0, plan["total_s"] - plan["first_s"]))
@@ -188,6 +190,16 @@ def test_errors_and_timeouts_are_counted_not_raised():
     assert result.error_kinds == {"HTTP 500": 3, "timeout": 1}
     assert (result.ok, result.errors, result.requests) == (5, 4, 9)
     assert max(result.latencies_ms) == pytest.approx(9500)
+
+
+def test_a_reply_on_time_by_the_clock_is_not_a_timeout_however_long_it_takes_in_real_time():
+    # a loaded machine: the first token comes on the dot of the 0.5 s timeout by the clock, 1 s late by the wall
+    # (past the old real-time backstop of the timeout itself); only the clock decides
+    clock = FakeClock()
+    with ScriptedServer(lambda n, body: {"first_s": 0.5, "total_s": 0.5, "real_s": 1.0}, clock) as server:
+        result = probe.run_probe(server.url, settings(max_requests=1, request_timeout_s=0.5, duration_s=600),
+                                 clock=clock)
+    assert (result.ok, result.errors) == (1, 0) and list(result.latencies_ms) == [pytest.approx(500)]
 
 
 def test_falls_back_to_plain_requests_when_extras_or_streaming_are_refused():

@@ -262,9 +262,11 @@ class OpenAITransport:
         left = deadline - self.clock.monotonic()
         if left <= 0:
             raise _OutOfTime()
-        # the socket's own limits sit just past the deadline: the wall clock (deadline.within) enforces it, so
-        # a slow first byte or a body trickled a byte at a time ends there too
-        timeout = httpx.Timeout(left + 1.0, connect=min(left, CONNECT_TIMEOUT_S))
+        # the socket's own limits sit just past the deadline: the clock (deadline.within) enforces it, so a slow
+        # first byte or a body trickled a byte at a time ends there too; they are real time, so the clock sets them
+        # (a test's FakeClock decides alone, whatever the machine's load)
+        limit = self.clock.io_limit
+        timeout = httpx.Timeout(limit(left) + 1.0, connect=limit(min(left, CONNECT_TIMEOUT_S)))
         try:
             return within(left, lambda: request(timeout), on_abandon=self._drop_client, clock=self.clock)
         except TimeoutError:

@@ -28,6 +28,8 @@ Script format: a JSON list of steps, or an object {"model": "fake-model", "struc
     times          serve this step this many times in a row (default 1)
     headers        extra response headers, e.g. {"Retry-After": "0"}
     trickle_s      send the answer one byte every trickle_s seconds (a server that never quite stops)
+    real_s         with clock=: real seconds the answer also takes, after its delay_s on the clock (a loaded
+                   machine: on time by the clock, late by the wall)
 
 In-process, `clock=` (a smartrun.clock.FakeClock shared with the code under test) makes delay_s and trickle_s
 sleeps on that clock: a 30 s delay answers at once in real time but 30 s later by the clock, so budget and
@@ -202,8 +204,8 @@ class FakeLLM:
                 if step is None:
                     self._send(410, _error_body("fake LLM script exhausted", 410))
                     return
-                if step.get("delay_s"):
-                    fake._pause(float(step["delay_s"]))
+                if step.get("delay_s") or step.get("real_s"):
+                    fake._pause(float(step.get("delay_s", 0.0)), real_s=float(step.get("real_s", 0.0)))
                 self._send(*_answer(step, fake.model), trickle_s=float(step.get("trickle_s", 0.0)))
 
         return Handler
