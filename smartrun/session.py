@@ -369,7 +369,8 @@ def load_record(path: str | Path) -> SessionRecord:
         raise InputError(f"{path}: a session record is a JSON object")
     version = data.get("schema_version")
     if version not in (1, SCHEMA_VERSION):  # schema 1 is migrated by SessionRecord's validator
-        raise InputError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        raise InputError(f"{path}: schema_version {version!r} is not supported (this smartrun reads 1 and "
+                         f"{SCHEMA_VERSION})")
     try:
         return SessionRecord.model_validate(data)
     except ValidationError as err:

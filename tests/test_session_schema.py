@@ -127,7 +127,7 @@ def test_a_schema_1_attempt_recorded_empty_is_rebuilt_from_what_was_recorded_bes
 
 
 @pytest.mark.parametrize(("edit", "words"), [
-    (lambda d: d.update(schema_version=3), "schema_version 3 is not supported (expected 2)"),
+    (lambda d: d.update(schema_version=3), "schema_version 3 is not supported (this smartrun reads 1 and 2)"),
     (lambda d: d.update(bounds={"max_model_len": "wide"}), "invalid session record at bounds"),
     (lambda d: d["launch_attempts"][0].update(attempt={"outcome": "exploded"}),
      "invalid session record at launch_attempts.0.attempt.outcome"),
