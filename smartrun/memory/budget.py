@@ -181,6 +181,9 @@ def _native_sort_bytes(profile: Profile, flags: EngineFlags, rows: int = 256) ->
 
 def _sampler_text(profile: Profile, flags: EngineFlags) -> str:
     """What the estimate counted for the dummy sampler's top-k/top-p, and why (shown by `model estimate`)."""
+    if profile.sampler_extra_bytes is not None:  # V0: its measured sampler figure includes the sort
+        return (f"V0's full top-k/top-p path, sort included ({profile.sampler_extra_bytes:g} B a logit, "
+                "measured)")
     if not profile.native_topk_topp_bytes:
         return "the version's own top-k/top-p kernel (no sort; the fitted sampler)"
     if _native_sort_bytes(profile, flags) == 0:
