@@ -201,6 +201,7 @@ def for_machine(hardware: Any, vllm_version: str | None, store: Any = None) -> t
     """
     store = store if store is not None else Store()
     problems: list[str] = []
+    resolve_version(vllm_version)  # a bad version is the command's own error, not a calibration warning
     try:
         correction = store.correction(*key(hardware, vllm_version))
     except InputError as err:

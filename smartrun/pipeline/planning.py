@@ -228,8 +228,10 @@ def estimate_for(plan: Plan, facts: ModelFacts, hw: HardwareSnapshot, version: s
 def _calibration(sources: Sources, rec: Recorder, hw: HardwareSnapshot, version: str | None) -> Correction | None:
     """This machine's correction (replay: the recorded one), on record and as a decision when there is one.
 
-    Unusable calibration data is a warning, never a failed run: the plan is then made uncalibrated.
+    Unusable calibration data is a warning, never a failed run: the plan is then made uncalibrated. A bad
+    --vllm-version is the run's own error (one line), raised here rather than also warned about.
     """
+    memory.resolve_version(version)
     try:
         correction = sources.calibration.correction(*calibration.key(hw, version))
     except RecordError:  # replay: a hand-edited recorded correction fails like every other recorded part

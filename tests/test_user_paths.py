@@ -1,0 +1,110 @@
+"""What a user meets going through the README and the commands: the real CLI in a subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import FIXTURES, REPO
+
+MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
+H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
+T4 = str(FIXTURES / "hardware" / "1x-t4.json")
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smartrun", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env={**os.environ, "PATH": "/usr/bin:/bin"})
+
+
+def _errors(stderr: str) -> list[str]:
+    """stderr without the record's path: what the user is told."""
+    return [line for line in stderr.splitlines() if not line.startswith("session record: ")]
+
+
+@pytest.mark.parametrize("args", [
+    ["model", "run", MODEL, "--dry-run", "--hardware", H100, "--vllm-version", "x"],
+    ["model", "estimate", MODEL, "--hardware", H100, "--vllm-version", "x"],
+    ["bounds", "show", MODEL, "--hardware", H100, "--vllm-version", "x"],
+])
+def test_a_bad_vllm_version_is_said_once(args, tmp_path):
+    """It was said twice: as a `calibration not used: ...` warning, then as the command's error."""
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert _errors(proc.stderr) == ["localaistack: --vllm-version 'x': expected a version like 0.19.0"]
+
+
+def test_a_bad_vllm_version_record_of_before_still_replays(tmp_path):
+    """The version is now refused at the calibration step: no decision lies between it and where it was refused."""
+    record = tmp_path / "bad.json"
+    _cli("model", "run", MODEL, "--dry-run", "--hardware", H100, "--vllm-version", "x", "--session-out", str(record),
+         cwd=tmp_path)
+    data = json.loads(record.read_text())
+    assert [d["step"] for d in data["decisions"]] == ["hardware", "model", "pins", "error"]
+    replay = _cli("session", "replay", str(record), cwd=tmp_path)
+    assert replay.returncode == 0 and "all 4 decisions match" in replay.stdout
+
+
+@pytest.mark.parametrize("version", ["0.6.6", "0.8.4"])  # 0.8 on a T4 (cc 7.5) runs the V0 engine
+def test_the_v0_sampler_row_says_the_sort_is_counted(version, tmp_path):
+    """V0's measured sampler figure (36.8 B a logit) is its full top-k/top-p path with the sort; the row said
+    "no sort"."""
+    proc = _cli("model", "estimate", MODEL, "--hardware", T4, "--vllm-version", version, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("sampler (top-k/top-p)"))
+    assert "sort included (36.8 B a logit" in row and "no sort" not in row
+    est = json.loads(_cli("model", "estimate", MODEL, "--hardware", T4, "--vllm-version", version, "--json",
+                          cwd=tmp_path).stdout)
+    assert est["profile"] == "0.6" and "sort included" in est["sampler"]
+
+
+def test_a_schema_3_record_is_one_line_saying_what_this_smartrun_reads(tmp_path):
+    data = json.loads((FIXTURES / "sessions" / "cache-hit.json").read_text())
+    data["schema_version"] = 3
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps(data))
+    for command in ("show", "replay"):
+        proc = _cli("session", command, str(path), cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert _errors(proc.stderr) == [f"localaistack: {path}: schema_version 3 is not supported (this smartrun "
+                                        "reads 1 and 2)"]
+
+
+def _readme_console() -> list[tuple[list[str], list[str]]]:
+    """The README's ```console examples: (argv, the lines it shows), `…` standing for what it leaves out."""
+    text = (REPO / "README.md").read_text()
+    examples: list[tuple[list[str], list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
+        command = ""
+        for line in block.splitlines():
+            if line.startswith("$ ") or command.endswith("\\"):
+                command = (command[:-1] + " " + line.removeprefix("$ ").strip()) if command else line[2:]
+                if not command.endswith("\\"):
+                    examples.append((shlex.split(command), []))
+            else:
+                command = ""
+                examples[-1][1].append(line)
+    return examples
+
+
+def test_the_readmes_console_examples_print_what_the_readme_shows(tmp_path):
+    """Every shown line is printed (a line with `…` as its pieces, in order): the README's cluster example
+    showed --max-num-seqs 312 where the command prints 336."""
+    examples = _readme_console()
+    assert examples
+    for argv, shown in examples:
+        assert argv[0] == "localaistack"
+        proc = _cli(*argv[1:], cwd=REPO)
+        printed = (proc.stdout + proc.stderr).splitlines()
+        for line in shown:
+            pieces = [p for p in line.split("…") if p.strip()]
+            if not pieces:
+                continue
+            pattern = ".*".join(re.escape(p) for p in pieces)
+            assert any(re.fullmatch(pattern if "…" not in line else f".*{pattern}.*", out) for out in printed), \
+                (argv, line)
