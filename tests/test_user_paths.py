@@ -108,3 +108,21 @@ def test_the_readmes_console_examples_print_what_the_readme_shows(tmp_path):
             pattern = ".*".join(re.escape(p) for p in pieces)
             assert any(re.fullmatch(pattern if "…" not in line else f".*{pattern}.*", out) for out in printed), \
                 (argv, line)
+
+
+@pytest.mark.parametrize("args", [
+    ["hardware", "show", H100],
+    ["model", "run", MODEL, "--dry-run", "--explain", "--hardware", H100],
+    ["session", "show", str(FIXTURES / "sessions" / "oom-recovered.json")],
+])
+def test_a_reader_that_goes_away_is_no_traceback(args, tmp_path):
+    """`localaistack ... | head -1`: the pipe closes before (or while) the command writes. It ended in a
+    BrokenPipeError traceback; now it stops quietly with the status of a command killed by SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "smartrun", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has started and printed anything
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr

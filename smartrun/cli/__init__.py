@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -91,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe (`localaistack ... | head`): stop quietly, as a command killed by SIGPIPE
+    would, and point stdout at /dev/null so that flushing it at exit cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + int(signal.SIGPIPE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the command, and turn every deliberate error into one line on stderr (and, under `--json`,
     one JSON object on stdout naming the error, the exit status and the session record when one was written)."""
@@ -108,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         OneLineParser.json_errors = False
     args.extra = extra
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away (`| head`) is met here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except SmartRunError as err:
         message = _hidden(err.message, hidden)
         print(f"localaistack: {message}", file=sys.stderr, flush=True)
