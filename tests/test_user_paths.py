@@ -126,3 +126,15 @@ def test_a_reader_that_goes_away_is_no_traceback(args, tmp_path):
     proc.stderr.close()
     assert proc.wait(timeout=120) == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+
+
+@pytest.mark.parametrize("record", ["oom-recovered.json", "schema-1/oom-recovered.json"])
+def test_the_timeline_gives_a_retry_only_its_own_reason(record, tmp_path):
+    """The record keeps the reason of the change that made the final plan; every earlier retry of the same knob
+    showed it too (0.92 -> 0.88 "because --gpu-memory-utilization 0.88 -> 0.84")."""
+    proc = _cli("session", "show", str(FIXTURES / "sessions" / record), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    retries = [line for line in proc.stdout.splitlines() if line.startswith("retry ")]
+    assert retries[0] == "retry    gpu_memory_utilization 0.92 -> 0.88"
+    assert retries[1].startswith("retry    gpu_memory_utilization 0.88 -> 0.84  (recovery: ")
+    assert retries[1].endswith("--gpu-memory-utilization 0.88 -> 0.84)") and len(retries) == 2

@@ -63,13 +63,14 @@ def _timeline(record: SessionRecord) -> list[str]:
         lines.append(f"llm      [{ex.kind}] {state} latency={_fmt_s(ex.latency_s)}{tokens}")
     previous: dict[str, Any] | None = None
     set_by = record.final_plan.provenance if record.final_plan else {}
+    final = record.final_plan.params if record.final_plan else {}
     for att in record.launch_attempts:
         params = att.attempt.params
         if previous is not None:
             for knob, value in params.items():
                 if previous.get(knob) != value:
                     lines.append(f"retry    {knob} {previous.get(knob)} -> {value}" +
-                                 (f"  ({set_by[knob]})" if knob in set_by else ""))
+                                 (f"  ({set_by[knob]})" if knob in set_by and final.get(knob) == value else ""))
         previous = params
         phase = "" if att.phase == "launch" else f" [{att.phase}]"
         lines.append(f"launch   #{att.number}{phase} {att.outcome} after {_fmt_s(att.attempt.duration_s)}: {' '.join(att.argv)}")
