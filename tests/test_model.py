@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import struct
@@ -14,21 +13,14 @@ import pytest
 
 from smartrun.cli import main
 from smartrun.errors import ModelError
+from smartrun.memory import evidence
+from smartrun.memory.evidence import config_from_reference
 from smartrun.model import derive_max_model_len, facts_from_config, inspect, resolve_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "fixtures" / "models"
 REFERENCE = REPO / "fixtures" / "reference" / "models.json"
 
-
-def _load_make_fixtures():
-    spec = importlib.util.spec_from_file_location("make_fixtures", MODELS / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_fixtures = _load_make_fixtures()
 
 # --- every fixture model, key facts checked by hand against its config.json -------------------------
 # (dir, layers, hidden, heads, kv, head_dim, vocab, derived max len, tied, weight bytes, source)
@@ -148,7 +140,7 @@ def _reference_entries():
 
 @pytest.mark.parametrize("entry", _reference_entries(), ids=lambda e: e["model_id"])
 def test_facts_from_every_reference_config(entry):
-    config = make_fixtures.config_from_reference(entry)
+    config = config_from_reference(entry)
     f = facts_from_config(config, entry["model_id"], hf_quant_config=entry.get("hf_quant_config"))
     text = entry.get("text_config") or entry
     assert f.num_hidden_layers == text["num_hidden_layers"]
@@ -162,9 +154,23 @@ def test_facts_from_every_reference_config(entry):
     assert f.derived_max_model_len >= 4096
 
 
+def test_the_estimator_evidence_reads_each_reference_config_as_the_model_ships_it():
+    # one reader for the fixtures and the estimator's evidence: a fixture's config.json is what it gives, and an
+    # explicit null is kept (Mistral-7B-v0.3 has no sliding window; without the null its type's 4096 applies)
+    configs = evidence.reference_configs()
+    for entry in _reference_entries():
+        side = {"hf_quant_config": entry["hf_quant_config"]} if entry.get("hf_quant_config") else {}
+        assert configs[entry["model_id"].lower()] == {**config_from_reference(entry), **side}, entry["model_id"]
+    shipped = json.loads((MODELS / "qwen2.5-0.5b-instruct" / "config.json").read_text())
+    entry = next(e for e in _reference_entries() if e["model_id"] == "Qwen/Qwen2.5-0.5B-Instruct")
+    assert shipped == config_from_reference(entry) and shipped["sliding_window"] is None
+    mistral = evidence.facts_for(configs["mistralai/mistral-7b-instruct-v0.3"], "mistral")
+    assert mistral.sliding_window is None and mistral.layer_types is None
+
+
 def test_modelopt_quantization_from_hf_quant_config(tmp_path):
     entry = next(e for e in _reference_entries() if e["model_id"] == "nvidia/Llama-3.1-70B-Instruct-FP8")
-    (tmp_path / "config.json").write_text(json.dumps(make_fixtures.config_from_reference(entry)))
+    (tmp_path / "config.json").write_text(json.dumps(config_from_reference(entry)))
     (tmp_path / "hf_quant_config.json").write_text(json.dumps(entry["hf_quant_config"]))
     q = inspect(str(tmp_path)).quantization
     assert (q.method, q.weight_bits, q.activation_bits) == ("modelopt", 8, 8)

@@ -35,6 +35,7 @@ REF = FIXTURES / "reference"
 PUBLIC = FIXTURES / "startups" / "public.jsonl"
 FIT_SUBSET = "0.19.0 H100"
 # models.json fields that describe the row, not the model's config.json
+# Keys of a models.json entry that are not config.json keys (provenance, copies, wrappers); so is any `*_source`.
 META_KEYS = {
     "model_id",
     "keys_absent_in_source",
@@ -48,6 +49,8 @@ META_KEYS = {
     "moe",
     "mla",
     "quantization_config_full",
+    "text_config_defaults_from_transformers",
+    "hf_quant_config",
 }
 
 
@@ -116,17 +119,30 @@ def facts_for(config: dict[str, Any], name: str) -> ModelFacts:
     return facts_from_config(config, name, hf_quant_config=side if isinstance(side, dict) else None)
 
 
+def config_from_reference(entry: dict[str, Any]) -> dict[str, Any]:
+    """The config.json of one models.json entry, as the model ships it: the entry's own keys less provenance and
+    the keys its source lacks, moe/mla blocks flattened, the full quantization_config. An explicit null stays
+    (Mistral-7B-v0.3's `"sliding_window": null` means no window; left out, its model type's default 4096 would
+    apply). The model fixtures' config.json files are written from it."""
+    absent = set(entry.get("keys_absent_in_source") or ())
+    config = {k: v for k, v in entry.items() if k not in META_KEYS and not k.endswith("_source") and k not in absent}
+    if config.get("text_config") is None:
+        config.pop("text_config", None)
+    for block in ("moe", "mla"):
+        config.update(entry.get(block) or {})
+    if entry.get("quantization_config_full"):
+        config["quantization_config"] = entry["quantization_config_full"]
+    return config
+
+
 def reference_configs() -> dict[str, dict[str, Any]]:
-    """model id (lower case) -> config dict, from models.json and extra_configs.json."""
+    """model id (lower case) -> config dict, from models.json and extra_configs.json; a ModelOpt entry's side
+    hf_quant_config.json rides along under "hf_quant_config" (facts_for reads it)."""
     configs: dict[str, dict[str, Any]] = {}
     for row in json.loads((REF / "models.json").read_text()):
-        config = {k: v for k, v in row.items() if k not in META_KEYS and v is not None}
-        for part in ("moe", "mla"):
-            config.update(row.get(part) or {})
-        if row.get("quantization_config_full"):
-            config["quantization_config"] = row["quantization_config_full"]
-        if row.get("text_config"):
-            config["text_config"] = row["text_config"]
+        config = config_from_reference(row)
+        if row.get("hf_quant_config"):
+            config["hf_quant_config"] = row["hf_quant_config"]
         configs[row["model_id"].lower()] = config
     extra = json.loads((REF / "extra_configs.json").read_text())
     pending = {k: v for k, v in extra.items() if not k.startswith("_")}
