@@ -28,6 +28,7 @@ from smartrun.errors import SmartRunError
 from smartrun.memory import EngineFlags, GpuSpec, estimate
 from smartrun.memory.evidence import (
     FIT_SUBSET,
+    EstimateRow,
     StartupCase,
     done_when,
     fit_samples,
@@ -51,8 +52,8 @@ LLM_D_PUBLISHED = {
 }
 
 
-def summary(rows: list[dict[str, Any]], pred: str, real: str) -> tuple[str, str, str, int]:
-    errs = [pct(r[pred], r[real]) for r in rows if r.get(real)]
+def summary(rows: list[EstimateRow], pred: str, real: str) -> tuple[str, str, str, int]:
+    errs = [pct(getattr(r, pred), getattr(r, real)) for r in rows if getattr(r, real)]
     errs = [e for e in errs if e is not None]
     if not errs:
         return "-", "-", "-", 0
@@ -68,11 +69,11 @@ def fmt(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
-def grouped_errors(rows: list[dict[str, Any]], key: str) -> list[tuple[str, int, str, str, int]]:
+def grouped_errors(rows: list[EstimateRow], key: str) -> list[tuple[str, int, str, str, int]]:
     """(group, n, median |KV-token error|, worst over-prediction, cases over by > 1%) per value of `key`."""
     out = []
-    for value in sorted({str(r[key]) for r in rows}):
-        errs = [pct(r["tok_pred"], r["tok_real"]) for r in rows if str(r[key]) == value and r.get("tok_real")]
+    for value in sorted({str(getattr(r, key)) for r in rows}):
+        errs = [pct(r.tok_pred, r.tok_real) for r in rows if str(getattr(r, key)) == value and r.tok_real]
         errs = [e for e in errs if e is not None]
         if not errs:
             continue
@@ -81,7 +82,7 @@ def grouped_errors(rows: list[dict[str, Any]], key: str) -> list[tuple[str, int,
     return out
 
 
-def print_grouped(rows: list[dict[str, Any]], title: str) -> None:
+def print_grouped(rows: list[EstimateRow], title: str) -> None:
     print(f"\n{title}: KV-token error (median |err|; worst over; over >1%; n)")
     for key, label in (("profile", "profile"), ("gpu_class", "GPU"), ("family", "family"), ("quant", "quantization")):
         for value, n, med, worst, over in grouped_errors(rows, key):
@@ -130,7 +131,7 @@ def cross_validate(cases: list[StartupCase], configs: dict[str, dict[str, Any]])
         med, mean, worst, n = summary(in_rows, pred, real)
         omed, omean, oworst, _ = summary(loo_rows, pred, real)
         print(f"  {label:18} in-sample {med} / {mean}; {worst}   out-of-family {omed} / {omean}; {oworst}   n={n}")
-    signed = [pct(r["tok_pred"], r["tok_real"]) for r in loo_rows if r["tok_real"]]
+    signed = [pct(r.tok_pred, r.tok_real) for r in loo_rows if r.tok_real]
     over = [e for e in signed if e is not None and e > 0]
     under = [e for e in signed if e is not None and e < 0]
     print(
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cross_validate:
         cross_validate(load_cases(), configs)
         return 0
-    rows, skipped = [], []
+    rows: list[EstimateRow] = []
+    skipped: list[tuple[str, str, str]] = []
     for case in load_cases() + load_public():
         result = run_case(case, configs)
         if isinstance(result, str):
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows.append(result)
     if args.json:
-        print(json.dumps({"rows": rows, "skipped": skipped}, indent=1))
+        print(json.dumps({"rows": [r.model_dump() for r in rows], "skipped": skipped}, indent=1))
         return 0
     if not args.summary_only:
         head = f"{'id':8} {'model':52} {'tp':>2} {'pp':>2} | {'W pred':>6} {'W real':>6} {'err':>6} | {'KV pred':>7} {'KV real':>7} {'err':>6} | {'tok pred':>9} {'tok real':>9} {'err':>6} | {'conc p':>7} {'conc r':>7} {'err':>6}"
@@ -220,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * len(head))
         for r in rows:
             print(
-                f"{r['id']:8} {r['model'][:52]:52} {r['tp']:>2} {r['pp']:>2} | "
-                f"{r['w_pred']:6.2f} {fmt(r['w_real'], '6.2f'):>6} {fmt(pct(r['w_pred'], r['w_real']), '+6.1f'):>6} | "
-                f"{r['kv_pred']:7.2f} {fmt(r['kv_real'], '7.2f'):>7} {fmt(pct(r['kv_pred'], r['kv_real']), '+6.1f'):>6} | "
-                f"{r['tok_pred']:9d} {fmt(r['tok_real'], '9d'):>9} {fmt(pct(r['tok_pred'], r['tok_real']), '+6.1f'):>6} | "
-                f"{r['conc_pred']:7.2f} {fmt(r['conc_real'], '7.2f'):>7} {fmt(pct(r['conc_pred'], r['conc_real']), '+6.1f'):>6}"
+                f"{r.id:8} {r.model[:52]:52} {r.tp:>2} {r.pp:>2} | "
+                f"{r.w_pred:6.2f} {fmt(r.w_real, '6.2f'):>6} {fmt(pct(r.w_pred, r.w_real), '+6.1f'):>6} | "
+                f"{r.kv_pred:7.2f} {fmt(r.kv_real, '7.2f'):>7} {fmt(pct(r.kv_pred, r.kv_real), '+6.1f'):>6} | "
+                f"{r.tok_pred:9d} {fmt(r.tok_real, '9d'):>9} {fmt(pct(r.tok_pred, r.tok_real), '+6.1f'):>6} | "
+                f"{r.conc_pred:7.2f} {fmt(r.conc_real, '7.2f'):>7} {fmt(pct(r.conc_pred, r.conc_real), '+6.1f'):>6}"
             )
         print(f"\nskipped {len(skipped)} cases:")
         for sid, model, why in skipped:
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nSummary (abs error: median / mean; worst over-prediction; n)")
     print(f"{'subset':12} {'metric':24} {'smartrun':>36} {'naive x1.2':>36}")
     for subset in ("0.19.0 H100", "public", "other"):
-        part = [r for r in rows if r["subset"] == subset]
+        part = [r for r in rows if r.subset == subset]
         for label, pred, real, naive_key in (
             ("weights GiB", "w_pred", "w_real", None),
             ("activation GiB", "act_pred", "act_real", None),
@@ -249,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 nmed, nmean, nworst, nn = summary(part, naive_key, real)
                 theirs = f"{nmed} / {nmean}; {nworst}; n={nn}"
             print(f"{subset:12} {label:24} {ours:>36} {theirs:>36}")
-    print_grouped([r for r in rows if r["subset"] == FIT_SUBSET], "in-sample (the 0.19 H100 sweep the terms are fitted on)")
+    print_grouped([r for r in rows if r.subset == FIT_SUBSET], "in-sample (the 0.19 H100 sweep the terms are fitted on)")
     print_grouped(
-        [r for r in rows if r["subset"] != FIT_SUBSET],
+        [r for r in rows if r.subset != FIT_SUBSET],
         "held out (public startups + other shared cases; pub-014/015 are in-sample for the 0.8 no-NVLink TP figure, "
         "pub-013 for the 0.8 single-GPU one, pub-105..107 for the compiled-0.10.2 sort-sized peak, "
         "pub-006/101-107 printed the 0.9-0.11 one-Ada-GPU non-torch figure (all 0.02 GiB: leave-one-out is the same))",
@@ -280,14 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\nlog cross-check (smartrun.vllm_log.parse_startup on log_lines vs the JSONL fields): "
-        f"{sum(r['log_disagreements'] for r in rows)} figures disagree over {len(rows)} cases"
+        f"{sum(r.log_disagreements for r in rows)} figures disagree over {len(rows)} cases"
     )
-    tiers = [r for r in rows if r["tok_real"]]
+    tiers = [r for r in rows if r.tok_real]
     print("\nLocalAIStack fixed tiers (our reading: memory from the GPU name; >=80GB 32768, >=40GB 16384,")
     print(">=24GB 8192, else 4096) vs the largest max_model_len the measured KV tokens really hold:")
-    too_big = sum(1 for r in tiers if r["tier_len"] > r["true_fit_len"])
-    wasted = [r["true_fit_len"] / r["tier_len"] for r in tiers if r["tier_len"] <= r["true_fit_len"]]
-    ours_bad = sum(1 for r in tiers if r["tok_pred"] > r["tok_real"] * 1.05)
+    too_big = sum(1 for r in tiers if r.tier_len > r.true_fit_len)
+    wasted = [r.true_fit_len / r.tier_len for r in tiers if r.tier_len <= r.true_fit_len]
+    ours_bad = sum(1 for r in tiers if r.tok_pred > r.tok_real * 1.05)
     print(
         f"  cases {len(tiers)}: tier too large (would not start) {too_big}; "
         f"where it starts, the real fit is a median {statistics.median(wasted) if wasted else 0:.1f}x the tier"

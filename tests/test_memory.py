@@ -192,7 +192,7 @@ def test_weights_that_do_not_fit_say_by_how_much():
 REFERENCE = {case.id: case for case in evidence.load_cases()}
 STARTUPS = {**REFERENCE, **{case.id: case for case in evidence.load_public()}}
 ROWS = {cid: evidence.run_case(case, CONFIGS) for cid, case in STARTUPS.items()}  # a row, or why not estimable
-SWEEP_019 = sorted(cid for cid, row in ROWS.items() if isinstance(row, dict) and row["subset"] == evidence.FIT_SUBSET)
+SWEEP_019 = sorted(cid for cid, row in ROWS.items() if isinstance(row, evidence.EstimateRow) and row.subset == evidence.FIT_SUBSET)
 
 
 def test_the_sweep_is_all_there():
@@ -423,7 +423,7 @@ def test_out_of_family_kv_tokens_stay_within_targets(fit_samples):
         for s in fit_samples:
             if s["family"] == family:
                 row = evidence.run_case(by_id[s["id"]], CONFIGS, refit)
-                errors.append((row["tok_pred"] - row["tok_real"]) / row["tok_real"])
+                errors.append((row.tok_pred - row.tok_real) / row.tok_real)
     assert sorted(abs(e) for e in errors)[len(errors) // 2] <= 0.03
     assert max(errors) <= 0.05 and min(errors) >= -0.08
 
@@ -461,10 +461,10 @@ def test_every_model_without_logs_gets_plausible_estimates():
 @pytest.mark.parametrize("case_id", ["vsl-049", "vsl-050"])
 def test_pp_first_stage_activation_counts_the_states_it_sends(case_id):
     row = evidence.run_case(REFERENCE[case_id], CONFIGS)
-    assert row["act_pred"] == pytest.approx(row["act_real"], rel=0.03)
+    assert row.act_pred == pytest.approx(row.act_real, rel=0.03)
     no_pp_term = evidence.run_case(REFERENCE[case_id], CONFIGS, FITTED.model_copy(update={"pp_hidden_buffers": 0}))
-    assert no_pp_term["act_pred"] < row["act_real"] * 0.9
-    assert row["tok_pred"] <= row["tok_real"]  # the sampler stage binds; its received states counted too
+    assert no_pp_term.act_pred < row.act_real * 0.9
+    assert row.tok_pred <= row.tok_real  # the sampler stage binds; its received states counted too
 
 
 def test_moe_workspace_stops_growing_at_the_fused_moe_chunk():
@@ -587,8 +587,8 @@ def test_plan_safe_low_end_is_below_the_estimate_and_wider_without_evidence():
     assert lost < 0.01 < lost_unmeasured
 
 
-ALL_ROWS = [row for row in ROWS.values() if isinstance(row, dict)]
-HELD_OUT = {row["id"]: row for row in ALL_ROWS if row["subset"] != evidence.FIT_SUBSET}
+ALL_ROWS = [row for row in ROWS.values() if isinstance(row, evidence.EstimateRow)]
+HELD_OUT = {row.id: row for row in ALL_ROWS if row.subset != evidence.FIT_SUBSET}
 PUBLIC_CASES = {case.id: case for case in evidence.load_public()}
 # Stated tolerance per profile for every startup: the KV cache vLLM had (tokens; else blocks; else GiB,
 # whichever its log printed), (under, over) in %. The fit set (the 0.19 H100 sweep) is held to the same
@@ -624,18 +624,18 @@ NOT_ESTIMABLE = {
 }
 
 
-def _measured_kv(row: dict) -> tuple[str, float, float, float]:
+def _measured_kv(row: evidence.EstimateRow) -> tuple[str, float, float, float]:
     """(what, predicted, plan-safe low end, measured) for the KV figure vLLM printed: tokens, else blocks,
     else GiB. The low end of blocks and GiB scales with the token low end (the same cache)."""
     for what, pred, real in (("KV tokens", "tok_pred", "tok_real"), ("KV blocks", "blocks_pred", "blocks_real"),
                              ("KV GiB", "kv_pred", "kv_real")):
-        if row[real]:
-            low = row[pred] * row["tok_low"] / row["tok_pred"] if row["tok_pred"] else 0.0
-            return what, row[pred], low, row[real]
-    raise AssertionError(f"{row['id']}: vLLM printed no KV figure (tokens, blocks or GiB) to compare with")
+        if getattr(row, real):
+            low = getattr(row, pred) * row.tok_low / row.tok_pred if row.tok_pred else 0.0
+            return what, getattr(row, pred), low, getattr(row, real)
+    raise AssertionError(f"{row.id}: vLLM printed no KV figure (tokens, blocks or GiB) to compare with")
 
 
-def startup_problems(case_id: str, row: dict | str) -> list[str]:
+def startup_problems(case_id: str, row: evidence.EstimateRow | str) -> list[str]:
     """What is wrong with the estimate of one reference startup against its stated tolerance ([]: nothing)."""
     if isinstance(row, str):
         if case_id not in NOT_ESTIMABLE:
@@ -643,25 +643,25 @@ def startup_problems(case_id: str, row: dict | str) -> list[str]:
         return [] if row.startswith(NOT_ESTIMABLE[case_id]) else [f"not estimable for another reason: {row}"]
     if case_id in NOT_ESTIMABLE:
         return ["estimable now: take it off NOT_ESTIMABLE"]
-    if row["profile"] not in HELD_OUT_TOLERANCE:
-        return [f"no stated tolerance for profile {row['profile']}"]
+    if row.profile not in HELD_OUT_TOLERANCE:
+        return [f"no stated tolerance for profile {row.profile}"]
     problems = []
-    low, high = HELD_OUT_TOLERANCE[row["profile"]]
+    low, high = HELD_OUT_TOLERANCE[row.profile]
     low, high = OPEN_CLASSES.get(case_id, (low, high))
     what, predicted, safe, measured = _measured_kv(row)
     err = 100 * (predicted - measured) / measured
     if not low <= err <= high:
-        problems.append(f"{what} off by {err:+.2f}%, profile {row['profile']} allows {low:+g}..{high:+g}%")
+        problems.append(f"{what} off by {err:+.2f}%, profile {row.profile} allows {low:+g}..{high:+g}%")
     if safe > measured:
         problems.append(f"the plan-safe low end counts on {what} that were not there ({safe:.0f} > {measured})")
-    w_gap = OPEN_WEIGHTS.get(case_id, 0.02 * (row["w_real"] or 0.0))
-    if row["w_real"] and (row["quant"] != "mxfp4" or row["subset"] == evidence.FIT_SUBSET) \
-            and abs(row["w_pred"] - row["w_real"]) > w_gap:
-        problems.append(f"weights {row['w_pred']:.2f} GiB, vLLM loaded {row['w_real']:.2f}")
-    if row["fits_real"] is not None and row["fits_pred"] != row["fits_real"]:
-        problems.append(f"estimated fits={row['fits_pred']}, vLLM started={row['fits_real']}")
-    if row["subset"] == evidence.FIT_SUBSET and abs(row["conc_pred"] - row["conc_real"]) > 0.03 * row["conc_real"]:
-        problems.append(f"concurrency {row['conc_pred']:.2f}, vLLM {row['conc_real']:.2f}")
+    w_gap = OPEN_WEIGHTS.get(case_id, 0.02 * (row.w_real or 0.0))
+    if row.w_real and (row.quant != "mxfp4" or row.subset == evidence.FIT_SUBSET) \
+            and abs(row.w_pred - row.w_real) > w_gap:
+        problems.append(f"weights {row.w_pred:.2f} GiB, vLLM loaded {row.w_real:.2f}")
+    if row.fits_real is not None and row.fits_pred != row.fits_real:
+        problems.append(f"estimated fits={row.fits_pred}, vLLM started={row.fits_real}")
+    if row.subset == evidence.FIT_SUBSET and abs(row.conc_pred - row.conc_real) > 0.03 * row.conc_real:
+        problems.append(f"concurrency {row.conc_pred:.2f}, vLLM {row.conc_real:.2f}")
     return problems
 
 
@@ -676,22 +676,22 @@ def test_every_reference_startup_within_its_profiles_tolerance(case_id):
 def test_the_startup_check_fails_outside_the_tolerance():
     cid = SWEEP_019[0]
     row = ROWS[cid]
-    assert isinstance(row, dict) and startup_problems(cid, row) == []
+    assert isinstance(row, evidence.EstimateRow) and startup_problems(cid, row) == []
     bad = {
-        "KV tokens off by +2.": {"tok_pred": int(row["tok_real"] * 1.02)},  # the 0.19 band allows +1%
-        "plan-safe low end": {"tok_low": row["tok_real"] + 1},
-        "weights": {"w_pred": row["w_real"] * 1.05},
+        "KV tokens off by +2.": {"tok_pred": int(row.tok_real * 1.02)},  # the 0.19 band allows +1%
+        "plan-safe low end": {"tok_low": row.tok_real + 1},
+        "weights": {"w_pred": row.w_real * 1.05},
         "vLLM started=True": {"fits_pred": False},
-        "concurrency": {"conc_pred": row["conc_real"] * 1.1},
+        "concurrency": {"conc_pred": row.conc_real * 1.1},
         "no stated tolerance": {"profile": "9.9"},
     }
     for words, change in bad.items():
-        assert any(words in problem for problem in startup_problems(cid, {**row, **change})), words
-    assert "KV blocks" in startup_problems(cid, {**row, "tok_real": None, "blocks_real": row["blocks_pred"] // 2})[0]
+        assert any(words in problem for problem in startup_problems(cid, row.model_copy(update=change))), words
+    assert "KV blocks" in startup_problems(cid, row.model_copy(update={"tok_real": None, "blocks_real": row.blocks_pred // 2}))[0]
     assert startup_problems("pub-new", "no config for the model") == ["cannot be estimated: no config for the model"]
     assert startup_problems(cid, "GPU not named")[0].startswith("cannot be estimated")
     with pytest.raises(AssertionError, match="no KV figure"):
-        _measured_kv({**row, "tok_real": None, "blocks_real": None, "kv_real": None})
+        _measured_kv(row.model_copy(update={"tok_real": None, "blocks_real": None, "kv_real": None}))
 
 
 def test_shipped_bands_cover_what_every_startup_measured():
@@ -721,9 +721,9 @@ def test_the_public_startups_are_there_with_their_provenance():
 def test_held_out_summary_meets_the_0_9_and_0_19_targets():
     """Median KV-token error <= 3% on the V1 held-out startups, none over by more than 1%."""
     errs = [
-        100 * (r["tok_pred"] - r["tok_real"]) / r["tok_real"]
+        100 * (r.tok_pred - r.tok_real) / r.tok_real
         for r in HELD_OUT.values()
-        if r["tok_real"] and r["profile"] in ("0.9", "0.19") and r["id"] not in OPEN_CLASSES
+        if r.tok_real and r.profile in ("0.9", "0.19") and r.id not in OPEN_CLASSES
     ]
     assert len(errs) >= 4
     assert sorted(abs(e) for e in errs)[len(errs) // 2] <= 3 and max(errs) <= 1
@@ -775,7 +775,7 @@ def test_tp_without_nvlink_on_0_8_uses_the_measured_pcie_figure():
     assert estimate(LLAMA8, no_p2p, flags, "0.9.2").non_torch_gib == 0.21  # 0.10.2's printed PCIe figure
     for cid in ("pub-014", "pub-015"):  # the term is the larger need of the two: neither over
         row = HELD_OUT[cid]
-        assert -3 <= 100 * (row["tok_pred"] - row["tok_real"]) / row["tok_real"] <= 0.1
+        assert -3 <= 100 * (row.tok_pred - row.tok_real) / row.tok_real <= 0.1
 
 
 def test_v0_tp_over_nvlink_keeps_the_nvlink_class_non_torch_figure():
@@ -783,17 +783,17 @@ def test_v0_tp_over_nvlink_keeps_the_nvlink_class_non_torch_figure():
     0.25 GiB for every TP group (from vsl-019's two RTX 4090s, no peer access) over-predicted its
     KV cache by 7%, past the plan-safe band. Now 0.25 only where peer access is known absent."""
     nvlink = HELD_OUT["pub-017"]
-    assert nvlink["tok_pred"] <= nvlink["tok_real"] and nvlink["tok_low"] <= nvlink["tok_real"]
+    assert nvlink.tok_pred <= nvlink.tok_real and nvlink.tok_low <= nvlink.tok_real
     assert GpuSpec.from_name("RTX 4090").without_nvlink and not GpuSpec.from_name("A100-SXM4-40GB").without_nvlink
-    assert -1.0 <= 100 * (HELD_OUT["vsl-019"]["tok_pred"] / HELD_OUT["vsl-019"]["tok_real"] - 1) <= 2.0
+    assert -1.0 <= 100 * (HELD_OUT["vsl-019"].tok_pred / HELD_OUT["vsl-019"].tok_real - 1) <= 2.0
 
 
 def test_v0_mla_keeps_absorbed_matrices_and_cpu_offload_keeps_the_non_layer_weights():
     """0.7.1-0.7.3 V0 MLA holds W_Q_UK, W_UV_O and W_QR beside the raw weights (pub-017: 3.97 GiB
     printed at TP 8, 3.74 without them); --cpu-offload-gb moves decoder-layer parameters only, and
     the absorbed copies of an offloaded layer with them (pub-016: 0.80 GiB left of DeepSeek-V2-Lite)."""
-    assert HELD_OUT["pub-017"]["w_pred"] == pytest.approx(3.97, abs=0.02)
-    assert HELD_OUT["pub-016"]["w_pred"] == pytest.approx(0.8008, abs=0.01)
+    assert HELD_OUT["pub-017"].w_pred == pytest.approx(3.97, abs=0.02)
+    assert HELD_OUT["pub-016"].w_pred == pytest.approx(0.8008, abs=0.01)
     flags = EngineFlags(max_model_len=4096)
     v07 = estimate(DSV2, [H100], flags, "0.7.3").weights_gib
     v070 = estimate(DSV2, [H100], flags, "0.7.0").weights_gib  # V0 before the absorption
@@ -808,18 +808,18 @@ def test_native_topk_topp_sort_is_counted_where_the_wheel_had_no_flashinfer():
 
     new, old = HELD_OUT["pub-002"], HELD_OUT["pub-001"]
     gap = 256 * 151936 * NATIVE_TOPK_TOPP_BYTES / GIB - (FITTED.non_torch_single - PROFILES["0.9"].non_torch_single_gib)
-    assert old["nonkv_pred"] - new["nonkv_pred"] == pytest.approx(gap, abs=0.02)
-    assert gap == pytest.approx(new["kv_real"] - old["kv_real"], abs=0.05)  # 19.36 - 18.69 printed
+    assert old.nonkv_pred - new.nonkv_pred == pytest.approx(gap, abs=0.02)
+    assert gap == pytest.approx(new.kv_real - old.kv_real, abs=0.05)  # 19.36 - 18.69 printed
 
 
 def test_v0_fallback_below_cc8_is_used_for_the_t4_startup():
-    assert HELD_OUT["pub-003"]["profile"] == "0.6"  # vLLM 0.8.2 on a T4 logged 'Falling back to V0'
+    assert HELD_OUT["pub-003"].profile == "0.6"  # vLLM 0.8.2 on a T4 logged 'Falling back to V0'
     assert resolve_version("0.8.2", "7.5")[1].v0_engine
 
 
 def test_bitsandbytes_4bit_double_quant_weights():
     """pub-004: Llama-3.1-8B-Instruct nf4 with double quantization, lm_head and embeddings in fp16."""
-    assert HELD_OUT["pub-004"]["w_pred"] == pytest.approx(5.3541, rel=0.005)
+    assert HELD_OUT["pub-004"].w_pred == pytest.approx(5.3541, rel=0.005)
 
 
 def test_per_gpu_cuda_reservation_matches_printed_totals():
@@ -860,18 +860,18 @@ def test_v0_weights_count_the_caching_allocators_segment_tails():
     assert allocator_block_bytes(int(24.5 * mib)) == int(24.5 * mib)  # 1.5 MiB tail: split off
     assert allocator_block_bytes(32 * mib) == 32 * mib and allocator_block_bytes(5 * mib) == 5 * mib
     row = HELD_OUT["vsl-019"]
-    assert row["w_pred"] == pytest.approx(row["w_real"], abs=0.02)
-    assert 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1.0
-    v0 = [r for r in HELD_OUT.values() if r["profile"] == "0.6" and r["w_real"] and r["quant"] == "none"]
-    assert len(v0) >= 9 and all(r["w_pred"] == pytest.approx(r["w_real"], rel=0.01) for r in v0)
+    assert row.w_pred == pytest.approx(row.w_real, abs=0.02)
+    assert 100 * (row.tok_pred / row.tok_real - 1) <= 1.0
+    v0 = [r for r in HELD_OUT.values() if r.profile == "0.6" and r.w_real and r.quant == "none"]
+    assert len(v0) >= 9 and all(r.w_pred == pytest.approx(r.w_real, rel=0.01) for r in v0)
 
 
 def test_no_reference_startup_over_predicts_kv_tokens_by_more_than_1pct():
     """Issue 18: every startup with printed KV tokens (the 0.19 sweep and the held-out ones)."""
     over = {
-        r["id"]: 100 * (r["tok_pred"] / r["tok_real"] - 1)
+        r.id: 100 * (r.tok_pred / r.tok_real - 1)
         for r in ALL_ROWS
-        if r["tok_real"] and r["tok_pred"] > 1.01 * r["tok_real"]
+        if r.tok_real and r.tok_pred > 1.01 * r.tok_real
     }
     assert set(over) <= set(OPEN_CLASSES), over  # none open: pub-110 (0.11.0 on a T4) is -0.4% now
 
@@ -901,8 +901,8 @@ def test_qwen_vl_encoder_is_profiled_on_one_largest_image():
     peak = qwen_vl_encoder_peak_bytes(vl, "bfloat16", 1, 65536)
     assert peak == 65536 * 3 * 2 * 14 * 14 * 4 + 65536 * 13 * 1280 * 2  # attention with the fp32 rotary
     row = HELD_OUT["pub-108"]
-    assert -3 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1 and row["tok_low"] <= row["tok_real"]
-    assert row["w_pred"] == pytest.approx(row["w_real"], rel=0.01)  # with the 4 x max_position mrope cache
+    assert -3 <= 100 * (row.tok_pred / row.tok_real - 1) <= 1 and row.tok_low <= row.tok_real
+    assert row.w_pred == pytest.approx(row.w_real, rel=0.01)  # with the 4 x max_position mrope cache
 
 
 def test_tp_without_nvlink_on_0_9_and_0_10_uses_the_printed_pcie_figure():
@@ -913,7 +913,7 @@ def test_tp_without_nvlink_on_0_9_and_0_10_uses_the_printed_pcie_figure():
     assert estimate(LLAMA8, [GpuSpec.from_name("L4")] * 2, flags, "0.10.2").non_torch_gib == 0.21
     assert estimate(LLAMA8, [H100] * 2, flags, "0.10.2").non_torch_gib > 2  # NVLink: unmeasured, errs low
     row = HELD_OUT["pub-109"]
-    assert -3 <= 100 * (row["tok_pred"] - row["tok_real"]) / row["tok_real"] <= 0
+    assert -3 <= 100 * (row.tok_pred - row.tok_real) / row.tok_real <= 0
 
 
 R1 = evidence.facts_for(CONFIGS["deepseek-ai/deepseek-r1"], "deepseek-ai/DeepSeek-R1")
@@ -928,7 +928,7 @@ def test_v0_fp8_mla_requantizes_its_absorbed_matrices():
     """0.7.3 mla/utils.py: an fp8 checkpoint's W_Q_UK and W_UV_O are requantized to fp8 with block
     scales, W_QR stays in the model dtype and the dequantized kv_b_proj stays alive (W_UK/W_UV views).
     DeepSeek-R1 at TP 8 (pub-201) printed 83.88 GiB; 16-bit copies would make it 87.7."""
-    assert HELD_OUT["pub-201"]["w_pred"] == pytest.approx(83.88, rel=0.002)
+    assert HELD_OUT["pub-201"].w_pred == pytest.approx(83.88, rel=0.002)
     heads, q_in, r, h = 128 // 8, 1536, 512, 7168
     fp8 = (q_in * heads * r + heads * r * h) + heads * q_in * 64 * 2 + r * heads * 256 * 2
     v073 = estimate(R1, [H200] * 8, R1_FLAGS, "0.7.3").weights_gib
@@ -941,8 +941,8 @@ def test_v0_moe_caches_are_per_call_and_a_layer_is_dense_or_moe():
     DeepSeek's dense layers and MoE layers peak apart: pub-017 printed 0.36 GiB activation (0.42 when
     the two MLPs were summed), pub-016 4.02 (5.86 summed; 4.50 now, 1.09 of it the offloaded layer's
     weights copied in for its forward). V1 keeps the fitted, summed form."""
-    assert HELD_OUT["pub-017"]["act_pred"] == pytest.approx(0.36, abs=0.01)
-    assert 4.02 <= HELD_OUT["pub-016"]["act_pred"] <= 4.02 + 0.5  # was 5.86
+    assert HELD_OUT["pub-017"].act_pred == pytest.approx(0.36, abs=0.01)
+    assert 4.02 <= HELD_OUT["pub-016"].act_pred <= 4.02 + 0.5  # was 5.86
     mnbt = 40000
     moe_ws = mnbt * 6 * (3 * 1408 + 2048) * 2
     held = mnbt * 4 * 2048 * 2
@@ -1020,7 +1020,7 @@ def test_nvls_buffers_have_one_code_path_counted_per_communicator():
     assert on.non_torch_gib - off.non_torch_gib == pytest.approx(4 * vllm_profiles.NVLS_2_26_GIB_PER_RANK, abs=0.01)
     for cid in ("pub-114", "pub-201"):  # the two Hopper NVSwitch startups stay on the safe side, within -3%
         row = HELD_OUT[cid]
-        assert -3 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 0 and row["tok_low"] <= row["tok_real"], cid
+        assert -3 <= 100 * (row.tok_pred / row.tok_real - 1) <= 0 and row.tok_low <= row.tok_real, cid
 
 
 def test_0_8_tp_without_p2p_stays_plan_safe_when_its_figure_is_held_out():
@@ -1030,8 +1030,8 @@ def test_0_8_tp_without_p2p_stays_plan_safe_when_its_figure_is_held_out():
     rows = evidence.leave_one_out_rows(CONFIGS)
     assert set(rows) == {"pub-014", "pub-015"}
     for cid, row in rows.items():
-        assert row["tok_low"] <= row["tok_real"], cid
-        assert abs(100 * (row["tok_pred"] / row["tok_real"] - 1)) <= 3, cid
+        assert row.tok_low <= row.tok_real, cid
+        assert abs(100 * (row.tok_pred / row.tok_real - 1)) <= 3, cid
 
 
 def test_one_ada_gpu_grows_the_non_torch_memory_its_startups_printed():
@@ -1048,7 +1048,7 @@ def test_one_ada_gpu_grows_the_non_torch_memory_its_startups_printed():
     assert estimate(LLAMA8, [l4], flags, "0.19.0").non_torch_gib > 0.25  # no Ada print on 0.12+: errs low
     for cid in ("pub-108", "pub-111"):
         row = HELD_OUT[cid]
-        assert -3 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1, cid
+        assert -3 <= 100 * (row.tok_pred / row.tok_real - 1) <= 1, cid
 
 
 def test_the_dummy_sampler_sorts_the_logits_until_0_17():
@@ -1064,7 +1064,7 @@ def test_the_dummy_sampler_sorts_the_logits_until_0_17():
                           "0.16.0": False}
     assert resolve("0.17.0", "9.0").native_topk_topp_bytes == resolve("0.19.0", "9.0").native_topk_topp_bytes == 0
     row = HELD_OUT["pub-115"]  # 0.11.2 on an H200, 1024 sequences: +2.6% without the sort
-    assert -3 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 1 and row["tok_low"] <= row["tok_real"]
+    assert -3 <= 100 * (row.tok_pred / row.tok_real - 1) <= 1 and row.tok_low <= row.tok_real
 
 
 def test_the_native_sort_is_counted_as_torch_allocates_it():
@@ -1093,7 +1093,7 @@ def test_the_native_sort_is_counted_as_torch_allocates_it():
     assert extra == pytest.approx(64 * 151936 * native_topk_topp_bytes(64) / GIB, abs=0.01)
     for cid in ("pub-001", "pub-005", "pub-110", "pub-112", "pub-114"):  # native, printed or the default
         row = HELD_OUT[cid]
-        assert -1.5 <= 100 * (row["tok_pred"] / row["tok_real"] - 1) <= 0.5, cid
+        assert -1.5 <= 100 * (row.tok_pred / row.tok_real - 1) <= 0.5, cid
 
 
 def test_flashinfer_sampler_skips_the_sort_where_the_install_uses_it(monkeypatch):

@@ -3,7 +3,7 @@
 Reads the repo's evidence (fixtures/reference: models.json and extra_configs.json for the configs,
 vllm_startup_logs.jsonl with the 0.19 H100 sweep the coefficients are fitted on; fixtures/startups/
 public.jsonl for the public startups, never fitted on), turns a case into the flags and GPUs it implies,
-runs the estimator on it (beside the naive formula and LocalAIStack's fixed tiers) and derives the
+runs the estimator on it into a typed EstimateRow (beside the naive formula and LocalAIStack's fixed tiers) and derives the
 figures a tolerance is judged on: fit samples, leave-one-out rows, plan-safe bands, the issue's
 acceptance figures. The tests and benchmarks/estimator_accuracy.py (which only prints) share it, so the
 startup records have one reader. Not imported by the CLI.
@@ -252,11 +252,51 @@ def localaistack_tier(gpu_name: str) -> int:
     return 32768 if mem >= 80 else 16384 if mem >= 40 else 8192 if mem >= 24 else 4096
 
 
+class EstimateRow(BaseModel):
+    """One startup's row: each figure the estimator predicts (`*_pred`) beside the one vLLM printed (`*_real`,
+    None where the log did not print it), with the naive formula's and LocalAIStack's tier for comparison."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    model: str
+    version: str  # as stated, or "not stated (X assumed)"
+    subset: str  # FIT_SUBSET (the sweep the terms are fitted on), "public" or "other"
+    family: str
+    gpu_class: str
+    quant: str
+    tp: int
+    pp: int
+    w_pred: float  # weights, GiB per GPU
+    w_real: float | None
+    act_pred: float  # activation peak of the logged stage, GiB
+    act_real: float | None
+    kv_pred: float  # KV cache, GiB per GPU
+    kv_real: float | None
+    tok_pred: int  # KV cache tokens
+    tok_low: int  # the plan-safe low end
+    nonkv_pred: float  # requested memory less the KV cache, GiB
+    profile: str
+    tok_real: int | None
+    cg_pred: float  # CUDA graphs, GiB
+    cg_real: float | None
+    blocks_pred: int
+    blocks_real: int | None
+    conc_pred: float  # max concurrency at max_model_len
+    conc_real: float | None
+    naive_kv: float
+    naive_tok: int
+    tier_len: int  # LocalAIStack's tier for the GPU
+    true_fit_len: int | None  # the largest max_model_len vLLM's KV tokens allowed
+    log_disagreements: int  # figures our log parser reads differently from the record
+    fits_pred: bool
+    fits_real: bool | None
+
+
 def run_case(
     case: StartupCase, configs: dict[str, dict[str, Any]], coeffs: Coefficients = FITTED
-) -> dict[str, Any] | str:
-    """One startup's row: each figure predicted beside the one vLLM printed (None: not printed), or
-    why the case cannot be estimated."""
+) -> EstimateRow | str:
+    """One startup's row, or why the case cannot be estimated."""
     model_id = case.model.split(" ")[0].lower()
     config = configs.get(model_id)
     if config is None:
@@ -283,45 +323,45 @@ def run_case(
     # one request at full length must fit: the measured KV tokens bound the largest max_model_len
     true_fit = min(facts.derived_max_model_len, real_tokens) if real_tokens else None
     tier = localaistack_tier(case.gpu)
-    return {
-        "id": case.id,
-        "model": case.model,
-        "version": stated or f"not stated ({version} assumed)",
-        "subset": (
+    return EstimateRow(
+        id=case.id,
+        model=case.model,
+        version=stated or f"not stated ({version} assumed)",
+        subset=(
             FIT_SUBSET
             if stated == "0.19.0" and "H100" in case.gpu
             else "public" if case.id.startswith("pub-") else "other"
         ),
-        "family": family(facts),
-        "gpu_class": gpus[0].name,
-        "quant": facts.quantization.method if facts.quantization else (flags.quantization or "none"),
-        "tp": flags.tensor_parallel_size,
-        "pp": flags.pipeline_parallel_size,
-        "w_pred": est.weights_gib,
-        "w_real": case.weights_gib,
-        "act_pred": logged_stage_activation(facts, flags, est, gpus, coeffs),
-        "act_real": case.activation_peak_gib,
-        "kv_pred": est.kv_cache_gib,
-        "kv_real": case.kv_cache_gib,
-        "tok_pred": est.kv_cache_tokens,
-        "tok_low": plan_safe_kv_tokens(est),
-        "nonkv_pred": est.requested_gib - est.kv_cache_gib,
-        "profile": est.profile,
-        "tok_real": real_tokens,
-        "cg_pred": est.cudagraph_gib,
-        "cg_real": (case.extra_printed or {}).get("cuda_graph_gib"),
-        "blocks_pred": est.num_gpu_blocks,
-        "blocks_real": case.num_gpu_blocks,
-        "conc_pred": est.max_concurrency,
-        "conc_real": case.max_concurrency,
-        "naive_kv": naive_kv,
-        "naive_tok": naive_tokens,
-        "tier_len": tier,
-        "true_fit_len": true_fit,
-        "log_disagreements": log_cross_check(case),
-        "fits_pred": est.fits,
-        "fits_real": case.startup_succeeded,
-    }
+        family=family(facts),
+        gpu_class=gpus[0].name,
+        quant=facts.quantization.method if facts.quantization else (flags.quantization or "none"),
+        tp=flags.tensor_parallel_size,
+        pp=flags.pipeline_parallel_size,
+        w_pred=est.weights_gib,
+        w_real=case.weights_gib,
+        act_pred=logged_stage_activation(facts, flags, est, gpus, coeffs),
+        act_real=case.activation_peak_gib,
+        kv_pred=est.kv_cache_gib,
+        kv_real=case.kv_cache_gib,
+        tok_pred=est.kv_cache_tokens,
+        tok_low=plan_safe_kv_tokens(est),
+        nonkv_pred=est.requested_gib - est.kv_cache_gib,
+        profile=est.profile,
+        tok_real=real_tokens,
+        cg_pred=est.cudagraph_gib,
+        cg_real=(case.extra_printed or {}).get("cuda_graph_gib"),
+        blocks_pred=est.num_gpu_blocks,
+        blocks_real=case.num_gpu_blocks,
+        conc_pred=est.max_concurrency,
+        conc_real=case.max_concurrency,
+        naive_kv=naive_kv,
+        naive_tok=naive_tokens,
+        tier_len=tier,
+        true_fit_len=true_fit,
+        log_disagreements=log_cross_check(case),
+        fits_pred=est.fits,
+        fits_real=case.startup_succeeded,
+    )
 
 
 def logged_stage_activation(
@@ -367,13 +407,13 @@ def log_cross_check(case: StartupCase) -> int:
 def leave_one_out_errors(configs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """KV-token error of each public startup a profile figure was read from, re-predicted with the
     figure the other startups need (the larger need, as shipped): the held-out error for those."""
-    return {k: pct(row["tok_pred"], row["tok_real"]) for k, row in leave_one_out_rows(configs).items()}
+    return {k: pct(row.tok_pred, row.tok_real) for k, row in leave_one_out_rows(configs).items()}
 
 
-def leave_one_out_rows(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def leave_one_out_rows(configs: dict[str, dict[str, Any]]) -> dict[str, EstimateRow]:
     """The rows of those startups re-predicted leave-one-out (plan-safe low end included)."""
     cases = {c.id: c for c in load_public()}
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, EstimateRow] = {}
     for name, profile in list(vllm_profiles.PROFILES.items()):
         fitted = [cases[i] for i in profile.no_nvlink_fitted_on if i in cases]
         if len(fitted) < 2:
@@ -398,13 +438,13 @@ def leave_one_out_rows(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str
     return out
 
 
-def done_when(rows: list[dict[str, Any]], loo: dict[str, float | None] | None = None) -> dict[str, Any]:
+def done_when(rows: list[EstimateRow], loo: dict[str, float | None] | None = None) -> dict[str, Any]:
     """The issue's acceptance figures over the held-out startups with KV tokens: n, median |error|,
     cases over by > 1% and > 5%, the GPU classes and vLLM versions they span. Startups a profile
     figure was read from count with their leave-one-out error (`loo`)."""
     loo = loo or {}
-    held = [r for r in rows if r["subset"] != FIT_SUBSET and r.get("tok_real")]
-    errs = [loo.get(r["id"], pct(r["tok_pred"], r["tok_real"])) for r in held]
+    held = [r for r in rows if r.subset != FIT_SUBSET and r.tok_real]
+    errs = [loo.get(r.id, pct(r.tok_pred, r.tok_real)) for r in held]
     return {
         "leave_one_out": {k: round(v, 2) for k, v in loo.items() if v is not None},
         "n": len(errs),
@@ -412,8 +452,8 @@ def done_when(rows: list[dict[str, Any]], loo: dict[str, float | None] | None = 
         "over_1pct": sum(1 for e in errs if e is not None and e > 1),
         "over_5pct": sum(1 for e in errs if e is not None and e > 5),
         "worst_over_pct": max(e for e in errs if e is not None) if errs else None,
-        "gpu_classes": sorted({r["gpu_class"] for r in held}),
-        "versions": sorted({r["version"] for r in held}),
+        "gpu_classes": sorted({r.gpu_class for r in held}),
+        "versions": sorted({r.version for r in held}),
     }
 
 
@@ -422,42 +462,42 @@ def fit_samples(cases: list[StartupCase], configs: dict[str, dict[str, Any]]) ->
     samples = []
     for case in cases:
         row = run_case(case, configs)
-        if isinstance(row, str) or row["subset"] != FIT_SUBSET:
+        if isinstance(row, str) or row.subset != FIT_SUBSET:
             continue
         facts = facts_for(configs[case.model.split(" ")[0].lower()], case.model)
         flags, gpus = case_flags(case), case_gpus(case)
         samples.append({
             "id": case.id,
-            "family": row["family"],
+            "family": row.family,
             **fit.features(facts, flags, gpus),
             "act": case.activation_peak_gib,
             "non_torch": case.non_torch_gib,
-            "graph": row["cg_real"] if not flags.enforce_eager else None,
+            "graph": row.cg_real if not flags.enforce_eager else None,
             "w_real": case.weights_gib,
         })
     return samples
 
 
-def over_gib(row: dict[str, Any]) -> float | None:
+def over_gib(row: EstimateRow) -> float | None:
     """How much more KV the estimate promised than vLLM had, in GiB per GPU (negative: under).
 
     The engine-wide token count is the truth when printed (a quoted KV GiB may be another rank's:
     with V0 TP only rank 0 runs the sampler, and the blocks are the minimum over ranks)."""
-    if row.get("tok_real") and row["tok_pred"]:
-        return float((row["tok_pred"] - row["tok_real"]) / row["tok_pred"] * row["kv_pred"])
-    if row.get("kv_real") is not None:
-        return float(row["kv_pred"] - row["kv_real"])
+    if row.tok_real and row.tok_pred:
+        return float((row.tok_pred - row.tok_real) / row.tok_pred * row.kv_pred)
+    if row.kv_real is not None:
+        return float(row.kv_pred - row.kv_real)
     return None
 
 
-def profile_bands(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+def profile_bands(rows: list[EstimateRow]) -> dict[str, tuple[float, int]]:
     """Per profile: (band, n). The band is the largest KV over-prediction seen, widened by
     (1 + 2/sqrt(n)) for the few-sample case, as a fraction of the predicted non-KV memory; 0 when
     never over, or when the widened over-prediction is within the profile's floor in GiB (the plan
     keeps back max(band x non-KV, floor): Profile.margin_bytes)."""
     bands: dict[str, tuple[float, int]] = {}
-    for name in sorted({r["profile"] for r in rows}):
-        part = [(o, n) for o, n in ((over_gib(r), r["nonkv_pred"]) for r in rows if r["profile"] == name)
+    for name in sorted({r.profile for r in rows}):
+        part = [(o, n) for o, n in ((over_gib(r), r.nonkv_pred) for r in rows if r.profile == name)
                 if o is not None and n > 0]
         if not part:
             continue
