@@ -12,6 +12,9 @@ import sys
 import pytest
 from conftest import FIXTURES, REPO
 
+from smartrun.cli.run_cmd import _memory_terms
+from smartrun.memory import Correction, MemoryEstimate
+
 MODEL = str(FIXTURES / "models" / "qwen2.5-7b-instruct")
 H100 = str(FIXTURES / "hardware" / "1x-h100-80gb.json")
 T4 = str(FIXTURES / "hardware" / "1x-t4.json")
@@ -138,3 +141,34 @@ def test_the_timeline_gives_a_retry_only_its_own_reason(record, tmp_path):
     assert retries[0] == "retry    gpu_memory_utilization 0.92 -> 0.88"
     assert retries[1].startswith("retry    gpu_memory_utilization 0.88 -> 0.84  (recovery: ")
     assert retries[1].endswith("--gpu-memory-utilization 0.88 -> 0.84)") and len(retries) == 2
+
+
+@pytest.mark.parametrize(("model", "hardware", "version"), [
+    ("qwen2.5-7b-instruct", "1x-h100-80gb.json", "0.33.0"),  # CUDA graphs taken from the KV cache
+    ("qwen2.5-7b-instruct", "1x-h100-80gb.json", "0.19.0"),  # CUDA graphs on top
+    ("qwen2.5-0.5b-instruct", "1x-t4.json", "0.6.6"),
+    ("qwen2.5-7b-instruct", "2x-a100-80gb-nvlink.json", "0.10.1.1"),
+])
+def test_the_memory_line_adds_up_to_what_vllm_is_asked_for(model, hardware, version, tmp_path):
+    """`memory  U x T GiB per GPU = ...`: the terms before `;` sum to U x T. Profiles that do not take CUDA graph
+    memory from the KV cache (before 0.20) summed it in as well, so the line said more than vLLM is given."""
+    proc = _cli("model", "run", str(FIXTURES / "models" / model), "--dry-run", "--hardware",
+                str(FIXTURES / "hardware" / hardware), "--vllm-version", version, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("  memory  "))
+    head, terms = line.split("<-")[0].split(" = ")
+    util, total = (float(x) for x in re.findall(r"[\d.]+", head)[:2])
+    parts = terms.split(";")[0]
+    assert sum(float(x) for x in re.findall(r"[+-]?\d+\.\d+", parts)) == pytest.approx(util * total, abs=0.08), line
+    assert ("CUDA graphs" in parts) == (version == "0.33.0"), line
+
+
+def test_the_memory_line_counts_the_machines_calibration(tmp_path):
+    """A calibrated plan keeps the learned non-KV memory back: the line names it, so the terms still add up."""
+    fields = {name: 1.0 for name, f in MemoryEstimate.model_fields.items() if f.annotation is float}
+    est = MemoryEstimate.model_construct(**{**fields, "profile": "0.19", "weights_gib": 10.0, "kv_cache_gib": 5.0,
+                                            "activation_gib": 1.0, "non_torch_gib": 0.25, "cudagraph_gib": 0.5,
+                                            "calibration": Correction(machine="0" * 16, vllm_version="0.19.0",
+                                                                      startups=1, non_kv_gib=2.5, rule="shrink")})
+    assert _memory_terms(est) == ("weights 10.00 + KV cache 5.00 + activations 1.00 + other 0.25 + calibration "
+                                  "+2.50 GiB; CUDA graphs 0.50 GiB on top (not taken from the KV cache)")

@@ -80,7 +80,8 @@ def _gpus(args: argparse.Namespace, flags):
     return [GpuSpec.from_name(args.gpu)] * count
 
 
-def _graphs_subtracted(est) -> bool:
+def graphs_subtracted(est) -> bool:
+    """Whether the estimate's profile takes CUDA graph memory out of the KV cache (0.20+) or not (it comes on top)."""
     profile = PROFILES.get(est.profile)
     return profile is not None and profile.cudagraph_subtracted
 
@@ -106,7 +107,7 @@ def _table(est) -> str:
         ("non-torch", f"{est.non_torch_gib:.2f} GiB"),
         (
             "CUDA graphs",
-            f"{est.cudagraph_gib:.2f} GiB" + ("" if _graphs_subtracted(est) else " (not taken from KV)"),
+            f"{est.cudagraph_gib:.2f} GiB" + ("" if graphs_subtracted(est) else " (not taken from KV)"),
         ),
         ("KV cache", f"{est.kv_cache_gib:.2f} GiB"),
         ("KV cache tokens", f"{est.kv_cache_tokens:,} ({est.num_gpu_blocks:,} blocks of {est.block_size})"),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from smartrun import hardware, tune
+from smartrun.cli.estimate_cmd import graphs_subtracted
 from smartrun.errors import InputError, SmartRunError
 from smartrun.request import RunRequest, add_options
 from smartrun.secrets import redact_text
@@ -214,12 +215,21 @@ def summary_lines(result: Any) -> list[str]:
     if est is not None:
         fits = "" if est.fits else f"; does NOT fit: {est.reason}"
         out.append(f"  memory       {util if util is not None else est.requested_gib / est.total_gib:.2f} x "
-                   f"{est.total_gib:.1f} GiB per GPU = weights {est.weights_gib:.2f} + KV cache {est.kv_cache_gib:.2f}"
-                   f" + activations {est.activation_gib:.2f} + CUDA graphs {est.cudagraph_gib:.2f} + other "
-                   f"{est.non_torch_gib:.2f} GiB{fits}{where('gpu_memory_utilization')}")
+                   f"{est.total_gib:.1f} GiB per GPU = {_memory_terms(est)}{fits}{where('gpu_memory_utilization')}")
     reason = f" ({plan.reason})" if plan.reason else ""
     out.append(f"  plan         source={plan.source}{reason}")
     return out
+
+
+def _memory_terms(est: Any) -> str:
+    """The terms that add up to util x total: CUDA graphs only where the profile takes them from the KV cache
+    (else they come on top), and this machine's calibration where one was applied."""
+    graphs = f"{est.cudagraph_gib:.2f}"
+    inside = f" + CUDA graphs {graphs}" if graphs_subtracted(est) else ""
+    calibrated = f" + calibration {est.calibration.non_kv_gib:+.2f}" if est.calibration is not None else ""
+    terms = (f"weights {est.weights_gib:.2f} + KV cache {est.kv_cache_gib:.2f} + activations "
+             f"{est.activation_gib:.2f}{inside} + other {est.non_torch_gib:.2f}{calibrated} GiB")
+    return terms if inside else f"{terms}; CUDA graphs {graphs} GiB on top (not taken from the KV cache)"
 
 
 def _gpu_words(result: Any, tp: int, pp: int, dp: int = 1) -> str:
