@@ -411,6 +411,23 @@ def is_dry_run(record: SessionRecord | str) -> bool:
 # ---------------------------------------------------------------------------- replay comparison
 
 
+def _first_difference(old: Any, new: Any, where: str = "") -> tuple[str, Any, Any]:
+    """The path of the first differing part of two JSON values (keys sorted), and the two parts there: a
+    one-line message shows what differs, not the start of two long values cut at the same place."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if key not in old or key not in new or old[key] != new[key]:
+                if key in old and key in new:
+                    return _first_difference(old[key], new[key], f"{where}.{key}" if where else str(key))
+                return where, old, new
+    if isinstance(old, list) and isinstance(new, list):
+        n = next((n for n, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+        if len(old) == len(new):
+            return _first_difference(old[n], new[n], f"{where}[{n}]")
+        return f"{where}[{n}:]", old[n:], new[n:]  # the common start left out
+    return where, old, new
+
+
 def first_divergence(recorded: list[Decision], replayed: list[Decision]) -> str | None:
     """The first decision that differs (step, value or provenance), as one line; None when all match."""
     for i, (old, new) in enumerate(zip(recorded, replayed, strict=False)):
@@ -418,9 +435,9 @@ def first_divergence(recorded: list[Decision], replayed: list[Decision]) -> str 
             error = f" ({new.value.get('message')})" if new.step == "error" and isinstance(new.value, dict) else ""
             return f"decision {i + 1}: recorded step {old.step!r}, replay reached {new.step!r}{error}"
         if to_jsonable(old.value) != to_jsonable(new.value):
-            return (
-                f"decision {i + 1} ({old.step}): recorded {short(old.value)}, replay decided {short(new.value)}"
-            )
+            where, was, now = _first_difference(to_jsonable(old.value), to_jsonable(new.value))
+            named = f"{where} = " if where else ""
+            return f"decision {i + 1} ({old.step}): recorded {named}{short(was)}, replay decided {short(now)}"
         if old.provenance != new.provenance:
             return f"decision {i + 1} ({old.step}): provenance recorded {old.provenance!r}, replay {new.provenance!r}"
     if len(recorded) != len(replayed):

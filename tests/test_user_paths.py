@@ -172,3 +172,23 @@ def test_the_memory_line_counts_the_machines_calibration(tmp_path):
                                                                       startups=1, non_kv_gib=2.5, rule="shrink")})
     assert _memory_terms(est) == ("weights 10.00 + KV cache 5.00 + activations 1.00 + other 0.25 + calibration "
                                   "+2.50 GiB; CUDA graphs 0.50 GiB on top (not taken from the KV cache)")
+
+
+def test_a_divergence_names_what_differs(tmp_path):
+    """The message cut both values at 160 characters, so an edited knob deep in `plan` never showed."""
+    data = json.loads((FIXTURES / "sessions" / "llm-accepted.json").read_text())
+    plan = next(d for d in data["decisions"] if d["step"] == "plan")
+    plan["value"]["params"]["max_num_seqs"] = 7
+    argv = next(d for d in data["decisions"] if d["step"] == "argv")
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    proc = _cli("session", "replay", str(path), cwd=tmp_path)
+    assert proc.returncode == 5
+    assert _errors(proc.stderr) == ["localaistack: replay diverged at decision 8 (plan): recorded params.max_num_seqs "
+                                    "= 7, replay decided 4"]
+    plan["value"]["params"]["max_num_seqs"] = 4
+    argv["value"].append("--extra")
+    path.write_text(json.dumps(data))
+    proc = _cli("session", "replay", str(path), cwd=tmp_path)
+    assert _errors(proc.stderr) == [f"localaistack: replay diverged at decision 9 (argv): recorded "
+                                    f"[{len(argv['value']) - 1}:] = [\"--extra\"], replay decided []"]
