@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from conftest import FIXTURES, REPO
+from fakes import free_port
 
 from smartrun.cli.run_cmd import _memory_terms
 from smartrun.memory import Correction, MemoryEstimate
@@ -192,3 +193,11 @@ def test_a_divergence_names_what_differs(tmp_path):
     proc = _cli("session", "replay", str(path), cwd=tmp_path)
     assert _errors(proc.stderr) == [f"localaistack: replay diverged at decision 9 (argv): recorded "
                                     f"[{len(argv['value']) - 1}:] = [\"--extra\"], replay decided []"]
+
+
+def test_a_probe_that_measured_nothing_prints_one_json_object(tmp_path):
+    """`probe URL --json` printed the result of zeros and then the error object: two objects on stdout."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = _cli("probe", url, "--json", "--model", "m", "--max-requests", "3", "--concurrency", "1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {"error": f"{url}: no request succeeded (ConnectError x3)", "exit": 2}

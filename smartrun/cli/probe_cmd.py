@@ -41,7 +41,8 @@ def run_probe_command(args: argparse.Namespace) -> int:
     finally:
         line.finish()
     if args.json:
-        print(json.dumps(result.model_dump(mode="json"), indent=2))
+        if result.ok:  # else the one object on stdout is the error (cli.main), not a result of zeros before it
+            print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
         print(f"{result.url}  model {result.model}  concurrency {settings.concurrency}  "
               f"prompt {settings.prompt_tokens} / output {settings.output_tokens} tokens  "
