@@ -401,7 +401,10 @@ def resolve(
     if v < (0, 17, 0):  # the FlashInfer sampler is opt-in and the Triton top-k/top-p kernel (0.17+, what
         # the 0.19 fit saw) not there yet: the dummy sampler sorts the logits (topk_topp_sampler.py of
         # 0.12.0, 0.14.0, 0.15.0, 0.16.0 read; no startup of these versions measured)
-        return PROFILES["0.19"].model_copy(update={"native_topk_topp_bytes": PROFILES["0.9"].native_topk_topp_bytes})
+        return PROFILES["0.19"].model_copy(update={
+            "native_topk_topp_bytes": PROFILES["0.9"].native_topk_topp_bytes,
+            "evidence": PROFILES["0.19"].evidence + "; on 0.12-0.16 the dummy sampler's sort is counted from their "
+                        "source, and no startup of these versions was measured"})
     if v < (0, 20, 0):
         return PROFILES["0.19"]
     if v < (0, 28, 0):  # graph estimate on and util 0.92 from 0.20; the 160 GiB tier from 0.28

@@ -201,3 +201,13 @@ def test_a_probe_that_measured_nothing_prints_one_json_object(tmp_path):
     proc = _cli("probe", url, "--json", "--model", "m", "--max-requests", "3", "--concurrency", "1", cwd=tmp_path)
     assert proc.returncode == 2
     assert json.loads(proc.stdout) == {"error": f"{url}: no request succeeded (ConnectError x3)", "exit": 2}
+
+
+def test_the_uncertainty_row_of_0_12_to_0_16_says_their_sort_was_never_measured(tmp_path):
+    """0.12-0.16 plan with the 0.19 profile plus the dummy sampler's sort: the row quoted only the 0.19 startups'
+    accuracy, which the sort row beside it does not have."""
+    for version, unmeasured in (("0.14.0", True), ("0.19.0", False)):
+        est = json.loads(_cli("model", "estimate", MODEL, "--gpu", "H100", "--vllm-version", version, "--json",
+                              cwd=tmp_path).stdout)
+        assert ("no startup of these versions was measured" in est["uncertainty"]) == unmeasured, version
+        assert ("sort counted" in est["sampler"]) == unmeasured, version
