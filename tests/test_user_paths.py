@@ -211,3 +211,18 @@ def test_the_uncertainty_row_of_0_12_to_0_16_says_their_sort_was_never_measured(
                               cwd=tmp_path).stdout)
         assert ("no startup of these versions was measured" in est["uncertainty"]) == unmeasured, version
         assert ("sort counted" in est["sampler"]) == unmeasured, version
+
+
+def test_a_failed_run_names_its_record_just_before_the_error(tmp_path):
+    """docs/session-record.md: the record's line ends a good run's stderr and comes just before a failed one's
+    error (the docs said it was the last line after a failure too)."""
+    record = tmp_path / "failed.json"
+    proc = _cli("model", "run", str(FIXTURES / "models" / "qwen2.5-72b-instruct"), "--dry-run", "--hardware",
+                str(FIXTURES / "hardware" / "1x-l4.json"), "--vllm-version", "0.19.0", "--session-out", str(record),
+                cwd=tmp_path)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and lines[-2] == f"session record: {record}"
+    assert lines[-1].startswith("localaistack: qwen2.5-72b-instruct needs ")
+    assert json.loads(record.read_text())["outcome"]["status"] == "error"
+    docs = " ".join((REPO / "docs" / "session-record.md").read_text().split())
+    assert "the line just before the `localaistack: ...` error of one that failed" in docs
