@@ -226,3 +226,16 @@ def test_a_failed_run_names_its_record_just_before_the_error(tmp_path):
     assert json.loads(record.read_text())["outcome"]["status"] == "error"
     docs = " ".join((REPO / "docs" / "session-record.md").read_text().split())
     assert "the line just before the `localaistack: ...` error of one that failed" in docs
+
+
+def test_tune_in_a_dry_run_says_nothing_is_tuned(tmp_path):
+    record = tmp_path / "dry.json"
+    proc = _cli("model", "run", MODEL, "--dry-run", "--tune", "--hardware", H100, "--vllm-version", "0.19.0",
+                "--session-out", str(record), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _errors(proc.stderr) == ["warning: --tune: a dry run starts no server, so nothing is tuned"]
+    assert "--tune: a dry run starts no server, so nothing is tuned" in json.loads(record.read_text())["warnings"]
+    replay = _cli("session", "replay", str(record), cwd=tmp_path)
+    assert replay.returncode == 0, replay.stderr
+    plain = _cli("model", "run", MODEL, "--dry-run", "--hardware", H100, "--vllm-version", "0.19.0", cwd=tmp_path)
+    assert _errors(plain.stderr) == []

@@ -54,6 +54,8 @@ def plan_stages(ctx: RunContext) -> None:
 
     request, sources, rec, result = ctx.request, ctx.sources, ctx.rec, ctx.result
     record = rec.record
+    if request.tune and request.dry_run:  # else --tune in a dry run is ignored without a word
+        rec.warn("--tune: a dry run starts no server, so nothing is tuned")
     hw = sources.hardware()
     record.hardware = hw
     rec.decide("hardware", hw_mod.fingerprint(hw), hw.source)
