@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smartrun.errors import InputError
-from smartrun.fileio import smartrun_home, write_user_file
+from smartrun.fileio import remove_file, smartrun_home, write_user_file
 from smartrun.frozen import Frozen
 from smartrun.hardware import fingerprint
 from smartrun.memory import estimate, resolve_version
@@ -317,10 +317,7 @@ class Store:
             if data is not None and ((machine and data.machine != machine)
                                      or (vllm_version and data.vllm_version != vllm_version)):
                 continue
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as err:
-                raise CalibrationError(f"{path}: cannot remove ({err.strerror or err})") from err
+            remove_file(path, CalibrationError)
             removed.append(path)
         return removed
 

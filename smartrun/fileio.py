@@ -101,6 +101,14 @@ def read_bytes(path: str | Path, limit: int = MAX_TEXT_BYTES, error: type[Except
     return data
 
 
+def remove_file(path: Path, error: type[Exception] | None = None) -> None:
+    """Delete a file smartrun keeps (gone already is fine); a refusal is one error naming the file."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        raise (error or InputError)(f"{path}: cannot remove ({err.strerror or err})") from err
+
+
 def read_text(path: str | Path, limit: int = MAX_TEXT_BYTES, error: type[Exception] | None = None) -> str:
     """read_bytes decoded as UTF-8; undecodable text is an error naming the file."""
 

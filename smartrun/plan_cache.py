@@ -95,10 +95,7 @@ class SavedParams:
     def remove(self, model: str) -> list[Path]:
         removed = []
         for path, _entry in self.entries(model):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as err:
-                raise InputError(f"{path}: cannot remove ({err.strerror or err})") from err
+            fileio.remove_file(path)
             removed.append(path)
         return removed
 

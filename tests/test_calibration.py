@@ -356,3 +356,11 @@ def test_corrupt_calibration_data_warns_in_one_line_and_never_fails_a_run(capsys
     assert main(["calibration", "show"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a directory" in err[0]
+
+
+def test_reset_that_cannot_remove_a_file_is_one_error_naming_it(tmp_path):
+    """A path the reset cannot delete (here a folder named like a record) stops it with one error naming it."""
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "b.json").mkdir()
+    with pytest.raises(calibration.CalibrationError, match=r"b\.json: cannot remove"):
+        Store(tmp_path).reset()
